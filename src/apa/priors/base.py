@@ -1,0 +1,93 @@
+"""① The frozen diffusion model behind one small contract.
+
+Every prior is presented to the sampler in variance-exploding (VE) form, the convention of SPEC
+("The mathematics"): a state z at noise level σ is data plus σ·noise, the forward drift is
+f = 0 and g²·ds = dσ², the score is −ε/σ and the Tweedie estimate is ẑ0 = z − σ·ε. A
+variance-preserving (DDPM) model with x_t = √ᾱ·x0 + √(1−ᾱ)·ε enters by z = x/√ᾱ,
+σ² = (1−ᾱ)/ᾱ, and is called on x = z/√(1+σ²) (what EulerAncestral does for SD).
+
+A backend implements four things (``event_shape``, ``sigmas``, ``sample_initial``, ``eps``)
+and ``decode``; :class:`VEPrior` derives from ``eps`` the score, the Tweedie estimate, the
+forward drift and diffusion, and the stochastic (ancestral) transition.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from apa.types import Particles
+
+
+@runtime_checkable
+class Prior(Protocol):
+    """What the sampler needs from a diffusion model. Shapes: particles [N, *event_shape]."""
+
+    event_shape: tuple[int, ...]
+    data_std: float  # per-coordinate std of the data: the Gaussian-data Jacobian s²/(s²+σ²)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """Noise levels of the time grid, [num_steps + 1], decreasing, the last one 0."""
+
+    def sample_initial(self, n: int, sigma: float, generator: torch.Generator | None) -> Particles:
+        """n draws from the marginal at noise level ``sigma`` (the noise end). -> [n, *event]."""
+
+    def eps(self, z: Particles, sigma: float) -> Particles:
+        """The model's noise prediction ε̂(z, σ), differentiable in z. [N, *event] -> [N, *event]."""
+
+    def decode(self, z0: Particles) -> torch.Tensor:
+        """Clean particles -> what a user sees (images [N, C, H, W] in [0, 1], or the data itself)."""
+
+    def score(self, z: Particles, sigma: float, eps: Particles | None = None) -> Particles:
+        """∇ log p_σ(z) = −ε/σ."""
+
+    def tweedie(self, z: Particles, sigma: float, eps: Particles | None = None) -> Particles:
+        """ẑ0 = E[z0 | z] = z + σ²·score = z − σ·ε."""
+
+    def forward_drift(self, z: Particles, sigma: float) -> Particles:
+        """f(z, σ) of the forward SDE; zero in VE form."""
+
+    def g2_ds(self, sigma: float, sigma_next: float) -> float:
+        """g²·ds over one step of generation time: σ² − σ_next²."""
+
+    def transition(self, z: Particles, eps: Particles, sigma: float, sigma_next: float,
+                   noise: Particles, shift: Particles | None = None) -> Particles:
+        """One stochastic step σ -> σ_next with injected standard-normal ``noise`` [N, *event]."""
+
+
+class VEPrior:
+    """Shared VE-form numerics; subclasses provide event_shape, data_std, sigmas, sample_initial, eps, decode."""
+
+    event_shape: tuple[int, ...]
+    data_std: float = 1.0
+
+    def score(self, z: Particles, sigma: float, eps: Particles | None = None) -> Particles:
+        eps = self.eps(z, sigma) if eps is None else eps
+        return -eps / sigma  # SPEC: score = −ε/σ
+
+    def tweedie(self, z: Particles, sigma: float, eps: Particles | None = None) -> Particles:
+        eps = self.eps(z, sigma) if eps is None else eps
+        return z - sigma * eps  # ẑ0 = z + σ²·score = z − σ·ε
+
+    def forward_drift(self, z: Particles, sigma: float) -> Particles:
+        return torch.zeros_like(z)  # VE form: f = 0
+
+    def g2_ds(self, sigma: float, sigma_next: float) -> float:
+        return sigma**2 - sigma_next**2  # g²·ds = dσ² over the step
+
+    def transition(self, z: Particles, eps: Particles, sigma: float, sigma_next: float,
+                   noise: Particles, shift: Particles | None = None) -> Particles:
+        """The ancestral (posterior) step of the VE bridge, plus an optional drift ``shift``.
+
+        z' = ẑ0 + (σ'²/σ²)(z − ẑ0) + σ'·√(1 − σ'²/σ²)·ξ. Its mean equals the Euler–Maruyama
+        mean z + (σ² − σ'²)·score; its variance is the DDPM posterior's (EulerAncestral's σ_up²).
+        """
+        ratio = (sigma_next / sigma) ** 2
+        x0 = z - sigma * eps
+        out = x0 + ratio * (z - x0) + sigma_next * (1.0 - ratio) ** 0.5 * noise
+        return out if shift is None else out + shift
+
+    def transition_variance(self, sigma: float, sigma_next: float) -> float:
+        """Per-coordinate variance of :meth:`transition`'s noise: σ'²(1 − σ'²/σ²)."""
+        return sigma_next**2 * (1.0 - (sigma_next / sigma) ** 2)

@@ -1,0 +1,163 @@
+"""The built-in pixel-space DDPM prior (1x28x28 MNIST / Fashion-MNIST): schedule, training, loading.
+
+Training follows PAPA: ε-prediction, 1000 steps, linear β from 1e-4 to 0.02, images scaled to
+[-1, 1]. Sampling uses a respacing of those 1000 steps (25 by default) in VE form (see
+``priors/base.py``): z = x/√ᾱ_t, σ_t² = (1 − ᾱ_t)/ᾱ_t, the network called on x = z/√(1+σ²).
+The shipped weights live in ``apa/weights/ddpm_<dataset>.safetensors`` with their config in the
+file's metadata; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from apa import data as data_mod
+from apa.priors.base import VEPrior
+from apa.priors.unet import UNet, UNetConfig
+from apa.training import TrainConfig, load_checkpoint_model, train
+from apa.types import Particles
+
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 1e-4, 0.02  # PAPA's linear schedule
+
+
+def alphas_cumprod(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """ᾱ_t for t = 0..T-1 of the linear-β schedule, float64 [T]."""
+    betas = torch.linspace(BETA_START, BETA_END, num_timesteps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def respaced_timesteps(num_steps: int, num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """``num_steps`` evenly spaced training timesteps from T-1 down to 0, int64 [num_steps]."""
+    return torch.linspace(num_timesteps - 1, 0, num_steps, dtype=torch.float64).round().long()
+
+
+class DDPMPrior(VEPrior):
+    """A trained ε-UNet in VE form. Particles z [N, 1, 28, 28] in data units (x0 ∈ [-1, 1])."""
+
+    def __init__(self, model: UNet, data_std: float = 0.6, name: str = "ddpm", class_names: tuple[str, ...] = ()):
+        self.model = model.eval().requires_grad_(False)
+        self.event_shape = (model.config.in_channels, 28, 28)
+        self.data_std = float(data_std)
+        self.name = name
+        self.class_names = class_names
+        acp = alphas_cumprod()
+        self._log_sigma_table = (0.5 * torch.log((1 - acp) / acp)).float()  # log σ_t, increasing in t
+
+    def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self._log_sigma_table[t.long()])
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """σ at the respaced timesteps, then 0: [num_steps + 1]."""
+        return torch.cat([self.sigma_of_t(respaced_timesteps(num_steps)), torch.zeros(1)])
+
+    def timestep_of_sigma(self, sigma: float) -> float:
+        """The (fractional) training timestep whose σ is ``sigma``, by interpolation in log σ."""
+        table = self._log_sigma_table
+        ls = torch.tensor(float(np.log(sigma)), dtype=table.dtype)
+        idx = int(torch.searchsorted(table, ls).clamp(1, len(table) - 1))
+        lo, hi = table[idx - 1], table[idx]
+        frac = float(((ls - lo) / (hi - lo)).clamp(0.0, 1.0))
+        return idx - 1 + frac
+
+    def sample_initial(self, n: int, sigma: float, generator: torch.Generator | None = None) -> Particles:
+        """x_T ~ N(0, I) in VE units: z = x·√(1 + σ²)."""
+        x = torch.randn((n, *self.event_shape), generator=generator)
+        return x * (1.0 + sigma**2) ** 0.5
+
+    def eps(self, z: Particles, sigma: float) -> Particles:
+        t = torch.full((z.shape[0],), self.timestep_of_sigma(sigma), dtype=torch.float32)
+        return self.model(z / (1.0 + sigma**2) ** 0.5, t)
+
+    def features(self, z0: Particles, t: int = 200) -> torch.Tensor:
+        """The denoiser's pooled mid-block activations of clean images noised-free at timestep t.
+
+        The input is x = √ᾱ_t·z0 (the mean of x_t given z0), as measured in FINDINGS. [N,1,28,28] -> [N, C].
+        """
+        acp = float(alphas_cumprod()[t])
+        tt = torch.full((z0.shape[0],), float(t))
+        return self.model.features(z0 * acp**0.5, tt)
+
+    def decode(self, z0: Particles) -> torch.Tensor:
+        """[-1, 1] -> images [N, 1, 28, 28] in [0, 1]."""
+        return ((z0 + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+# ---------------------------------------------------------------- training
+
+
+def diffusion_loss(images: torch.Tensor, batch_size: int):
+    """The DDPM ε-MSE on a uniform timestep; images float32 [n, 1, 28, 28] in [-1, 1]."""
+    acp = alphas_cumprod().float()
+
+    def loss_fn(model: UNet, gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
+        x0 = images[idx]
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return (model(xt, t.float()) - noise).pow(2).mean()
+
+    return loss_fn
+
+
+def train_prior(dataset: str, run_dir: Path, config: TrainConfig = TrainConfig(),
+                unet: UNetConfig = UNetConfig(), progress: bool = True, limit: int | None = None) -> UNet:
+    """Train (or resume) the ε-UNet on a dataset's training split; returns the EMA network."""
+    torch.manual_seed(config.seed)
+    arrays = data_mod.load(dataset)
+    images = torch.from_numpy(data_mod.to_unit(arrays["train_images"][:limit])) * 2 - 1
+    model = UNet(unet)
+    return train(model, diffusion_loss(images, config.batch_size), config, run_dir, progress=progress)
+
+
+# ---------------------------------------------------------------- shipping and loading
+
+
+def weights_path(dataset: str) -> Path:
+    return Path(str(resources.files("apa") / "weights" / f"ddpm_{dataset}.safetensors"))
+
+
+def export_prior(model: UNet, path: Path, dataset: str, data_std: float, info: dict) -> Path:
+    """Write a prior's weights and config as safetensors (metadata: unet config, data_std, training info)."""
+    meta = {"unet": json.dumps(model.config.to_dict()), "dataset": dataset,
+            "data_std": str(data_std), "info": json.dumps(info)}
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+    return Path(path)
+
+
+def load_prior(dataset: str = "mnist", path: Path | None = None) -> DDPMPrior:
+    """The shipped (or a given) DDPM prior. Raises FileNotFoundError naming the path it looked at."""
+    path = Path(path) if path is not None else weights_path(dataset)
+    if not path.exists():
+        raise FileNotFoundError(f"no DDPM weights at {path}; train them with `apa train-prior --dataset {dataset}` "
+                                f"or pass --prior-weights PATH")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    model = UNet(UNetConfig.from_dict(json.loads(meta["unet"])))
+    model.load_state_dict(load_file(str(path)))
+    return DDPMPrior(model, float(meta["data_std"]), name=dataset, class_names=data_mod.class_names(meta["dataset"]))
+
+
+def data_std_of(dataset: str) -> float:
+    """Per-pixel std of the training images in [-1, 1] units."""
+    x = data_mod.to_unit(data_mod.load(dataset)["train_images"]) * 2 - 1
+    return float(x.std())
+
+
+def export_from_run(dataset: str, run_dir: Path, path: Path | None = None) -> Path:
+    """Export a training run's EMA weights as the dataset's shipped prior."""
+    state = torch.load(Path(run_dir) / "ckpt.pt", weights_only=False)
+    unet_cfg = UNetConfig.from_dict(state.get("unet", UNetConfig().to_dict()))
+    model, info = load_checkpoint_model(UNet(unet_cfg), run_dir)
+    return export_prior(model, path or weights_path(dataset), dataset, data_std_of(dataset), info)
