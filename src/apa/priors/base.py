@@ -45,8 +45,8 @@ class Prior(Protocol):
     def tweedie(self, z: Particles, sigma: float, eps: Particles | None = None) -> Particles:
         """ẑ0 = E[z0 | z] = z + σ²·score = z − σ·ε."""
 
-    def forward_drift(self, z: Particles, sigma: float) -> Particles:
-        """f(z, σ) of the forward SDE; zero in VE form."""
+    def forward_drift(self, z: Particles, sigma: float, sigma_next: float) -> Particles:
+        """f·ds of the forward SDE over the step σ -> σ_next; zero in VE form."""
 
     def g2_ds(self, sigma: float, sigma_next: float) -> float:
         """g²·ds over one step of generation time: σ² − σ_next²."""
@@ -70,7 +70,7 @@ class VEPrior:
         eps = self.eps(z, sigma) if eps is None else eps
         return z - sigma * eps  # ẑ0 = z + σ²·score = z − σ·ε
 
-    def forward_drift(self, z: Particles, sigma: float) -> Particles:
+    def forward_drift(self, z: Particles, sigma: float, sigma_next: float) -> Particles:
         return torch.zeros_like(z)  # VE form: f = 0
 
     def g2_ds(self, sigma: float, sigma_next: float) -> float:
