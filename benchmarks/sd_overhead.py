@@ -7,7 +7,8 @@ log-weight increments and the resampling; with ``reward_at="tweedie"`` and ``jac
 also a backward pass through the UNet per step. Both run side by side in one process, on the
 same randomly-initialised SD 1.5 networks (UNet 320-640-1280-1280, VAE 128-256-512-512,
 CLIP-L text encoder: the timing depends on the architecture, not on the weights) and the seed's
-surrogate, Conv2d(4→128) → AdaptiveAvgPool2d → MLP(128→256→128→1).
+surrogate, Conv2d(4→128) → AdaptiveAvgPool2d → MLP(128→256→128→1), or this project's default
+surrogate, a small MLP on the prior's own UNet mid-block features (``prior.features``).
 
 On CUDA the default is the seed's full size (512 px, 4x64x64 latents, 32 particles, 25 steps,
 fp16). On a CPU it is reduced to 64 px (4x8x8 latents), 4 particles, 4 steps, fp32, and the
@@ -72,6 +73,19 @@ class SeedSurrogate(nn.Module):
         return self.mlp(self.pool(torch.relu(self.conv(z))).flatten(1)).squeeze(1)
 
 
+class FeatureReward(nn.Module):
+    """The project's default surrogate: LayerNorm + MLP on the prior's pooled UNet mid-block features. [N, ...] -> [N]."""
+
+    def __init__(self, prior, t: int = 200, hidden: int = 128):
+        super().__init__()
+        self._prior, self.t = [prior], t
+        dim = prior.features(torch.zeros(1, *prior.event_shape), t).shape[1]
+        self.norm, self.mlp = nn.LayerNorm(dim), nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(self._prior[0].features(z, self.t))).squeeze(1)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,10 +104,14 @@ def one_round(prior, reward, particles: int, steps: int, seed: int, **fkc) -> fl
     return time.perf_counter() - start
 
 
-VARIANTS = {  # name -> (description, fkc_sample keywords beyond the seed's defaults β 0.5→2, γ 0.05→0)
-    "xt": ("FKC, r(z_t)", dict(reward_at="xt")),
-    "tweedie-exact": ("FKC, r(ẑ0) with exact ∂ẑ0/∂z (UNet backward)", dict(reward_at="tweedie", jacobian="exact")),
-    "tweedie-gaussian": ("FKC, r(ẑ0) with Gaussian ∂ẑ0/∂z", dict(reward_at="tweedie", jacobian="gaussian")),
+VARIANTS = {  # name -> (description, surrogate, fkc_sample keywords beyond the seed's β 0.5→2, γ 0.05→0)
+    "xt": ("FKC, seed surrogate, r(z_t)", "seed", dict(reward_at="xt")),
+    "tweedie-exact": ("FKC, seed surrogate, r(ẑ0), exact ∂ẑ0/∂z (UNet backward)", "seed",
+                      dict(reward_at="tweedie", jacobian="exact")),
+    "tweedie-gaussian": ("FKC, seed surrogate, r(ẑ0), Gaussian ∂ẑ0/∂z", "seed",
+                         dict(reward_at="tweedie", jacobian="gaussian")),
+    "features": ("FKC, UNet-feature surrogate, r(ẑ0), Gaussian ∂ẑ0/∂z (apa's default)", "features",
+                 dict(reward_at="tweedie", jacobian="gaussian")),
 }
 
 
@@ -127,28 +145,31 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     prior = StableDiffusionPrior(sd15_random_components(device, dtype),
                                  SDOptions(height=size, width=size, device=str(device), prompt="a photo of fruit"))
-    surrogate = SeedSurrogate(prior.event_shape[0]).to(device).requires_grad_(False)
+    # the surrogates stay on the CPU with the particles (as in a session); the prior moves each batch
+    rewards = {"seed": SeedSurrogate(prior.event_shape[0]).requires_grad_(False),
+               "features": FeatureReward(prior).requires_grad_(False)}
     print(f"built the random SD 1.5 architecture in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     reduced = "" if (size, n, steps) == (512, 32, 25) else " (reduced from the seed's 512 px, 32 particles, 25 steps)"
     print(f"device {device} ({torch.cuda.get_device_name(device) if full else f'{args.threads} CPU thread(s)'}), "
           f"dtype {str(dtype).replace('torch.', '')}, latents {tuple(prior.event_shape)} = {size} px, "
           f"{n} particles, {steps} steps, CFG 7.5, {repeats} timed round(s) after a warm-up{reduced}")
-    one_round(prior, surrogate, n, 1, 0, beta=(0.0, 0.0))  # warm-up (allocations, kernels)
-    print_table(prior, surrogate, n, steps, repeats, variants)
+    one_round(prior, rewards["seed"], n, 1, 0, beta=(0.0, 0.0))  # warm-up (allocations, kernels)
+    print_table(prior, rewards, n, steps, repeats, variants)
 
 
-def print_table(prior, reward, n: int, steps: int, repeats: int, variants: list[str]) -> None:
+def print_table(prior, rewards: dict, n: int, steps: int, repeats: int, variants: list[str]) -> None:
     """Interleave plain and FKC rounds; print median seconds per round and the ratio."""
     dev, dt = prior.device.type, str(prior.dtype).replace("torch.", "")
     print("\n| sampler | device | dtype | plain s/round | FKC s/round | FKC / plain |")
     print("|---|---|---|---|---|---|")
     for name in variants:
+        desc, reward, kwargs = VARIANTS[name][0], rewards[VARIANTS[name][1]], VARIANTS[name][2]
         plain, fkc = [], []
         for r in range(repeats):
             plain.append(one_round(prior, reward, n, steps, r, beta=(0.0, 0.0)))
-            fkc.append(one_round(prior, reward, n, steps, r, **VARIANTS[name][1]))
+            fkc.append(one_round(prior, reward, n, steps, r, **kwargs))
         p, f = statistics.median(plain), statistics.median(fkc)
-        print(f"| {VARIANTS[name][0]} | {dev} | {dt} | {p:.2f} | {f:.2f} | {f / p:.2f}x |", flush=True)
+        print(f"| {desc} | {dev} | {dt} | {p:.2f} | {f:.2f} | {f / p:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

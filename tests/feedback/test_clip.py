@@ -82,6 +82,7 @@ def test_clip_user_on_tiny_open_clip_matches_manual_scores(tiny_clip):
     config, weights = tiny_clip
     user = FEEDBACK.create("clip", {"clip_model": str(config), "clip_weights": str(weights), "device": "cpu",
                                     "users": "apple,kiwi", "temperature": 10.0}, None)
+    assert user.scale == (0.0, 1.0)  # scores are probabilities
     assert user.name == "clip[apple,kiwi]" and user.prompts[user.user_index[1]] == "a photo of a kiwi"
     images = torch.rand(5, 3, 20, 28, generator=torch.Generator().manual_seed(0))
     scores = user(images)

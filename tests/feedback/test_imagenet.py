@@ -45,7 +45,7 @@ def test_imagenet_class_names_and_matching():
     assert len(IMAGENET_CLASSES) == 1000 and len(set(IMAGENET_CLASSES)) == 1000
     assert IMAGENET_CLASSES[948] == "Granny Smith" and IMAGENET_CLASSES[954] == "banana"
     assert inet.match_classes("Granny Smith") == inet.match_classes("granny smith") == (948,)
-    assert inet.match_classes("cat") == (281, 282, 283, 284, 285)
+    assert inet.match_classes("cat") == (281, 282, 283, 284, 285) and inet.match_classes("apple") == (948,)
     assert inet.match_classes("#281") == (281,)
     assert inet.match_classes("tabby + tiger cat") == (281, 282)
     assert {2, 3}.issubset(inet.match_classes("shark"))  # whole-word match: great white shark, tiger shark
@@ -70,7 +70,7 @@ def test_imagenet_cat_user_ranks_real_photographs(classifier, photos):
 
 def test_imagenet_score_is_class_mass_and_union_is_max(classifier, photos):
     user = FEEDBACK.create("imagenet", {"users": ["cat", "espresso+cup"], "device": "cpu"}, None)
-    assert user.name == "imagenet[cat,espresso+cup]"
+    assert user.name == "imagenet[cat,espresso+cup]" and user.scale == (0.0, 1.0)
     batch = torch.cat([torch.nn.functional.interpolate(v, size=(240, 320), mode="bilinear", antialias=True)
                        for v in photos.values()])  # coffee, chelsea, flower
     probs = user.probabilities(batch)

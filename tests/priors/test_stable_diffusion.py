@@ -133,6 +133,21 @@ def test_stable_diffusion_eps_is_differentiable_in_z(prior):
     assert float((grad - 2 * x0.detach()).abs().max()) > 1e-6  # the network's Jacobian contributes
 
 
+def test_stable_diffusion_features_are_the_pooled_mid_block(prior):
+    z0 = torch.randn(10, *prior.event_shape, generator=torch.Generator().manual_seed(7)).requires_grad_(True)
+    feats = prior.features(z0, 200)
+    assert feats.shape == (10, 32) and feats.dtype == torch.float32 and feats.device == z0.device
+    (grad,) = torch.autograd.grad(feats.square().sum(), z0)
+    assert torch.isfinite(grad).all() and float(grad.abs().max()) > 0
+    captured = {}
+    handle = prior.unet.mid_block.register_forward_hook(lambda m, a, out: captured.setdefault("h", out))
+    x = z0.detach()[:3] * float(prior.components.scheduler.alphas_cumprod[200]) ** 0.5  # √ᾱ_t·z0
+    with torch.no_grad():
+        prior.unet(x, torch.full((3,), 200.0), encoder_hidden_states=prior._cond.expand(3, -1, -1))
+    handle.remove()
+    torch.testing.assert_close(feats[:3].detach(), captured["h"].mean(dim=(2, 3)), rtol=1e-4, atol=1e-5)
+
+
 def test_stable_diffusion_decode_shapes_and_range(prior):
     z0 = torch.randn(9, *prior.event_shape, generator=torch.Generator().manual_seed(4))
     images = prior.decode(z0)

@@ -233,6 +233,8 @@ def union_scores(probs: torch.Tensor, user_index: Sequence[int]) -> torch.Tensor
 class ClipPromptUser:
     """One or several simulated users judging images with CLIP. ``__call__``: images [k, 3, H, W] in [0, 1] -> [k]."""
 
+    scale = (0.0, 1.0)  # the range of the scores (probabilities)
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any, options: ClipOptions = ClipOptions()):
         self.model, self.options = model, options
         self.users = options.users

@@ -118,6 +118,8 @@ def _packaged_weights() -> Path | None:
 class ImageNetUser:
     """One or several users judging images with an ImageNet classifier. ``__call__``: [k, C, H, W] in [0, 1] -> [k]."""
 
+    scale = (0.0, 1.0)  # the range of the scores (probability masses)
+
     def __init__(self, classifier: torch.nn.Module, options: ImageNetOptions = ImageNetOptions()):
         self.classifier, self.options = classifier, options
         self.users = options.users

@@ -180,8 +180,17 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device,
 # ---------------------------------------------------------------- the prior
 
 
+class _StopForward(Exception):
+    """Raised by a forward hook to end a UNet pass once the wanted activations exist."""
+
+
 class StableDiffusionPrior(VEPrior):
-    """SD 1.5 in VE form. Particles z [N, 4, H/8, W/8]: VAE latents scaled by 0.18215, plus σ·noise."""
+    """SD 1.5 in VE form. Particles z [N, 4, H/8, W/8]: VAE latents scaled by 0.18215, plus σ·noise.
+
+    Particles live where the caller's generator draws them (the CPU by default, like the sampler's
+    noise, the surrogate and the session store); the networks live on ``device`` in ``dtype``, and
+    :meth:`eps`, :meth:`features` and :meth:`decode` move each generation batch there and back.
+    """
 
     def __init__(self, components: SDComponents, options: SDOptions = SDOptions()):
         self.components, self.options = components, options
@@ -247,7 +256,7 @@ class StableDiffusionPrior(VEPrior):
     # ------------------------------------------------------------ sampling
 
     def sample_initial(self, n: int, sigma: float, generator: torch.Generator | None = None) -> Particles:
-        """n draws at noise level σ: [n, *event_shape] float32 on the prior's device.
+        """n draws at noise level σ: [n, *event_shape] float32 on the generator's device.
 
         init="noise": x_T ~ N(0, I) in VE units, z = x·√(1 + σ²). init="prompt" (the seed's start):
         latents from ``init_steps`` plain ancestral steps of the prompt-conditioned model, noised
@@ -259,9 +268,9 @@ class StableDiffusionPrior(VEPrior):
         return self._randn(n, generator) * (1.0 + sigma**2) ** 0.5
 
     def _randn(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
-        """Standard normal [n, *event_shape], drawn on the generator's device, returned on the prior's."""
+        """Standard normal [n, *event_shape] float32 on the generator's device (the CPU without one)."""
         dev = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn((n, *self.event_shape), generator=generator, device=dev).to(self.device)
+        return torch.randn((n, *self.event_shape), generator=generator, device=dev)
 
     @torch.no_grad()
     def ancestral_sample(self, n: int, num_steps: int, generator: torch.Generator | None = None) -> Particles:
@@ -295,6 +304,35 @@ class StableDiffusionPrior(VEPrior):
             return out
         e_u, e_c = out.chunk(2)
         return e_u + self.options.guidance_scale * (e_c - e_u)  # CFG (Ho & Salimans 2022, eq. 6)
+
+    def features(self, z0: Particles, t: int = 200) -> torch.Tensor:
+        """The prompt-conditioned UNet's mid-block activations, averaged over space, for clean latents
+        noise-free at timestep t: the input is x = √ᾱ_t·z0, the mean of x_t given z0 (as ``DDPMPrior.features``).
+
+        Differentiable in z0; the UNet's up path is not run. [N, *event] -> [N, C_mid] float32 on z0's device.
+        """
+        scale = float(self.components.scheduler.alphas_cumprod[int(t)]) ** 0.5
+        out = [self._mid_block(c * scale, float(t)) for c in z0.split(self.options.batch_size)]
+        return torch.cat(out).to(device=z0.device, dtype=torch.float32)
+
+    def _mid_block(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Spatially averaged mid-block output for one batch x [b, *event] -> [b, C_mid] (float32)."""
+        found: dict[str, torch.Tensor] = {}
+
+        def hook(module, args, output):
+            found["h"] = output
+            raise _StopForward
+
+        handle = self.unet.mid_block.register_forward_hook(hook)
+        b = x.shape[0]
+        try:
+            self.unet(x.to(device=self.device, dtype=self.dtype), torch.full((b,), t, device=self.device),
+                      encoder_hidden_states=self._cond.expand(b, -1, -1))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return found["h"].float().mean(dim=(2, 3))
 
     @torch.no_grad()
     def decode(self, z0: Particles) -> torch.Tensor:
