@@ -80,9 +80,10 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Path,
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
+            decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))  # warm-up: forget the random init fast
             with torch.no_grad():
                 for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1.0 - config.ema_decay)
+                    pe.lerp_(pm, 1.0 - decay)
             step += 1
             elapsed = time.perf_counter() - start
             writer.writerow([step, f"{loss.item():.6f}", f"{elapsed:.1f}"])

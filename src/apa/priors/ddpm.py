@@ -21,6 +21,7 @@ from safetensors import safe_open
 from apa import data as data_mod
 from apa.priors.base import VEPrior
 from apa.priors.unet import UNet, UNetConfig
+from apa.registry import PRIORS
 from apa.training import TrainConfig, load_checkpoint_model, train
 from apa.types import Particles
 
@@ -161,3 +162,14 @@ def export_from_run(dataset: str, run_dir: Path, path: Path | None = None) -> Pa
     unet_cfg = UNetConfig.from_dict(state.get("unet", UNetConfig().to_dict()))
     model, info = load_checkpoint_model(UNet(unet_cfg), run_dir)
     return export_prior(model, path or weights_path(dataset), dataset, data_std_of(dataset), info)
+
+
+def _factory(dataset: str):
+    def make(options: dict) -> DDPMPrior:
+        return load_prior(dataset, options.get("weights"))
+
+    return make
+
+
+PRIORS.register("mnist")(_factory("mnist"))
+PRIORS.register("fashion")(_factory("fashion"))

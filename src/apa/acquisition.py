@@ -1,0 +1,86 @@
+"""③ Which k of the n particles the user rates: plain functions ``(ctx, k, generator) -> idx [k]``.
+
+Particles that are identical (copies made by resampling) count once, with their weights summed,
+so no particle is ever shown twice; when fewer than k distinct particles exist, all are shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from apa.smc.weights import probabilities
+from apa.types import Indices, LogWeights, Particles
+
+
+@dataclass(frozen=True)
+class Candidates:
+    particles: Particles  # [N, *event] clean particles (what would be shown)
+    log_weights: LogWeights  # [N]
+    surrogate: Callable[[Particles], torch.Tensor] | None = None  # mean reward [N]
+    spread: Callable[[Particles], torch.Tensor] | None = None  # uncertainty [N]
+
+
+def distinct(particles: Particles) -> tuple[Indices, Indices]:
+    """(first index of each distinct particle [U], group of every particle [N])."""
+    _, group = torch.unique(particles.reshape(particles.shape[0], -1), dim=0, return_inverse=True)
+    first = torch.full((int(group.max()) + 1,), particles.shape[0], dtype=torch.long)
+    first = first.scatter_reduce(0, group, torch.arange(particles.shape[0]), reduce="amin")
+    return first, group
+
+
+def _group_weights(c: Candidates, first: Indices, group: Indices) -> torch.Tensor:
+    w = probabilities(c.log_weights)
+    return torch.zeros(first.shape[0], dtype=w.dtype).index_add_(0, group, w)
+
+
+def by_weight(c: Candidates, k: int, generator: torch.Generator | None) -> Indices:
+    """The k heaviest distinct particles (ties broken by index)."""
+    first, group = distinct(c.particles)
+    gw = _group_weights(c, first, group)
+    order = torch.argsort(-gw, stable=True)[:k]
+    return first[order]
+
+
+def random(c: Candidates, k: int, generator: torch.Generator | None) -> Indices:
+    """k distinct particles uniformly at random."""
+    first, _ = distinct(c.particles)
+    return first[torch.randperm(first.shape[0], generator=generator)[:k]]
+
+
+def ucb(c: Candidates, k: int, generator: torch.Generator | None, kappa: float = 1.0) -> Indices:
+    """Upper confidence bound mean + κ·spread of the surrogate ensemble, over distinct particles."""
+    if c.surrogate is None or c.spread is None:
+        return by_weight(c, k, generator)
+    first, _ = distinct(c.particles)
+    with torch.no_grad():
+        x = c.particles[first]
+        score = c.surrogate(x) + kappa * c.spread(x)
+    return first[torch.argsort(-score, stable=True)[:k]]
+
+
+def diverse(c: Candidates, k: int, generator: torch.Generator | None) -> Indices:
+    """Farthest-point selection in particle space, starting from the heaviest particle."""
+    first, group = distinct(c.particles)
+    flat = c.particles[first].reshape(first.shape[0], -1).double()
+    chosen = [int(torch.argmax(_group_weights(c, first, group)))]
+    dist = (flat - flat[chosen[0]]).norm(dim=1)
+    while len(chosen) < min(k, first.shape[0]):
+        nxt = int(torch.argmax(dist))
+        chosen.append(nxt)
+        dist = torch.minimum(dist, (flat - flat[nxt]).norm(dim=1))
+    return first[torch.tensor(chosen, dtype=torch.long)]
+
+
+ACQUISITIONS: dict[str, Callable[[Candidates, int, torch.Generator | None], Indices]] = {
+    "weight": by_weight, "random": random, "ucb": ucb, "diverse": diverse}
+
+
+def select(name: str, c: Candidates, k: int, generator: torch.Generator | None = None) -> Indices:
+    if name not in ACQUISITIONS:
+        raise ValueError(f"unknown acquisition {name!r}; choose one of {', '.join(ACQUISITIONS)}")
+    idx = ACQUISITIONS[name](c, k, generator)
+    assert idx.unique().numel() == idx.numel()
+    return idx

@@ -1,0 +1,291 @@
+"""⑥ One user's loop: sample a round with FKC-SMC, show k particles, record ratings, refit, repeat.
+
+The loop is a sequence of durable steps; each writes through the store before the next begins:
+  round r sampled (particles, log-weights, what is shown) -> each rating -> surrogate refit + round
+  complete -> ... -> final evaluation batch.
+Every random choice is seeded by (seed, round, purpose), so a session resumed after a crash at
+any point ends with the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from apa import acquisition
+from apa.config import AlignConfig
+from apa.feedback.base import FeedbackSource, check_scores
+from apa.registry import FEEDBACK, PRIORS
+from apa.smc.sampler import SMCResult, fkc_sample
+from apa.store import SessionStore, StoreError
+from apa.surrogate.fit import FitConfig, fit
+from apa.surrogate.model import Ensemble, FeatureSurrogate, LatentSurrogate
+
+PURPOSES = {"sample": 1, "select": 2, "init": 3, "fit": 4, "final": 5}
+_FAILPOINT = {"count": 0}
+
+
+class SessionError(ValueError):
+    """The session cannot run as configured; the message says what to change."""
+
+
+def failpoint() -> None:
+    """Crash on purpose at the N-th durable step when APA_CRASH_AFTER=N (used by the crash tests)."""
+    target = os.environ.get("APA_CRASH_AFTER")
+    if target is None:
+        return
+    _FAILPOINT["count"] += 1
+    if _FAILPOINT["count"] == int(target):
+        os._exit(70)
+
+
+def generator(seed: int, round_: int, purpose: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + round_ * 101 + PURPOSES[purpose])
+
+
+def normalise_scores(scores: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
+    """Map a source's scores from its scale [lo, hi] onto the surrogate's target range [-1, 1]."""
+    lo, hi = scale
+    return 2.0 * (scores - lo) / (hi - lo) - 1.0
+
+
+def validate(cfg: AlignConfig) -> None:
+    s = cfg.session
+    if s.per_round < 1:
+        raise SessionError(f"--per-round must be at least 1, got {s.per_round}")
+    if s.budget < s.per_round:
+        raise SessionError(f"--budget {s.budget} is below --per-round {s.per_round}: not even one round fits; "
+                           "raise the budget or lower the images per round")
+    if cfg.sampler.particles < s.per_round:
+        raise SessionError(f"--particles {cfg.sampler.particles} is below --per-round {s.per_round}: "
+                           "a round cannot show more particles than it samples")
+    if s.acquisition not in acquisition.ACQUISITIONS:
+        raise SessionError(f"unknown --acquisition {s.acquisition!r}; choose one of {', '.join(acquisition.ACQUISITIONS)}")
+    if cfg.surrogate.kind not in ("pixels", "features"):
+        raise SessionError(f"unknown --surrogate {cfg.surrogate.kind!r}; choose 'pixels' or 'features'")
+
+
+class Session:
+    def __init__(self, store: SessionStore, cfg: AlignConfig, prior: Any, feedback: FeedbackSource | None,
+                 progress: bool = True):
+        self.store, self.cfg, self.prior, self.feedback, self.progress = store, cfg, prior, feedback, progress
+        self.timings: dict[str, float] = defaultdict(float)  # seconds: sampling, surrogate fit, feedback, I/O
+
+    @contextmanager
+    def timer(self, what: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[what] += time.perf_counter() - t0
+
+    # ------------------------------------------------------------ construction
+
+    @staticmethod
+    def components(cfg: AlignConfig) -> tuple[Any, FeedbackSource | None]:
+        """Build the prior and the feedback source (errors here happen before anything is written)."""
+        prior = PRIORS.create(cfg.prior.name, vars(cfg.prior))
+        source = None if cfg.feedback.name == "human" else FEEDBACK.create(cfg.feedback.name, vars(cfg.feedback), prior)
+        return prior, source
+
+    @classmethod
+    def start(cls, out: Path, cfg: AlignConfig, progress: bool = True) -> "Session":
+        validate(cfg)
+        prior, source = cls.components(cfg)
+        store = SessionStore.create(out, cfg.to_dict())
+        cfg.save(Path(out) / "config.json")
+        return cls(store, cfg, prior, source, progress)
+
+    @classmethod
+    def resume(cls, out: Path, progress: bool = True) -> "Session":
+        store = SessionStore.open(out)
+        try:
+            cfg = AlignConfig.from_dict(store.config())
+        except (ValueError, TypeError) as e:
+            raise StoreError(f"{out}: the stored configuration is not readable ({e}); it was left untouched") from e
+        prior, source = cls.components(cfg)
+        return cls(store, cfg, prior, source, progress)
+
+    # ------------------------------------------------------------ surrogate
+
+    def new_surrogate(self, r: int) -> Ensemble:
+        """Fresh members, initialised from (seed, round): [M] surrogates of the configured kind."""
+        sc = self.cfg.surrogate
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(generator(self.cfg.session.seed, r, "init").initial_seed()))
+            if sc.kind == "features":
+                feats = getattr(self.prior, "features", None)
+                if feats is None:
+                    raise SessionError(f"prior {self.cfg.prior.name!r} has no denoiser features; use --surrogate pixels")
+                fn = lambda x: feats(x, sc.feature_t)  # noqa: E731
+                dim = int(fn(torch.zeros(1, *self.prior.event_shape)).shape[1])
+                members = [FeatureSurrogate(fn, dim) for _ in range(sc.ensemble)]
+            else:
+                members = [LatentSurrogate(self.prior.event_shape[0]) for _ in range(sc.ensemble)]
+        return Ensemble(members).eval()
+
+    def surrogate_after(self, r: int) -> Ensemble | None:
+        """The surrogate fitted after round r (None before any feedback)."""
+        if r < 0:
+            return None
+        model = self.new_surrogate(r)
+        model.load_state_dict(self.store.load_surrogate(r))
+        return model.requires_grad_(False)
+
+    # ------------------------------------------------------------ one round
+
+    def sample(self, surrogate: Ensemble | None, n: int, gen: torch.Generator) -> SMCResult:
+        """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback)."""
+        sc = self.cfg.sampler
+        beta = sc.beta if surrogate is not None else (0.0, 0.0)
+        reward = surrogate if surrogate is not None else (lambda z: torch.zeros(z.shape[0]))
+        history = self.history_particles() if sc.diversity and sc.diversity_history else None
+        return fkc_sample(self.prior, reward, num_particles=n, num_steps=sc.steps, beta=beta, gamma=sc.gamma,
+                          diversity=sc.diversity, reward_at=sc.reward_at, jacobian=sc.jacobian,
+                          resample=sc.resample, ess_threshold=sc.ess_threshold, beta_dot=sc.beta_dot,
+                          clamp=sc.clamp, historical=history, generator=gen, progress=self.progress)
+
+    def sample_round(self, r: int) -> None:
+        """Sample round r, choose what to show, persist both."""
+        seed = self.cfg.session.seed
+        surrogate = self.surrogate_after(r - 1)
+        with self.timer("sampling"):
+            res = self.sample(surrogate, self.cfg.sampler.particles, generator(seed, r, "sample"))
+        k = min(self.cfg.session.per_round, self.cfg.session.budget - self.store.spent())
+        cand = acquisition.Candidates(res.particles, res.log_weights, surrogate,
+                                      surrogate.spread if surrogate is not None else None)
+        shown = acquisition.select(self.cfg.session.acquisition, cand, k, generator(seed, r, "select"))
+        info = {"ess": [s.ess for s in res.trace], "resampled": [s.resampled for s in res.trace],
+                "unique_origins": res.trace[-1].unique_origins, "beta_used": surrogate is not None}
+        with self.timer("io"):
+            self.store.save_round(r, {"particles": res.particles, "log_weights": res.log_weights,
+                                      "shown": shown}, shown.tolist(), info)
+        failpoint()
+
+    def shown_images(self, r: int) -> torch.Tensor:
+        """What round r showed, decoded: [k, C, H, W] in [0, 1]."""
+        t = self.store.round_tensors(r)
+        with torch.no_grad():
+            return self.prior.decode(t["particles"][t["shown"].long()])
+
+    def history_particles(self) -> torch.Tensor | None:
+        """All particles shown so far [H, *event] (for diversity against history)."""
+        xs = [self.store.round_tensors(row["round"]) for row in self.store.rounds()]
+        parts = [t["particles"][t["shown"].long()] for t in xs]
+        return torch.cat(parts) if parts else None
+
+    def training_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rated particle so far and its target in [-1, 1]: ([n, *event], [n])."""
+        xs, ys = [], []
+        scale = getattr(self.feedback, "scale", (-1.0, 1.0)) if self.feedback is not None else (1.0, 5.0)
+        for row in self.store.rounds():
+            rated = [x for x in self.store.ratings(row["round"]) if x["score"] is not None]
+            if not rated:
+                continue
+            parts = self.store.round_tensors(row["round"])["particles"]
+            xs.append(parts[torch.tensor([x["particle"] for x in rated])])
+            ys.append(torch.tensor([x["score"] for x in rated], dtype=torch.float32))
+        return torch.cat(xs), normalise_scores(torch.cat(ys), scale)
+
+    def finish_round(self, r: int) -> float | None:
+        """Refit the surrogate on all feedback and mark round r complete. Returns the fit loss."""
+        x, y = self.training_data()
+        model = self.new_surrogate(r)
+        sc = self.cfg.surrogate
+        with self.timer("surrogate_fit"):
+            loss = fit(model, x, y, FitConfig(sc.epochs, sc.batch_size, sc.lr), generator(self.cfg.session.seed, r, "fit"))
+        with self.timer("evaluation"):
+            info = self.evaluate_round(r)
+        with self.timer("io"):
+            self.store.complete_round(r, loss, {k: v for k, v in model.state_dict().items()}, info)
+        failpoint()
+        return loss
+
+    def evaluate_round(self, r: int) -> dict[str, Any]:
+        """The simulated user's view of the round's weighted population (no feedback is spent)."""
+        evaluate = getattr(self.feedback, "evaluate", None)
+        if evaluate is None:
+            return {}
+        t = self.store.round_tensors(r)
+        res = SMCResult(t["particles"], t["log_weights"])
+        with torch.no_grad():
+            images = self.prior.decode(res.resample(generator=generator(self.cfg.session.seed, r, "final")))
+        return {"eval": evaluate(images)}
+
+    # ------------------------------------------------------------ the loop
+
+    def next_round(self) -> int | None:
+        """The round waiting for ratings (sampling it first if needed); None when the budget is spent."""
+        rounds = self.store.rounds()
+        if rounds and rounds[-1]["status"] == "sampled":
+            return rounds[-1]["round"]
+        if self.store.spent() >= self.cfg.session.budget:
+            return None
+        r = len(rounds)
+        self.sample_round(r)
+        return r
+
+    def record(self, r: int, position: int, score: float | None, source: str) -> None:
+        with self.timer("io"):
+            self.store.add_rating(r, position, score, source)
+        failpoint()
+
+    def round_complete(self, r: int) -> bool:
+        shown = self.store.rounds()[r]["shown"]
+        return len(self.store.ratings(r)) >= len(shown)
+
+    def answer_with_source(self, r: int) -> None:
+        """Ask the simulated user about every not-yet-rated image of round r; each answer is stored at once."""
+        done = {x["position"] for x in self.store.ratings(r)}
+        todo = [p for p in range(len(self.store.rounds()[r]["shown"])) if p not in done]
+        if not todo:
+            return
+        images = self.shown_images(r)[todo]
+        with self.timer("feedback"), torch.no_grad():
+            scores = check_scores(self.feedback(images), len(todo), self.feedback.name)
+        for p, s in zip(todo, scores.tolist()):
+            self.record(r, p, float(s), self.feedback.name)
+
+    def run(self, on_round: Callable[[int, "Session"], None] | None = None) -> None:
+        """Rounds until the budget is spent (simulated feedback)."""
+        if self.feedback is None:
+            raise SessionError("feedback 'human' is given through `apa serve`, not `apa align`")
+        while (r := self.next_round()) is not None:
+            self.answer_with_source(r)
+            self.finish_round(r)
+            if on_round is not None:
+                on_round(r, self)
+        rounds = self.store.rounds()
+        if rounds and rounds[-1]["status"] == "sampled":
+            self.finish_round(rounds[-1]["round"])
+
+    def final_samples(self, n: int | None = None) -> torch.Tensor:
+        """The aligned sampler's evaluation batch, resampled to equal weights: images [n, C, H, W]."""
+        n = n or self.cfg.session.eval_samples
+        last = len(self.store.rounds()) - 1
+        surrogate = self.surrogate_after(last)
+        with self.timer("final_sampling"):
+            res = self.sample(surrogate, n, generator(self.cfg.session.seed, last + 1, "final"))
+        with torch.no_grad():
+            return self.prior.decode(res.resample(n, generator(self.cfg.session.seed, last + 1, "select")))
+
+    def save_final(self, n: int | None = None) -> Path:
+        images = self.final_samples(n).float().numpy()
+        path = self.store.root / "final_samples.npz"
+        tmp = path.with_name("final_samples.tmp.npz")
+        np.savez_compressed(tmp, images=images.astype(np.float32))
+        os.replace(tmp, path)
+        return path
+
+
+def with_overrides(cfg: AlignConfig, **sections: dict[str, Any]) -> AlignConfig:
+    """A copy of cfg with some fields of some sections replaced: with_overrides(cfg, session={"budget": 16})."""
+    return replace(cfg, **{name: replace(getattr(cfg, name), **vals) for name, vals in sections.items()})

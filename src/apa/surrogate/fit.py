@@ -1,0 +1,57 @@
+"""Refit the surrogate on all feedback so far (the seed: Adam 1e-3, 200 epochs, batch 32, MSE).
+
+Deterministic given its generator: a resumed session refits to the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from apa.surrogate.model import Ensemble, FeatureSurrogate
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int = 200  # passes over all history per round (seed)
+    batch_size: int = 32  # (seed)
+    lr: float = 1e-3  # Adam (seed)
+    weight_decay: float = 0.0
+
+
+def fit(model: Ensemble, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig, generator: torch.Generator) -> float:
+    """Train every member on (x [n, ...], y [n]) by MSE; returns the final mean training loss.
+
+    Feature surrogates embed x once (the features are frozen), so each epoch costs only the heads.
+    """
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"need matching, non-empty inputs and ratings, got {x.shape[0]} and {y.shape[0]}")
+    feats = None
+    if isinstance(model.members[0], FeatureSurrogate):
+        with torch.no_grad():
+            feats = model.members[0].embed(x)
+    losses = [_fit_member(m, x if feats is None else feats, y, cfg, generator, feats is not None)
+              for m in model.members]
+    return float(sum(losses) / len(losses))
+
+
+def _fit_member(member: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig, gen: torch.Generator,
+                on_features: bool) -> float:
+    forward = member.head if on_features else member
+    params = [p for p in member.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = x.shape[0]
+    member.train()
+    with torch.enable_grad():
+        for _ in range(cfg.epochs):
+            total = 0.0
+            for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
+                loss = (forward(x[idx]) - y[idx]).pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * idx.numel()
+    member.eval()
+    return total / n
