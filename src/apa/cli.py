@@ -7,6 +7,8 @@ as one message without a traceback, exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sqlite3
 import sys
 from dataclasses import replace
@@ -50,6 +52,9 @@ ALIGN_FLAGS: dict[str, tuple[type, str]] = {
 }
 SECTION_OF = {PriorConfig: "prior", SamplerConfig: "sampler", SurrogateConfig: "surrogate",
               FeedbackConfig: "feedback", SessionConfig: "session"}
+
+
+PLUGGED_COMMANDS = ("apa.evaluation.compare", "apa.web.server")  # `apa compare`, `apa serve`
 
 
 def _pair(text: str) -> tuple[float, float]:
@@ -233,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_evaluate_prior)
+
+    for module in PLUGGED_COMMANDS:  # each adds its own subcommand; heavy imports happen inside the command
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).register_cli(sub)
     return ap
 
 

@@ -117,6 +117,8 @@ def train_prior(dataset: str, run_dir: Path, config: TrainConfig = TrainConfig()
     arrays = data_mod.load(dataset)
     images = torch.from_numpy(data_mod.to_unit(arrays["train_images"][:limit])) * 2 - 1
     model = UNet(unet)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "unet.json").write_text(json.dumps(unet.to_dict()))
     return train(model, diffusion_loss(images, config.batch_size), config, run_dir, progress=progress)
 
 
@@ -158,8 +160,8 @@ def data_std_of(dataset: str) -> float:
 
 def export_from_run(dataset: str, run_dir: Path, path: Path | None = None) -> Path:
     """Export a training run's EMA weights as the dataset's shipped prior."""
-    state = torch.load(Path(run_dir) / "ckpt.pt", weights_only=False)
-    unet_cfg = UNetConfig.from_dict(state.get("unet", UNetConfig().to_dict()))
+    cfg_path = Path(run_dir) / "unet.json"
+    unet_cfg = UNetConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.exists() else UNetConfig()
     model, info = load_checkpoint_model(UNet(unet_cfg), run_dir)
     return export_prior(model, path or weights_path(dataset), dataset, data_std_of(dataset), info)
 

@@ -1,0 +1,81 @@
+"""The shipped DDPM prior loads, samples in range, and is the file its model card describes."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from apa import fkc_sample
+from apa.cli import main
+from apa.priors import ddpm
+from apa.priors.unet import UNet, UNetConfig
+from apa.training import TrainConfig
+
+SHIPPED_SHA256 = {"mnist": "SET_AFTER_EXPORT"}
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return ddpm.load_prior("mnist")
+
+
+def test_shipped_file_checksum_and_size():
+    path = ddpm.weights_path("mnist")
+    assert path.stat().st_size < 10 * 2**20
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SHIPPED_SHA256["mnist"]
+
+
+def test_schedule_is_papas_and_sigmas_come_from_it(prior):
+    acp = ddpm.alphas_cumprod()
+    assert acp.shape == (1000,)
+    betas = 1 - acp[1:] / acp[:-1]
+    assert betas[0].item() == pytest.approx(1e-4 + (0.02 - 1e-4) / 999, rel=1e-3)
+    assert betas[-1].item() == pytest.approx(0.02, rel=1e-3)
+    s = prior.sigmas(25)
+    t = ddpm.respaced_timesteps(25)
+    assert t[0] == 999 and t[-1] == 0 and s[-1] == 0
+    assert torch.allclose(s[:-1] ** 2, ((1 - acp[t]) / acp[t]).float(), rtol=1e-4)
+    assert prior.timestep_of_sigma(float(s[3])) == pytest.approx(float(t[3]), abs=1e-3)
+
+
+def test_samples_have_the_right_shape_and_range(prior):
+    res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), num_particles=4, num_steps=10, beta=(0.0, 0.0),
+                     generator=torch.Generator().manual_seed(0))
+    images = prior.decode(res.particles)
+    assert images.shape == (4, 1, 28, 28)
+    assert images.min() >= 0 and images.max() <= 1
+    assert images.std() > 0.1  # not blank
+
+
+def test_eps_is_differentiable_in_z(prior):
+    z = torch.randn(2, 1, 28, 28, requires_grad=True)
+    prior.eps(z, 3.0).sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+def test_sample_command_writes_images(tmp_path):
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--prior", "mnist", "-n", "3", "--steps", "5", "--out", str(out),
+                 "--grid", str(tmp_path / "g.png")]) == 0
+    with np.load(out) as z:
+        assert z["images"].shape == (3, 1, 28, 28) and z["images"].dtype == np.float32
+    assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_training_runs_and_resumes(tmp_path, monkeypatch, mnist_arrays):
+    small = UNetConfig(channels=(8, 8, 8), time_dim=16, groups=4)
+    cfg = TrainConfig(steps=3, batch_size=4, checkpoint_every=1, warmup=1)
+    ddpm.train_prior("mnist", tmp_path / "run", cfg, unet=small, progress=False, limit=64)
+    assert (tmp_path / "run" / "loss.csv").read_text().count("\n") == 3
+    ddpm.train_prior("mnist", tmp_path / "run", TrainConfig(steps=5, batch_size=4, checkpoint_every=1, warmup=1),
+                     unet=small, progress=False, limit=64)
+    rows = (tmp_path / "run" / "loss.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4, 5]
+    out = ddpm.export_from_run("mnist", tmp_path / "run", tmp_path / "p.safetensors")
+    assert isinstance(ddpm.load_prior("mnist", out).model, UNet)
+
+
+def test_missing_weights_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-prior"):
+        ddpm.load_prior("mnist", tmp_path / "nope.safetensors")

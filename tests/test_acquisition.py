@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from apa import acquisition
+from apa.acquisition import Candidates
+
+
+def _cands(n=10, dup=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 4, 4, generator=g)
+    if dup:
+        x[5] = x[2]  # a copy made by resampling
+        x[6] = x[2]
+    lw = torch.linspace(-3, 0, n, dtype=torch.float64)
+    return Candidates(x, lw, lambda z: z.flatten(1).mean(1), lambda z: z.flatten(1).std(1))
+
+
+@pytest.mark.parametrize("name", list(acquisition.ACQUISITIONS))
+def test_no_particle_is_shown_twice(name):
+    c = _cands()
+    idx = acquisition.select(name, c, 8, torch.Generator().manual_seed(1))
+    assert idx.numel() == 8
+    shown = c.particles[idx].flatten(1)
+    assert torch.unique(shown, dim=0).shape[0] == 8
+
+
+def test_fewer_distinct_particles_than_k_shows_them_all():
+    x = torch.zeros(6, 1, 2, 2)
+    x[3:] = 1.0
+    c = Candidates(x, torch.zeros(6, dtype=torch.float64))
+    assert sorted(acquisition.select("weight", c, 4).tolist()) == [0, 3]
+
+
+def test_by_weight_sums_the_weights_of_copies():
+    x = torch.tensor([[0.0], [1.0], [1.0], [2.0]])
+    lw = torch.log(torch.tensor([0.4, 0.25, 0.25, 0.1], dtype=torch.float64))
+    idx = acquisition.by_weight(Candidates(x, lw), 2, None)
+    assert idx.tolist() == [1, 0]  # the copies' 0.5 beats the single 0.4
+
+
+def test_diverse_picks_far_points():
+    x = torch.tensor([[0.0], [0.1], [10.0], [5.0]])
+    idx = acquisition.diverse(Candidates(x, torch.zeros(4, dtype=torch.float64)), 2, None)
+    assert set(idx.tolist()) == {0, 2}
+
+
+def test_unknown_acquisition():
+    with pytest.raises(ValueError, match="weight"):
+        acquisition.select("best", _cands(), 2)

@@ -1,0 +1,86 @@
+import hashlib
+import math
+
+import pytest
+import torch
+
+from apa.store import RatingRefused, SessionStore, StoreError
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SessionStore.create(tmp_path / "s", {"hello": 1})
+    s.save_round(0, {"particles": torch.randn(4, 2), "log_weights": torch.zeros(4, dtype=torch.float64),
+                     "shown": torch.tensor([2, 0])}, [2, 0], {"ess": [4.0]})
+    return s
+
+
+def test_round_trip(store):
+    assert store.config() == {"hello": 1}
+    store.add_rating(0, 0, 1.0, "oracle")
+    store.add_rating(0, 1, None, "human")
+    assert [(x["particle"], x["score"]) for x in store.ratings(0)] == [(2, 1.0), (0, None)]
+    assert store.spent() == 1
+    store.complete_round(0, 0.5, {"w": torch.ones(3)}, {"eval": {"a": 1}})
+    row = store.rounds()[0]
+    assert row["status"] == "complete" and row["fit_loss"] == 0.5 and row["info"] == {"ess": [4.0], "eval": {"a": 1}}
+    assert torch.equal(store.load_surrogate(0)["w"], torch.ones(3))
+    reopened = SessionStore.open(store.root)
+    assert reopened.ratings() == store.ratings()
+
+
+@pytest.mark.parametrize("args, match", [((0, 0, math.nan), "finite"), ((0, 5, 1.0), "no image 5"),
+                                         ((3, 0, 1.0), "does not exist")])
+def test_bad_ratings_are_refused_and_nothing_changes(store, args, match):
+    store.add_rating(0, 1, -1.0, "oracle")
+    before = store.ratings()
+    with pytest.raises(RatingRefused, match=match):
+        store.add_rating(*args, "oracle")
+    assert store.ratings() == before
+
+
+def test_duplicate_and_late_ratings_are_refused(store):
+    store.add_rating(0, 0, 1.0, "oracle")
+    with pytest.raises(RatingRefused, match="already rated"):
+        store.add_rating(0, 0, -1.0, "oracle")
+    store.complete_round(0, None, None, {})
+    with pytest.raises(RatingRefused, match="already complete"):
+        store.add_rating(0, 1, 1.0, "oracle")
+    assert store.ratings(0)[0]["score"] == 1.0
+
+
+def test_create_refuses_a_non_empty_directory(tmp_path, store):
+    with pytest.raises(StoreError, match="--resume"):
+        SessionStore.create(store.root, {})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="empty or new"):
+        SessionStore.create(other, {})
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_open_refuses_foreign_and_damaged_directories(tmp_path, store):
+    with pytest.raises(StoreError, match="not an apa session"):
+        SessionStore.open(tmp_path)
+    db = store.root / "session.sqlite"
+    store.close()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "session.sqlite").write_bytes(b"this is not sqlite" * 100)
+    digest = _digest(damaged / "session.sqlite")
+    with pytest.raises(StoreError, match="damaged"):
+        SessionStore.open(damaged)
+    assert _digest(damaged / "session.sqlite") == digest
+    assert SessionStore.open(store.root).rounds()  # the good one still opens
+    assert db.exists()
+
+
+def test_damaged_round_tensors_name_the_file(store):
+    store.round_path(0).write_bytes(b"garbage")
+    with pytest.raises(StoreError, match="round_0000"):
+        store.round_tensors(0)
