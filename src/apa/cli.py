@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate_prior)
 
     for module in PLUGGED_COMMANDS:  # each adds its own subcommand; heavy imports happen inside the command
-        if importlib.util.find_spec(module) is not None:
+        parent = module.rsplit(".", 1)[0]
+        if importlib.util.find_spec(parent) is not None and importlib.util.find_spec(module) is not None:
             importlib.import_module(module).register_cli(sub)
     return ap
 
