@@ -42,6 +42,7 @@ ALIGN_FLAGS: dict[str, tuple[type, str]] = {
     "surrogate": (SurrogateConfig, "kind"), "ensemble": (SurrogateConfig, "ensemble"),
     "epochs": (SurrogateConfig, "epochs"), "fit_batch_size": (SurrogateConfig, "batch_size"),
     "lr": (SurrogateConfig, "lr"), "feature_t": (SurrogateConfig, "feature_t"),
+    "ceiling": (SurrogateConfig, "ceiling"),
     "feedback": (FeedbackConfig, "name"), "prefer": (FeedbackConfig, "prefer"), "mode": (FeedbackConfig, "mode"),
     "oracle_weights": (FeedbackConfig, "oracle_weights"), "users": (FeedbackConfig, "users"),
     "temperature": (FeedbackConfig, "temperature"), "clip_model": (FeedbackConfig, "clip_model"),
@@ -88,7 +89,7 @@ def _optional_float(text: str) -> float | None:
 
 
 PARSERS = {"beta": _pair, "gamma": _pair, "prefer": _ints, "users": _words, "diversity": _bool,
-           "diversity_history": _bool, "beta_dot": _optional_float, "clamp": _optional_float}
+           "diversity_history": _bool, "beta_dot": _optional_float, "clamp": _optional_float, "ceiling": _optional_float}
 
 
 def add_align_flags(p: argparse.ArgumentParser) -> None:

@@ -51,6 +51,7 @@ class SurrogateConfig:
     batch_size: int = 32  # seed
     lr: float = 1e-3  # seed
     feature_t: int = 200  # timestep at which the prior's features are read
+    ceiling: float | None = 1.0  # measured: r = min(r_θ, ceiling), the top of the rating scale; seed: None
 
 
 @dataclass(frozen=True)
@@ -121,5 +122,5 @@ def preset(name: str, base: AlignConfig | None = None) -> AlignConfig:
                        sampler=replace(base.sampler, reward_at="tweedie", jacobian="identity", resample="none",
                                        clamp=100.0, beta_dot=1.0, beta=(0.5, 2.0), gamma=(0.05, 0.0)),
                        surrogate=replace(base.surrogate, kind="pixels", ensemble=1, epochs=200, batch_size=32,
-                                         lr=1e-3))
+                                         lr=1e-3, ceiling=None))
     raise ValueError(f"unknown preset {name!r}; choose 'default' or 'seed'")

@@ -146,12 +146,20 @@ class Session:
         """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback)."""
         sc = self.cfg.sampler
         beta = sc.beta if surrogate is not None else (0.0, 0.0)
-        reward = surrogate if surrogate is not None else (lambda z: torch.zeros(z.shape[0]))
+        reward = self.reward(surrogate)
         history = self.history_particles() if sc.diversity and sc.diversity_history else None
         return fkc_sample(self.prior, reward, num_particles=n, num_steps=sc.steps, beta=beta, gamma=sc.gamma,
                           diversity=sc.diversity, reward_at=sc.reward_at, jacobian=sc.jacobian,
                           resample=sc.resample, ess_threshold=sc.ess_threshold, beta_dot=sc.beta_dot,
                           clamp=sc.clamp, historical=history, generator=gen, progress=self.progress)
+
+    def reward(self, surrogate: Ensemble | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The sampler's reward: the surrogate, capped at the top of the rating scale (no class can
+        out-score "liked"), or zero before any feedback."""
+        if surrogate is None:
+            return lambda z: torch.zeros(z.shape[0])
+        ceiling = self.cfg.surrogate.ceiling
+        return surrogate if ceiling is None else (lambda z: surrogate(z).clamp(max=ceiling))
 
     def sample_round(self, r: int) -> None:
         """Sample round r, choose what to show, persist both."""
