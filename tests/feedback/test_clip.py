@@ -101,6 +101,23 @@ def test_clip_user_on_tiny_open_clip_matches_manual_scores(tiny_clip):
     torch.testing.assert_close(scores, expected[:, user.user_index].max(1).values, rtol=1e-4, atol=1e-6)
     report = user.evaluate(images)
     assert report["n"] == 5 and set(report["user_mean_scores"]) == {"apple", "kiwi"}
+    top = expected.argmax(1)
+    assert report["preferred_share"] == pytest.approx(float(torch.isin(top, torch.tensor(user.user_index)).float().mean()))
+    assert report["confident_share"] == pytest.approx(float((top != user.names.index("noise")).float().mean()))
+    assert sum(report["class_histogram"].values()) == 5
+
+
+def test_clip_report_shares_by_hand():
+    from apa.feedback.shares import first_match, preference_report
+
+    top = torch.tensor([0, 2, 5, 2, 7])
+    who = first_match(top, [[0], [2, 5]])
+    assert who.tolist() == [0, 1, 1, 1, -1]
+    confident = torch.tensor([True, True, False, True, True])
+    rep = preference_report(who, confident, ["apple", "grape"], torch.tensor([0.5, 0.2, 0.3, 0.4, 0.1]))
+    assert rep["preferred_share"] == 0.8 and rep["confident_share"] == 0.8
+    assert rep["preferred_confident_share"] == 0.6 and rep["mean_score"] == pytest.approx(0.3)
+    assert rep["preferred_class_shares"] == {"apple": pytest.approx(1 / 3), "grape": pytest.approx(2 / 3)}
 
 
 def test_clip_preprocess_resizes_crops_and_accepts_grey():

@@ -82,7 +82,11 @@ def test_imagenet_score_is_class_mass_and_union_is_max(classifier, photos):
     scores = user(batch)
     assert scores[0] > 0.5 and scores[1] > 0.5 and scores[2] < 0.1  # the union likes coffee and the cat
     report = user.evaluate(batch)
-    assert report["top1_classes"][:2] == ["espresso", "Egyptian cat"]
+    assert report["class_histogram"] == {"espresso": 1, "Egyptian cat": 1, "daisy": 1}
+    assert report["preferred_share"] == pytest.approx(2 / 3)  # espresso (user 2) and the cat (user 1)
+    assert report["confident_share"] == pytest.approx(2 / 3)  # the daisy's top-1 is below 0.5
+    assert report["preferred_confident_share"] == pytest.approx(2 / 3)
+    assert report["preferred_class_shares"] == {"cat": 0.5, "espresso+cup": 0.5}
     grey = user(batch.mean(1, keepdim=True))
     assert grey.shape == (3,)
 

@@ -27,6 +27,7 @@ from torch.nn import functional as F
 from apa.compat import ensure_torchvision
 from apa.errors import WeightsNotFoundError
 from apa.feedback.images import as_rgb, normalize, resize_center_crop
+from apa.feedback.shares import first_match, preference_report
 from apa.registry import FEEDBACK
 
 # The default bank: the three default users' fruits, other fruits (the near misses a user must
@@ -68,6 +69,7 @@ class ClipOptions:
     clip_weights: str | None = None  # a checkpoint file or a folder holding one; None: the caches
     temperature: float = 10.0  # τ: logits = τ·cos
     prompts: tuple[tuple[str, str], ...] = tuple(DEFAULT_PROMPTS.items())  # (name, prompt) pairs
+    reject: tuple[str, ...] = ("noise",)  # bank names whose top rank marks an image as not confident (reports)
     device: str | None = None  # None: cuda if available
     batch_size: int = 8
 
@@ -271,16 +273,19 @@ class ClipPromptUser:
         return union_scores(self.probabilities(images), self.user_index)
 
     def evaluate(self, images: torch.Tensor) -> dict:
-        """Report: mean union score, each user's mean score, and the share of images whose top prompt is each user's."""
+        """Report on samples [k, 3, H, W]: an image is *preferred* when its top prompt is a user's and
+        *confident* when its top prompt is not a rejection prompt (``reject``, default the noise prompt);
+        plus each user's mean score and the histogram of top prompts."""
         probs = self.probabilities(images)
         top = probs.argmax(dim=1)
-        k = max(len(top), 1)
-        return {"n": len(top), "users": list(self.users),
-                "mean_score": float(union_scores(probs, self.user_index).mean()) if len(top) else 0.0,
-                "user_mean_scores": {u: float(probs[:, j].mean()) if len(top) else 0.0
-                                     for u, j in zip(self.users, self.user_index)},
-                "user_top_shares": {u: int((top == j).sum()) / k for u, j in zip(self.users, self.user_index)},
-                "top_prompt_histogram": {n: int((top == j).sum()) for j, n in enumerate(self.names)}}
+        reject = [i for i, n in enumerate(self.names) if n in self.options.reject]
+        confident = ~torch.isin(top, torch.as_tensor(reject, dtype=top.dtype))
+        report = preference_report(first_match(top, [[j] for j in self.user_index]), confident, self.users,
+                                   union_scores(probs, self.user_index))
+        report["user_mean_scores"] = {u: float(probs[:, j].mean()) if len(top) else 0.0
+                                      for u, j in zip(self.users, self.user_index)}
+        report["class_histogram"] = {n: int((top == j).sum()) for j, n in enumerate(self.names) if (top == j).any()}
+        return report
 
 
 def load_clip_user(options: ClipOptions = ClipOptions()) -> ClipPromptUser:

