@@ -97,17 +97,17 @@ def add_align_flags(p: argparse.ArgumentParser) -> None:
     for flag, (kind, name) in ALIGN_FLAGS.items():
         default = getattr(getattr(defaults, SECTION_OF[kind]), name)
         kind_of = PARSERS.get(flag) or (type(default) if default is not None and not isinstance(default, tuple) else str)
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind_of, default=None,
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind_of, default=argparse.SUPPRESS,
                        help=f"{SECTION_OF[kind]}.{name} (default: {default})")
 
 
 def config_from_args(args: argparse.Namespace) -> AlignConfig:
     cfg = preset(args.preset)
     updates: dict[str, dict] = {}
+    given = vars(args)  # flags not given are absent (SUPPRESS), so "--clamp none" can set None
     for flag, (kind, name) in ALIGN_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            updates.setdefault(SECTION_OF[kind], {})[name] = value
+        if flag in given:
+            updates.setdefault(SECTION_OF[kind], {})[name] = given[flag]
     return replace(cfg, **{s: replace(getattr(cfg, s), **v) for s, v in updates.items()})
 
 
