@@ -60,7 +60,7 @@ class FeedbackConfig:
     prefer: tuple[int, ...] = (1, 4, 7, 9)  # oracle: preferred classes
     mode: str = "binary"  # oracle: PAPA's +1/-1, or "graded"
     oracle_weights: str | None = None
-    users: tuple[str, ...] = ("apple", "grape", "banana")  # clip / imagenet users (seed)
+    users: tuple[str, ...] | None = None  # clip / imagenet users; None: the source's own default (clip: the seed's apple, grape, banana)
     temperature: float = 10.0  # clip softmax temperature (seed)
     clip_model: str = "ViT-L-14"
     clip_weights: str | None = None
@@ -121,6 +121,7 @@ def preset(name: str, base: AlignConfig | None = None) -> AlignConfig:
         return replace(base,
                        sampler=replace(base.sampler, reward_at="tweedie", jacobian="identity", resample="none",
                                        clamp=100.0, beta_dot=1.0, beta=(0.5, 2.0), gamma=(0.05, 0.0)),
+                       feedback=replace(base.feedback, users=("apple", "grape", "banana"), temperature=10.0),
                        surrogate=replace(base.surrogate, kind="pixels", ensemble=1, epochs=200, batch_size=32,
                                          lr=1e-3, ceiling=None))
     raise ValueError(f"unknown preset {name!r}; choose 'default' or 'seed'")
