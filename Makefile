@@ -1,25 +1,30 @@
 # The two commands that open the README:
 #   make demo   create .venv, install everything, run `apa align` on the built-in MNIST default
-#   make test   create .venv, install everything, run the test suite
+#   make test   create .venv, install everything (and the system packages the tests use), run the tests
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# every pip call carries this constraint: a plain `torch` requirement would pull a CUDA build
 TORCH := torch==2.13.0
+EXTRAS := test,test-extra,web
 
 .PHONY: setup demo test system-deps
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test]" "$(TORCH)"
+	$(PIP) install -q -e ".[$(EXTRAS)]" "$(TORCH)"
 	touch $@
 
 setup: $(VENV)/.installed
 
-demo: setup
-	$(VENV)/bin/apa align --prior mnist --feedback oracle --prefer 1,4,7,9 --out runs/demo
+system-deps:
+	bash scripts/install-test-deps.sh
 
-test: setup
+demo: setup
+	$(VENV)/bin/apa align --prior mnist --feedback oracle --prefer 1,4,7,9 --budget 80 --per-round 8 \
+		--particles 32 --steps 25 --seed 0 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: setup system-deps
 	$(PY) -m pytest -q

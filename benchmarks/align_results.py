@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from apa.config import preset
+from apa.evaluation.report import write_report
 from apa.session import Session, with_overrides
 
 
@@ -49,6 +50,7 @@ def one_run(out: Path, prefer: tuple[int, ...], seed: int, preset_name: str, ove
     session.run()
     path = session.save_final()
     wall = time.perf_counter() - t0
+    write_report(session)
     with np.load(path) as z:
         ev = session.feedback.evaluate(torch.from_numpy(z["images"]))
     shares = ev["preferred_class_shares"]
