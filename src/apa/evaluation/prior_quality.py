@@ -35,11 +35,13 @@ def quality(images: torch.Tensor, oracle, real: torch.Tensor, confidence: float 
     conf = top >= confidence
     hist = torch.bincount(pred[conf], minlength=10)
     fa, fr = extract_features(oracle, images), extract_features(oracle, real)
-    half = real.shape[0] // 2
+    ref, other = fr[::2], fr[1::2]  # interleaved halves: every class in both (the split is sorted by class)
+    m = min(len(fa), len(other))
     return {"n": int(images.shape[0]), "confident_share": float(conf.float().mean()),
             "class_shares_of_confident": [round(float(c) / max(int(conf.sum()), 1), 4) for c in hist],
-            "fd_to_real": frechet_distance(fa, fr),
-            "fd_real_vs_real": frechet_distance(fr[:half], fr[half:])}
+            "fd_to_real": frechet_distance(fa[:m], ref),  # m samples vs one real half
+            "fd_real_vs_real": frechet_distance(other[:m], ref),  # m real images vs the same half: the floor
+            "fd_sizes": [m, len(ref)]}
 
 
 def evaluate_prior(dataset: str, n: int = 512, steps: int = 25, seed: int = 0) -> str:
