@@ -1,0 +1,1 @@
+"""`apa serve`: people rate images in a browser; each person's ratings drive their own session."""

@@ -1,0 +1,271 @@
+"""`apa serve`: a web page where people rate a diffusion prior's images, one aligned session each.
+
+    apa serve --prior mnist [--host 127.0.0.1] [--port 8000] [--data-dir DIR] [align flags ...]
+
+The API (JSON; every refusal is ``{"error": "..."}`` with a 4xx status):
+  POST /api/sessions                                   start a session -> {"token": ...}
+  GET  /api/sessions/{token}                           where it stands: phase, round, budget, history
+  POST /api/sessions/{token}/rounds/{r}/ratings        {"ratings": [1..5 or null, ...]}: rate round r
+  POST /api/sessions/{token}/retry                     run a failed background step again
+  GET  /api/sessions/{token}/rounds/{r}/images/{p}.png round r's p-th shown image
+  GET  /api/sessions/{token}/rounds/{r}/grid.png       all of round r's images
+  GET  /api/sessions/{token}/final.png                 the aligned sampler's samples, once done
+The page itself is static (``apa/web/static``) and keeps the token in the URL fragment and in
+localStorage, so closing the tab or restarting the server loses nothing.
+"""
+
+# No postponed annotations here: FastAPI reads the route functions' annotations (Request is imported inside).
+
+import argparse
+import ipaddress
+import json
+import logging
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+MAX_BODY = 64 * 1024  # bytes; larger request bodies are refused with 413
+STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+          "style.css": "text/css; charset=utf-8"}
+CSP = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+log = logging.getLogger("apa.web")
+
+
+def static_file(name: str) -> bytes:
+    """One of the page's own files (a fixed list; nothing named by a request is opened)."""
+    return (resources.files("apa.web") / "static" / name).read_bytes()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+async def read_limited(request: Any) -> bytes:
+    """The request's body, refused with 413 past MAX_BODY bytes (declared or streamed)."""
+    from apa.web.sessions import WebError
+
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.isdigit():
+        raise WebError(400, "the Content-Length header is not a whole number")
+    if declared is not None and int(declared) > MAX_BODY:
+        raise WebError(413, f"the request body must be at most {MAX_BODY} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise WebError(413, f"the request body must be at most {MAX_BODY} bytes")
+    return bytes(body)
+
+
+async def read_json(request: Any) -> Any:
+    """The request's JSON body: 413 past MAX_BODY bytes, 415 if not sent as JSON, 400 if unreadable."""
+    from apa.web.sessions import WebError
+
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise WebError(415, "send the ratings as JSON with the header Content-Type: application/json")
+    body = await read_limited(request)
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WebError(400, f"the request body is not valid JSON ({str(e)[:120]})") from e
+
+
+def number(text: str, what: str) -> int:
+    """A round or image number from the path: plain digits only (no sign, no decimals), else 422."""
+    from apa.web.sessions import WebError
+
+    if not (text.isascii() and text.isdigit() and len(text) <= 9):
+        raise WebError(422, f"the {what} number must be a whole number from 0, not {text[:20]!r}")
+    return int(text)
+
+
+def error_handlers(app: Any) -> None:
+    """Every refusal as ``{"error": message}`` with its status."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    from apa.web.sessions import WebError
+
+    @app.exception_handler(WebError)
+    async def web_error(request, exc: WebError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        message = "no such page or API endpoint" if exc.status_code == 404 else str(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def failure(request, exc: Exception):
+        log.exception("request failed")
+        return JSONResponse({"error": f"the server failed on this request ({type(exc).__name__}: {exc}); "
+                                      "see the server's log"}, status_code=500)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        where = "; ".join(f"{'/'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:3])
+        return JSONResponse({"error": f"malformed request ({where}); round and image numbers are whole numbers"},
+                            status_code=422)
+
+
+def security_headers(app: Any) -> None:
+    """No framing, no sniffing, no referrer; API answers are never cached."""
+
+    @app.middleware("http")
+    async def headers(request, call_next):
+        response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["X-Frame-Options"] = "DENY"
+        if "cache-control" not in response.headers:
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+
+def page_routes(app: Any) -> None:
+    from fastapi.responses import Response
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    def index():
+        return Response(static_file("index.html"), media_type=STATIC["index.html"])
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        if name not in STATIC or name == "index.html":
+            return Response(b'{"error": "no such file"}', status_code=404, media_type="application/json")
+        return Response(static_file(name), media_type=STATIC[name])
+
+
+def api_routes(app: Any, manager: Any) -> None:
+    from fastapi import Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import Response
+
+    def png(data: bytes) -> Response:  # a round's images never change once sampled
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.post("/api/sessions", status_code=201)
+    async def start(request: Request):
+        await read_limited(request)  # nothing is expected; large bodies are refused all the same
+        return {"token": await run_in_threadpool(manager.create)}
+
+    @app.get("/api/sessions/{token}")
+    def state(token: str):
+        return manager.state(token)
+
+    @app.post("/api/sessions/{token}/rounds/{r}/ratings")
+    async def rate(token: str, r: str, request: Request):
+        body = await read_json(request)
+        return await run_in_threadpool(manager.submit, token, number(r, "round"), body)
+
+    @app.post("/api/sessions/{token}/retry")
+    def retry(token: str):
+        return manager.retry(token)
+
+    @app.get("/api/sessions/{token}/rounds/{r}/images/{p}.png")
+    def image(token: str, r: str, p: str):
+        return png(manager.image_png(token, number(r, "round"), number(p, "image")))
+
+    @app.get("/api/sessions/{token}/rounds/{r}/grid.png")
+    def round_grid(token: str, r: str):
+        return png(manager.grid_png(token, number(r, "round")))
+
+    @app.get("/api/sessions/{token}/final.png")
+    def final(token: str):
+        return png(manager.final_png(token))
+
+
+def create_app(manager: Any, allowed_hosts: list[str] | None = None) -> Any:
+    """The FastAPI app over a SessionManager; ``allowed_hosts`` (Host header names) guards against DNS rebinding."""
+    from fastapi import FastAPI
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    app = FastAPI(title="apa", docs_url=None, redoc_url=None, openapi_url=None)
+    error_handlers(app)
+    security_headers(app)
+    if allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+    page_routes(app)
+    api_routes(app, manager)
+    app.state.manager = manager
+    return app
+
+
+# ---------------------------------------------------------------- the command
+
+
+def loopback_hosts(host: str) -> list[str] | None:
+    """Host names a loopback-bound server answers to (None: any, for a server bound to a public address)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return ["127.0.0.1", "localhost", "[::1]", "::1"] if loopback else None
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """The align flags as a configuration, with a person (feedback 'human') as the user."""
+    from dataclasses import replace
+
+    from apa.cli import config_from_args
+
+    feedback = getattr(args, "feedback", None)  # absent unless given
+    if feedback not in (None, "human"):
+        raise ValueError(f"apa serve collects ratings from people; drop --feedback {feedback} "
+                         "(use `apa align` for simulated users)")
+    cfg = config_from_args(args)
+    return replace(cfg, feedback=replace(cfg.feedback, name="human"))
+
+
+def warm_up() -> None:
+    """Import what the first refit needs (torch's optimisers pull in a large module on first use)."""
+    import torch
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        import apa.web.sessions as sessions
+    except ImportError as e:
+        from apa.session import SessionError
+        raise SessionError(f"apa serve needs the web extra ({e}); install it with "
+                           "`.venv/bin/pip install -e '.[web]' torch==2.13.0`") from e
+    from apa.registry import PRIORS
+    from apa.session import validate
+
+    cfg = serve_config(args)
+    validate(cfg)
+    PRIORS.create(cfg.prior.name, vars(cfg.prior))  # a missing prior fails here, before the server starts
+    manager = sessions.SessionManager(Path(args.data_dir), cfg, workers=args.workers,
+                                      fixed_seed=getattr(args, "seed", None) is not None, max_sessions=args.max_sessions)
+    app = create_app(manager, loopback_hosts(args.host))
+    threading.Thread(target=warm_up, name="apa-web-warm-up", daemon=True).start()
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"apa serve: sessions in {manager.data_dir.resolve()}; open http://{shown_host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level)
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add `apa serve` (heavy imports happen inside the command)."""
+    from apa.cli import add_align_flags
+
+    p = subparsers.add_parser("serve", help="a web page where people rate images; one aligned session each")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--data-dir", default="runs/web-sessions",
+                   help="where sessions live, one directory per session (default: runs/web-sessions)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="rounds refitted and sampled at the same time, across all sessions (default: 1)")
+    p.add_argument("--max-sessions", type=int, default=1000, help="refuse new sessions past this many (default: 1000)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--preset", choices=["default", "seed"], default="default",
+                   help="default: this project's measured defaults; seed: every value of the seed design")
+    add_align_flags(p)
+    p.set_defaults(func=cmd_serve)

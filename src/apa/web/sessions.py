@@ -1,0 +1,396 @@
+"""The sessions `apa serve` holds: one directory per token under the data directory, opened on demand.
+
+Each person's session is an ordinary apa session (see ``apa.session``) in ``DATA_DIR/<token>``,
+where the token is ``secrets.token_urlsafe(32)``: 43 URL-safe characters, unguessable, and the only
+thing a request names. Requests never carry a path; a token that is not of that exact form, or
+has no session directory, is unknown.
+
+Per session, one lock serialises everything that changes it. Refitting the surrogate and sampling
+the next round run on a small pool of background threads; the page polls ``state`` meanwhile.
+Nothing is kept only in memory: after a restart each session is reopened from its directory and
+continues where its store says it stood (a round waiting for ratings, or a round rated but not yet
+refitted, which is then refitted).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import re
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from apa.config import AlignConfig
+from apa.feedback.human import RATINGS, SCALE
+from apa.session import Session, with_overrides
+from apa.store import RatingRefused, StoreError
+from apa.web import render
+
+log = logging.getLogger("apa.web")
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+BUSY = ("queued", "fitting", "sampling", "final")  # phases in which a background job owns the session
+FINAL_PREVIEW = 64  # final samples shown on the page
+MAX_OPEN, IDLE_S = 200, 600.0  # past this many open sessions, those idle this long are closed
+
+
+class WebError(Exception):
+    """A request that cannot be served; ``status`` is its HTTP status, the message says what to do."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Workers:
+    """A few daemon threads running background jobs in order (a killed server loses none: the store is durable)."""
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise ValueError(f"--workers must be at least 1, got {n}")
+        self.jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self.threads = [threading.Thread(target=self._loop, name=f"apa-web-worker-{i}", daemon=True)
+                        for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.jobs.put(job)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Drop the jobs not started yet; wait (up to ``timeout`` s) for the threads to end their current job."""
+        while True:
+            try:
+                self.jobs.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:  # a job reports its own errors; this keeps the worker alive regardless
+                log.exception("background job failed")
+
+
+class SessionHandle:
+    """One open session: the Session, its lock, what it is doing now, and rendered images."""
+
+    def __init__(self, token: str, session: Session):
+        self.token, self.session = token, session
+        self.lock = threading.Lock()
+        self.phase, self.round, self.message = "idle", None, ""
+        self.since = time.time()
+        self.durations: dict[str, float] = {}  # how long each phase took last time (progress estimates)
+        self.pngs: dict[tuple, bytes] = {}  # rendered images; rounds never change once sampled
+        self.last_used = time.time()
+
+    def enter(self, phase: str, round_: int | None = None, message: str = "") -> None:
+        """Move to ``phase`` (under the lock), remembering how long the previous phase took."""
+        with self.lock:
+            now = time.time()
+            if self.phase in BUSY:
+                self.durations[self.phase] = now - self.since
+            self.phase, self.round, self.message, self.since = phase, round_, message, now
+
+    def progress(self) -> dict[str, Any]:
+        """Seconds in the current phase, and how long it took last time (None: no estimate yet)."""
+        elapsed = time.time() - self.since
+        estimate = self.durations.get(self.phase) if self.phase != "queued" else None
+        return {"elapsed": round(elapsed, 1), "estimate": round(estimate, 1) if estimate else None}
+
+    def idle_for(self) -> float:
+        return time.time() - self.last_used if self.phase not in BUSY else 0.0
+
+    def close(self) -> None:
+        with self.lock:
+            self.session.store.close()
+
+
+# ---------------------------------------------------------------- what a session needs next
+
+
+def waiting_round(session: Session) -> int | None:
+    """The round shown to the person and not yet fully rated, if any."""
+    rounds = session.store.rounds()
+    if rounds and rounds[-1]["status"] == "sampled" and not session.round_complete(rounds[-1]["round"]):
+        return rounds[-1]["round"]
+    return None
+
+
+def final_path(session: Session) -> Path:
+    return session.store.root / "final_samples.npz"
+
+
+def finished(session: Session) -> bool:
+    rounds = session.store.rounds()
+    return (bool(rounds) and rounds[-1]["status"] == "complete"
+            and session.store.spent() >= session.cfg.session.budget and final_path(session).exists())
+
+
+def advance(handle: SessionHandle, report_lock: threading.Lock) -> None:
+    """Background job: refit after a rated round, sample the next one, or finish the session."""
+    s = handle.session
+    try:
+        rounds = s.store.rounds()
+        if rounds and rounds[-1]["status"] == "sampled" and s.round_complete(rounds[-1]["round"]):
+            handle.enter("fitting", rounds[-1]["round"])
+            s.finish_round(rounds[-1]["round"])
+        handle.enter("sampling", len(s.store.rounds()))
+        r = s.next_round()
+        if r is not None:
+            handle.enter("ready", r)
+            return
+        handle.enter("final")
+        if not final_path(s).exists():
+            s.save_final()
+        handle.enter("done", message=write_report(s, report_lock))
+    except Exception as e:  # shown on the page; the store still holds everything up to the failure
+        log.exception("session %s…: background step failed", handle.token[:6])
+        handle.enter("error", message=f"{type(e).__name__}: {e}. Everything rated so far is saved; "
+                                      "press Retry, or restart the server if it fails again.")
+
+
+def write_report(session: Session, report_lock: threading.Lock) -> str:
+    """The same report `apa align` writes, beside the session (one at a time: plotting is not thread-safe)."""
+    from apa.evaluation.report import write_report as report
+
+    try:
+        with report_lock:
+            path = report(session)
+        return f"The report is in {path.name} in the session's directory on the server."
+    except Exception as e:  # the session itself is complete; a failed report is only mentioned
+        log.exception("report failed")
+        return f"The session is complete, but its report could not be written ({e})."
+
+
+# ---------------------------------------------------------------- the ratings a page submits
+
+
+def parse_ratings(body: Any, k: int) -> list[float | None]:
+    """``{"ratings": [1..5 or null, ... one per shown image]}`` -> scores; WebError 422 otherwise."""
+    if not isinstance(body, dict) or set(body) != {"ratings"}:
+        raise WebError(422, 'send a JSON object with exactly one key, "ratings": a list with one entry per image')
+    values = body["ratings"]
+    if not isinstance(values, list) or len(values) != k:
+        raise WebError(422, f"this round shows {k} images: send a list of {k} ratings (1 to 5, or null to skip)")
+    scores = []
+    for i, v in enumerate(values):
+        if v is None:
+            scores.append(None)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or v not in RATINGS:
+            raise WebError(422, f"image {i}: the rating {str(v)[:20]!r} is not allowed; "
+                                f"use a whole number from {RATINGS[0]} to {RATINGS[-1]}, or null to skip")
+        else:
+            scores.append(float(v))
+    return scores
+
+
+# ---------------------------------------------------------------- the manager
+
+
+class SessionManager:
+    """Creates, reopens and serves every session under ``data_dir`` (all with the server's settings)."""
+
+    def __init__(self, data_dir: Path, cfg: AlignConfig, workers: int = 1, fixed_seed: bool = False,
+                 max_sessions: int = 1000):
+        if cfg.feedback.name != "human":
+            raise ValueError(f"apa serve collects a person's ratings; feedback must be 'human', not {cfg.feedback.name!r}")
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.fixed_seed, self.max_sessions = cfg, fixed_seed, max_sessions
+        self.workers = Workers(workers)
+        self.handles: dict[str, SessionHandle] = {}
+        self.lock = threading.Lock()  # guards ``handles`` and the creation of sessions
+        self.report_lock = threading.Lock()
+
+    # ------------------------------------------------------------ finding sessions
+
+    def session_dir(self, token: str) -> Path | None:
+        """The directory of ``token``'s session, or None: only well-formed tokens name a directory."""
+        if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
+            return None
+        path = self.data_dir / token
+        return path if (path / "session.sqlite").is_file() else None
+
+    def get(self, token: str) -> SessionHandle:
+        """The open session of ``token``, reopened from disk if the server has not seen it since starting."""
+        with self.lock:
+            handle = self.handles.get(token) if isinstance(token, str) else None
+            if handle is not None:
+                handle.last_used = time.time()
+                return handle
+            self.close_idle()
+            path = self.session_dir(token)
+            if path is None:
+                raise WebError(404, "no session has this token; check the link, or start a new session")
+            try:
+                handle = SessionHandle(token, Session.resume(path, progress=False))
+            except StoreError as e:
+                raise WebError(500, f"this session's directory cannot be opened ({e})") from e
+            self.handles[token] = handle
+            self.settle(handle)  # under the lock, so nobody sees the session before its phase is known
+            return handle
+
+    def settle(self, handle: SessionHandle) -> None:
+        """Put a freshly opened session in the phase its store says, scheduling whatever work is pending."""
+        s = handle.session
+        r = waiting_round(s)
+        if r is not None:
+            handle.enter("ready", r)
+        elif finished(s):
+            handle.enter("done")
+        else:
+            self.schedule(handle)
+
+    def schedule(self, handle: SessionHandle) -> None:
+        handle.enter("queued")
+        self.workers.submit(lambda: advance(handle, self.report_lock))
+
+    def close_idle(self) -> None:
+        """Past MAX_OPEN open sessions, close those idle for IDLE_S seconds (they reopen on their next request)."""
+        if len(self.handles) < MAX_OPEN:
+            return
+        for token, handle in list(self.handles.items()):
+            if handle.idle_for() > IDLE_S:
+                del self.handles[token]
+                handle.close()
+
+    def close(self) -> None:
+        """Stop the background threads (pending work resumes when a server next opens these sessions)."""
+        self.workers.stop()
+
+    def count(self) -> int:
+        return sum(1 for p in self.data_dir.iterdir() if TOKEN_RE.fullmatch(p.name))
+
+    # ------------------------------------------------------------ the operations the API offers
+
+    def create(self) -> str:
+        """A new session with a fresh token; its first round is sampled in the background."""
+        with self.lock:
+            self.close_idle()
+            if self.count() >= self.max_sessions:
+                raise WebError(503, f"this server already holds {self.max_sessions} sessions; "
+                                    "ask its operator to raise --max-sessions or use another --data-dir")
+        token = secrets.token_urlsafe(32)
+        seed = self.cfg.session.seed if self.fixed_seed else secrets.randbelow(2**31)
+        cfg = with_overrides(self.cfg, session={"seed": seed})
+        handle = SessionHandle(token, Session.start(self.data_dir / token, cfg, progress=False))
+        with self.lock:
+            self.handles[token] = handle
+            self.schedule(handle)
+        return token
+
+    def submit(self, token: str, r: int, body: Any) -> dict[str, Any]:
+        """Store the ratings of round ``r`` (each durably, before returning), then refit and sample on."""
+        handle = self.get(token)
+        with handle.lock:
+            self.check_round(handle, r)
+            s = handle.session
+            k = len(s.store.rounds()[r]["shown"])
+            scores = parse_ratings(body, k)
+            done = {x["position"] for x in s.store.ratings(r)}
+            todo = [(p, scores[p]) for p in range(k) if p not in done]
+            if s.store.spent() == 0 and all(v is None for _, v in todo):
+                raise WebError(422, "rate at least one image: the sampler needs one rating to learn from "
+                                    "before it can skip a whole round")
+            try:
+                for p, v in todo:
+                    s.record(r, p, v, "human")
+            except RatingRefused as e:
+                raise WebError(409, f"{e}; reload the page to see where the session stands") from e
+            handle.phase = "queued"  # still under the lock: a concurrent submission now sees the round taken
+        self.schedule(handle)
+        return self.state(token)
+
+    @staticmethod
+    def check_round(handle: SessionHandle, r: int) -> None:
+        """Refuse (409) ratings for any round but the one waiting for them."""
+        if handle.phase == "ready" and r == handle.round:
+            return
+        rounds = handle.session.store.rounds()
+        if 0 <= r < len(rounds) and (rounds[r]["status"] == "complete" or r == handle.round):
+            raise WebError(409, f"round {r} has already been rated; its ratings cannot change")
+        if handle.phase == "ready":
+            raise WebError(409, f"round {r} is not the current round; the session is waiting for round {handle.round}")
+        raise WebError(409, f"round {r} is not waiting for ratings (the session is {handle.phase}); "
+                            "wait for the next round to appear")
+
+    def retry(self, token: str) -> dict[str, Any]:
+        """Run the failed background step again."""
+        handle = self.get(token)
+        with handle.lock:
+            if handle.phase != "error":
+                raise WebError(409, f"nothing to retry: the session is {handle.phase}")
+            handle.phase = "queued"
+        self.schedule(handle)
+        return self.state(token)
+
+    # ------------------------------------------------------------ what the page shows
+
+    def state(self, token: str) -> dict[str, Any]:
+        handle = self.get(token)
+        s = handle.session
+        with handle.lock:
+            phase, current, message, progress = handle.phase, handle.round, handle.message, handle.progress()
+            rounds, ratings = s.store.rounds(), s.store.ratings()
+        by_round: dict[int, dict[int, float | None]] = {}
+        for x in ratings:
+            by_round.setdefault(x["round"], {})[x["position"]] = x["score"]
+        history = [{"round": row["round"], "status": row["status"], "images": len(row["shown"]),
+                    "ratings": [by_round.get(row["round"], {}).get(p, "pending") for p in range(len(row["shown"]))],
+                    "fit_loss": None if row["fit_loss"] is None or not math.isfinite(row["fit_loss"]) else row["fit_loss"]}
+                   for row in rounds]
+        return {"phase": phase, "round": current, "message": message,
+                "images": len(rounds[current]["shown"]) if phase == "ready" else 0,
+                "rated": {str(p): v for p, v in by_round.get(current, {}).items()} if phase == "ready" else {},
+                "spent": s.store.spent(), "budget": s.cfg.session.budget, "per_round": s.cfg.session.per_round,
+                "scale": list(SCALE), "choices": list(RATINGS), "progress": progress,
+                "history": history, "final": phase == "done" and final_path(s).exists()}
+
+    def image_png(self, token: str, r: int, p: int) -> bytes:
+        """Round r's p-th shown image, rendered from the session's stored particles."""
+        handle = self.get(token)
+        rounds = handle.session.store.rounds()
+        if not (0 <= r < len(rounds) and 0 <= p < len(rounds[r]["shown"])):
+            raise WebError(404, f"this session has no image {p} in round {r}")
+        key = ("image", r, p)
+        if key not in handle.pngs:
+            handle.pngs[key] = render.single_png(handle.session.shown_images(r)[p])
+        return handle.pngs[key]
+
+    def grid_png(self, token: str, r: int) -> bytes:
+        """All images round r showed, as one grid."""
+        handle = self.get(token)
+        rounds = handle.session.store.rounds()
+        if not 0 <= r < len(rounds):
+            raise WebError(404, f"this session has no round {r}")
+        key = ("grid", r)
+        if key not in handle.pngs:
+            handle.pngs[key] = render.png(handle.session.shown_images(r), nrow=len(rounds[r]["shown"]))
+        return handle.pngs[key]
+
+    def final_png(self, token: str) -> bytes:
+        """The aligned sampler's final samples (the first 64), once the session is done."""
+        import numpy as np
+        import torch
+
+        handle = self.get(token)
+        path = final_path(handle.session)
+        if handle.phase != "done" or not path.exists():
+            raise WebError(404, "the final samples appear once the whole budget is rated")
+        if "final" not in handle.pngs:
+            with np.load(path) as z:
+                handle.pngs["final"] = render.png(torch.from_numpy(z["images"][:FINAL_PREVIEW]), nrow=8)
+        return handle.pngs["final"]
