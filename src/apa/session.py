@@ -93,8 +93,7 @@ class Session:
     def components(cfg: AlignConfig) -> tuple[Any, FeedbackSource | None]:
         """Build the prior and the feedback source (errors here happen before anything is written)."""
         prior = PRIORS.create(cfg.prior.name, vars(cfg.prior))
-        source = None if cfg.feedback.name == "human" else FEEDBACK.create(cfg.feedback.name, vars(cfg.feedback), prior)
-        return prior, source
+        return prior, FEEDBACK.create(cfg.feedback.name, vars(cfg.feedback), prior)
 
     @classmethod
     def start(cls, out: Path, cfg: AlignConfig, progress: bool = True) -> "Session":
@@ -133,11 +132,12 @@ class Session:
         return Ensemble(members).eval()
 
     def surrogate_after(self, r: int) -> Ensemble | None:
-        """The surrogate fitted after round r (None before any feedback)."""
-        if r < 0:
-            return None
-        model = self.new_surrogate(r)
-        model.load_state_dict(self.store.load_surrogate(r))
+        """The surrogate fitted after round r or, if r fitted nothing, after the last round that did."""
+        fitted = [q for q in range(r, -1, -1) if self.store.surrogate_path(q).exists()]
+        if not fitted:
+            return None  # no feedback yet (or every image so far was skipped)
+        model = self.new_surrogate(fitted[0])  # a round of skips only keeps the last fit
+        model.load_state_dict(self.store.load_surrogate(fitted[0]))
         return model.requires_grad_(False)
 
     # ------------------------------------------------------------ one round
@@ -193,7 +193,7 @@ class Session:
     def training_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every rated particle so far and its target in [-1, 1]: ([n, *event], [n])."""
         xs, ys = [], []
-        scale = getattr(self.feedback, "scale", (-1.0, 1.0)) if self.feedback is not None else (1.0, 5.0)
+        scale = getattr(self.feedback, "scale", (-1.0, 1.0))
         for row in self.store.rounds():
             rated = [x for x in self.store.ratings(row["round"]) if x["score"] is not None]
             if not rated:
@@ -201,11 +201,17 @@ class Session:
             parts = self.store.round_tensors(row["round"])["particles"]
             xs.append(parts[torch.tensor([x["particle"] for x in rated])])
             ys.append(torch.tensor([x["score"] for x in rated], dtype=torch.float32))
+        if not xs:
+            return torch.zeros(0, *self.prior.event_shape), torch.zeros(0)
         return torch.cat(xs), normalise_scores(torch.cat(ys), scale)
 
     def finish_round(self, r: int) -> float | None:
         """Refit the surrogate on all feedback and mark round r complete. Returns the fit loss."""
         x, y = self.training_data()
+        if x.shape[0] == 0:  # every image so far skipped: nothing to fit, the next round samples the prior
+            self.store.complete_round(r, None, None, self.evaluate_round(r))
+            failpoint()
+            return None
         model = self.new_surrogate(r)
         sc = self.cfg.surrogate
         with self.timer("surrogate_fit"):
@@ -264,7 +270,7 @@ class Session:
 
     def run(self, on_round: Callable[[int, "Session"], None] | None = None) -> None:
         """Rounds until the budget is spent (simulated feedback)."""
-        if self.feedback is None:
+        if self.cfg.feedback.name == "human":
             raise SessionError("feedback 'human' is given through `apa serve`, not `apa align`")
         while (r := self.next_round()) is not None:
             self.answer_with_source(r)
