@@ -26,5 +26,6 @@ demo: setup
 	$(VENV)/bin/apa align --prior mnist --feedback oracle --prefer 1,4,7,9 --budget 80 --per-round 8 \
 		--particles 32 --steps 25 --seed 0 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: setup system-deps
+test: setup
+	bash scripts/install-test-deps.sh
 	$(PY) -m pytest -q
