@@ -26,12 +26,7 @@ TWO_ROUNDS = ["--height", "16", "--width", "16", "--particles", "4", "--steps", 
               "--budget", "4", "--epochs", "3", "--eval-samples", "4", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; 2 threads on a shared 2-core machine spin-wait
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only spin-waits
 
 
 @pytest.fixture(scope="module")

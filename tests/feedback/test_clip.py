@@ -20,12 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 ensure_torchvision()  # before anything imports torchvision (open_clip does)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; 2 threads on a shared 2-core machine spin-wait
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only spin-waits
 
 
 @pytest.fixture(scope="module")

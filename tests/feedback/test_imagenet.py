@@ -15,12 +15,7 @@ from apa.feedback.imagenet_classes import IMAGENET_CLASSES  # noqa: E402
 from apa.registry import FEEDBACK  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a shared 2-core machine spin-wait
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only spin-waits
 
 
 def _tensor(image: np.ndarray) -> torch.Tensor:

@@ -23,11 +23,7 @@ SHIPPED_SHA256 = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small batches: one thread is fastest and does not contend with other work on the machine."""
-    torch.set_num_threads(1)
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")  # small batches: one thread is fastest
 
 
 def _sha256(path) -> str:

@@ -12,7 +12,7 @@ from apa.priors import ddpm
 from apa.priors.unet import UNet, UNetConfig
 from apa.training import TrainConfig
 
-SHIPPED_SHA256 = {"mnist": "SET_AFTER_EXPORT"}
+SHIPPED_SHA256 = {"mnist": "d400ba5d61573f9216b98f43f77045e3c5ededfafc315b3a08d32a983d84cded"}
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,7 @@ from apa.priors import stable_diffusion as sd  # noqa: E402
 from apa.registry import PRIORS  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny networks gain nothing from threads, and on a shared 2-core machine a backward pass
-    through the UNet with 2 threads measured ~250x slower than with 1 (threads spin-waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only spin-waits
 
 
 @pytest.fixture(scope="module")
