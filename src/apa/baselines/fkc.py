@@ -1,0 +1,81 @@
+"""The method under comparison: a real ``apa align`` session (FKC-SMC steered by the refit surrogate).
+
+The run starts a :class:`apa.session.Session` in ``workdir`` with the given budget and lets the
+simulated user rate every round. Sessions are deterministic in (seed, round, purpose), so after
+round r the session's ``final_samples`` are exactly those a session whose budget ends at round r
+would produce: the evaluation batch at each checkpoint is that session's final batch. The last
+batch is also written to ``workdir/final_samples.npz``, as ``apa align`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from apa.baselines.common import Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints
+from apa.config import AlignConfig
+from apa.session import Session, validate, with_overrides
+from apa.store import SessionStore
+
+
+def session_config(config: AlignConfig | None, user, budget: int, per_round: int, seed: int,
+                   eval_samples: int) -> AlignConfig:
+    """The session's configuration: ``config`` (default: the project defaults) with the run's budget."""
+    cfg = config or AlignConfig()
+    prefer = tuple(getattr(user, "prefer", cfg.feedback.prefer))
+    return with_overrides(cfg, session={"budget": budget, "per_round": per_round, "seed": seed,
+                                        "eval_samples": eval_samples}, feedback={"prefer": prefer})
+
+
+def _records(session: Session, seconds: dict[int, float]) -> tuple[RoundRecord, ...]:
+    """The session's rounds as records: feedback spent, scores and the rated images."""
+    out, spent = [], 0
+    for row in session.store.rounds():
+        scores = tuple(x["score"] for x in session.store.ratings(row["round"]) if x["score"] is not None)
+        spent += len(scores)
+        out.append(RoundRecord(row["round"], spent, scores, session.shown_images(row["round"]),
+                               seconds.get(row["round"], float("nan"))))
+    return tuple(out)
+
+
+def run_session(session_cls: type[Session], method: str, prior, user, budget: int, per_round: int, seed: int, *,
+                config: AlignConfig | None, checkpoints: Sequence[int], eval_samples: int,
+                workdir: Path | None) -> MethodRun:
+    """Run a session of ``session_cls`` in ``workdir`` (new or empty) and evaluate it at the checkpoints."""
+    if workdir is None:
+        raise ValueError(f"the {method} method keeps a session on disk: give it a workdir")
+    cfg = session_config(config, user, budget, per_round, seed, eval_samples)
+    validate(cfg)
+    checks = check_checkpoints(checkpoints, budget, per_round)
+    user = CountingUser(user)
+    session = session_cls(SessionStore.create(Path(workdir), cfg.to_dict()), cfg, prior, user, progress=False)
+    cfg.save(Path(workdir) / "config.json")
+    clock, batches, round_seconds = Clock(), {}, {}
+
+    def on_round(r: int, s: Session) -> None:
+        round_seconds[r] = clock.seconds() - sum(round_seconds.values())
+        spent = s.store.spent()
+        if spent in checks:
+            batches[spent] = clock.evaluate(spent, lambda: s.final_samples(eval_samples))
+
+    session.run(on_round)
+    seconds = clock.seconds()
+    if batches:
+        last = batches[max(batches)]
+        tmp = Path(workdir) / "final_samples.tmp.npz"
+        np.savez_compressed(tmp, images=last.float().numpy().astype(np.float32))
+        os.replace(tmp, Path(workdir) / "final_samples.npz")
+    return MethodRun(method, _records(session, round_seconds), batches, lambda n, gen: session.final_samples(n),
+                     seconds, clock.eval_seconds, user.rated,
+                     {"config": cfg.to_dict(), "timings": dict(session.timings), "workdir": str(workdir)})
+
+
+def run(prior, user, budget: int, per_round: int, seed: int, *, config: AlignConfig | None = None,
+        checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
+    """FKC-SMC alignment as ``apa align`` runs it. The final sampler ignores its generator argument:
+    a session's final batch is seeded by the session itself."""
+    return run_session(Session, "fkc", prior, user, budget, per_round, seed, config=config,
+                       checkpoints=checkpoints, eval_samples=eval_samples, workdir=workdir)

@@ -1,0 +1,37 @@
+"""Guidance alone: the same loop as FKC (surrogate refit each round, same acquisition), but the
+sampler follows the surrogate's gradient with no Feynman-Kac weights and no resampling
+(``fkc_sample(..., use_weights=False)``). The difference to ``fkc`` isolates what the weights add.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from apa.baselines.common import MethodRun
+from apa.baselines.fkc import run_session
+from apa.config import AlignConfig
+from apa.session import Session
+from apa.smc.sampler import SMCResult, fkc_sample
+
+
+class GuidanceSession(Session):
+    """A session whose sampler drops the weights: every particle keeps weight 1/N, none is resampled."""
+
+    def sample(self, surrogate, n: int, gen) -> SMCResult:
+        sc = self.cfg.sampler
+        beta = sc.beta if surrogate is not None else (0.0, 0.0)
+        reward = surrogate if surrogate is not None else (lambda z: z.new_zeros(z.shape[0]))
+        history = self.history_particles() if sc.diversity and sc.diversity_history else None
+        return fkc_sample(self.prior, reward, num_particles=n, num_steps=sc.steps, beta=beta, gamma=sc.gamma,
+                          diversity=sc.diversity, reward_at=sc.reward_at, jacobian=sc.jacobian,
+                          resample=sc.resample, ess_threshold=sc.ess_threshold, beta_dot=sc.beta_dot,
+                          clamp=sc.clamp, historical=history, generator=gen, progress=self.progress,
+                          use_weights=False)
+
+
+def run(prior, user, budget: int, per_round: int, seed: int, *, config: AlignConfig | None = None,
+        checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
+    """Surrogate-gradient guidance with the FKC session's loop, weights off."""
+    return run_session(GuidanceSession, "guidance", prior, user, budget, per_round, seed, config=config,
+                       checkpoints=checkpoints, eval_samples=eval_samples, workdir=workdir)

@@ -1,0 +1,346 @@
+"""`apa compare`: every method on one prior, one simulated user and one budget schedule.
+
+Each (method, seed) spends the largest budget once, in rounds of ``per_round`` ratings, and at
+every budget of the schedule draws ``eval_samples`` images from its sampler as it stands then
+(see ``apa.baselines.common``). All batches go through one evaluator: the oracle user's
+``evaluate`` (preferred ∧ confident share, class histogram), coverage entropy over the
+preferred classes, mean pairwise distance of the oracle's features (diversity) and the Fréchet
+distance of those features to held-out real digits of the preferred classes. A row of real
+training digits of the preferred classes, evaluated the same way, gives the floor of each number.
+
+Results of each (method, seed) are cached in ``OUT/runs`` under a key of every setting that
+matters, so an interrupted comparison resumes, and disjoint ``--methods`` may run in parallel
+processes into one OUT; a last call with all methods then only aggregates.
+Outputs: OUT/compare.json, OUT/compare.md and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from apa.baselines import METHODS  # names only: the methods' modules load when they run
+
+REFERENCE = "papa@300"  # PAPA at its own budget: 300 labels, 10 per round
+REFERENCE_BUDGET, REFERENCE_PER_ROUND = 300, 10
+SCALARS = ("preferred_confident_share", "preferred_share", "confident_share", "coverage_entropy",
+           "mean_pairwise_distance", "fd_preferred")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    out: str
+    prior: str = "mnist"
+    prior_weights: str | None = None
+    prefer: tuple[int, ...] = (1, 4, 7, 9)
+    budgets: tuple[int, ...] = tuple(range(8, 81, 8))
+    seeds: int = 3
+    methods: tuple[str, ...] = tuple(METHODS)
+    per_round: int = 8
+    eval_samples: int = 128
+    particles: int = 32
+    steps: int = 25
+    epochs: int = 200  # surrogate refit epochs per round (fkc, guidance; the seed's 200)
+    papa_reference: bool = False
+    papa_lr: float = 1e-5
+    papa_timesteps: int = 50
+    refine_t: int = 300
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        if not self.budgets or min(self.budgets) < 1:
+            raise ValueError(f"budgets must be positive rating counts, got {self.budgets}")
+        if self.seeds < 1 or self.eval_samples < 2:
+            raise ValueError("--seeds must be at least 1 and --eval-samples at least 2")
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_budgets(text: str) -> tuple[int, ...]:
+    """"8,16,24" or an arithmetic progression "8,16,...,80" -> sorted unique budgets."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if "..." in parts:
+            i = parts.index("...")
+            if i < 2 or i != len(parts) - 2:
+                raise ValueError
+            a, b, end = int(parts[i - 2]), int(parts[i - 1]), int(parts[i + 1])
+            if b <= a:
+                raise ValueError
+            values = [int(p) for p in parts[: i - 2]] + list(range(a, end + 1, b - a))
+        else:
+            values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected budgets like 8,16,32 or 8,16,...,80, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"budgets must be positive, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+# ---------------------------------------------------------------- the evaluator
+
+
+class Evaluator:
+    """One judge for every batch: the oracle user plus real digits of the preferred classes."""
+
+    def __init__(self, user, dataset: str, n_real: int, seed: int = 0):
+        import torch
+
+        from apa import data
+        from apa.feedback.oracle import extract_features
+
+        self.user, self.classifier = user, user.classifier
+        arrays = data.load(dataset)
+        self.real_test = self._preferred(arrays["test_images"], arrays["test_labels"])
+        train = self._preferred(arrays["train_images"], arrays["train_labels"])
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_real]
+        self.real_train = train[pick]
+        self.real_feats = extract_features(self.classifier, self.real_test)
+
+    def _preferred(self, images, labels):
+        """Images uint8 [n, 28, 28] with labels [n] -> those of the preferred classes, [m, 1, 28, 28] in [0, 1]."""
+        import numpy as np
+        import torch
+
+        from apa import data
+
+        keep = np.isin(labels, list(self.user.prefer))
+        return torch.from_numpy(data.to_unit(images[keep]))
+
+    def __call__(self, images) -> dict[str, Any]:
+        """Every number of the comparison for images [n, 1, 28, 28] in [0, 1]."""
+        from apa.evaluation.metrics import coverage_entropy, frechet_distance, mean_pairwise_distance
+        from apa.feedback.oracle import extract_features
+
+        ev = self.user.evaluate(images)
+        feats = extract_features(self.classifier, images)
+        return {**{k: ev[k] for k in ("preferred_confident_share", "preferred_share", "confident_share",
+                                      "mean_score", "class_histogram")},
+                "coverage_entropy": coverage_entropy(ev["class_histogram"], self.user.prefer),
+                "mean_pairwise_distance": mean_pairwise_distance(feats),
+                "fd_preferred": frechet_distance(feats, self.real_feats), "n": int(images.shape[0])}
+
+
+# ---------------------------------------------------------------- one (method, seed)
+
+
+def method_config(cc: CompareConfig, method: str) -> Any:
+    """The settings a method runs with under this comparison."""
+    from apa.baselines.best_of_n import BestOfNConfig
+    from apa.baselines.papa import EPAPA, PAPAConfig
+    from apa.baselines.prior import PriorConfig
+    from apa.config import AlignConfig
+    from apa.session import with_overrides
+
+    name = method.split("@")[0]
+    if name in ("fkc", "guidance"):
+        return with_overrides(AlignConfig(), prior={"name": cc.prior, "weights": cc.prior_weights},
+                              sampler={"particles": cc.particles, "steps": cc.steps},
+                              surrogate={"epochs": cc.epochs},
+                              feedback={"prefer": tuple(cc.prefer)})
+    if name in ("papa", "epapa"):
+        base = EPAPA if name == "epapa" else PAPAConfig()
+        return replace(base, lr=cc.papa_lr, timesteps_per_image=cc.papa_timesteps, sample_steps=cc.steps)
+    if name == "best_of_n":
+        return BestOfNConfig(steps=cc.steps, refine_t=cc.refine_t)
+    return PriorConfig(steps=cc.steps)
+
+
+def schedule(cc: CompareConfig, method: str) -> tuple[int, int, tuple[int, ...]]:
+    """(budget, per_round, checkpoints) of a method: the comparison's, or PAPA's own for the reference."""
+    if method == REFERENCE:
+        return REFERENCE_BUDGET, REFERENCE_PER_ROUND, (REFERENCE_BUDGET,)
+    return max(cc.budgets), cc.per_round, tuple(cc.budgets)
+
+
+def _as_json(x: Any) -> Any:
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    return asdict(x) if hasattr(x, "__dataclass_fields__") else x
+
+
+def run_key(cc: CompareConfig, method: str, seed: int, weights_sha: str) -> str:
+    """A hash of everything a (method, seed) result depends on."""
+    what = {"method": method, "seed": seed, "schedule": schedule(cc, method), "prefer": list(cc.prefer),
+            "eval_samples": cc.eval_samples, "prior": cc.prior, "weights": weights_sha,
+            "config": _as_json(method_config(cc, method))}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def run_one(cc: CompareConfig, method: str, seed: int, prior, user, evaluate: Evaluator, key: str) -> dict:
+    """Run one (method, seed) (or load its cached result); returns its metrics per checkpoint."""
+    import numpy as np
+
+    from apa import baselines
+
+    out = Path(cc.out)
+    path = out / "runs" / f"{method}_seed{seed}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached
+    budget, per_round, checks = schedule(cc, method)
+    workdir = out / "sessions" / f"{method}_seed{seed}"
+    if workdir.exists():
+        shutil.rmtree(workdir)  # a stale or interrupted session of an earlier call of this comparison
+    fn = baselines.get(method.split("@")[0])
+    res = fn(prior, user, budget, per_round, seed, config=method_config(cc, method), checkpoints=checks,
+             eval_samples=cc.eval_samples, workdir=workdir)
+    result = {"key": key, "method": method, "seed": seed, "align_seconds": res.seconds,
+              "eval_seconds": {str(k): v for k, v in res.eval_seconds.items()}, "oracle_ratings": res.oracle_ratings,
+              "rounds": [{"round": r.round, "spent": r.spent, "mean_score": float(np.mean(r.scores))}
+                         for r in res.records],
+              "metrics": {str(b): evaluate(images) for b, images in sorted(res.checkpoints.items())}}
+    np.savez_compressed(out / "runs" / f"{method}_seed{seed}.npz",
+                        images=res.checkpoints[max(res.checkpoints)].float().numpy().astype(np.float32))
+    _write_json(path, result)
+    return result
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+def summarise(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per budget, per scalar metric: mean, sd, min, max over the seeds' runs."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for b in sorted({b for r in runs for b in r["metrics"]}, key=int):
+        rows = [r["metrics"][b] for r in runs if b in r["metrics"]]
+        out[b] = {m: _stats([row[m] for row in rows]) for m in SCALARS}
+    return out
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max()), "n": int(len(a))}
+
+
+def method_summary(runs: list[dict]) -> dict[str, Any]:
+    return {"by_budget": summarise(runs), "seeds": [r["seed"] for r in runs],
+            "align_seconds": _stats([r["align_seconds"] for r in runs]),
+            "eval_batch_seconds": _stats([v for r in runs for v in r["eval_seconds"].values()]),
+            "oracle_ratings": _stats([r["oracle_ratings"] for r in runs])}
+
+
+# ---------------------------------------------------------------- the command
+
+
+def weights_file(cc: CompareConfig) -> Path:
+    from apa.priors.ddpm import weights_path
+
+    return Path(cc.prior_weights) if cc.prior_weights else weights_path(cc.prior)
+
+
+def file_sha(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"no prior weights at {path}; train them with `apa train-prior` "
+                                "or pass --prior-weights")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def compare(cc: CompareConfig, progress: bool = True) -> Path:
+    """Run (or load) every (method, seed), then write compare.json, compare.md and the plots."""
+    from apa.evaluation.compare_report import write_outputs
+    from apa.registry import FEEDBACK, PRIORS
+
+    out = Path(cc.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    sha = file_sha(weights_file(cc))
+    prior = PRIORS.create(cc.prior, {"weights": cc.prior_weights})
+    user = FEEDBACK.create("oracle", {"prefer": tuple(cc.prefer)}, prior)
+    evaluate = Evaluator(user, cc.prior, cc.eval_samples)
+    methods = list(cc.methods) + ([REFERENCE] if cc.papa_reference else [])
+    results: dict[str, list[dict]] = {}
+    for method in methods:
+        for seed in range(cc.seeds):
+            t0 = time.perf_counter()
+            r = run_one(cc, method, seed, prior, user, evaluate, run_key(cc, method, seed, sha))
+            results.setdefault(method, []).append(r)
+            if progress:
+                final = r["metrics"][max(r["metrics"], key=int)]
+                print(f"{method:>10} seed {seed}: preferred&confident {final['preferred_confident_share']:.3f} "
+                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    summary = {"config": {**asdict(cc), "weights_sha256": sha}, "real": evaluate(evaluate.real_train),
+               "methods": {m: method_summary(rs) for m, rs in results.items()},
+               "runs": {m: rs for m, rs in results.items()}}
+    return write_outputs(out, summary)
+
+
+def config_from_args(args: argparse.Namespace) -> CompareConfig:
+    from apa.feedback.oracle import parse_classes
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    return CompareConfig(out=args.out, prior=args.prior, prior_weights=args.prior_weights,
+                         prefer=parse_classes(args.prefer), budgets=args.budgets, seeds=args.seeds, methods=methods,
+                         per_round=args.per_round, eval_samples=args.eval_samples, particles=args.particles,
+                         steps=args.steps, epochs=args.epochs, papa_reference=args.papa_reference,
+                         papa_lr=args.papa_lr, papa_timesteps=args.papa_timesteps, refine_t=args.refine_t)
+
+
+def thread_limit(threads: int | None):
+    """Limit torch and, when threadpoolctl is installed, BLAS to ``threads`` threads (None: no limit).
+
+    On a busy machine OpenBLAS's spinning threads make the Fréchet distance's 128x128
+    eigendecompositions some hundred times slower than with one thread (measured: 1.1 s vs 6 ms).
+    """
+    if not threads:
+        return contextlib.nullcontext()
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(threads)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    with thread_limit(args.threads):
+        path = compare(config_from_args(args))
+    print(f"comparison -> {path}")
+
+
+def register_cli(subparsers) -> None:
+    """Add ``apa compare`` (the work happens in :func:`cmd_compare`)."""
+    p = subparsers.add_parser("compare", help="FKC vs PAPA/EPAPA, best-of-N, guidance and the prior, same budget")
+    p.add_argument("--out", required=True, help="output directory (results are cached there per method and seed)")
+    p.add_argument("--prior", default="mnist", choices=["mnist", "fashion"])
+    p.add_argument("--prior-weights", help="a DDPM safetensors file (default: the shipped one)")
+    p.add_argument("--prefer", default="1,4,7,9", help="the simulated user's preferred classes")
+    p.add_argument("--budgets", type=parse_budgets, default=tuple(range(8, 81, 8)),
+                   help="feedback totals to evaluate at, e.g. 8,16,...,80 (the largest is the budget)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every method")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--per-round", type=int, default=8, help="ratings per round")
+    p.add_argument("--eval-samples", type=int, default=128, help="images per evaluation batch")
+    p.add_argument("--particles", type=int, default=32, help="FKC / guidance particles per round")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps of every method")
+    p.add_argument("--epochs", type=int, default=200, help="surrogate refit epochs per round (fkc, guidance)")
+    p.add_argument("--papa-reference", action="store_true", help=f"add PAPA at its own budget ({REFERENCE})")
+    p.add_argument("--papa-lr", type=float, default=1e-5, help="PAPA/EPAPA Adam learning rate (public code: 1e-5)")
+    p.add_argument("--papa-timesteps", type=int, default=50,
+                   help="stratified timesteps per image estimating PAPA's sum over all 1000 (1000: exact)")
+    p.add_argument("--refine-t", type=int, default=300, help="best-of-N: SDEdit re-noising timestep")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch (and BLAS) threads; 1 is fastest on a shared machine (default: the libraries' choice)")
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,56 @@
+"""A tiny randomly-initialised DDPM prior and the shipped MNIST oracle user, for fast baseline tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apa.feedback.oracle import OracleUser, load_oracle
+from apa.priors.ddpm import DDPMPrior
+from apa.priors.unet import UNet, UNetConfig
+
+TINY_UNET = UNetConfig(channels=(8, 8, 8), time_dim=16, groups=4)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: these tests share two cores with other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_unet(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(TINY_UNET)
+
+
+@pytest.fixture
+def tiny_prior() -> DDPMPrior:
+    return DDPMPrior(tiny_unet(), data_std=0.6, name="mnist")
+
+
+@pytest.fixture(scope="session")
+def user() -> OracleUser:
+    return OracleUser(load_oracle("mnist"), "1,4,7,9")
+
+
+class AlternatingUser:
+    """Rates images +1, -1, +1, ... in the order it sees them (a user whose answers a test can predict)."""
+
+    name = "alternating"
+
+    def __init__(self):
+        self.seen = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        k = images.shape[0]
+        scores = torch.tensor([1.0 if (self.seen + i) % 2 == 0 else -1.0 for i in range(k)])
+        self.seen += k
+        return scores
+
+
+def assert_images(images: torch.Tensor, n: int) -> None:
+    assert images.shape == (n, 1, 28, 28) and images.dtype == torch.float32
+    assert torch.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0

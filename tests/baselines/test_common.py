@@ -1,0 +1,61 @@
+"""The budget schedule and the rating counter every method shares."""
+
+import pytest
+import torch
+
+from apa import baselines
+from apa.baselines.common import BudgetError, CountingUser, check_checkpoints, generator, round_sizes, to_targets
+
+
+def test_round_sizes_spend_exactly_the_budget():
+    assert round_sizes(20, 8) == [8, 8, 4]
+    assert round_sizes(16, 8) == [8, 8]
+    assert round_sizes(3, 8) == [3]
+    with pytest.raises(BudgetError):
+        round_sizes(0, 8)
+
+
+def test_checkpoints_must_be_reached():
+    assert check_checkpoints([16, 8, 20], 20, 8) == (8, 16, 20)
+    with pytest.raises(BudgetError, match=r"\[12\]"):
+        check_checkpoints([12], 20, 8)
+
+
+def test_counting_user_counts_ratings_only():
+    class U:
+        name, prefer = "u", (1,)
+
+        def __call__(self, x):
+            return torch.ones(x.shape[0])
+
+        def evaluate(self, x):
+            return {"n": x.shape[0]}
+
+    u = CountingUser(U())
+    u(torch.zeros(3, 1, 28, 28))
+    u.evaluate(torch.zeros(5, 1, 28, 28))
+    assert u.rated == 3 and u.prefer == (1,) and u.name == "u"
+
+
+def test_targets_map_a_scale_onto_minus_one_one():
+    class Graded:
+        scale = (0.0, 1.0)
+
+    assert to_targets(torch.tensor([0.0, 0.5, 1.0]), Graded()).tolist() == [-1.0, 0.0, 1.0]
+    assert to_targets(torch.tensor([1.0, -1.0]), object()).tolist() == [1.0, -1.0]
+
+
+def test_generators_differ_by_purpose_and_index():
+    draws = {torch.rand(1, generator=generator(0, i, p)).item() for i in range(3) for p in ("round", "fit", "eval")}
+    assert len(draws) == 9
+
+
+def test_every_method_is_registered_with_one_signature():
+    import inspect
+
+    for name in baselines.METHODS:
+        params = list(inspect.signature(baselines.get(name)).parameters)
+        assert params[:5] == ["prior", "user", "budget", "per_round", "seed"], name
+        assert {"config", "checkpoints", "eval_samples", "workdir"} <= set(params), name
+    with pytest.raises(ValueError, match="unknown method"):
+        baselines.get("nope")

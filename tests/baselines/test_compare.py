@@ -1,0 +1,45 @@
+"""`apa compare` end to end on a tiny prior, budget and evaluation batch."""
+
+import json
+
+import pytest
+
+from apa.cli import main
+from apa.evaluation.compare import parse_budgets
+from apa.evaluation.compare_report import budgets_text
+from apa.priors.ddpm import export_prior
+
+from .conftest import tiny_unet
+
+
+def test_budget_lists_and_progressions():
+    assert parse_budgets("8,16,...,80") == tuple(range(8, 81, 8))
+    assert parse_budgets("4, 8,16") == (4, 8, 16)
+    assert budgets_text(list(range(8, 81, 8))) == "8,16,...,80"
+    for bad in ("8,...,80", "0,8", "a,b", "16,8,...,80"):
+        with pytest.raises(Exception):
+            parse_budgets(bad)
+
+
+def test_compare_runs_every_method_and_writes_its_outputs(tmp_path, mnist_arrays, capsys):
+    weights = export_prior(tiny_unet(), tmp_path / "tiny.safetensors", "mnist", 0.6, {})
+    out = tmp_path / "cmp"
+    args = ["compare", "--prior-weights", str(weights), "--prefer", "1,4,7,9", "--budgets", "2,4", "--seeds", "2",
+            "--per-round", "2", "--eval-samples", "4", "--particles", "4", "--steps", "2", "--papa-timesteps", "2",
+            "--epochs", "5", "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert set(summary["methods"]) == {"fkc", "papa", "epapa", "best_of_n", "guidance", "prior"}
+    for name, s in summary["methods"].items():
+        assert set(s["by_budget"]) == {"2", "4"} and s["seeds"] == [0, 1], name
+        assert s["oracle_ratings"]["mean"] == (0 if name == "prior" else 4), name
+        share = s["by_budget"]["4"]["preferred_confident_share"]
+        assert 0.0 <= share["min"] <= share["mean"] <= share["max"] <= 1.0
+    assert summary["real"]["preferred_share"] > 0.9
+    md = (out / "compare.md").read_text()
+    assert "| fkc | 4 |" in md and "apa compare --prior mnist" in md
+    for png in ("share_vs_feedback.png", "diversity.png", "fd_vs_feedback.png", "cost.png", "grids/fkc.png"):
+        assert (out / png).stat().st_size > 0, png
+    capsys.readouterr()
+    assert main(args) == 0  # the second call loads every cached run
+    assert json.loads((out / "compare.json").read_text())["runs"] == summary["runs"]
