@@ -38,7 +38,8 @@ def fresh_run() -> list[dict]:
 def main() -> None:
     torch.set_num_threads(2)
     runs = json.loads(Path(sys.argv[1]).read_text())["runs"] if len(sys.argv) > 1 else fresh_run()
-    print(f"{len(runs)} run(s), {torch.get_num_threads()} threads\n\n| part | seconds (mean) | share of wall |\n|---|---|---|")
+    source = sys.argv[1] if len(sys.argv) > 1 else f"one fresh run, {torch.get_num_threads()} threads"
+    print(f"{len(runs)} run(s) ({source})\n\n| part | seconds (mean) | share of wall |\n|---|---|---|")
     wall = sum(r["wall_s"] for r in runs) / len(runs)
     for part in PARTS:
         s = sum(r["timings"].get(part, 0.0) for r in runs) / len(runs)
