@@ -118,10 +118,10 @@ def plot_metric(summary: dict[str, Any], metric: str, ax) -> None:
 
 
 def save_plot(summary: dict[str, Any], metrics: tuple[str, ...], path: Path) -> Path:
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics) + 1.6, 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         plot_metric(summary, metric, ax)
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
