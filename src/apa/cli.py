@@ -150,18 +150,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from apa import fkc_sample
     from apa.evaluation.images import save_grid
     from apa.registry import PRIORS
+    from apa.smc.sampler import sample_prior
 
     prior = PRIORS.create(args.prior, {"weights": args.prior_weights})
-    gen = torch.Generator().manual_seed(args.seed)
-    images = []
-    for start in range(0, args.n, args.batch_size):
-        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), num_particles=min(args.batch_size, args.n - start),
-                         num_steps=args.steps, beta=(0.0, 0.0), generator=gen)
-        images.append(prior.decode(res.particles))
-    imgs = torch.cat(images).float().numpy().astype(np.float32)
+    images = sample_prior(prior, args.n, args.steps, torch.Generator().manual_seed(args.seed), args.batch_size)
+    imgs = images.float().numpy().astype(np.float32)
     np.savez_compressed(args.out, images=imgs)
     if args.grid:
         save_grid(torch.from_numpy(imgs[:64]), Path(args.grid))

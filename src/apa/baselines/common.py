@@ -103,21 +103,17 @@ class CountingUser:
 
 def to_targets(scores: torch.Tensor, user: Any) -> torch.Tensor:
     """A user's scores [k] mapped from its scale onto [-1, 1] (binary oracle: +1 / -1 unchanged)."""
-    lo, hi = getattr(user, "scale", (-1.0, 1.0))
-    return 2.0 * (scores.float() - lo) / (hi - lo) - 1.0
+    from apa.session import normalise_scores
+
+    return normalise_scores(scores.float(), getattr(user, "scale", (-1.0, 1.0)))
 
 
 @torch.no_grad()
 def plain_samples(prior: Prior, n: int, steps: int, gen: torch.Generator, batch: int = 64) -> torch.Tensor:
     """n samples of a prior by its ancestral sampler over ``steps`` steps: images [n, C, H, W]."""
-    from apa.smc.sampler import fkc_sample
+    from apa.smc.sampler import sample_prior
 
-    out = []
-    for start in range(0, n, batch):
-        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), num_particles=min(batch, n - start),
-                         num_steps=steps, beta=(0.0, 0.0), generator=gen)
-        out.append(prior.decode(res.particles))
-    return torch.cat(out) if out else torch.zeros(0, *prior.event_shape)
+    return sample_prior(prior, n, steps, gen, batch) if n > 0 else torch.zeros(0, *prior.event_shape)
 
 
 class Clock:

@@ -11,21 +11,11 @@ import json
 
 import torch
 
-from apa import data, fkc_sample
+from apa import data
 from apa.evaluation.metrics import frechet_distance
 from apa.feedback.oracle import extract_features, load_oracle, predict_proba
 from apa.priors.ddpm import load_prior
-
-
-def sample_prior(prior, n: int, steps: int, seed: int, batch: int = 128) -> torch.Tensor:
-    """n plain samples from a prior: images [n, C, H, W] in [0, 1]."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n, batch):
-        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), num_particles=min(batch, n - start),
-                         num_steps=steps, beta=(0.0, 0.0), generator=gen)
-        out.append(prior.decode(res.particles))
-    return torch.cat(out)
+from apa.smc.sampler import sample_prior
 
 
 def quality(images: torch.Tensor, oracle, real: torch.Tensor, confidence: float = 0.9) -> dict:
@@ -48,7 +38,7 @@ def evaluate_prior(dataset: str, n: int = 512, steps: int = 25, seed: int = 0) -
     prior, oracle = load_prior(dataset), load_oracle(dataset)
     arrays = data.load(dataset)
     real = torch.from_numpy(data.to_unit(arrays["test_images"]))
-    q = quality(sample_prior(prior, n, steps, seed), oracle, real)
+    q = quality(sample_prior(prior, n, steps, torch.Generator().manual_seed(seed)), oracle, real)
     acc = float((predict_proba(oracle, real).argmax(1).numpy() == arrays["test_labels"]).mean())
     q["oracle_test_accuracy"] = acc
     q["dataset"], q["steps"], q["seed"] = dataset, steps, seed

@@ -208,3 +208,14 @@ def fkc_sample(prior: Prior, reward: fkc.Reward, *, num_particles: int, num_step
         trace.append(info)
     log_w = normalize(state.log_weights)
     return SMCResult(state.particles, log_w, trace, state.log_normalizer, state.origins)
+
+
+def sample_prior(prior: Prior, n: int, num_steps: int, generator: torch.Generator | None = None,
+                 batch_size: int = 128) -> torch.Tensor:
+    """n plain samples (β = 0) drawn in batches and decoded: [n, C, H, W] (or [n, *event])."""
+    out = []
+    for start in range(0, n, batch_size):
+        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), num_particles=min(batch_size, n - start),
+                         num_steps=num_steps, beta=(0.0, 0.0), generator=generator)
+        out.append(prior.decode(res.particles))
+    return torch.cat(out)
