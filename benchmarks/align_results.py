@@ -8,11 +8,16 @@ share, confident share (quality), the smallest preferred class's share among pre
   python benchmarks/align_results.py --prefer 1,4,7,9 0 3,8 2,5 --seeds 0,1,2 --out runs/results
   python benchmarks/align_results.py --prefer 1,4,7,9 --preset seed --out runs/results-seed
   python benchmarks/align_results.py --prefer 1,4,7,9 --set sampler.beta=2,8 --out runs/beta28
+
+``--jobs N`` runs N sessions at once in separate processes, one thread each (for a machine with
+many cores): every session is seeded, so the numbers are those of the sequential run, but the
+wall times then include the contention and are only comparable within one such run.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import json
 import shutil
 import statistics
@@ -61,6 +66,12 @@ def one_run(out: Path, prefer: tuple[int, ...], seed: int, preset_name: str, ove
             "class_shares": shares, "per_round": curve}
 
 
+def _job(job: tuple) -> dict:
+    out, prefer, seed, preset_name, overrides, threads = job
+    torch.set_num_threads(threads)
+    return one_run(out, prefer, seed, preset_name, overrides)
+
+
 def summarise(rows: list[dict], key: str) -> str:
     vals = [r[key] for r in rows]
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -75,6 +86,7 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="overrides like sampler.beta=2,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/results")
+    ap.add_argument("--jobs", type=int, default=1, help="sessions at once, in separate processes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = parse_set(args.set)
@@ -83,10 +95,17 @@ def main() -> None:
     print(f"preset {args.preset}, overrides {overrides}\n")
     print("| prefer | seeds | preferred & confident | preferred | confident | smallest preferred class | wall s |")
     print("|---|---|---|---|---|---|---|")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = [(root / f"p{pref.replace(',', '')}_s{s}", tuple(int(c) for c in pref.split(",")), s, args.preset,
+             overrides, args.threads) for pref in args.prefer for s in seeds]
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            done = pool.map(_job, jobs, chunksize=1)
+    else:
+        done = map(_job, jobs)
+    done = iter(done)
     for pref in args.prefer:
-        prefer = tuple(int(c) for c in pref.split(","))
-        rows = [one_run(root / f"p{pref.replace(',', '')}_s{s}", prefer, int(s), args.preset, overrides)
-                for s in args.seeds.split(",")]
+        rows = [next(done) for _ in seeds]
         results.extend(rows)
         print(f"| {{{pref}}} | {args.seeds} | {summarise(rows, 'preferred_confident')} | {summarise(rows, 'preferred')} "
               f"| {summarise(rows, 'confident')} | {summarise(rows, 'min_class_share')} | {summarise(rows, 'wall_s')} |",

@@ -123,6 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="S (CUDA 25, CPU 4)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per variant; the median is shown")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--batch-size", type=int, default=8, help="particles per UNet / VAE call (SDOptions.batch_size)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     return p.parse_args(argv)
 
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     prior = StableDiffusionPrior(sd15_random_components(device, dtype),
-                                 SDOptions(height=size, width=size, device=str(device), prompt="a photo of fruit"))
+                                 SDOptions(height=size, width=size, device=str(device), prompt="a photo of fruit",
+                                           batch_size=args.batch_size))
     # the surrogates stay on the CPU with the particles (as in a session); the prior moves each batch
     rewards = {"seed": SeedSurrogate(prior.event_shape[0]).requires_grad_(False),
                "features": FeatureReward(prior).requires_grad_(False)}

@@ -129,7 +129,7 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
 
     run_dir = Path(args.run_dir or f"runs/prior-{args.dataset}")
     cfg = TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      max_minutes=args.minutes)
+                      max_minutes=args.minutes, device=args.device)
     ddpm.train_prior(args.dataset, run_dir, cfg)
     out = ddpm.export_from_run(args.dataset, run_dir, Path(args.export) if args.export else None)
     print(f"prior weights -> {out}")
@@ -139,7 +139,7 @@ def cmd_train_oracle(args: argparse.Namespace) -> None:
     from apa.feedback import oracle
 
     run_dir = Path(args.run_dir or f"runs/oracle-{args.dataset}")
-    cfg = replace(oracle.default_train_config(args.dataset), seed=args.seed,
+    cfg = replace(oracle.default_train_config(args.dataset), seed=args.seed, device=args.device,
                   **({"steps": args.train_steps} if args.train_steps else {}))
     oracle.train_oracle(args.dataset, run_dir, cfg)
     out, info = oracle.export_from_run(args.dataset, run_dir, Path(args.export) if args.export else None)
@@ -182,7 +182,8 @@ def cmd_align(args: argparse.Namespace) -> None:
 def cmd_evaluate_prior(args: argparse.Namespace) -> None:
     from apa.evaluation.prior_quality import evaluate_prior
 
-    print(evaluate_prior(args.dataset, args.n, args.steps, args.seed))
+    print(evaluate_prior(args.dataset, args.n, args.steps, args.seed, prior_path=args.prior_weights,
+                         oracle_path=args.oracle_weights, device=args.device))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--run-dir", help="checkpoints and loss log (default: runs/<kind>-<dataset>)")
         p.add_argument("--export", help="where to write the safetensors (default: the shipped file)")
+        p.add_argument("--device", default="cpu", help="where to train, e.g. cuda (batches are drawn on the CPU, "
+                                                      "so the data seen is the same on every device)")
         p.set_defaults(func=fn)
 
     p = sub.add_parser("sample", help="plain samples from a prior")
@@ -228,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate-prior", help="quality of a shipped prior, judged by the shipped oracle")
     p.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist")
+    p.add_argument("--prior-weights", help="a prior's safetensors (default: the shipped file)")
+    p.add_argument("--oracle-weights", help="an oracle's safetensors (default: the shipped file)")
+    p.add_argument("--device", default="cpu", help="where the networks run, e.g. cuda")
     p.add_argument("-n", type=int, default=512)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)

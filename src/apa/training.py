@@ -32,6 +32,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     max_minutes: float | None = None  # stop (after checkpointing) when this wall time is spent
+    device: str = "cpu"  # where the network trains; batches are drawn on the CPU either way
 
 
 LossFn = Callable[[nn.Module, torch.Generator], torch.Tensor]
@@ -47,21 +48,24 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Path,
     """Minimise ``loss_fn(model, generator)`` (one batch per call); returns the EMA model.
 
     Resumes from ``run_dir/ckpt.pt`` when present. ``loss_fn`` draws its batch with the
-    generator it is given, so a resumed run draws the same batches as an uninterrupted one.
+    generator it is given (a CPU generator, whatever ``config.device``), so a resumed run draws
+    the same batches as an uninterrupted one, and a run on a GPU the same batches as on the CPU.
+    The returned EMA network is on the CPU.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = run_dir / "ckpt.pt", run_dir / "loss.csv"
+    model.to(config.device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     ema = copy.deepcopy(model).requires_grad_(False)
     gen = torch.Generator().manual_seed(config.seed)
     step, elapsed = 0, 0.0
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location=config.device)
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["generator"])
+        gen.set_state(state["generator"].cpu())
         step, elapsed = state["step"], state["elapsed"]
 
     def checkpoint() -> None:
@@ -82,8 +86,7 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Path,
             opt.step()
             decay = min(config.ema_decay, (1.0 + step) / (10.0 + step))  # warm-up: forget the random init fast
             with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1.0 - decay)
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
             step += 1
             elapsed = time.perf_counter() - start
             writer.writerow([step, f"{loss.item():.6f}", f"{elapsed:.1f}"])
@@ -96,11 +99,11 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Path,
             if out_of_time:
                 break
     bar.close()
-    return ema
+    return ema.cpu()
 
 
 def load_checkpoint_model(model: nn.Module, run_dir: Path, ema: bool = True) -> tuple[nn.Module, dict]:
     """Load a run's latest (EMA) weights into ``model``; returns (model, {step, elapsed})."""
-    state = torch.load(Path(run_dir) / "ckpt.pt", weights_only=False)
+    state = torch.load(Path(run_dir) / "ckpt.pt", weights_only=False, map_location="cpu")
     model.load_state_dict(state["ema" if ema else "model"])
     return model, {"step": state["step"], "elapsed": state["elapsed"]}

@@ -12,7 +12,8 @@ from apa.priors import ddpm
 from apa.priors.unet import UNet, UNetConfig
 from apa.training import TrainConfig
 
-SHIPPED_SHA256 = {"mnist": "d400ba5d61573f9216b98f43f77045e3c5ededfafc315b3a08d32a983d84cded"}
+SHIPPED_SHA256 = {"mnist": "dfcbd201af60405f0bdb18638dc2b97432bb073d68609be2dd17c7a199c8bc7d",
+                  "fashion": "b7b35c57d10a21a342d686be92cb82e1932b0544b393c4d7c6818eb5383b3e4d"}
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +21,14 @@ def prior():
     return ddpm.load_prior("mnist")
 
 
-def test_shipped_file_checksum_and_size():
-    path = ddpm.weights_path("mnist")
+@pytest.mark.parametrize("dataset", ["mnist", "fashion"])
+def test_shipped_file_checksum_size_and_metadata(dataset):
+    path = ddpm.weights_path(dataset)
     assert path.stat().st_size < 10 * 2**20
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == SHIPPED_SHA256["mnist"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SHIPPED_SHA256[dataset]
+    loaded = ddpm.load_prior(dataset)
+    assert loaded.class_names and len(loaded.class_names) == 10
+    assert 0.4 < loaded.data_std < 0.8
 
 
 def test_schedule_is_papas_and_sigmas_come_from_it(prior):
@@ -39,7 +44,9 @@ def test_schedule_is_papas_and_sigmas_come_from_it(prior):
     assert prior.timestep_of_sigma(float(s[3])) == pytest.approx(float(t[3]), abs=1e-3)
 
 
-def test_samples_have_the_right_shape_and_range(prior):
+@pytest.mark.parametrize("dataset", ["mnist", "fashion"])
+def test_samples_have_the_right_shape_and_range(dataset):
+    prior = ddpm.load_prior(dataset)
     res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), num_particles=4, num_steps=10, beta=(0.0, 0.0),
                      generator=torch.Generator().manual_seed(0))
     images = prior.decode(res.particles)

@@ -1,6 +1,7 @@
 """How good a shipped prior is, judged by the shipped oracle (the model card's numbers).
 
-Confident share (max probability >= 0.9), class histogram of confident samples, and the
+Confident share (max probability >= 0.9) beside the same oracle's share on held-out real images,
+class histograms (of the confident samples, and of all samples by the oracle's top class), and the
 Fréchet distance in the oracle's feature space to held-out real images, printed beside the
 real-vs-real distance (two disjoint halves of real data) as the floor.
 """
@@ -8,6 +9,7 @@ real-vs-real distance (two disjoint halves of real data) as the floor.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -24,18 +26,29 @@ def quality(images: torch.Tensor, oracle, real: torch.Tensor, confidence: float 
     top, pred = probs.max(1)
     conf = top >= confidence
     hist = torch.bincount(pred[conf], minlength=10)
+    real_conf = predict_proba(oracle, real).max(1).values >= confidence
     fa, fr = extract_features(oracle, images), extract_features(oracle, real)
     ref, other = fr[::2], fr[1::2]  # interleaved halves: every class in both (the split is sorted by class)
     m = min(len(fa), len(other))
     return {"n": int(images.shape[0]), "confident_share": float(conf.float().mean()),
+            "real_confident_share": float(real_conf.float().mean()),  # the same oracle on held-out real images
             "class_shares_of_confident": [round(float(c) / max(int(conf.sum()), 1), 4) for c in hist],
+            "class_shares_of_all": [round(float(c) / len(pred), 4) for c in torch.bincount(pred, minlength=10)],
             "fd_to_real": frechet_distance(fa[:m], ref),  # m samples vs one real half
             "fd_real_vs_real": frechet_distance(other[:m], ref),  # m real images vs the same half: the floor
             "fd_sizes": [m, len(ref)]}
 
 
-def evaluate_prior(dataset: str, n: int = 512, steps: int = 25, seed: int = 0) -> str:
-    prior, oracle = load_prior(dataset), load_oracle(dataset)
+def evaluate_prior(dataset: str, n: int = 512, steps: int = 25, seed: int = 0, prior_path: Path | None = None,
+                   oracle_path: Path | None = None, device: str = "cpu") -> str:
+    """The model card's report (JSON) of a prior (the shipped one by default) judged by an oracle.
+
+    The networks run on ``device``; the draws come from a CPU generator, so the samples do not
+    depend on it beyond floating-point rounding.
+    """
+    prior, oracle = load_prior(dataset, prior_path), load_oracle(dataset, oracle_path)
+    prior.model.to(device)
+    oracle.to(device)
     arrays = data.load(dataset)
     real = torch.from_numpy(data.to_unit(arrays["test_images"]))
     q = quality(sample_prior(prior, n, steps, torch.Generator().manual_seed(seed)), oracle, real)

@@ -226,8 +226,9 @@ def oracle_loss(images: torch.Tensor, labels: torch.Tensor, batch_size: int, off
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         real = augment(images[idx], gen)
         off = off_data(images, labels, n_off, gen, kinds)
-        logits = model(torch.cat([real, off]))
-        ce = F.cross_entropy(logits[:batch_size], labels[idx])
+        dev = next(model.parameters()).device  # drawn on the CPU, trained wherever the model is
+        logits = model(torch.cat([real, off]).to(dev))
+        ce = F.cross_entropy(logits[:batch_size], labels[idx].to(dev))
         return ce + off_fraction * flat_cross_entropy(logits[batch_size:]).mean()
 
     return loss_fn
@@ -352,7 +353,7 @@ def export_from_run(dataset: str, run_dir: Path, path: Path | None = None,
     if not (run_dir / "ckpt.pt").exists():
         raise FileNotFoundError(f"no checkpoint in {run_dir}; train first with `apa train-oracle --dataset {dataset}`")
     settings = json.loads((run_dir / "oracle.json").read_text())
-    state = torch.load(run_dir / "ckpt.pt", weights_only=False)
+    state = torch.load(run_dir / "ckpt.pt", weights_only=False, map_location="cpu")
     model = Classifier(ClassifierConfig.from_dict(settings["classifier"]))
     model.load_state_dict(state["ema"])
     model.eval()

@@ -73,9 +73,14 @@ class DDPMPrior(VEPrior):
         x = torch.randn((n, *self.event_shape), generator=generator)
         return x * (1.0 + sigma**2) ** 0.5
 
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs; particles stay on the CPU and are moved for each call."""
+        return next(self.model.parameters()).device
+
     def eps(self, z: Particles, sigma: float) -> Particles:
-        t = torch.full((z.shape[0],), self.timestep_of_sigma(sigma), dtype=torch.float32)
-        return self.model(z / (1.0 + sigma**2) ** 0.5, t)
+        t = torch.full((z.shape[0],), self.timestep_of_sigma(sigma), dtype=torch.float32, device=self.device)
+        return self.model((z / (1.0 + sigma**2) ** 0.5).to(self.device), t).to(z.device)
 
     def features(self, z0: Particles, t: int = 200) -> torch.Tensor:
         """The denoiser's pooled mid-block activations of clean images noised-free at timestep t.
@@ -83,8 +88,8 @@ class DDPMPrior(VEPrior):
         The input is x = √ᾱ_t·z0 (the mean of x_t given z0), as measured in FINDINGS. [N,1,28,28] -> [N, C].
         """
         acp = float(alphas_cumprod()[t])
-        tt = torch.full((z0.shape[0],), float(t))
-        return self.model.features(z0 * acp**0.5, tt)
+        tt = torch.full((z0.shape[0],), float(t), device=self.device)
+        return self.model.features((z0 * acp**0.5).to(self.device), tt).to(z0.device)
 
     def decode(self, z0: Particles) -> torch.Tensor:
         """[-1, 1] -> images [N, 1, 28, 28] in [0, 1]."""
@@ -105,7 +110,8 @@ def diffusion_loss(images: torch.Tensor, batch_size: int):
         noise = torch.randn(x0.shape, generator=gen)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        return (model(xt, t.float()) - noise).pow(2).mean()
+        dev = next(model.parameters()).device  # drawn on the CPU, trained wherever the model is
+        return (model(xt.to(dev), t.float().to(dev)) - noise.to(dev)).pow(2).mean()
 
     return loss_fn
 
