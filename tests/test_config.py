@@ -24,7 +24,8 @@ def test_seed_preset_restores_the_seed_values():
     assert (s.sampler.particles, s.sampler.steps, s.sampler.beta, s.sampler.gamma) == (32, 25, (0.5, 2.0), (0.05, 0.0))
     assert (s.sampler.beta_dot, s.sampler.clamp, s.sampler.resample, s.sampler.jacobian) == (1.0, 100.0, "none", "identity")
     assert (s.surrogate.kind, s.surrogate.epochs, s.surrogate.batch_size, s.surrogate.lr) == ("pixels", 200, 32, 1e-3)
-    assert (s.session.budget, s.session.per_round) == (80, 8)
+    assert (s.session.budget, s.session.per_round, s.session.acquisition) == (80, 8, "weight")
+    assert s.surrogate.ceiling is None
     assert s.feedback.users == ("apple", "grape", "banana") and s.feedback.temperature == 10.0
 
 

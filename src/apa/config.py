@@ -51,7 +51,7 @@ class SurrogateConfig:
     batch_size: int = 32  # seed
     lr: float = 1e-3  # seed
     feature_t: int = 200  # timestep at which the prior's features are read
-    ceiling: float | None = 1.0  # measured: r = min(r_θ, ceiling), the top of the rating scale; seed: None
+    ceiling: float | None = 0.5  # measured: r = min(r_θ, ceiling) on the [-1, 1] rating scale; seed: None
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class FeedbackConfig:
 class SessionConfig:
     budget: int = 80  # B: ratings in all (seed)
     per_round: int = 8  # k_observe (seed)
-    acquisition: str = "weight"  # weight | random | ucb | diverse
+    acquisition: str = "diverse"  # measured; seed: "weight" (the top-k weights). weight | random | ucb | diverse
     seed: int = 0
     eval_samples: int = 256  # final evaluation batch, resampled to equal weights
 
@@ -122,6 +122,7 @@ def preset(name: str, base: AlignConfig | None = None) -> AlignConfig:
                        sampler=replace(base.sampler, reward_at="tweedie", jacobian="identity", resample="none",
                                        clamp=100.0, beta_dot=1.0, beta=(0.5, 2.0), gamma=(0.05, 0.0)),
                        feedback=replace(base.feedback, users=("apple", "grape", "banana"), temperature=10.0),
+                       session=replace(base.session, acquisition="weight"),
                        surrogate=replace(base.surrogate, kind="pixels", ensemble=1, epochs=200, batch_size=32,
                                          lr=1e-3, ceiling=None))
     raise ValueError(f"unknown preset {name!r}; choose 'default' or 'seed'")

@@ -154,8 +154,9 @@ class Session:
                           clamp=sc.clamp, historical=history, generator=gen, progress=self.progress)
 
     def reward(self, surrogate: Ensemble | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The sampler's reward: the surrogate, capped at the top of the rating scale (no class can
-        out-score "liked"), or zero before any feedback."""
+        """The sampler's reward: the surrogate capped at ``surrogate.ceiling`` (on the [-1, 1] rating
+        scale), or zero before any feedback. The cap keeps the surrogate's noise among images it
+        already rates as liked from being amplified by exp(β·r) into a collapse onto one class."""
         if surrogate is None:
             return lambda z: torch.zeros(z.shape[0])
         ceiling = self.cfg.surrogate.ceiling
