@@ -142,6 +142,8 @@ class Session:
 
     # ------------------------------------------------------------ one round
 
+    use_weights = True  # False: the surrogate's gradient alone (the guidance baseline)
+
     def sample(self, surrogate: Ensemble | None, n: int, gen: torch.Generator) -> SMCResult:
         """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback)."""
         sc = self.cfg.sampler
@@ -151,7 +153,8 @@ class Session:
         return fkc_sample(self.prior, reward, num_particles=n, num_steps=sc.steps, beta=beta, gamma=sc.gamma,
                           diversity=sc.diversity, reward_at=sc.reward_at, jacobian=sc.jacobian,
                           resample=sc.resample, ess_threshold=sc.ess_threshold, beta_dot=sc.beta_dot,
-                          clamp=sc.clamp, historical=history, generator=gen, progress=self.progress)
+                          clamp=sc.clamp, historical=history, generator=gen, progress=self.progress,
+                          use_weights=self.use_weights)
 
     def reward(self, surrogate: Ensemble | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The sampler's reward: the surrogate capped at ``surrogate.ceiling`` (on the [-1, 1] rating

@@ -12,22 +12,12 @@ from apa.baselines.common import MethodRun
 from apa.baselines.fkc import run_session
 from apa.config import AlignConfig
 from apa.session import Session
-from apa.smc.sampler import SMCResult, fkc_sample
 
 
 class GuidanceSession(Session):
     """A session whose sampler drops the weights: every particle keeps weight 1/N, none is resampled."""
 
-    def sample(self, surrogate, n: int, gen) -> SMCResult:
-        sc = self.cfg.sampler
-        beta = sc.beta if surrogate is not None else (0.0, 0.0)
-        reward = surrogate if surrogate is not None else (lambda z: z.new_zeros(z.shape[0]))
-        history = self.history_particles() if sc.diversity and sc.diversity_history else None
-        return fkc_sample(self.prior, reward, num_particles=n, num_steps=sc.steps, beta=beta, gamma=sc.gamma,
-                          diversity=sc.diversity, reward_at=sc.reward_at, jacobian=sc.jacobian,
-                          resample=sc.resample, ess_threshold=sc.ess_threshold, beta_dot=sc.beta_dot,
-                          clamp=sc.clamp, historical=history, generator=gen, progress=self.progress,
-                          use_weights=False)
+    use_weights = False
 
 
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: AlignConfig | None = None,
