@@ -99,13 +99,16 @@ class Session:
     def start(cls, out: Path, cfg: AlignConfig, progress: bool = True) -> "Session":
         validate(cfg)
         prior, source = cls.components(cfg)
-        store = SessionStore.create(out, cfg.to_dict())
+        store = SessionStore.create(out, cfg.to_dict(), kind=cls.kind)
         cfg.save(Path(out) / "config.json")
         return cls(store, cfg, prior, source, progress)
 
     @classmethod
     def resume(cls, out: Path, progress: bool = True) -> "Session":
         store = SessionStore.open(out)
+        if store.kind() != cls.kind:
+            raise StoreError(f"{out} holds a {store.kind()!r} session (a baseline run by `apa compare`), not an "
+                             f"{cls.kind!r} one; it cannot be resumed here and was left untouched")
         try:
             cfg = AlignConfig.from_dict(store.config())
         except (ValueError, TypeError) as e:
@@ -142,6 +145,7 @@ class Session:
 
     # ------------------------------------------------------------ one round
 
+    kind = "fkc"  # stored with the session; a session resumes only as the kind that made it
     use_weights = True  # False: the surrogate's gradient alone (the guidance baseline)
 
     def sample(self, surrogate: Ensemble | None, n: int, gen: torch.Generator) -> SMCResult:

@@ -76,8 +76,8 @@ class SessionStore:
         return conn
 
     @classmethod
-    def create(cls, root: Path, config: dict[str, Any]) -> "SessionStore":
-        """A new session in ``root`` (which must be missing or empty)."""
+    def create(cls, root: Path, config: dict[str, Any], kind: str = "fkc") -> "SessionStore":
+        """A new session in ``root`` (which must be missing or empty); ``kind`` names the sampler loop."""
         root = Path(root)
         if root.exists() and any(root.iterdir()):
             hint = "use --resume to continue it" if (root / DB_NAME).exists() else "choose an empty or new directory"
@@ -90,6 +90,7 @@ class SessionStore:
             conn.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
             conn.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps(config),))
             conn.execute("INSERT INTO meta VALUES ('created', ?)", (str(time.time()),))
+            conn.execute("INSERT INTO meta VALUES ('kind', ?)", (kind,))
         return cls(root, conn)
 
     @classmethod
@@ -117,6 +118,11 @@ class SessionStore:
     def config(self) -> dict[str, Any]:
         row = self._conn.execute("SELECT value FROM meta WHERE key='config'").fetchone()
         return json.loads(row[0])
+
+    def kind(self) -> str:
+        """Which loop made the session: "fkc" (`apa align`) or a baseline's ("guidance")."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key='kind'").fetchone()
+        return row[0] if row else "fkc"
 
     # ------------------------------------------------------------ rounds
 

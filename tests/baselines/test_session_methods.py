@@ -1,12 +1,13 @@
 """fkc (a real session) and guidance (the same loop, weights off), plus the unaligned prior."""
 
 import numpy as np
+import pytest
 import torch
 
 from apa.baselines import fkc, guidance, prior
 from apa.config import AlignConfig
-from apa.session import with_overrides
-from apa.store import SessionStore
+from apa.session import Session, with_overrides
+from apa.store import SessionStore, StoreError
 
 from .conftest import assert_images
 
@@ -32,6 +33,10 @@ def test_guidance_keeps_equal_weights_and_never_resamples(tiny_prior, user, tmp_
     for row in store.rounds():
         lw = store.round_tensors(row["round"])["log_weights"]
         assert torch.allclose(lw, torch.full_like(lw, lw[0].item())) and not any(row["info"]["resampled"])
+    assert store.kind() == "guidance"
+    with pytest.raises(StoreError, match="guidance"):  # `apa align --resume` would sample with weights
+        Session.resume(tmp_path / "g")
+    assert SessionStore.open(tmp_path / "g").spent() == 4  # left untouched
 
 
 def test_prior_spends_nothing(tiny_prior, user):

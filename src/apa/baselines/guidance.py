@@ -17,6 +17,7 @@ from apa.session import Session
 class GuidanceSession(Session):
     """A session whose sampler drops the weights: every particle keeps weight 1/N, none is resampled."""
 
+    kind = "guidance"
     use_weights = False
 
 
