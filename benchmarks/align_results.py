@@ -17,8 +17,8 @@ wall times then include the contention and are only comparable within one such r
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import json
+import multiprocessing
 import shutil
 import statistics
 import time

@@ -74,6 +74,9 @@ def validate(cfg: AlignConfig) -> None:
 
 
 class Session:
+    kind = "fkc"  # stored with the session; a session resumes only as the kind that made it
+    use_weights = True  # False: the surrogate's gradient alone (the guidance baseline)
+
     def __init__(self, store: SessionStore, cfg: AlignConfig, prior: Any, feedback: FeedbackSource | None,
                  progress: bool = True):
         self.store, self.cfg, self.prior, self.feedback, self.progress = store, cfg, prior, feedback, progress
@@ -144,9 +147,6 @@ class Session:
         return model.requires_grad_(False)
 
     # ------------------------------------------------------------ one round
-
-    kind = "fkc"  # stored with the session; a session resumes only as the kind that made it
-    use_weights = True  # False: the surrogate's gradient alone (the guidance baseline)
 
     def sample(self, surrogate: Ensemble | None, n: int, gen: torch.Generator) -> SMCResult:
         """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback)."""

@@ -51,7 +51,8 @@ def run_session(session_cls: type[Session], method: str, prior, user, budget: in
     validate(cfg)
     checks = check_checkpoints(checkpoints, budget, per_round)
     user = CountingUser(user)
-    session = session_cls(SessionStore.create(Path(workdir), cfg.to_dict(), kind=session_cls.kind), cfg, prior, user, progress=False)
+    store = SessionStore.create(Path(workdir), cfg.to_dict(), kind=session_cls.kind)
+    session = session_cls(store, cfg, prior, user, progress=False)
     cfg.save(Path(workdir) / "config.json")
     clock, batches, round_seconds = Clock(), {}, {}
 

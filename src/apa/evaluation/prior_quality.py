@@ -20,23 +20,29 @@ from apa.priors.ddpm import load_prior
 from apa.smc.sampler import sample_prior
 
 
-def quality(images: torch.Tensor, oracle, real: torch.Tensor, confidence: float = 0.9) -> dict:
-    """Oracle-judged quality of images [n, 1, 28, 28] against real held-out images [m, 1, 28, 28]."""
+def quality(images: torch.Tensor, oracle, real: torch.Tensor, confidence: float = 0.9,
+            real_labels: torch.Tensor | None = None) -> dict:
+    """Oracle-judged quality of images [n, 1, 28, 28] against real held-out images [m, 1, 28, 28].
+
+    With ``real_labels`` [m] it also reports the oracle's accuracy on the real images.
+    """
     probs = predict_proba(oracle, images)
     top, pred = probs.max(1)
     conf = top >= confidence
     hist = torch.bincount(pred[conf], minlength=10)
-    real_conf = predict_proba(oracle, real).max(1).values >= confidence
+    real_top, real_pred = predict_proba(oracle, real).max(1)
     fa, fr = extract_features(oracle, images), extract_features(oracle, real)
     ref, other = fr[::2], fr[1::2]  # interleaved halves: every class in both (the split is sorted by class)
     m = min(len(fa), len(other))
     return {"n": int(images.shape[0]), "confident_share": float(conf.float().mean()),
-            "real_confident_share": float(real_conf.float().mean()),  # the same oracle on held-out real images
+            "real_confident_share": float((real_top >= confidence).float().mean()),  # the oracle on real images
             "class_shares_of_confident": [round(float(c) / max(int(conf.sum()), 1), 4) for c in hist],
             "class_shares_of_all": [round(float(c) / len(pred), 4) for c in torch.bincount(pred, minlength=10)],
             "fd_to_real": frechet_distance(fa[:m], ref),  # m samples vs one real half
             "fd_real_vs_real": frechet_distance(other[:m], ref),  # m real images vs the same half: the floor
-            "fd_sizes": [m, len(ref)]}
+            "fd_sizes": [m, len(ref)],
+            **({} if real_labels is None else
+               {"oracle_test_accuracy": float((real_pred == real_labels).float().mean())})}
 
 
 def evaluate_prior(dataset: str, n: int = 512, steps: int = 25, seed: int = 0, prior_path: Path | None = None,
@@ -51,9 +57,8 @@ def evaluate_prior(dataset: str, n: int = 512, steps: int = 25, seed: int = 0, p
     oracle.to(device)
     arrays = data.load(dataset)
     real = torch.from_numpy(data.to_unit(arrays["test_images"]))
-    q = quality(sample_prior(prior, n, steps, torch.Generator().manual_seed(seed)), oracle, real)
-    acc = float((predict_proba(oracle, real).argmax(1).numpy() == arrays["test_labels"]).mean())
-    q["oracle_test_accuracy"] = acc
+    q = quality(sample_prior(prior, n, steps, torch.Generator().manual_seed(seed)), oracle, real,
+                real_labels=torch.from_numpy(arrays["test_labels"]).long())
     q["dataset"], q["steps"], q["seed"] = dataset, steps, seed
     return json.dumps(q, indent=2)
 

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from apa import data as data_mod
 from apa.registry import FEEDBACK
-from apa.training import TrainConfig, train
+from apa.training import TrainConfig, load_checkpoint_model, train
 
 NUM_CLASSES = 10
 MODES = ("binary", "graded")
@@ -353,12 +353,10 @@ def export_from_run(dataset: str, run_dir: Path, path: Path | None = None,
     if not (run_dir / "ckpt.pt").exists():
         raise FileNotFoundError(f"no checkpoint in {run_dir}; train first with `apa train-oracle --dataset {dataset}`")
     settings = json.loads((run_dir / "oracle.json").read_text())
-    state = torch.load(run_dir / "ckpt.pt", weights_only=False, map_location="cpu")
-    model = Classifier(ClassifierConfig.from_dict(settings["classifier"]))
-    model.load_state_dict(state["ema"])
+    model, run = load_checkpoint_model(Classifier(ClassifierConfig.from_dict(settings["classifier"])), run_dir)
     model.eval()
     arrays = arrays if arrays is not None else data_mod.load(dataset)
-    info = {**settings, "steps": state["step"], "train_seconds": round(state["elapsed"], 1),
+    info = {**settings, "steps": run["step"], "train_seconds": round(run["elapsed"], 1),
             "params": sum(p.numel() for p in model.parameters()), **oracle_report(model, arrays)}
     return export_oracle(model, path or weights_path(dataset), dataset, info), info
 
