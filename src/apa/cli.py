@@ -128,7 +128,7 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
     from apa.training import TrainConfig
 
     run_dir = Path(args.run_dir or f"runs/prior-{args.dataset}")
-    cfg = TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    cfg = TrainConfig(steps=args.train_steps, batch_size=args.batch_size or 128, lr=args.lr or 1e-3, seed=args.seed,
                       max_minutes=args.minutes, device=args.device)
     ddpm.train_prior(args.dataset, run_dir, cfg)
     out = ddpm.export_from_run(args.dataset, run_dir, Path(args.export) if args.export else None)
@@ -139,9 +139,11 @@ def cmd_train_oracle(args: argparse.Namespace) -> None:
     from apa.feedback import oracle
 
     run_dir = Path(args.run_dir or f"runs/oracle-{args.dataset}")
-    cfg = replace(oracle.default_train_config(args.dataset), seed=args.seed, device=args.device,
-                  **({"steps": args.train_steps} if args.train_steps else {}))
-    oracle.train_oracle(args.dataset, run_dir, cfg)
+    recipe = oracle.default_recipe(args.dataset)
+    cfg = replace(recipe.train, seed=args.seed, device=args.device, max_minutes=args.minutes,
+                  **{k: v for k, v in (("steps", args.train_steps), ("batch_size", args.batch_size),
+                                       ("lr", args.lr)) if v})
+    oracle.train_oracle(args.dataset, run_dir, replace(recipe, train=cfg))
     out, info = oracle.export_from_run(args.dataset, run_dir, Path(args.export) if args.export else None)
     print(f"oracle weights -> {out}\n{info}")
 
@@ -200,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{name.replace('-', ' ')} (seeded, resumable, checkpointed)")
         p.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist")
         p.add_argument("--train-steps", type=int, default=9000 if name == "train-prior" else None)
-        p.add_argument("--batch-size", type=int, default=128)
-        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (128)")
+        p.add_argument("--lr", type=float, default=None, help="default: the recipe's (prior 1e-3, oracle 2e-3)")
         p.add_argument("--minutes", type=float, default=None, help="stop (checkpointed) after this wall time")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--run-dir", help="checkpoints and loss log (default: runs/<kind>-<dataset>)")

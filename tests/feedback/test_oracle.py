@@ -19,7 +19,7 @@ from apa.training import TrainConfig
 # sha256 of the shipped files: a deliberate retraining updates these together with the model cards
 SHIPPED_SHA256 = {
     "mnist": "edbf69b225c56616d042e8974a08ad644fac06730ad75ac17268c1d880dca283",
-    "fashion": "ae838e566d13ab39c627241dbd1b320e3285da104d987b4f9df6df05e882a800",
+    "fashion": "ea72ec8d7f6ea8a1c1fc5a05b7be5f32b88da3cf7ce121a7e357a8d55b56adad",
 }
 
 
@@ -40,6 +40,8 @@ def test_shipped_weights_are_the_recorded_ones(dataset):
     assert meta["info"]["confident_share_gaussian_noise"] == 0.0
     model = load_oracle(dataset)
     assert isinstance(model, Classifier) and not model.training
+    # the fitted temperature, when one was fitted (the info keeps it to 4 decimals)
+    assert model.config.temperature == pytest.approx(meta["info"].get("temperature", 1.0), abs=1e-4)
     assert model.features(torch.zeros(3, 1, 28, 28)).shape == (3, model.config.hidden)
 
 
@@ -161,7 +163,7 @@ def test_missing_weights_name_the_training_command(tmp_path):
 
 def test_training_resumes_where_it_stopped(tmp_path, mnist_arrays):
     def config(steps):
-        return TrainConfig(steps=steps, batch_size=16, warmup=2, checkpoint_every=5, seed=3)
+        return oracle.OracleRecipe(TrainConfig(steps=steps, batch_size=16, warmup=2, checkpoint_every=5, seed=3))
 
     train_oracle("mnist", tmp_path / "run", config(5), progress=False, limit=256, arrays=mnist_arrays)
     resumed = train_oracle("mnist", tmp_path / "run", config(8), progress=False, limit=256, arrays=mnist_arrays)
@@ -171,3 +173,48 @@ def test_training_resumes_where_it_stopped(tmp_path, mnist_arrays):
     straight = train_oracle("mnist", tmp_path / "straight", config(8), progress=False, limit=256, arrays=mnist_arrays)
     for p, q in zip(resumed.parameters(), straight.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
+
+
+# ---------------------------------------------------------------- calibration and the blends' targets
+
+
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_at():
+    gen = torch.Generator().manual_seed(0)
+    logits = 3.0 * torch.randn(20_000, 10, generator=gen)
+    labels = torch.multinomial(torch.softmax(logits / 2.0, dim=1), 1, generator=gen).squeeze(1)
+    # NLL is flat near its minimum: 20,000 draws pin T = 2 to a few percent (the grid step is 0.4%)
+    assert abs(oracle.fit_temperature(logits, labels) - 2.0) < 0.1
+
+
+def test_validation_split_is_seeded_disjoint_and_complete():
+    fit, held = oracle.validation_split(100, 20)
+    again, held_again = oracle.validation_split(100, 20)
+    assert torch.equal(fit, again) and torch.equal(held, held_again)
+    assert len(held) == 20 and sorted(fit.tolist() + held.tolist()) == list(range(100))
+    with pytest.raises(ValueError, match="hold out"):
+        oracle.validation_split(10, 10)
+
+
+def test_mixed_blends_target_their_two_classes_below_the_confidence_bar(mnist_arrays):
+    x = torch.from_numpy(mnist_arrays["train_images"][::40]).float().div(255).unsqueeze(1)  # every class
+    y = torch.from_numpy(mnist_arrays["train_labels"][::40]).long()
+    images, target = oracle.mixed_blends(x, y, 64, torch.Generator().manual_seed(0))
+    assert images.shape == (64, 1, 28, 28) and target.shape == (64, 10)
+    assert torch.allclose(target.sum(1), torch.ones(64))
+    assert ((target > 0).sum(1) == 2).all() and target.max() <= oracle.BLEND_ALPHA[1] + 1e-6
+
+
+def test_flat_loss_is_the_soft_loss_at_the_uniform_target():
+    logits = torch.randn(5, 10, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(oracle.flat_cross_entropy(logits), oracle.soft_cross_entropy(logits, torch.full((5, 10), 0.1)))
+
+
+def test_export_fits_the_temperature_on_held_out_images_and_ships_it(tmp_path, mnist_arrays):
+    recipe = oracle.OracleRecipe(TrainConfig(steps=6, batch_size=16, warmup=2, checkpoint_every=3), validation=64,
+                                 blend_target="mixed")
+    train_oracle("mnist", tmp_path / "run", recipe, progress=False, limit=256, arrays=mnist_arrays)
+    path, info = oracle.export_from_run("mnist", tmp_path / "run", tmp_path / "o.safetensors", arrays=mnist_arrays)
+    assert info["train_images"] == 256 - 64 and info["blend_target"] == "mixed"
+    assert info["validation_nll"] <= info["validation_nll_at_1"]
+    model = load_oracle("mnist", path)
+    assert model.config.temperature == pytest.approx(info["temperature"], abs=1e-4) and info["temperature"] != 1.0

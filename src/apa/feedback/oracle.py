@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -38,13 +38,6 @@ ORACLE_TRAIN = TrainConfig(steps=3000, batch_size=128, lr=2e-3, warmup=100, ema_
                            checkpoint_every=200, seed=0)
 
 
-def default_train_config(dataset: str) -> TrainConfig:
-    """The training settings the shipped oracle of ``dataset`` was made with (the same for both)."""
-    if dataset not in data_mod.DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(data_mod.DATASETS)}")
-    return ORACLE_TRAIN
-
-
 # ---------------------------------------------------------------- the network
 
 
@@ -53,6 +46,7 @@ class ClassifierConfig:
     channels: tuple[int, int, int] = (16, 32, 64)  # widths at 28x28, 14x14, 7x7
     hidden: int = 128  # width of the penultimate layer (the features)
     num_classes: int = NUM_CLASSES
+    temperature: float = 1.0  # the logits are divided by it; fitted after training (see fit_temperature)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "channels": list(self.channels)}
@@ -87,8 +81,8 @@ class Classifier(nn.Module):
         return F.relu(self.hidden(h.flatten(1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, 1, 28, 28] in [0, 1] -> logits [N, num_classes]."""
-        return self.head(self.features(x))
+        """[N, 1, 28, 28] in [0, 1] -> logits [N, num_classes], divided by the temperature."""
+        return self.head(self.features(x)) / self.config.temperature
 
 
 @torch.no_grad()
@@ -213,25 +207,105 @@ def flat_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=1) - logits.mean(dim=1)
 
 
+def mixed_blends(images: torch.Tensor, labels: torch.Tensor, n: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two-class blends with their mixed targets α·e_i + (1 − α)·e_j (α in BLEND_ALPHA, so no target
+    reaches 0.9). -> (images [n, 1, 28, 28] in [0, 1], targets [n, NUM_CLASSES])."""
+    i = torch.randint(0, len(images), (n,), generator=gen)
+    j = pair_other_class(labels, i, gen)
+    alpha = _uniform(n, gen, *BLEND_ALPHA)
+    x = alpha * images[i] + (1 - alpha) * images[j]
+    a = alpha.view(n, 1)
+    target = a * F.one_hot(labels[i], NUM_CLASSES) + (1 - a) * F.one_hot(labels[j], NUM_CLASSES)
+    return x, target
+
+
+BLEND_TARGETS = ("flat", "mixed")
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a distribution over classes, per row. logits, target [n, C] -> [n]."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1)
+
+
 def oracle_loss(images: torch.Tensor, labels: torch.Tensor, batch_size: int, off_fraction: float = 0.5,
-                kinds: Sequence[str] = TRAIN_OFF_KINDS):
-    """Loss for ``apa.training.train``: CE on augmented real images + flat-target CE on off-data.
+                kinds: Sequence[str] = TRAIN_OFF_KINDS, blend_target: str = "flat"):
+    """Loss for ``apa.training.train``: CE on augmented real images + CE on off-data.
 
     images float32 [n, 1, 28, 28] in [0, 1], labels int64 [n]. Each step draws ``batch_size`` real
-    images and ``off_fraction * batch_size`` off-data inputs with the loop's generator.
+    images and ``off_fraction * batch_size`` off-data inputs with the loop's generator. Off-data
+    targets are flat (uniform over classes); with ``blend_target="mixed"`` the two-class blends
+    instead target their classes' mixture (:func:`mixed_blends`), an equal share of the off-data.
     """
+    if blend_target not in BLEND_TARGETS:
+        raise ValueError(f"unknown blend_target {blend_target!r}; choose one of {', '.join(BLEND_TARGETS)}")
     n_off = max(1, int(round(off_fraction * batch_size)))
+    flat_kinds = [k for k in kinds if not (blend_target == "mixed" and k == "blend")]
+    n_mixed = n_off * (len(kinds) - len(flat_kinds)) // len(kinds)
 
     def loss_fn(model: nn.Module, gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
         real = augment(images[idx], gen)
-        off = off_data(images, labels, n_off, gen, kinds)
+        off = off_data(images, labels, n_off - n_mixed, gen, flat_kinds)
+        target = torch.full((len(off), NUM_CLASSES), 1.0 / NUM_CLASSES)
+        if n_mixed:
+            mixed, mixed_target = mixed_blends(images, labels, n_mixed, gen)
+            off, target = torch.cat([off, mixed]), torch.cat([target, mixed_target])
         dev = next(model.parameters()).device  # drawn on the CPU, trained wherever the model is
         logits = model(torch.cat([real, off]).to(dev))
         ce = F.cross_entropy(logits[:batch_size], labels[idx].to(dev))
-        return ce + off_fraction * flat_cross_entropy(logits[batch_size:]).mean()
+        return ce + off_fraction * soft_cross_entropy(logits[batch_size:], target.to(dev)).mean()
 
     return loss_fn
+
+
+@dataclass(frozen=True)
+class OracleRecipe:
+    """How an oracle is made: the network, the training loop, the blends' target, the calibration split."""
+
+    train: TrainConfig = ORACLE_TRAIN
+    classifier: ClassifierConfig = ClassifierConfig()
+    blend_target: str = "flat"  # see oracle_loss
+    validation: int = 0  # training images held out to fit the temperature on (0: no fit, T = 1)
+
+    def settings(self) -> dict:
+        return {"classifier": self.classifier.to_dict(), "train": asdict(self.train),
+                "blend_target": self.blend_target, "validation": self.validation}
+
+
+# the shipped oracles' recipes; the model cards apa/weights/oracle_<dataset>.md say why each
+RECIPES = {
+    "mnist": OracleRecipe(),
+    "fashion": OracleRecipe(train=replace(ORACLE_TRAIN, steps=12_000, warmup=300, ema_decay=0.999, checkpoint_every=250),
+                            classifier=ClassifierConfig(channels=(32, 64, 128), hidden=256),
+                            blend_target="mixed", validation=5_000),
+}
+
+
+def default_recipe(dataset: str) -> OracleRecipe:
+    """The recipe the shipped oracle of ``dataset`` was made with."""
+    if dataset not in data_mod.DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(data_mod.DATASETS)}")
+    return RECIPES[dataset]
+
+
+def validation_split(n: int, validation: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded split of n training images: (indices to train on, ``validation`` held-out indices)."""
+    if not 0 <= validation < n:
+        raise ValueError(f"cannot hold out {validation} of {n} training images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[validation:].sort().values, perm[:validation].sort().values
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature scaling: the T in [0.2, 5] minimising the mean NLL of softmax(logits / T).
+
+    logits [n, C] (at T = 1), labels [n]. A grid of 801 points evenly spaced in log T (steps of 0.4%).
+    """
+    temps = torch.exp(torch.linspace(math.log(0.2), math.log(5.0), 801, dtype=torch.float64))
+    lg = logits.double()
+    nll = torch.stack([F.cross_entropy(lg / t, labels) for t in temps])
+    return float(temps[int(nll.argmin())])
 
 
 def _record_run_settings(run_dir: Path, settings: dict) -> None:
@@ -246,23 +320,31 @@ def _record_run_settings(run_dir: Path, settings: dict) -> None:
     path.write_text(json.dumps(settings, indent=1))
 
 
-def train_oracle(dataset: str, run_dir: Path, config: TrainConfig = ORACLE_TRAIN, progress: bool = True,
-                 limit: int | None = None, arrays: dict[str, np.ndarray] | None = None,
-                 classifier: ClassifierConfig = ClassifierConfig()) -> Classifier:
+def _training_images(arrays: dict[str, np.ndarray], limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` training images in [0, 1] [n, 1, 28, 28] and their labels [n]."""
+    return (torch.from_numpy(data_mod.to_unit(arrays["train_images"][:limit])),
+            torch.from_numpy(arrays["train_labels"][:limit]).long())
+
+
+def train_oracle(dataset: str, run_dir: Path, recipe: OracleRecipe | None = None, progress: bool = True,
+                 limit: int | None = None, arrays: dict[str, np.ndarray] | None = None) -> Classifier:
     """Train (or resume, from ``run_dir/ckpt.pt``) the oracle on a dataset's training split.
 
-    ``limit`` keeps the first ``limit`` training images; ``arrays`` (as from ``apa.data.load``)
-    skips loading the cache. Returns the EMA network in eval mode. The settings go to
-    ``run_dir/oracle.json`` for :func:`export_from_run`.
+    ``recipe`` defaults to the shipped oracle's (:func:`default_recipe`); its ``validation``
+    images are held out for :func:`export_from_run` to fit the temperature on. ``limit`` keeps
+    the first ``limit`` training images; ``arrays`` (as from ``apa.data.load``) skips loading the
+    cache. Returns the EMA network (T = 1) in eval mode. The settings go to ``run_dir/oracle.json``.
     """
+    recipe = recipe or default_recipe(dataset)
     arrays = arrays if arrays is not None else data_mod.load(dataset)
-    images = torch.from_numpy(data_mod.to_unit(arrays["train_images"][:limit]))
-    labels = torch.from_numpy(arrays["train_labels"][:limit]).long()
-    _record_run_settings(run_dir, {"dataset": dataset, "classifier": classifier.to_dict(), "train": asdict(config),
-                                   "train_images": len(images), "off_data_kinds": list(TRAIN_OFF_KINDS)})
-    torch.manual_seed(config.seed)  # the initial weights; batches come from the loop's generator
-    model = Classifier(classifier)
-    return train(model, oracle_loss(images, labels, config.batch_size), config, run_dir, progress=progress).eval()
+    images, labels = _training_images(arrays, limit)
+    fit, _ = validation_split(len(images), recipe.validation)
+    _record_run_settings(run_dir, {"dataset": dataset, **recipe.settings(), "train_images": len(fit),
+                                   "limit": limit, "off_data_kinds": list(TRAIN_OFF_KINDS)})
+    torch.manual_seed(recipe.train.seed)  # the initial weights; batches come from the loop's generator
+    model = Classifier(recipe.classifier)
+    loss = oracle_loss(images[fit], labels[fit], recipe.train.batch_size, blend_target=recipe.blend_target)
+    return train(model, loss, recipe.train, run_dir, progress=progress).eval()
 
 
 # ---------------------------------------------------------------- measuring
@@ -356,8 +438,19 @@ def export_from_run(dataset: str, run_dir: Path, path: Path | None = None,
     model, run = load_checkpoint_model(Classifier(ClassifierConfig.from_dict(settings["classifier"])), run_dir)
     model.eval()
     arrays = arrays if arrays is not None else data_mod.load(dataset)
+    calibration = {}
+    if settings.get("validation", 0):
+        images, labels = _training_images(arrays, settings.get("limit"))
+        _, held = validation_split(len(images), settings["validation"])
+        with torch.no_grad():
+            logits = torch.cat([model(x) for x in images[held].split(1024)])
+        t = fit_temperature(logits, labels[held])
+        model.config = replace(model.config, temperature=t)
+        calibration = {"temperature": round(t, 4),
+                       "validation_nll_at_1": round(float(F.cross_entropy(logits, labels[held])), 4),
+                       "validation_nll": round(float(F.cross_entropy(logits / t, labels[held])), 4)}
     info = {**settings, "steps": run["step"], "train_seconds": round(run["elapsed"], 1),
-            "params": sum(p.numel() for p in model.parameters()), **oracle_report(model, arrays)}
+            "params": sum(p.numel() for p in model.parameters()), **calibration, **oracle_report(model, arrays)}
     return export_oracle(model, path or weights_path(dataset), dataset, info), info
 
 
