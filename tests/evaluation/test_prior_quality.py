@@ -17,6 +17,10 @@ def test_real_images_score_as_real(mnist_arrays):
     assert abs(q["confident_share"] - q["real_confident_share"]) < 0.02 and q["confident_share"] > 0.95
     assert abs(sum(q["class_shares_of_all"]) - 1) < 1e-3 and min(q["class_shares_of_all"]) > 0.05
     assert abs(q["fd_to_real"] - q["fd_real_vs_real"]) < 1e-6 * max(1.0, q["fd_real_vs_real"])
+    # per class, the confident share among the images a class tops; averaged with the class
+    # shares as weights it is the overall confident share
+    mixed = sum(s * c for s, c in zip(q["class_shares_of_all"], q["confident_share_by_top_class"]))
+    assert abs(mixed - q["confident_share"]) < 1e-3 and len(q["real_confident_share_by_top_class"]) == 10
 
 
 def test_evaluate_prior_reports_the_given_file(mnist_arrays, capsys):

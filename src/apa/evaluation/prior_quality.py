@@ -20,6 +20,13 @@ from apa.priors.ddpm import load_prior
 from apa.smc.sampler import sample_prior
 
 
+def _confident_by_top_class(top: torch.Tensor, pred: torch.Tensor, confidence: float) -> list[float | None]:
+    """For each class, the share at or above ``confidence`` among the images it is the top class of
+    (None for a class that tops none). top, pred [n] -> 10 values."""
+    return [round(float((top[pred == c] >= confidence).float().mean()), 4) if (pred == c).any() else None
+            for c in range(10)]
+
+
 def quality(images: torch.Tensor, oracle, real: torch.Tensor, confidence: float = 0.9,
             real_labels: torch.Tensor | None = None) -> dict:
     """Oracle-judged quality of images [n, 1, 28, 28] against real held-out images [m, 1, 28, 28].
@@ -32,12 +39,15 @@ def quality(images: torch.Tensor, oracle, real: torch.Tensor, confidence: float 
     hist = torch.bincount(pred[conf], minlength=10)
     real_top, real_pred = predict_proba(oracle, real).max(1)
     fa, fr = extract_features(oracle, images), extract_features(oracle, real)
+    by_class = [_confident_by_top_class(top, pred, confidence), _confident_by_top_class(real_top, real_pred, confidence)]
     ref, other = fr[::2], fr[1::2]  # interleaved halves: every class in both (the split is sorted by class)
     m = min(len(fa), len(other))
     return {"n": int(images.shape[0]), "confident_share": float(conf.float().mean()),
             "real_confident_share": float((real_top >= confidence).float().mean()),  # the oracle on real images
             "class_shares_of_confident": [round(float(c) / max(int(conf.sum()), 1), 4) for c in hist],
             "class_shares_of_all": [round(float(c) / len(pred), 4) for c in torch.bincount(pred, minlength=10)],
+            "confident_share_by_top_class": by_class[0],  # per class: the confident share of those it tops
+            "real_confident_share_by_top_class": by_class[1],
             "fd_to_real": frechet_distance(fa[:m], ref),  # m samples vs one real half
             "fd_real_vs_real": frechet_distance(other[:m], ref),  # m real images vs the same half: the floor
             "fd_sizes": [m, len(ref)],
