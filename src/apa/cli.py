@@ -123,13 +123,20 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(f"{args.dataset}: {len(arrays['train_labels'])} train / {len(arrays['test_labels'])} test images -> {path}")
 
 
+def _train_config(recipe, args: argparse.Namespace):
+    """A recipe's TrainConfig with the command line's seed, device and time cap, and its steps,
+    batch size and learning rate where given."""
+    given = {k: v for k, v in (("steps", args.train_steps), ("batch_size", args.batch_size), ("lr", args.lr))
+             if v is not None}
+    return replace(recipe, seed=args.seed, device=args.device, max_minutes=args.minutes, **given)
+
+
 def cmd_train_prior(args: argparse.Namespace) -> None:
     from apa.priors import ddpm
     from apa.training import TrainConfig
 
     run_dir = Path(args.run_dir or f"runs/prior-{args.dataset}")
-    cfg = TrainConfig(steps=args.train_steps, batch_size=args.batch_size or 128, lr=args.lr or 1e-3, seed=args.seed,
-                      max_minutes=args.minutes, device=args.device)
+    cfg = _train_config(TrainConfig(), args)
     ddpm.train_prior(args.dataset, run_dir, cfg)
     out = ddpm.export_from_run(args.dataset, run_dir, Path(args.export) if args.export else None)
     print(f"prior weights -> {out}")
@@ -140,10 +147,7 @@ def cmd_train_oracle(args: argparse.Namespace) -> None:
 
     run_dir = Path(args.run_dir or f"runs/oracle-{args.dataset}")
     recipe = oracle.default_recipe(args.dataset)
-    cfg = replace(recipe.train, seed=args.seed, device=args.device, max_minutes=args.minutes,
-                  **{k: v for k, v in (("steps", args.train_steps), ("batch_size", args.batch_size),
-                                       ("lr", args.lr)) if v})
-    oracle.train_oracle(args.dataset, run_dir, replace(recipe, train=cfg))
+    oracle.train_oracle(args.dataset, run_dir, replace(recipe, train=_train_config(recipe.train, args)))
     out, info = oracle.export_from_run(args.dataset, run_dir, Path(args.export) if args.export else None)
     print(f"oracle weights -> {out}\n{info}")
 

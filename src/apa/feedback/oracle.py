@@ -141,12 +141,23 @@ NOISY_SIGMA = (0.6, 1.0)  # std of the Gaussian noise added to real images ([0, 
 _SHAPE = (1, 28, 28)
 
 
-def blends(images: torch.Tensor, labels: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """Pixelwise weighted means of two images of different classes (weights in BLEND_ALPHA). -> [n,1,28,28]."""
+def mixed_blends(images: torch.Tensor, labels: torch.Tensor, n: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixelwise weighted means α·a + (1 − α)·b of two images of different classes (α in
+    BLEND_ALPHA) with their mixed targets α·e_a + (1 − α)·e_b (so no target reaches 0.9).
+    -> (images [n, 1, 28, 28] in [0, 1], targets [n, NUM_CLASSES])."""
     i = torch.randint(0, len(images), (n,), generator=gen)
     j = pair_other_class(labels, i, gen)
     alpha = _uniform(n, gen, *BLEND_ALPHA)
-    return alpha * images[i] + (1 - alpha) * images[j]
+    x = alpha * images[i] + (1 - alpha) * images[j]
+    a = alpha.view(n, 1)
+    target = a * F.one_hot(labels[i], NUM_CLASSES) + (1 - a) * F.one_hot(labels[j], NUM_CLASSES)
+    return x, target
+
+
+def blends(images: torch.Tensor, labels: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """The images of :func:`mixed_blends` alone (same draws). -> [n,1,28,28]."""
+    return mixed_blends(images, labels, n, gen)[0]
 
 
 def overlays(images: torch.Tensor, labels: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -200,24 +211,6 @@ def off_data(images: torch.Tensor, labels: torch.Tensor, n: int, gen: torch.Gene
     k = -(-n // len(kinds))
     x = torch.cat([OFF_DATA_KINDS[kind](images, labels, k, gen) for kind in kinds])
     return x[torch.randperm(len(x), generator=gen)[:n]].clamp(0.0, 1.0)
-
-
-def flat_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against the uniform target over classes, per row. [n, C] -> [n]; minimum log C."""
-    return torch.logsumexp(logits, dim=1) - logits.mean(dim=1)
-
-
-def mixed_blends(images: torch.Tensor, labels: torch.Tensor, n: int,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two-class blends with their mixed targets α·e_i + (1 − α)·e_j (α in BLEND_ALPHA, so no target
-    reaches 0.9). -> (images [n, 1, 28, 28] in [0, 1], targets [n, NUM_CLASSES])."""
-    i = torch.randint(0, len(images), (n,), generator=gen)
-    j = pair_other_class(labels, i, gen)
-    alpha = _uniform(n, gen, *BLEND_ALPHA)
-    x = alpha * images[i] + (1 - alpha) * images[j]
-    a = alpha.view(n, 1)
-    target = a * F.one_hot(labels[i], NUM_CLASSES) + (1 - a) * F.one_hot(labels[j], NUM_CLASSES)
-    return x, target
 
 
 BLEND_TARGETS = ("flat", "mixed")
