@@ -1,7 +1,9 @@
-"""Wall time of FKC-SMC against plain ancestral sampling (the same call with β = 0), side by side.
+"""Wall time of FKC-SMC (exact weights, and the rate form) against plain ancestral sampling, side by side.
 
-Both samplers run interleaved (A, B, A, B, ...) in one process on the same particles and steps;
-the table gives the median seconds of each and their ratio. Priors: the Gaussian mixture and,
+The three run interleaved (A, B, C, A, B, C, ...) in one process on the same particles and
+steps: FKC-SMC with exact discrete-transition weights (the default), the same with the seed's
+rate-form weights, and the same call with β = 0 (the plain sampler, the anchor). The table gives
+the median seconds of each and their ratios. Priors: the Gaussian mixture and,
 when its weights are present, the built-in MNIST DDPM with a surrogate-sized reward network
 under each way of reading the reward (at z_t; at ẑ0 with the Gaussian or the exact Jacobian).
 Run: ``python benchmarks/overhead.py [--repeats 5]``.
@@ -32,23 +34,26 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def compare(prior, reward, n: int, steps: int, repeats: int, **kw) -> tuple[float, float]:
-    """Median seconds of (FKC-SMC, plain) over interleaved repeats."""
-    def go(beta):
-        return lambda: fkc_sample(prior, reward, num_particles=n, num_steps=steps, beta=beta,
+VARIANTS = {"exact": ((0.5, 2.0), "exact"), "rate": ((0.5, 2.0), "rate"), "plain": ((0.0, 0.0), "exact")}
+
+
+def compare(prior, reward, n: int, steps: int, repeats: int, **kw) -> dict[str, float]:
+    """Median seconds of each variant (exact FKC, rate FKC, plain) over interleaved repeats."""
+    def go(beta, weights):
+        return lambda: fkc_sample(prior, reward, particles=n, steps=steps, beta=beta, weights=weights,
                                   generator=torch.Generator().manual_seed(0), **kw)
-    fkc_t, plain_t = [], []
-    go((0.5, 2.0))()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    go(*VARIANTS["exact"])()  # warm-up
     for _ in range(repeats):
-        fkc_t.append(timed(go((0.5, 2.0))))
-        plain_t.append(timed(go((0.0, 0.0))))
-    return statistics.median(fkc_t), statistics.median(plain_t)
+        for name, (beta, weights) in VARIANTS.items():
+            times[name].append(timed(go(beta, weights)))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def cases():
     gmm = make_gmm({})
     a = torch.tensor([0.8, 0.5])
-    yield "gmm 2-D, r at z_t", gmm, (lambda z: z @ a), 1024, 100, {}
+    yield "gmm 2-D, r at z_t", gmm, (lambda z: z @ a), 1024, 100, {"reward_at": "xt"}
     try:
         from apa.priors.ddpm import load_prior
         ddpm = load_prior("mnist")
@@ -68,10 +73,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"median of {args.repeats} interleaved runs, {args.threads} threads\n")
-    print("| prior / reward | N | steps | FKC-SMC s | plain s | ratio |\n|---|---|---|---|---|---|")
+    print("| prior / reward | N | steps | exact FKC s | rate FKC s | plain s | exact / rate | exact / plain |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name, prior, reward, n, steps, kw in cases():
-        f, p = compare(prior, reward, n, steps, args.repeats, **kw)
-        print(f"| {name} | {n} | {steps} | {f:.3f} | {p:.3f} | {f / p:.2f}x |", flush=True)
+        t = compare(prior, reward, n, steps, args.repeats, **kw)
+        print(f"| {name} | {n} | {steps} | {t['exact']:.3f} | {t['rate']:.3f} | {t['plain']:.3f} "
+              f"| {t['exact'] / t['rate']:.2f}x | {t['exact'] / t['plain']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def one_round(prior, reward, particles: int, steps: int, seed: int, **fkc) -> fl
 
     _sync(prior.device)
     start = time.perf_counter()
-    out = fkc_sample(prior, reward, num_particles=particles, num_steps=steps,
+    out = fkc_sample(prior, reward, particles=particles, steps=steps,
                      generator=torch.Generator().manual_seed(seed), **fkc)
     prior.decode(out.particles)
     _sync(prior.device)

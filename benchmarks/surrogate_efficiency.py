@@ -66,7 +66,7 @@ def label_efficiency(prior, kind: str, budgets: list[int], draws: int, ensemble:
 def overhead(prior, models: dict[str, Ensemble], repeats: int) -> dict[str, float]:
     def run(reward, beta):
         t0 = time.perf_counter()
-        fkc_sample(prior, reward, num_particles=32, num_steps=25, beta=beta, reward_at="tweedie", jacobian="gaussian",
+        fkc_sample(prior, reward, particles=32, steps=25, beta=beta, reward_at="tweedie", jacobian="gaussian",
                    generator=torch.Generator().manual_seed(0))
         return time.perf_counter() - t0
 

@@ -37,6 +37,7 @@ ALIGN_FLAGS: dict[str, tuple[type, str]] = {
     "gamma": (SamplerConfig, "gamma"), "beta_dot": (SamplerConfig, "beta_dot"),
     "diversity": (SamplerConfig, "diversity"), "diversity_history": (SamplerConfig, "diversity_history"),
     "reward_at": (SamplerConfig, "reward_at"), "jacobian": (SamplerConfig, "jacobian"),
+    "weights": (SamplerConfig, "weights"),
     "resample": (SamplerConfig, "resample"), "ess_threshold": (SamplerConfig, "ess_threshold"),
     "clamp": (SamplerConfig, "clamp"),
     "surrogate": (SurrogateConfig, "kind"), "ensemble": (SurrogateConfig, "ensemble"),

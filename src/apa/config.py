@@ -8,6 +8,8 @@ restores every seed value.
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -27,20 +29,62 @@ class PriorConfig:
     init: str = "noise"  # "noise" | "prompt" (the seed's start for SD 1.5)
 
 
+REWARD_AT = ("xt", "tweedie")  # where r is read: the particle z_t itself, or its Tweedie estimate ẑ0
+JACOBIANS = ("exact", "gaussian", "identity")  # ∂ẑ0/∂z in ∇_z r(ẑ0(z)): through the denoiser, s²/(s²+σ²), none
+WEIGHTS = ("exact", "rate", "none")  # discrete-transition weights, the SPEC's continuous rate, or none (guidance)
+RESAMPLE = ("systematic", "stratified", "residual", "multinomial", "none")
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
+    """How FKC-SMC samples: the one set of sampler settings, passed whole to ``fkc_sample``."""
+
     particles: int = 32  # n_particles (seed)
     steps: int = 25  # n_steps (seed)
     beta: tuple[float, float] = (2.0, 8.0)  # measured on MNIST (README, Results); seed: (0.5, 2.0)
     gamma: tuple[float, float] = (0.05, 0.0)  # γ linear (seed)
-    beta_dot: float | None = None  # None: ∂β from the schedule; seed: 1.0
+    beta_dot: float | None = None  # None: ∂β from the schedule; seed: 1.0 (rate weights only)
     diversity: bool = False  # L_div (seed: off for images)
     diversity_history: bool = False  # L_div also against particles shown in earlier rounds
-    reward_at: str = "tweedie"  # r on ẑ0 (seed); "xt" is exact but the surrogate is trained on clean data
+    reward_at: str = "tweedie"  # r on ẑ0 (seed); "xt" reads r at z_t itself
     jacobian: str = "gaussian"  # measured; seed: "identity" (breaks a DDPM prior, see FINDINGS)
+    weights: str = "exact"  # exact at any step count; seed: "rate" (the continuous-time rate, biased at 25 steps)
     resample: str = "systematic"  # seed: none
-    ess_threshold: float = 0.5
-    clamp: float | None = None  # seed: 100
+    ess_threshold: float = 0.5  # resample when ESS < threshold·N
+    clamp: float | None = None  # seed: 100 (accumulated log-weights clamped to [−c, c])
+
+    def __post_init__(self) -> None:
+        _check(self.particles >= 1, f"--particles must be at least 1, got {self.particles}")
+        _check(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
+        for name in ("beta", "gamma"):
+            pair = getattr(self, name)
+            _check(len(pair) == 2 and all(math.isfinite(float(v)) for v in pair),
+                   f"--{name} must be two finite numbers like 2,8, got {pair}")
+        _check(self.beta_dot is None or math.isfinite(self.beta_dot), f"--beta-dot must be finite, got {self.beta_dot}")
+        _choice("reward-at", self.reward_at, REWARD_AT)
+        _choice("jacobian", self.jacobian, JACOBIANS)
+        _choice("weights", self.weights, WEIGHTS)
+        _choice("resample", self.resample, RESAMPLE)
+        _check(0.0 <= self.ess_threshold <= 1.0, f"--ess-threshold must be in [0, 1], got {self.ess_threshold}")
+        _check(self.clamp is None or self.clamp > 0, f"--clamp must be positive or none, got {self.clamp}")
+        if self.reward_at == "tweedie" and self.jacobian == "identity":
+            warnings.warn("jacobian='identity' applies ∇r(ẑ0) as if it were ∇_z r: the seed's literal reading, "
+                          "which blows up the drift at high noise for DDPM priors; use 'exact' or 'gaussian'",
+                          stacklevel=3)
+
+    @property
+    def guided(self) -> bool:
+        """Whether the reward enters at all (β not identically zero)."""
+        return self.beta[0] != 0.0 or self.beta[1] != 0.0
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"--{flag} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +138,9 @@ class AlignConfig:
         unknown = set(d) - set(parts)
         if unknown:
             raise ValueError(f"unknown config sections {sorted(unknown)}; expected {sorted(parts)}")
+        sampler = d.get("sampler", {})
+        if "sampler" in d and "weights" not in sampler:  # stored before exact weights existed: the rate form
+            d = {**d, "sampler": {**sampler, "weights": "rate"}}
         return cls(**{name: _from(kinds[name], d.get(name, {})) for name in kinds})
 
     def save(self, path: Path) -> None:
@@ -119,7 +166,7 @@ def preset(name: str, base: AlignConfig | None = None) -> AlignConfig:
         return base
     if name == "seed":
         return replace(base,
-                       sampler=replace(base.sampler, reward_at="tweedie", jacobian="identity", resample="none",
+                       sampler=replace(base.sampler, reward_at="tweedie", jacobian="identity", resample="none", weights="rate",
                                        clamp=100.0, beta_dot=1.0, beta=(0.5, 2.0), gamma=(0.05, 0.0)),
                        feedback=replace(base.feedback, users=("apple", "grape", "banana"), temperature=10.0),
                        session=replace(base.session, acquisition="weight"),

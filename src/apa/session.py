@@ -151,14 +151,11 @@ class Session:
     def sample(self, surrogate: Ensemble | None, n: int, gen: torch.Generator) -> SMCResult:
         """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback)."""
         sc = self.cfg.sampler
-        beta = sc.beta if surrogate is not None else (0.0, 0.0)
-        reward = self.reward(surrogate)
+        cfg = replace(sc, particles=n, beta=sc.beta if surrogate is not None else (0.0, 0.0),
+                      weights=sc.weights if self.use_weights else "none")
         history = self.history_particles() if sc.diversity and sc.diversity_history else None
-        return fkc_sample(self.prior, reward, num_particles=n, num_steps=sc.steps, beta=beta, gamma=sc.gamma,
-                          diversity=sc.diversity, reward_at=sc.reward_at, jacobian=sc.jacobian,
-                          resample=sc.resample, ess_threshold=sc.ess_threshold, beta_dot=sc.beta_dot,
-                          clamp=sc.clamp, historical=history, generator=gen, progress=self.progress,
-                          use_weights=self.use_weights)
+        return fkc_sample(self.prior, self.reward(surrogate), cfg, historical=history, generator=gen,
+                          progress=self.progress)
 
     def reward(self, surrogate: Ensemble | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The sampler's reward: the surrogate capped at ``surrogate.ceiling`` (on the [-1, 1] rating

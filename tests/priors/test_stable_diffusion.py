@@ -236,7 +236,7 @@ def test_stable_diffusion_runs_under_fkc_sample(prior):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no silent dtype / device fallbacks
         for reward_at in ("xt", "tweedie"):
-            out = fkc_sample(prior, reward, num_particles=4, num_steps=3, reward_at=reward_at,
+            out = fkc_sample(prior, reward, particles=4, steps=3, reward_at=reward_at,
                              generator=torch.Generator().manual_seed(0))
             assert out.particles.shape == (4, *prior.event_shape) and torch.isfinite(out.particles).all()
             assert out.log_weights.shape == (4,) and len(out.trace) == 3

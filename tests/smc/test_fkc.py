@@ -1,6 +1,9 @@
+import math
+
 import pytest
 import torch
 
+from apa.config import SamplerConfig
 from apa.priors.gmm import GaussianMixturePrior
 from apa.smc import fkc
 
@@ -10,8 +13,8 @@ def _one_gaussian():
 
 
 def _grad(prior, reward, z, sigma, reward_at, jacobian):
-    return fkc.evaluate_potential(prior, reward, z, sigma, 0.0, reward_at=reward_at, jacobian=jacobian,
-                                  use_diversity=False, historical=None, step=0).grad
+    cfg = SamplerConfig(reward_at=reward_at, jacobian=jacobian)
+    return fkc.evaluate_potential(prior, reward, z, sigma, 0.0, cfg, historical=None, step=0).grad
 
 
 def test_gaussian_jacobian_is_exact_for_gaussian_data():
@@ -51,16 +54,37 @@ def test_reward_at_xt_gradient_of_linear_reward():
     assert torch.allclose(g, a.expand(5, 2))
 
 
-def test_increment_arithmetic():
-    grad = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
-    score = torch.tensor([[0.5, 0.5], [2.0, 3.0]])
-    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    dphi = torch.tensor([0.1, 0.2])
-    inc = fkc.log_weight_increment(dphi, grad, score, f, g2_ds=0.4)
-    # dphi − ⟨∇φ, f⟩ + (g²ds/2)⟨∇φ, score⟩
-    expected = torch.tensor([0.1 - 1.0 + 0.2 * 1.5, 0.2 + 1.0 + 0.2 * -3.0], dtype=torch.float64)
-    assert torch.allclose(inc, expected)
-    assert torch.allclose(fkc.drift_shift(grad, 0.4), 0.2 * grad)
+def test_rate_increment_arithmetic():
+    """The seed's rate: (β_{i+1}−β_i)·r − ⟨∇φ, f⟩ + (g²ds/2)⟨∇φ, score⟩, plus φ_0 at i = 0 (VE form: f = 0)."""
+    prior = _one_gaussian()
+    cfg = SamplerConfig(steps=2, beta=(1.0, 3.0), gamma=(0.0, 0.0), weights="rate")
+    sched = fkc.Schedule.of(prior, cfg)
+    z = torch.tensor([[0.3, -0.2], [1.0, 2.0]])
+    sig, sig_next, b0, _ = sched.at(1)
+    eps = prior.eps(z, sig)
+    reward = torch.tensor([0.5, -1.0])
+    pe = fkc.PotentialEval(eps, prior.tweedie(z, sig, eps), reward, torch.zeros(2), None)
+    grad_phi = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    inc = fkc.rate_increment(cfg, pe, prior, z, 1, sched, grad_phi)
+    score = -eps / sig
+    expected = (3.0 - 2.0) * reward + 0.5 * (sig**2 - sig_next**2) * (grad_phi * score).sum(1)
+    assert torch.allclose(inc, expected.double(), atol=1e-6)
+    inc0 = fkc.rate_increment(cfg, pe, prior, z, 0, sched, grad_phi)
+    sig0, sig1, _, _ = sched.at(0)
+    score0 = -eps / sig0
+    expected0 = (2.0 - 1.0) * reward + 0.5 * (sig0**2 - sig1**2) * (grad_phi * score0).sum(1) + 1.0 * reward
+    assert torch.allclose(inc0, expected0.double(), atol=1e-5)
+
+
+def test_proposal_log_ratio_is_the_gaussian_density_ratio():
+    """−⟨ξ, δ⟩/√v − ‖δ‖²/(2v) equals log N(z'; m, v) − log N(z'; m + δ, v) at z' = m + δ + √v·ξ."""
+    g = torch.Generator().manual_seed(0)
+    m, d, xi = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
+    v = 0.37
+    z = m + d + math.sqrt(v) * xi
+    normal = lambda mean: torch.distributions.Normal(mean.double(), math.sqrt(v)).log_prob(z.double()).sum(1)  # noqa: E731
+    assert torch.allclose(fkc.proposal_log_ratio(xi, d, v), normal(m) - normal(m + d), atol=1e-9)
+    assert torch.allclose(fkc.drift_shift(d, 0.4), 0.2 * d)
 
 
 def test_linear_schedule():

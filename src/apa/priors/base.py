@@ -55,6 +55,9 @@ class Prior(Protocol):
                    noise: Particles, shift: Particles | None = None) -> Particles:
         """One stochastic step σ -> σ_next with injected standard-normal ``noise`` [N, *event]."""
 
+    def transition_variance(self, sigma: float, sigma_next: float) -> float:
+        """Per-coordinate variance v of :meth:`transition`'s noise (0 for a deterministic step)."""
+
 
 class VEPrior:
     """Shared VE-form numerics; subclasses provide event_shape, data_std, sigmas, sample_initial, eps, decode."""
@@ -84,7 +87,7 @@ class VEPrior:
         mean z + (σ² − σ'²)·score; its variance is the DDPM posterior's (EulerAncestral's σ_up²).
         """
         ratio = (sigma_next / sigma) ** 2
-        x0 = z - sigma * eps
+        x0 = self.tweedie(z, sigma, eps)
         out = x0 + ratio * (z - x0) + sigma_next * (1.0 - ratio) ** 0.5 * noise
         return out if shift is None else out + shift
 

@@ -1,23 +1,27 @@
 """② The FKC-SMC sampler: a pure ``step`` function, a ``run`` generator and ``fkc_sample``.
 
-Per step i (σ_i -> σ_{i+1}) with particles z_i and normalised log-weights:
-  1. potential at z_i: ε, ẑ0, r, L_div and ∇_z φ_i (``fkc.evaluate_potential``)
-  2. log w += increment (``fkc.log_weight_increment``; at i = 0 also φ_0(z_0), the start)
-  3. if ESS < threshold·N: resample (ancestors drawn by the chosen scheme), weights reset to 1/N;
-     otherwise the weights are carried forward
-  4. move: the prior's ancestral transition plus the FKC drift shift (g²ds/2)·∇φ_i
-Steps 2-3 use only z_i, so resampling before the move reuses the network's output.
+Per step i (σ_i -> σ_{i+1}), with particles z_i and their log-weights (``fkc`` has the formulas):
+  1. reweight: evaluate the potential at z_i (one network call: ε, ẑ0, r, L_div, ∇_z φ_i) and
+     complete the weight: + φ_i(z_i) for exact weights (the rest of the increment was added by
+     the previous move), or the rate increment; normalise, measure the ESS
+  2. resample: if ESS < threshold·N, draw ancestors with the chosen scheme and reset the weights
+     to 1/N; otherwise carry them forward
+  3. move: the prior's ancestral transition shifted by the FKC drift δ_i; exact weights add
+     −φ_i(z_i) and the proposal log-ratio now, and at the last step φ_N at the clean sample
+The network's output at z_i serves all three, so a step costs one network call; the exact
+weights add one reward call at the very end (none when r is read at ẑ0, which the last
+deterministic step lands on).
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from apa.config import SamplerConfig
 from apa.priors.base import Prior
 from apa.smc import fkc, resampling
 from apa.smc.weights import ess as ess_of
@@ -28,48 +32,12 @@ NoiseFn = Callable[[int, tuple[int, ...], torch.Generator | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class FKCConfig:
-    """How to sample. Defaults are the seed's unless marked."""
-
-    num_steps: int = 25
-    beta: tuple[float, float] = (0.5, 2.0)  # β linear from start to end over the steps
-    gamma: tuple[float, float] = (0.05, 0.0)  # γ linear (diversity weight)
-    beta_dot: float | None = None  # None: ∂_sβ from the β schedule; a number: the seed's constant override
-    diversity: bool = False  # the L_div term (off for images in the seed)
-    reward_at: str = "xt"  # "xt": r(z_t), exact; "tweedie": r(ẑ0), the seed's choice
-    jacobian: str = "exact"  # with reward_at="tweedie": "exact" | "gaussian" | "identity" (seed literal)
-    resample: str = "systematic"  # systematic | stratified | residual | multinomial | none
-    ess_threshold: float = 0.5  # resample when ESS < threshold·N
-    use_weights: bool = True  # False: gradient guidance alone (no weights, no resampling)
-    clamp: float | None = None  # the seed's clamp of accumulated log-weights to [−c, c] (seed: 100)
-
-    def __post_init__(self) -> None:
-        if self.reward_at not in fkc.REWARD_AT:
-            raise ValueError(f"reward_at must be one of {fkc.REWARD_AT}, got {self.reward_at!r}")
-        if self.jacobian not in fkc.JACOBIANS:
-            raise ValueError(f"jacobian must be one of {fkc.JACOBIANS}, got {self.jacobian!r}")
-        if self.resample != "none":
-            resampling.get_resampler(self.resample)
-        if not 0.0 <= self.ess_threshold <= 1.0:
-            raise ValueError(f"ess_threshold must be in [0, 1], got {self.ess_threshold}")
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {self.num_steps}")
-        if self.reward_at == "tweedie" and self.jacobian == "identity":
-            warnings.warn("jacobian='identity' applies ∇r(ẑ0) as if it were ∇_z r: the seed's literal reading, "
-                          "which blows up the drift at high noise for DDPM priors; use 'exact' or 'gaussian'",
-                          stacklevel=3)
-
-    @property
-    def guided(self) -> bool:
-        return self.beta[0] != 0.0 or self.beta[1] != 0.0
-
-
-@dataclass(frozen=True)
 class SMCState:
     particles: Particles  # z_i [N, *event]
-    log_weights: LogWeights  # [N] float64; normalised unless the seed's clamp is on
+    log_weights: LogWeights  # [N] float64; after a move with exact weights they hold −φ_i and the
+    #                          proposal log-ratio, completed by +φ_{i+1} at the next reweight
     step: int  # i: the next step to take
-    log_normalizer: float = 0.0  # running estimate of log Z_i
+    log_normalizer: float = 0.0  # running estimate of log Z_i (Z_N = E_p_disc[exp φ_N] with exact weights)
     origins: Indices | None = None  # [N] index of each particle's initial ancestor
 
 
@@ -77,16 +45,16 @@ class SMCState:
 class StepInfo:
     step: int
     sigma: float
-    ess: float  # before any resampling at this step
+    ess: float  # after reweighting, before any resampling at this step
     resampled: bool
-    reward_mean: float  # weighted mean of r at this step (before the move)
+    reward_mean: float  # weighted mean of r at this step (after reweighting)
     grad_norm: float  # mean ‖β·∇φ‖ over particles
     unique_origins: int  # distinct initial ancestors alive after this step
 
 
 @dataclass(frozen=True)
 class SMCResult:
-    particles: Particles  # final z_0 [N, *event]
+    particles: Particles  # final z_N [N, *event]
     log_weights: LogWeights  # [N] normalised
     trace: list[StepInfo] = field(default_factory=list)
     log_normalizer: float = 0.0
@@ -111,103 +79,151 @@ def _default_noise(step: int, shape: tuple[int, ...], generator: torch.Generator
     return torch.randn(shape, generator=generator)
 
 
-def _increment(cfg: FKCConfig, pe: fkc.PotentialEval, prior: Prior, z: Particles, i: int, sig: float,
-               sig_next: float, betas: torch.Tensor, gammas: torch.Tensor, grad_phi: Particles) -> torch.Tensor:
-    """The log-weight increment of step i [N] (plus the start φ_0(z_0) when i = 0)."""
-    b0, b1, g0, g1 = float(betas[i]), float(betas[i + 1]), float(gammas[i]), float(gammas[i + 1])
-    if cfg.beta_dot is None:
-        dphi = (b1 - b0) * pe.reward + (b1 * g1 - b0 * g0) * pe.div  # φ_{i+1} − φ_i at fixed z
+def _evaluate(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule,
+              historical: Particles | None) -> fkc.PotentialEval:
+    """The network call of step i at z_i; the reward terms only when the run is guided."""
+    i, z = state.step, state.particles
+    sig, sig_next, _, gamma = sched.at(i)
+    if cfg.guided:
+        deterministic = prior.transition_variance(sig, sig_next) == 0.0
+        need_grad = not (cfg.weights == "exact" and deterministic)  # no shift on a deterministic step
+        return fkc.evaluate_potential(prior, reward, z, sig, gamma, cfg, historical=historical, step=i,
+                                      need_grad=need_grad)
+    with torch.no_grad():
+        eps = prior.eps(z, sig)
+    zero = torch.zeros(z.shape[0])
+    return fkc.PotentialEval(eps, prior.tweedie(z, sig, eps), zero, zero, None)
+
+
+def _accumulate(cfg: SamplerConfig, log_w: LogWeights, log_z: float, inc: torch.Tensor,
+                step: int) -> tuple[LogWeights, float]:
+    """log w + inc, normalised (or clamped, the seed's way), and the normaliser's increment."""
+    fkc.check_finite(inc, "the log-weight increment", step)
+    total = log_w + inc
+    if cfg.clamp is not None:
+        return total.clamp(-cfg.clamp, cfg.clamp), log_z
+    return normalize(total), log_z + float(torch.logsumexp(total, 0))
+
+
+def _reweight(state: SMCState, pe: fkc.PotentialEval, prior: Prior, cfg: SamplerConfig,
+              sched: fkc.Schedule, grad_phi: Particles | None) -> tuple[LogWeights, float]:
+    """Step 1: complete the log-weights of the particles z_i. -> (log-weights [N], log Z)."""
+    if not (cfg.guided and cfg.weights != "none"):
+        return state.log_weights, state.log_normalizer
+    i = state.step
+    _, _, beta, gamma = sched.at(i)
+    if cfg.weights == "exact":
+        inc = pe.potential(beta, gamma)  # + φ_i(z_i)
     else:
-        dphi = cfg.beta_dot / cfg.num_steps * (pe.reward + g0 * pe.div)  # seed: β_dot·(r + γ·L_div)·ds
-    score = prior.score(z, sig, pe.eps)
-    inc = fkc.log_weight_increment(dphi, grad_phi, score, prior.forward_drift(z, sig, sig_next),
-                                   prior.g2_ds(sig, sig_next))
-    if i == 0:
-        inc = inc + b0 * (pe.reward + g0 * pe.div).double()  # start: log w(z_T) = φ_start(z_T)
-    return inc
+        inc = fkc.rate_increment(cfg, pe, prior, state.particles, i, sched, grad_phi)
+    return _accumulate(cfg, state.log_weights, state.log_normalizer, inc, i)
 
 
-def step(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: FKCConfig, sigmas: torch.Tensor, *,
+def _move(z: Particles, pe: fkc.PotentialEval, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig,
+          sched: fkc.Schedule, i: int, noise: Particles, grad_phi: Particles | None,
+          historical: Particles | None) -> tuple[Particles, torch.Tensor | None]:
+    """Step 3: z_{i+1} from the shifted ancestral kernel, and the exact weights' share of the
+    increment (−φ_i(z_i) + proposal log-ratio, + φ_N(z_N) on the last step): ([N, *event], [N] | None)."""
+    sig, sig_next, beta, gamma = sched.at(i)
+    variance = prior.transition_variance(sig, sig_next)
+    exact = cfg.guided and cfg.weights == "exact"
+    shift = None
+    if cfg.guided and not (exact and variance == 0.0):  # no shift where the step is deterministic
+        shift = fkc.drift_shift(grad_phi, prior.g2_ds(sig, sig_next))
+    with torch.no_grad():
+        z_next = prior.transition(z, pe.eps, sig, sig_next, noise, shift=shift)
+    if not exact:
+        return z_next, None
+    part = -pe.potential(beta, gamma)
+    if shift is not None:
+        part = part + fkc.proposal_log_ratio(noise, shift, variance)
+    if i == cfg.steps - 1:
+        beta_n, gamma_n = float(sched.betas[-1]), float(sched.gammas[-1])
+        if variance == 0.0 and cfg.reward_at == "tweedie":
+            part = part + pe.potential(beta_n, gamma_n)  # z_N = ẑ0(z_{N-1}): r(z_N) is already known
+        else:
+            part = part + fkc.clean_potential(reward, z_next, beta_n, gamma_n, cfg, historical, i)
+    return z_next, part
+
+
+def step(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule, *,
          generator: torch.Generator | None = None, historical: Particles | None = None,
          noise_fn: NoiseFn = _default_noise) -> tuple[SMCState, StepInfo]:
-    """One FKC-SMC step σ_i -> σ_{i+1}. Pure: returns a new state and the step's info."""
-    i, z = state.step, state.particles
-    sig, sig_next = float(sigmas[i]), float(sigmas[i + 1])
-    betas = fkc.linear_schedule(*cfg.beta, cfg.num_steps)
-    gammas = fkc.linear_schedule(*cfg.gamma, cfg.num_steps)
-    log_w, log_z, origins = state.log_weights, state.log_normalizer, state.origins
-    if cfg.guided:
-        pe = fkc.evaluate_potential(prior, reward, z, sig, float(gammas[i]), reward_at=cfg.reward_at,
-                                    jacobian=cfg.jacobian, use_diversity=cfg.diversity, historical=historical, step=i)
-        eps, grad_phi = pe.eps, float(betas[i]) * pe.grad
-        reward_mean = float((torch.exp(normalize(log_w)) * pe.reward.double()).sum())
-    else:
-        with torch.no_grad():
-            eps = prior.eps(z, sig)
-        grad_phi, reward_mean = torch.zeros_like(z), float("nan")
-    if cfg.guided and cfg.use_weights:
-        inc = _increment(cfg, pe, prior, z, i, sig, sig_next, betas, gammas, grad_phi)
-        fkc._check_finite(inc, "the log-weight increment", i)
-        log_z += float(torch.logsumexp(normalize(log_w) + inc, 0)) if cfg.clamp is None else 0.0
-        log_w = (log_w + inc).clamp(-cfg.clamp, cfg.clamp) if cfg.clamp is not None else normalize(log_w + inc)
+    """One FKC-SMC step σ_i -> σ_{i+1}: reweight -> resample -> move. Pure: returns a new state and info."""
+    i, z, origins = state.step, state.particles, state.origins
+    pe = _evaluate(state, prior, reward, cfg, sched, historical)
+    beta = float(sched.betas[i])
+    grad_phi = beta * pe.grad if pe.grad is not None else None
+    log_w, log_z = _reweight(state, pe, prior, cfg, sched, grad_phi)
     ess = ess_of(log_w)
-    resampled = cfg.use_weights and cfg.resample != "none" and resampling.ess_threshold(log_w, cfg.ess_threshold)
+    reward_mean = float((torch.exp(normalize(log_w)) * pe.reward.double()).sum()) if cfg.guided else float("nan")
+    resampled = (cfg.guided and cfg.weights != "none" and cfg.resample != "none"
+                 and resampling.ess_threshold(log_w, cfg.ess_threshold))
     if resampled:
         idx = resampling.get_resampler(cfg.resample)(generator, log_w, z.shape[0])
-        z, eps, grad_phi = z[idx], eps[idx], grad_phi[idx]
+        z, pe, log_w = z[idx], pe.select(idx), uniform(z.shape[0])
+        grad_phi = grad_phi[idx] if grad_phi is not None else None
         origins = origins[idx] if origins is not None else None
-        log_w = uniform(z.shape[0])
-    shift = fkc.drift_shift(grad_phi, prior.g2_ds(sig, sig_next)) if cfg.guided else None
-    with torch.no_grad():
-        z_next = prior.transition(z, eps, sig, sig_next, noise_fn(i, tuple(z.shape), generator).to(z), shift=shift)
-    grad_norm = float(grad_phi.reshape(z.shape[0], -1).norm(dim=1).mean())
-    info = StepInfo(i, sig, ess, resampled, reward_mean, grad_norm,
+    noise = noise_fn(i, tuple(z.shape), generator).to(z)
+    z_next, part = _move(z, pe, prior, reward, cfg, sched, i, noise, grad_phi, historical)
+    if part is not None and i == cfg.steps - 1:
+        log_w, log_z = _accumulate(cfg, log_w, log_z, part, i)  # the last increment completes the weights
+    elif part is not None:
+        log_w = log_w + part
+    grad_norm = float(grad_phi.reshape(z.shape[0], -1).norm(dim=1).mean()) if grad_phi is not None else 0.0
+    info = StepInfo(i, float(sched.sigmas[i]), ess, resampled, reward_mean, grad_norm,
                     int(origins.unique().numel()) if origins is not None else -1)
     return SMCState(z_next.detach(), log_w, i + 1, log_z, origins), info
 
 
-def init_state(prior: Prior, num_particles: int, sigmas: torch.Tensor, generator: torch.Generator | None,
+def init_state(prior: Prior, num_particles: int, sched: fkc.Schedule, generator: torch.Generator | None,
                initial: Particles | None = None) -> SMCState:
     """Particles from the noise-end marginal (or given ones), equal weights."""
-    z = prior.sample_initial(num_particles, float(sigmas[0]), generator) if initial is None else initial
+    z = prior.sample_initial(num_particles, float(sched.sigmas[0]), generator) if initial is None else initial
     if z.shape[0] != num_particles:
-        raise ValueError(f"initial particles have {z.shape[0]} rows, expected num_particles={num_particles}")
+        raise ValueError(f"initial particles have {z.shape[0]} rows, expected particles={num_particles}")
     return SMCState(z, uniform(num_particles), 0, 0.0, torch.arange(num_particles))
 
 
-def run(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: FKCConfig, sigmas: torch.Tensor, *,
+def run(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule, *,
         generator: torch.Generator | None = None, historical: Particles | None = None,
         noise_fn: NoiseFn = _default_noise) -> Iterator[tuple[SMCState, StepInfo]]:
     """Yield (state, info) after every step until the grid is exhausted."""
-    while state.step < cfg.num_steps:
-        state, info = step(state, prior, reward, cfg, sigmas, generator=generator, historical=historical,
+    while state.step < cfg.steps:
+        state, info = step(state, prior, reward, cfg, sched, generator=generator, historical=historical,
                            noise_fn=noise_fn)
         yield state, info
 
 
-def fkc_sample(prior: Prior, reward: fkc.Reward, *, num_particles: int, num_steps: int = 25,
-               beta: tuple[float, float] = (0.5, 2.0), gamma: tuple[float, float] = (0.05, 0.0),
-               diversity: bool = False, reward_at: str = "xt", resample: str = "systematic",
-               ess_threshold: float = 0.5, generator: torch.Generator | None = None,
-               jacobian: str = "exact", beta_dot: float | None = None, use_weights: bool = True,
-               clamp: float | None = None, historical: Particles | None = None,
-               initial: Particles | None = None, noise_fn: NoiseFn = _default_noise,
-               progress: bool = False) -> SMCResult:
-    """Sample p_0·exp(β_end·r) approximately with FKC-SMC. ``reward``: [N, *event] -> [N], differentiable.
+def sampler_config(config: SamplerConfig | None = None, **overrides) -> SamplerConfig:
+    """``config`` (default: ``SamplerConfig()``) with some fields replaced; unknown names are refused."""
+    names = {f.name for f in fields(SamplerConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown sampler settings {unknown}; SamplerConfig has {sorted(names)}")
+    return replace(config or SamplerConfig(), **{k: tuple(v) if isinstance(v, list) else v
+                                                  for k, v in overrides.items()})
 
-    Returns the final particles [N, *event], normalised log-weights [N] and the per-step trace.
-    With ``beta=(0, 0)`` it is the prior's plain ancestral sampler.
+
+def fkc_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None = None, *,
+               generator: torch.Generator | None = None, historical: Particles | None = None,
+               initial: Particles | None = None, noise_fn: NoiseFn = _default_noise,
+               progress: bool = False, **overrides) -> SMCResult:
+    """Sample p_disc·exp(β_end·r) with FKC-SMC. ``reward``: [N, *event] -> [N], differentiable.
+
+    ``config`` is the whole sampler configuration; keywords named like its fields override it
+    (``fkc_sample(prior, r, particles=2048, steps=25, beta=(0.5, 2.0))``). Returns the final
+    particles [N, *event], normalised log-weights [N] and the per-step trace. With ``beta=(0, 0)``
+    it is the prior's plain ancestral sampler.
     """
-    cfg = FKCConfig(num_steps, tuple(beta), tuple(gamma), beta_dot, diversity, reward_at, jacobian, resample,
-                    ess_threshold, use_weights, clamp)
-    sigmas = prior.sigmas(num_steps)
-    state = init_state(prior, num_particles, sigmas, generator, initial)
+    cfg = sampler_config(config, **overrides)
+    sched = fkc.Schedule.of(prior, cfg)
+    state = init_state(prior, cfg.particles, sched, generator, initial)
     trace = []
-    for state, info in tqdm(run(state, prior, reward, cfg, sigmas, generator=generator, historical=historical,
-                                noise_fn=noise_fn), total=num_steps, disable=not progress, desc="fkc"):
+    for state, info in tqdm(run(state, prior, reward, cfg, sched, generator=generator, historical=historical,
+                                noise_fn=noise_fn), total=cfg.steps, disable=not progress, desc="fkc", leave=False):
         trace.append(info)
-    log_w = normalize(state.log_weights)
-    return SMCResult(state.particles, log_w, trace, state.log_normalizer, state.origins)
+    return SMCResult(state.particles, normalize(state.log_weights), trace, state.log_normalizer, state.origins)
 
 
 def sample_prior(prior: Prior, n: int, num_steps: int, generator: torch.Generator | None = None,
@@ -215,7 +231,7 @@ def sample_prior(prior: Prior, n: int, num_steps: int, generator: torch.Generato
     """n plain samples (β = 0) drawn in batches and decoded: [n, C, H, W] (or [n, *event])."""
     out = []
     for start in range(0, n, batch_size):
-        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), num_particles=min(batch_size, n - start),
-                         num_steps=num_steps, beta=(0.0, 0.0), generator=generator)
+        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), particles=min(batch_size, n - start),
+                         steps=num_steps, beta=(0.0, 0.0), generator=generator)
         out.append(prior.decode(res.particles))
     return torch.cat(out)
