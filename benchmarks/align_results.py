@@ -1,17 +1,22 @@
-"""Feedback efficiency of `apa align` on the built-in MNIST default: the report's numbers.
+"""Feedback efficiency of `apa align` against best-of-N on the built-in priors: the README's results.
 
-For each preference set and seed it runs a whole session (the command's defaults unless
-overridden) and evaluates the final batch with the oracle: preferred∧confident share, preferred
-share, confident share (quality), the smallest preferred class's share among preferred samples
-(collapse check), wall time and its split. Prints mean ± std over seeds per configuration.
+For each preference set, label-noise level and seed it runs one whole `apa align` session (the
+command's defaults unless overridden), then draws its final batch once per ``--final`` variant
+from the same session (one thing changed at a time: where the final batch starts), and runs
+the best-of-N baseline (``apa.baselines.best_of_n``, its code and settings unchanged) on the
+same simulated user, seed and budget. Every batch is judged by one evaluator (the oracle and
+real held-out images of the preferred classes): preferred∧confident share, preferred share,
+confident share, the smallest preferred class's share among preferred samples (collapse check),
+Fréchet distance of the oracle's features to real preferred images, and wall time.
 
   python benchmarks/align_results.py --prefer 1,4,7,9 0 3,8 2,5 --seeds 0,1,2 --out runs/results
-  python benchmarks/align_results.py --prefer 1,4,7,9 --preset seed --out runs/results-seed
-  python benchmarks/align_results.py --prefer 1,4,7,9 --set sampler.beta=2,8 --out runs/beta28
+  python benchmarks/align_results.py --prefer 1,4,7,9 --label-noise 0,0.1 --final noise,liked:0.3
+  python benchmarks/align_results.py --prior fashion --prefer 5,7,9 --out runs/fashion
+  python benchmarks/align_results.py --prefer 1,4,7,9 --set sampler.weights=rate --no-best-of-n
 
-``--jobs N`` runs N sessions at once in separate processes, one thread each (for a machine with
-many cores): every session is seeded, so the numbers are those of the sequential run, but the
-wall times then include the contention and are only comparable within one such run.
+``--jobs N`` runs N (set, noise, seed) jobs at once in separate processes, one thread each:
+every session is seeded, so the numbers are those of the sequential run, but the wall times
+then include the contention and are only comparable within one such run.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from apa.config import preset
 from apa.evaluation.report import write_report
 from apa.session import Session, with_overrides
 
+KEYS = ("preferred_confident_share", "preferred_share", "confident_share", "min_class_share", "fd_preferred", "wall_s")
+
 
 def parse_set(items: list[str]) -> dict[str, dict]:
     """["sampler.beta=2,8", "surrogate.kind=pixels"] -> {"sampler": {"beta": (2.0, 8.0)}, ...}."""
@@ -45,74 +52,114 @@ def parse_set(items: list[str]) -> dict[str, dict]:
     return out
 
 
-def one_run(out: Path, prefer: tuple[int, ...], seed: int, preset_name: str, overrides: dict) -> dict:
-    cfg = with_overrides(preset(preset_name), **{**overrides, "feedback": {**overrides.get("feedback", {}),
-                                                                           "prefer": prefer},
-                                                 "session": {**overrides.get("session", {}), "seed": seed}})
+def parse_final(text: str) -> tuple[str, float]:
+    """"noise" -> ("noise", 0.3); "liked:0.5" -> ("liked", 0.5)."""
+    name, _, frac = text.partition(":")
+    return name, float(frac) if frac else 0.3
+
+
+def judge(evaluator, images: torch.Tensor) -> dict:
+    """Every number of a row for one batch of images [n, 1, 28, 28] in [0, 1]."""
+    ev = evaluator(images)
+    shares = evaluator.user.evaluate(images)["preferred_class_shares"]
+    return {**{k: ev[k] for k in ("preferred_confident_share", "preferred_share", "confident_share", "fd_preferred")},
+            "min_class_share": min(shares.values()) if shares else 0.0, "class_shares": shares}
+
+
+def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, seed: int, overrides: dict,
+            finals: list[tuple[str, float]], best_of_n: bool) -> dict:
+    from apa.baselines import best_of_n as bon
+    from apa.baselines.common import generator
+    from apa.evaluation.compare import Evaluator
+
+    cfg = with_overrides(preset("default"), **{**overrides,
+                                               "prior": {**overrides.get("prior", {}), "name": prior_name},
+                                               "feedback": {**overrides.get("feedback", {}), "prefer": prefer,
+                                                            "label_noise": noise},
+                                               "session": {**overrides.get("session", {}), "seed": seed}})
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     session = Session.start(out, cfg, progress=False)
     session.run()
+    rounds_s = time.perf_counter() - t0
+    evaluator = Evaluator(session.feedback, prior_name, cfg.session.eval_samples)
+    rows = {}
+    for name, frac in finals:
+        session.cfg = with_overrides(cfg, session={"final_start": name, "restart": frac})
+        t1 = time.perf_counter()
+        images = session.final_samples()
+        rows[f"fkc/{name}" + (f":{frac:g}" if name == "liked" else "")] = {
+            **judge(evaluator, images), "wall_s": rounds_s + time.perf_counter() - t1}
+    session.cfg = cfg
     path = session.save_final()
-    wall = time.perf_counter() - t0
     write_report(session)
+    if best_of_n:
+        t1 = time.perf_counter()
+        run = bon.run(session.prior, session.feedback, cfg.session.budget, cfg.session.per_round, seed)
+        images = run.sample(cfg.session.eval_samples, generator(seed, 0, "eval"))
+        rows["best_of_n"] = {**judge(evaluator, images), "wall_s": time.perf_counter() - t1}
     with np.load(path) as z:
-        ev = session.feedback.evaluate(torch.from_numpy(z["images"]))
-    shares = ev["preferred_class_shares"]
-    curve = [(r["info"].get("eval", {}).get("preferred_confident_share")) for r in session.store.rounds()]
-    return {"prefer": list(prefer), "seed": seed, "wall_s": wall, "timings": dict(session.timings),
-            "preferred_confident": ev["preferred_confident_share"], "preferred": ev["preferred_share"],
-            "confident": ev["confident_share"], "min_class_share": min(shares.values()) if shares else 0.0,
-            "class_shares": shares, "per_round": curve}
+        assert z["images"].shape[0] == cfg.session.eval_samples
+    return {"prior": prior_name, "prefer": list(prefer), "noise": noise, "seed": seed, "rows": rows,
+            "timings": dict(session.timings)}
 
 
 def _job(job: tuple) -> dict:
-    out, prefer, seed, preset_name, overrides, threads = job
+    *args, threads = job
     torch.set_num_threads(threads)
-    return one_run(out, prefer, seed, preset_name, overrides)
+    return one_job(*args)
 
 
-def summarise(rows: list[dict], key: str) -> str:
-    vals = [r[key] for r in rows]
-    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
+def summarise(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def print_table(results: list[dict]) -> None:
+    print("| prior | prefer | label noise | method | preferred & confident | preferred | confident "
+          "| smallest preferred class | FD to real preferred | wall s |\n|---|---|---|---|---|---|---|---|---|---|")
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["prior"], ",".join(map(str, r["prefer"])), r["noise"]), []).append(r)
+    for (prior, pref, noise), runs in groups.items():
+        for method in runs[0]["rows"]:
+            cells = [summarise([r["rows"][method][k] for r in runs]) for k in KEYS]
+            print(f"| {prior} | {{{pref}}} | {noise:g} | {method} | " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prior", default="mnist", choices=("mnist", "fashion"))
     ap.add_argument("--prefer", nargs="+", default=["1,4,7,9"])
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--preset", default="default")
+    ap.add_argument("--label-noise", default="0", help="comma list of flip probabilities, e.g. 0,0.1")
+    ap.add_argument("--final", default="noise,liked:0.3",
+                    help="final-batch variants drawn from each session: noise | liked:FRACTION, comma list")
+    ap.add_argument("--no-best-of-n", dest="best_of_n", action="store_false")
     ap.add_argument("--set", nargs="*", default=[], help="overrides like sampler.beta=2,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/results")
-    ap.add_argument("--jobs", type=int, default=1, help="sessions at once, in separate processes")
+    ap.add_argument("--jobs", type=int, default=1, help="jobs at once, in separate processes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     overrides = parse_set(args.set)
+    finals = [parse_final(f) for f in args.final.split(",")]
     root = Path(args.out)
-    results = []
-    print(f"preset {args.preset}, overrides {overrides}\n")
-    print("| prefer | seeds | preferred & confident | preferred | confident | smallest preferred class | wall s |")
-    print("|---|---|---|---|---|---|---|")
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [(root / f"p{pref.replace(',', '')}_s{s}", tuple(int(c) for c in pref.split(",")), s, args.preset,
-             overrides, args.threads) for pref in args.prefer for s in seeds]
+    noises = [float(p) for p in args.label_noise.split(",")]
+    threads = 1 if args.jobs > 1 else args.threads
+    jobs = [(root / f"{args.prior}_p{pref.replace(',', '')}_n{noise:g}_s{s}", args.prior,
+             tuple(int(c) for c in pref.split(",")), noise, s, overrides, finals, args.best_of_n, threads)
+            for pref in args.prefer for noise in noises for s in seeds]
+    print(f"prior {args.prior}, overrides {overrides}, seeds {seeds}\n", flush=True)
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            done = pool.map(_job, jobs, chunksize=1)
+            results = pool.map(_job, jobs, chunksize=1)
     else:
-        done = map(_job, jobs)
-    done = iter(done)
-    for pref in args.prefer:
-        rows = [next(done) for _ in seeds]
-        results.extend(rows)
-        print(f"| {{{pref}}} | {args.seeds} | {summarise(rows, 'preferred_confident')} | {summarise(rows, 'preferred')} "
-              f"| {summarise(rows, 'confident')} | {summarise(rows, 'min_class_share')} | {summarise(rows, 'wall_s')} |",
-              flush=True)
+        results = [_job(j) for j in jobs]
+    print_table(results)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "results.json").write_text(json.dumps({"preset": args.preset, "overrides": args.set, "runs": results},
-                                                  indent=2, default=str))
+    (root / "results.json").write_text(json.dumps({"overrides": args.set, "runs": results}, indent=2, default=str))
 
 
 if __name__ == "__main__":

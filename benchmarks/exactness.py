@@ -11,15 +11,13 @@ error of N i.i.d. draws from the target (the Monte Carlo floor), for:
   rate      the SPEC's continuous-time rate integrated per step (``weights="rate"``, the seed's form)
   guidance  the FKC drift with no weights at all
 
-and the seconds per run of ``exact`` against ``rate``, measured side by side in one process.
-Run: ``python benchmarks/exactness.py [--seeds 6] [--ns 4096] [--steps 10,25,100]``.
+(``benchmarks/overhead.py`` times exact against rate weights, interleaved in one process.) Run: ``python benchmarks/exactness.py [--seeds 6] [--ns 4096] [--steps 10,25,100]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import time
 
 import torch
 
@@ -75,16 +73,14 @@ def iid_floor(target: GaussianMixturePrior, pool: tuple[torch.Tensor, torch.Tens
     return rms([errors(statistics(target, d, uniform), ref) for d in draws])
 
 
-def run_method(prior, target, ref, n: int, steps: int, seeds: int, settings: dict) -> tuple[dict, float]:
-    """(RMS errors over seeds, seconds per run) of one sampler variant."""
-    errs, seconds = [], 0.0
+def run_method(prior, target, ref, n: int, steps: int, seeds: int, settings: dict) -> dict[str, float]:
+    """RMS errors over seeds of one sampler variant."""
+    errs = []
     for s in range(seeds):
-        t0 = time.perf_counter()
         res = fkc_sample(prior, lambda z: z @ A, particles=n, steps=steps, beta=BETA,
                          generator=torch.Generator().manual_seed(100 + s), **settings)
-        seconds += time.perf_counter() - t0
         errs.append(errors(statistics(target, res.particles, res.log_weights), ref))
-    return rms(errs), seconds / seeds
+    return rms(errs)
 
 
 def run(ns: list[int], steps_list: list[int], seeds: int, ref_size: int) -> list[dict]:
@@ -97,14 +93,14 @@ def run(ns: list[int], steps_list: list[int], seeds: int, ref_size: int) -> list
         for n in ns:
             row = {"N": n, "steps": steps, "floor": iid_floor(target, pool, ref, n, max(seeds, 20))}
             for name, settings in METHODS.items():
-                row[name], row[f"{name}_s"] = run_method(prior, target, ref, n, steps, seeds, settings)
+                row[name] = run_method(prior, target, ref, n, steps, seeds, settings)
             table.append(row)
             print_row(row)
     return table
 
 
 HEADER = ("| steps |    N | floor comp / mean | exact comp / mean (x floor) | exact-ẑ0 (x floor) | rate (x floor) "
-          "| guidance (x floor) | time exact / rate |\n|---|---|---|---|---|---|---|---|")
+          "| guidance (x floor) |\n|---|---|---|---|---|---|---|")
 
 
 def _cell(r: dict, name: str) -> str:
@@ -115,8 +111,7 @@ def _cell(r: dict, name: str) -> str:
 def print_row(r: dict) -> None:
     f = r["floor"]
     print(f"| {r['steps']:5d} | {r['N']:4d} | {f['comp']:.4f} / {f['mean']:.4f} | {_cell(r, 'exact')} "
-          f"| {_cell(r, 'exact-ẑ0')} | {_cell(r, 'rate')} | {_cell(r, 'guidance')} "
-          f"| {r['exact_s'] / r['rate_s']:.2f}x |", flush=True)
+          f"| {_cell(r, 'exact-ẑ0')} | {_cell(r, 'rate')} | {_cell(r, 'guidance')} |", flush=True)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import importlib.util
 import sqlite3
 import sys
@@ -47,10 +48,11 @@ ALIGN_FLAGS: dict[str, tuple[type, str]] = {
     "feedback": (FeedbackConfig, "name"), "prefer": (FeedbackConfig, "prefer"), "mode": (FeedbackConfig, "mode"),
     "oracle_weights": (FeedbackConfig, "oracle_weights"), "users": (FeedbackConfig, "users"),
     "temperature": (FeedbackConfig, "temperature"), "clip_model": (FeedbackConfig, "clip_model"),
-    "clip_weights": (FeedbackConfig, "clip_weights"),
+    "clip_weights": (FeedbackConfig, "clip_weights"), "label_noise": (FeedbackConfig, "label_noise"),
     "budget": (SessionConfig, "budget"), "per_round": (SessionConfig, "per_round"),
     "acquisition": (SessionConfig, "acquisition"), "seed": (SessionConfig, "seed"),
-    "eval_samples": (SessionConfig, "eval_samples"),
+    "eval_samples": (SessionConfig, "eval_samples"), "final_start": (SessionConfig, "final_start"),
+    "restart": (SessionConfig, "restart"),
 }
 SECTION_OF = {PriorConfig: "prior", SamplerConfig: "sampler", SurrogateConfig: "surrogate",
               FeedbackConfig: "feedback", SessionConfig: "session"}
@@ -184,6 +186,12 @@ def cmd_align(args: argparse.Namespace) -> None:
     session.save_final()
     report = write_report(session)
     print(f"session complete: {session.store.spent()} ratings; report -> {report}")
+    final = json.loads(report.with_suffix(".json").read_text())
+    if final.get("final", {}).get("preferred_confident_share") is not None:
+        print(f"final batch: preferred and confident {final['final']['preferred_confident_share']:.3f}, "
+              f"preferred classes {final['final'].get('preferred_class_shares')}")
+    if final.get("collapse_warning"):
+        print(final["collapse_warning"], file=sys.stderr)
 
 
 def cmd_evaluate_prior(args: argparse.Namespace) -> None:

@@ -106,6 +106,7 @@ class FeedbackConfig:
     oracle_weights: str | None = None
     users: tuple[str, ...] | None = None  # clip / imagenet users; None: the source's own default (clip: the seed's apple, grape, banana)
     temperature: float = 10.0  # clip softmax temperature (seed)
+    label_noise: float = 0.0  # simulated users only: each answer is flipped on its scale with this probability
     clip_model: str = "ViT-L-14"
     clip_weights: str | None = None
 
@@ -117,6 +118,13 @@ class SessionConfig:
     acquisition: str = "diverse"  # measured; seed: "weight" (the top-k weights). weight | random | ucb | diverse
     seed: int = 0
     eval_samples: int = 256  # final evaluation batch, resampled to equal weights
+    final_start: str = "noise"  # "liked": the final batch restarts from the liked rated images; "noise": the noise end
+    restart: float = 0.3  # with final_start="liked": the liked images are noised to the grid point that leaves
+    #                       this fraction of the steps (25 steps: the last 8, from σ at t≈291 of 1000)
+
+
+LEGACY = {("sampler", "weights"): "rate", ("session", "final_start"): "noise"}  # what a stored config
+#         written before a field existed meant, so that an old session resumes to the same result
 
 
 @dataclass(frozen=True)
@@ -138,9 +146,9 @@ class AlignConfig:
         unknown = set(d) - set(parts)
         if unknown:
             raise ValueError(f"unknown config sections {sorted(unknown)}; expected {sorted(parts)}")
-        sampler = d.get("sampler", {})
-        if "sampler" in d and "weights" not in sampler:  # stored before exact weights existed: the rate form
-            d = {**d, "sampler": {**sampler, "weights": "rate"}}
+        for (section, name), value in LEGACY.items():
+            if section in d and name not in d[section]:  # stored before the field existed
+                d = {**d, section: {**d[section], name: value}}
         return cls(**{name: _from(kinds[name], d.get(name, {})) for name in kinds})
 
     def save(self, path: Path) -> None:
@@ -169,7 +177,7 @@ def preset(name: str, base: AlignConfig | None = None) -> AlignConfig:
                        sampler=replace(base.sampler, reward_at="tweedie", jacobian="identity", resample="none", weights="rate",
                                        clamp=100.0, beta_dot=1.0, beta=(0.5, 2.0), gamma=(0.05, 0.0)),
                        feedback=replace(base.feedback, users=("apple", "grape", "banana"), temperature=10.0),
-                       session=replace(base.session, acquisition="weight"),
+                       session=replace(base.session, acquisition="weight", final_start="noise"),
                        surrogate=replace(base.surrogate, kind="pixels", ensemble=1, epochs=200, batch_size=32,
                                          lr=1e-3, ceiling=None))
     raise ValueError(f"unknown preset {name!r}; choose 'default' or 'seed'")

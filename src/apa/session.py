@@ -22,14 +22,14 @@ import torch
 
 from apa import acquisition
 from apa.config import AlignConfig
-from apa.feedback.base import FeedbackSource, check_scores
+from apa.feedback.base import FeedbackSource, check_scores, with_label_noise
 from apa.registry import FEEDBACK, PRIORS
 from apa.smc.sampler import SMCResult, fkc_sample
 from apa.store import SessionStore, StoreError
 from apa.surrogate.fit import FitConfig, fit
 from apa.surrogate.model import Ensemble, FeatureSurrogate, LatentSurrogate
 
-PURPOSES = {"sample": 1, "select": 2, "init": 3, "fit": 4, "final": 5}
+PURPOSES = {"sample": 1, "select": 2, "init": 3, "fit": 4, "final": 5, "restart": 6}
 _FAILPOINT = {"count": 0}
 
 
@@ -96,7 +96,10 @@ class Session:
     def components(cfg: AlignConfig) -> tuple[Any, FeedbackSource | None]:
         """Build the prior and the feedback source (errors here happen before anything is written)."""
         prior = PRIORS.create(cfg.prior.name, vars(cfg.prior))
-        return prior, FEEDBACK.create(cfg.feedback.name, vars(cfg.feedback), prior)
+        source = FEEDBACK.create(cfg.feedback.name, vars(cfg.feedback), prior)
+        if cfg.feedback.label_noise and cfg.feedback.name == "human":
+            raise SessionError("--label-noise simulates a user who errs; a person's own ratings are not flipped")
+        return prior, with_label_noise(source, cfg.feedback.label_noise, cfg.session.seed)
 
     @classmethod
     def start(cls, out: Path, cfg: AlignConfig, progress: bool = True) -> "Session":
@@ -148,14 +151,16 @@ class Session:
 
     # ------------------------------------------------------------ one round
 
-    def sample(self, surrogate: Ensemble | None, n: int, gen: torch.Generator) -> SMCResult:
-        """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback)."""
+    def sample(self, surrogate: Ensemble | None, n: int, gen: torch.Generator, initial: torch.Tensor | None = None,
+               start_step: int = 0) -> SMCResult:
+        """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback), from the
+        noise end or from ``initial`` particles [n, *event] at grid point ``start_step``."""
         sc = self.cfg.sampler
         cfg = replace(sc, particles=n, beta=sc.beta if surrogate is not None else (0.0, 0.0),
                       weights=sc.weights if self.use_weights else "none")
         history = self.history_particles() if sc.diversity and sc.diversity_history else None
         return fkc_sample(self.prior, self.reward(surrogate), cfg, historical=history, generator=gen,
-                          progress=self.progress)
+                          initial=initial, start_step=start_step, progress=self.progress)
 
     def reward(self, surrogate: Ensemble | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The sampler's reward: the surrogate capped at ``surrogate.ceiling`` (on the [-1, 1] rating
@@ -291,10 +296,29 @@ class Session:
         n = n or self.cfg.session.eval_samples
         last = len(self.store.rounds()) - 1
         surrogate = self.surrogate_after(last)
+        seed = self.cfg.session.seed
+        initial, start = self.final_start(n, generator(seed, last + 1, "restart"))
         with self.timer("final_sampling"):
-            res = self.sample(surrogate, n, generator(self.cfg.session.seed, last + 1, "final"))
+            res = self.sample(surrogate, n, generator(seed, last + 1, "final"), initial=initial, start_step=start)
         with torch.no_grad():
-            return self.prior.decode(res.resample(n, generator(self.cfg.session.seed, last + 1, "select")))
+            return self.prior.decode(res.resample(n, generator(seed, last + 1, "select")))
+
+    def final_start(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor | None, int]:
+        """Where the final batch starts: the noise end (None, 0), or, with ``final_start="liked"``,
+        n draws from the liked rated particles noised to σ_k, k = steps − round(restart·steps):
+        z = x0 + σ_k·ξ ([n, *event], k). The sampler then targets the prior's plain sampler from
+        those particles tilted by exp(β_end·r): best-of-N's refinement, reweighted by the surrogate."""
+        sc, steps = self.cfg.session, self.cfg.sampler.steps
+        if sc.final_start == "noise":
+            return None, 0
+        x, y = self.training_data()
+        liked = x[y > 0]
+        k = steps - round(sc.restart * steps)
+        if liked.shape[0] == 0 or k <= 0:
+            return None, 0  # nothing liked yet: the noise end
+        sigma = float(self.prior.sigmas(steps)[k])
+        pick = liked[torch.randint(0, liked.shape[0], (n,), generator=gen)]
+        return pick + sigma * torch.randn(pick.shape, generator=gen).to(pick), k
 
     def save_final(self, n: int | None = None) -> Path:
         images = self.final_samples(n).float().numpy()

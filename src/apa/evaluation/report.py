@@ -42,6 +42,22 @@ def final_eval(session, path: Path) -> dict[str, Any]:
         return evaluate(torch.from_numpy(z["images"]))
 
 
+COLLAPSE_SHARE = 0.10  # a preferred class under this share of the preferred samples counts as collapsed
+
+
+def collapse_warning(final: dict[str, Any]) -> str | None:
+    """A one-line warning when a multi-class preference lost a class in the final batch, else None."""
+    shares = final.get("preferred_class_shares") or {}
+    if len(shares) < 2 or not final.get("preferred_confident_share"):
+        return None
+    low = {c: v for c, v in shares.items() if v < COLLAPSE_SHARE}
+    if not low:
+        return None
+    named = ", ".join(f"class {c} at {100 * v:.0f}%" for c, v in sorted(low.items(), key=lambda kv: kv[1]))
+    return (f"collapse warning: {named} of the preferred samples (under {100 * COLLAPSE_SHARE:.0f}%); "
+            "the final batch under-represents part of the preference")
+
+
 def plot_share(rows: list[dict], final: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     spent = [r["feedback_spent"] for r in rows if r["eval"]]
@@ -93,6 +109,9 @@ def markdown(cfg: dict, rows: list[dict], final: dict, images: list[str]) -> str
                   f"{final.get('confident_share', float('nan')):.3f}",
                   f"- preferred classes among preferred samples: {final.get('preferred_class_shares')}",
                   f"- class histogram (confident): {final.get('class_histogram')}"]
+        warning = collapse_warning(final)
+        if warning:
+            lines += ["", f"> **{warning}**"]
     lines += ["", *[f"![{Path(p).stem}]({p})" for p in images]]
     return "\n".join(lines) + "\n"
 
@@ -117,7 +136,8 @@ def write_report(session) -> Path:
         with np.load(root / "final_samples.npz") as z:
             save_grid(torch.from_numpy(z["images"][:64]), root / "grids" / "final.png", nrow=8)
         images.append("grids/final.png")
-    report = {"config": cfg, "rounds": rows, "final": final, "timings": getattr(session, "timings", {})}
+    report = {"config": cfg, "rounds": rows, "final": final, "collapse_warning": collapse_warning(final),
+              "timings": getattr(session, "timings", {})}
     (root / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (root / "report.md").write_text(markdown(cfg, rows, final, images))
     return root / "report.md"

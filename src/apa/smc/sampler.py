@@ -177,12 +177,16 @@ def step(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, 
 
 
 def init_state(prior: Prior, num_particles: int, sched: fkc.Schedule, generator: torch.Generator | None,
-               initial: Particles | None = None) -> SMCState:
-    """Particles from the noise-end marginal (or given ones), equal weights."""
+               initial: Particles | None = None, start_step: int = 0) -> SMCState:
+    """Particles from the noise-end marginal (or given ones at grid point ``start_step``), equal weights."""
+    if not 0 <= start_step < len(sched.sigmas) - 1:
+        raise ValueError(f"start_step must be in [0, {len(sched.sigmas) - 2}], got {start_step}")
+    if initial is None and start_step:
+        raise ValueError("a run that starts after the noise end (start_step > 0) needs its initial particles")
     z = prior.sample_initial(num_particles, float(sched.sigmas[0]), generator) if initial is None else initial
     if z.shape[0] != num_particles:
         raise ValueError(f"initial particles have {z.shape[0]} rows, expected particles={num_particles}")
-    return SMCState(z, uniform(num_particles), 0, 0.0, torch.arange(num_particles))
+    return SMCState(z, uniform(num_particles), start_step, 0.0, torch.arange(num_particles))
 
 
 def run(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule, *,
@@ -207,21 +211,24 @@ def sampler_config(config: SamplerConfig | None = None, **overrides) -> SamplerC
 
 def fkc_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None = None, *,
                generator: torch.Generator | None = None, historical: Particles | None = None,
-               initial: Particles | None = None, noise_fn: NoiseFn = _default_noise,
+               initial: Particles | None = None, start_step: int = 0, noise_fn: NoiseFn = _default_noise,
                progress: bool = False, **overrides) -> SMCResult:
     """Sample p_disc·exp(β_end·r) with FKC-SMC. ``reward``: [N, *event] -> [N], differentiable.
 
     ``config`` is the whole sampler configuration; keywords named like its fields override it
     (``fkc_sample(prior, r, particles=2048, steps=25, beta=(0.5, 2.0))``). Returns the final
     particles [N, *event], normalised log-weights [N] and the per-step trace. With ``beta=(0, 0)``
-    it is the prior's plain ancestral sampler.
+    it is the prior's plain ancestral sampler. ``initial`` particles [N, *event] replace the draw
+    from the noise end; with ``start_step`` k they stand at σ_k and the run takes steps k..S−1
+    (its target is then the plain sampler's law from those particles, tilted by exp(φ_N)).
     """
     cfg = sampler_config(config, **overrides)
     sched = fkc.Schedule.of(prior, cfg)
-    state = init_state(prior, cfg.particles, sched, generator, initial)
+    state = init_state(prior, cfg.particles, sched, generator, initial, start_step)
     trace = []
     for state, info in tqdm(run(state, prior, reward, cfg, sched, generator=generator, historical=historical,
-                                noise_fn=noise_fn), total=cfg.steps, disable=not progress, desc="fkc", leave=False):
+                                noise_fn=noise_fn), total=cfg.steps - start_step, disable=not progress, desc="fkc",
+                            leave=False):
         trace.append(info)
     return SMCResult(state.particles, normalize(state.log_weights), trace, state.log_normalizer, state.origins)
 
