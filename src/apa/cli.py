@@ -173,25 +173,35 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_align(args: argparse.Namespace) -> None:
+    import time
+
     from apa.evaluation.report import write_report
+    from apa.evaluation.summary import RoundProgress, closing_summary, summary_lines
     from apa.session import Session
 
+    t0 = time.perf_counter()
+    talk = not (args.quiet or args.json)
     if args.resume:
-        session = Session.resume(Path(args.resume))
+        session = Session.resume(Path(args.resume), progress=talk)
     else:
         if not args.out:
             raise ValueError("give --out DIR for a new session, or --resume DIR to continue one")
-        session = Session.start(Path(args.out), config_from_args(args))
-    session.run()
+        session = Session.start(Path(args.out), config_from_args(args), progress=talk)
+    bar = RoundProgress(session, enabled=talk)
+    try:
+        session.run(on_round=bar.update)
+    finally:
+        bar.close()
     session.save_final()
     report = write_report(session)
-    print(f"session complete: {session.store.spent()} ratings; report -> {report}")
-    final = json.loads(report.with_suffix(".json").read_text())
-    if final.get("final", {}).get("preferred_confident_share") is not None:
-        print(f"final batch: preferred and confident {final['final']['preferred_confident_share']:.3f}, "
-              f"preferred classes {final['final'].get('preferred_class_shares')}")
-    if final.get("collapse_warning"):
-        print(final["collapse_warning"], file=sys.stderr)
+    summary = closing_summary(json.loads(report.with_suffix(".json").read_text()), time.perf_counter() - t0,
+                              str(report))
+    if args.json:
+        print(json.dumps(summary))
+    elif not args.quiet:
+        print("\n".join(summary_lines(summary)))
+    if summary["collapse_warning"] and not talk:
+        print(summary["collapse_warning"], file=sys.stderr)
 
 
 def cmd_evaluate_prior(args: argparse.Namespace) -> None:
@@ -241,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue the session in this directory")
     p.add_argument("--preset", choices=["default", "seed"], default="default",
                    help="default: this project's measured defaults; seed: every value of the seed design")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no summary (errors and warnings only)")
+    p.add_argument("--json", action="store_true", help="print the closing summary as one JSON object, nothing else")
     add_align_flags(p)
     p.set_defaults(func=cmd_align)
 

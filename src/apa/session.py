@@ -152,7 +152,7 @@ class Session:
     # ------------------------------------------------------------ one round
 
     def sample(self, surrogate: Ensemble | None, n: int, gen: torch.Generator, initial: torch.Tensor | None = None,
-               start_step: int = 0) -> SMCResult:
+               start_step: int = 0, desc: str = "sampling") -> SMCResult:
         """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback), from the
         noise end or from ``initial`` particles [n, *event] at grid point ``start_step``."""
         sc = self.cfg.sampler
@@ -160,7 +160,7 @@ class Session:
                       weights=sc.weights if self.use_weights else "none")
         history = self.history_particles() if sc.diversity and sc.diversity_history else None
         return fkc_sample(self.prior, self.reward(surrogate), cfg, historical=history, generator=gen,
-                          initial=initial, start_step=start_step, progress=self.progress)
+                          initial=initial, start_step=start_step, progress=self.progress, desc=desc)
 
     def reward(self, surrogate: Ensemble | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The sampler's reward: the surrogate capped at ``surrogate.ceiling`` (on the [-1, 1] rating
@@ -176,7 +176,8 @@ class Session:
         seed = self.cfg.session.seed
         surrogate = self.surrogate_after(r - 1)
         with self.timer("sampling"):
-            res = self.sample(surrogate, self.cfg.sampler.particles, generator(seed, r, "sample"))
+            res = self.sample(surrogate, self.cfg.sampler.particles, generator(seed, r, "sample"),
+                              desc=f"sampling round {r + 1}")
         k = min(self.cfg.session.per_round, self.cfg.session.budget - self.store.spent())
         cand = acquisition.Candidates(res.particles, res.log_weights, surrogate,
                                       surrogate.spread if surrogate is not None else None)
@@ -222,16 +223,33 @@ class Session:
             self.store.complete_round(r, None, None, self.evaluate_round(r))
             failpoint()
             return None
+        heldout = self.heldout_score(r)
         model = self.new_surrogate(r)
         sc = self.cfg.surrogate
         with self.timer("surrogate_fit"):
             loss = fit(model, x, y, FitConfig(sc.epochs, sc.batch_size, sc.lr), generator(self.cfg.session.seed, r, "fit"))
         with self.timer("evaluation"):
-            info = self.evaluate_round(r)
+            info = {**self.evaluate_round(r), **({"surrogate_heldout": heldout} if heldout else {})}
         with self.timer("io"):
             self.store.complete_round(r, loss, {k: v for k, v in model.state_dict().items()}, info)
         failpoint()
         return loss
+
+    def heldout_score(self, r: int) -> dict[str, float] | None:
+        """How well the surrogate fitted before round r predicted round r's ratings, before seeing them:
+        the share of ratings on the same side of the scale's midpoint (accuracy) and the mean absolute
+        error on the [-1, 1] scale, over the n images rated. None when there is nothing to score."""
+        surrogate = self.surrogate_after(r - 1) if r > 0 else None
+        rated = [x for x in self.store.ratings(r) if x["score"] is not None]
+        if surrogate is None or not rated:
+            return None
+        x = self.store.round_tensors(r)["particles"][torch.tensor([x["particle"] for x in rated])]
+        y = normalise_scores(torch.tensor([x["score"] for x in rated], dtype=torch.float32),
+                             getattr(self.feedback, "scale", (-1.0, 1.0)))
+        with torch.no_grad():
+            pred = surrogate(x).reshape(-1).float().cpu()
+        return {"accuracy": float(((pred > 0) == (y > 0)).float().mean()), "mae": float((pred - y).abs().mean()),
+                "n": len(rated)}
 
     def evaluate_round(self, r: int) -> dict[str, Any]:
         """The simulated user's view of the round's weighted population (no feedback is spent)."""
@@ -299,7 +317,8 @@ class Session:
         seed = self.cfg.session.seed
         initial, start = self.final_start(n, generator(seed, last + 1, "restart"))
         with self.timer("final_sampling"):
-            res = self.sample(surrogate, n, generator(seed, last + 1, "final"), initial=initial, start_step=start)
+            res = self.sample(surrogate, n, generator(seed, last + 1, "final"), initial=initial, start_step=start,
+                              desc="final batch")
         with torch.no_grad():
             return self.prior.decode(res.resample(n, generator(seed, last + 1, "select")))
 

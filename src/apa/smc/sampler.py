@@ -212,7 +212,7 @@ def sampler_config(config: SamplerConfig | None = None, **overrides) -> SamplerC
 def fkc_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None = None, *,
                generator: torch.Generator | None = None, historical: Particles | None = None,
                initial: Particles | None = None, start_step: int = 0, noise_fn: NoiseFn = _default_noise,
-               progress: bool = False, **overrides) -> SMCResult:
+               progress: bool = False, desc: str = "fkc", **overrides) -> SMCResult:
     """Sample p_disc·exp(β_end·r) with FKC-SMC. ``reward``: [N, *event] -> [N], differentiable.
 
     ``config`` is the whole sampler configuration; keywords named like its fields override it
@@ -227,7 +227,7 @@ def fkc_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None = 
     state = init_state(prior, cfg.particles, sched, generator, initial, start_step)
     trace = []
     for state, info in tqdm(run(state, prior, reward, cfg, sched, generator=generator, historical=historical,
-                                noise_fn=noise_fn), total=cfg.steps - start_step, disable=not progress, desc="fkc",
+                                noise_fn=noise_fn), total=cfg.steps - start_step, disable=not progress, desc=desc,
                             leave=False):
         trace.append(info)
     return SMCResult(state.particles, normalize(state.log_weights), trace, state.log_normalizer, state.origins)
