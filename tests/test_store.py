@@ -29,8 +29,10 @@ def test_round_trip(store):
     row = store.rounds()[0]
     assert row["status"] == "complete" and row["fit_loss"] == 0.5 and row["info"] == {"ess": [4.0], "eval": {"a": 1}}
     assert torch.equal(store.load_surrogate(0)["w"], torch.ones(3))
-    reopened = SessionStore.open(store.root)
-    assert reopened.ratings() == store.ratings()
+    assert SessionStore.read(store.root).ratings() == store.ratings()
+    expected = store.ratings()
+    store.close()
+    assert SessionStore.open(store.root).ratings() == expected
 
 
 @pytest.mark.parametrize("args, match", [((0, 0, math.nan), "finite"), ((0, 5, 1.0), "no image 5"),
@@ -76,7 +78,7 @@ def test_open_refuses_foreign_and_damaged_directories(tmp_path, store):
     with pytest.raises(StoreError, match="damaged"):
         SessionStore.open(damaged)
     assert _digest(damaged / "session.sqlite") == digest
-    assert SessionStore.open(store.root).rounds()  # the good one still opens
+    assert SessionStore.open(store.root).rounds()  # the good one still opens (closed: its lock is free)
     assert db.exists()
 
 

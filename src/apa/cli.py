@@ -21,8 +21,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from apa.session import SessionError
     from apa.store import StoreError
 
-    return (FileNotFoundError, ValueError, KeyError, FloatingPointError, DataError, StoreError, SessionError,
-            sqlite3.Error)
+    return (OSError, ValueError, KeyError, FloatingPointError, DataError, StoreError, SessionError, sqlite3.Error)
 
 
 # ---------------------------------------------------------------- align flags, one per config field
@@ -102,7 +101,8 @@ def add_align_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> AlignConfig:
-    cfg = preset(args.preset)
+    """The whole configuration the flags give; each section checks its fields as it is built (ValueError)."""
+    cfg = preset(getattr(args, "preset", None) or "default")
     updates: dict[str, dict] = {}
     given = vars(args)  # flags not given are absent (SUPPRESS), so "--clamp none" can set None
     for flag, (kind, name) in ALIGN_FLAGS.items():
@@ -169,20 +169,44 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"{len(imgs)} samples -> {args.out}")
 
 
-def cmd_align(args: argparse.Namespace) -> None:
-    from apa.evaluation.report import write_report
+RESUME_FLAGS = ("budget",)  # the flags --resume accepts: --budget raises a session's budget
+
+
+def refused_on_resume(args: argparse.Namespace) -> list[str]:
+    """The flags given with --resume that would change the stored session (all but RESUME_FLAGS)."""
+    given = vars(args)
+    names = (["out"] if args.out else []) + (["preset"] if given.get("preset") else [])
+    names += [f for f in ALIGN_FLAGS if f in given and f not in RESUME_FLAGS]
+    return ["--" + f.replace("_", "-") for f in names]
+
+
+def open_session(args: argparse.Namespace):
+    """The session `apa align` runs: resumed (its budget raised if --budget is given) or new. The whole
+    configuration is built, and so checked, before anything is written."""
     from apa.session import Session
 
     if args.resume:
-        session = Session.resume(Path(args.resume))
-    else:
-        if not args.out:
-            raise ValueError("give --out DIR for a new session, or --resume DIR to continue one")
-        session = Session.start(Path(args.out), config_from_args(args))
-    session.run()
-    session.save_final()
-    report = write_report(session)
-    print(f"session complete: {session.store.spent()} ratings; report -> {report}")
+        refused = refused_on_resume(args)
+        if refused:
+            raise ValueError(f"--resume continues a session with the settings it was made with; drop {', '.join(refused)} "
+                             "(only --budget may be given, to raise its budget)")
+        return Session.resume(Path(args.resume), budget=getattr(args, "budget", None))
+    if not args.out:
+        raise ValueError("give --out DIR for a new session, or --resume DIR to continue one")
+    return Session.start(Path(args.out), config_from_args(args))
+
+
+def cmd_align(args: argparse.Namespace) -> None:
+    from apa.evaluation.report import write_report
+
+    session = open_session(args)
+    try:
+        session.run()
+        session.save_final()
+        report = write_report(session)
+        print(f"session complete: {session.store.spent()} ratings; report -> {report}")
+    finally:
+        session.store.close()  # releases the session's lock
 
 
 def cmd_evaluate_prior(args: argparse.Namespace) -> None:
@@ -230,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("align", help="one user's active alignment session, end to end")
     p.add_argument("--out", help="the session directory to create")
     p.add_argument("--resume", help="continue the session in this directory")
-    p.add_argument("--preset", choices=["default", "seed"], default="default",
+    p.add_argument("--preset", choices=["default", "seed"], default=None,
                    help="default: this project's measured defaults; seed: every value of the seed design")
     add_align_flags(p)
     p.set_defaults(func=cmd_align)
@@ -258,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except _user_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"apa: error: {msg}", file=sys.stderr)
+        print(f"apa: error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -8,9 +8,39 @@ restores every seed value.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+NUM_TIMESTEPS = 1000  # training timesteps of every built-in prior (DDPM and SD 1.5): --feature-t is one of them
+MIN_EVAL_SAMPLES = 2  # the final evaluation's statistics need at least two images
+
+
+def _require(ok: bool, message: str) -> None:
+    """Refuse a setting: ``message`` says which flag was wrong and what it must be."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _at_least(flag: str, v: Any, low: int) -> None:
+    _require(_whole(v) and v >= low, f"{flag} must be a whole number of at least {low}, got {v!r}")
+
+
+def _finite(flag: str, v: Any) -> None:
+    _require(_number(v) and math.isfinite(v), f"{flag} must be a finite number, got {v!r}")
+
+
+def _choice(flag: str, v: Any, choices: tuple[str, ...]) -> None:
+    _require(v in choices, f"unknown {flag} {v!r}; choose one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -25,6 +55,14 @@ class PriorConfig:
     width: int = 512
     device: str | None = None  # None: cuda when available, else cpu
     init: str = "noise"  # "noise" | "prompt" (the seed's start for SD 1.5)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and bool(self.name), f"--prior must name a prior, got {self.name!r}")
+        _finite("--guidance-scale", self.guidance_scale)
+        for flag, v in (("--height", self.height), ("--width", self.width)):
+            _require(_whole(v) and v >= 8 and v % 8 == 0,
+                     f"{flag} must be a positive multiple of 8 (pixels), got {v!r}")
+        _choice("--init", self.init, ("noise", "prompt"))
 
 
 @dataclass(frozen=True)
@@ -53,6 +91,18 @@ class SurrogateConfig:
     feature_t: int = 200  # timestep at which the prior's features are read
     ceiling: float | None = 0.5  # measured: r = min(r_θ, ceiling) on the [-1, 1] rating scale; seed: None
 
+    def __post_init__(self) -> None:
+        _choice("--surrogate", self.kind, ("pixels", "features"))
+        _at_least("--ensemble", self.ensemble, 1)
+        _at_least("--epochs", self.epochs, 1)
+        _at_least("--fit-batch-size", self.batch_size, 1)
+        _require(_number(self.lr) and math.isfinite(self.lr) and self.lr > 0,
+                 f"--lr must be a positive finite number, got {self.lr!r}")
+        _require(_whole(self.feature_t) and 0 <= self.feature_t < NUM_TIMESTEPS,
+                 f"--feature-t must be a timestep from 0 to {NUM_TIMESTEPS - 1}, got {self.feature_t!r}")
+        if self.ceiling is not None:
+            _finite("--ceiling", self.ceiling)
+
 
 @dataclass(frozen=True)
 class FeedbackConfig:
@@ -65,6 +115,14 @@ class FeedbackConfig:
     clip_model: str = "ViT-L-14"
     clip_weights: str | None = None
 
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and bool(self.name), f"--feedback must name a source, got {self.name!r}")
+        _require(all(_whole(c) and c >= 0 for c in self.prefer),
+                 f"--prefer must list class numbers from 0, like 1,4,7,9; got {self.prefer!r}")
+        _choice("--mode", self.mode, ("binary", "graded"))
+        _require(_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0,
+                 f"--temperature must be a positive finite number, got {self.temperature!r}")
+
 
 @dataclass(frozen=True)
 class SessionConfig:
@@ -73,6 +131,14 @@ class SessionConfig:
     acquisition: str = "diverse"  # measured; seed: "weight" (the top-k weights). weight | random | ucb | diverse
     seed: int = 0
     eval_samples: int = 256  # final evaluation batch, resampled to equal weights
+
+    def __post_init__(self) -> None:
+        _at_least("--budget", self.budget, 1)
+        _at_least("--per-round", self.per_round, 1)
+        _require(isinstance(self.acquisition, str) and bool(self.acquisition),
+                 f"--acquisition must name a rule, got {self.acquisition!r}")
+        _require(_whole(self.seed) and self.seed >= 0, f"--seed must be a whole number from 0, got {self.seed!r}")
+        _at_least("--eval-samples", self.eval_samples, MIN_EVAL_SAMPLES)
 
 
 @dataclass(frozen=True)
