@@ -354,3 +354,11 @@ def test_a_full_database_says_the_disk_is_full(tmp_path):
     with pytest.raises(store_module.StoreError, match="disk is full.*--resume"):
         s.add_rating(0, 0, 1.0, "x" * 100_000)
     assert s.ratings() == []
+
+
+@pytest.mark.parametrize("flags", [["--particles", "2"], ["--epochs", "0"], ["--eval-samples", "0"],
+                                   ["--per-round", "0"], ["--steps", "0"]])
+def test_a_bad_compare_flag_is_one_line_and_writes_nothing(tmp_path, flags, capsys):
+    assert main(["compare", "--out", str(tmp_path / "c"), "--methods", "fkc,guidance", *flags]) == 2
+    one_line_error(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
