@@ -86,3 +86,29 @@ def test_damaged_round_tensors_name_the_file(store):
     store.round_path(0).write_bytes(b"garbage")
     with pytest.raises(StoreError, match="round_0000"):
         store.round_tensors(0)
+
+
+def test_one_writer_at_a_time_and_readers_meanwhile(store):
+    import os
+
+    from apa.store import SessionBusy
+
+    store.add_rating(0, 0, 1.0, "oracle")
+    with pytest.raises(SessionBusy, match=f"pid {os.getpid()}"):
+        SessionStore.open(store.root)
+    assert SessionStore.read(store.root).spent() == 1
+    store.close()
+    SessionStore.open(store.root).close()
+
+
+def test_crashed_creations_are_swept_and_live_ones_kept(tmp_path):
+    from apa.store import lock_new, sweep_partials
+
+    crashed, live, bare = (tmp_path / f".s.apa-new-{x}" for x in ("dead", "live", "bare"))
+    for d in (crashed, live, bare):
+        d.mkdir()
+    lock_new(crashed).close()  # its process died: the lock is free
+    held = lock_new(live)
+    sweep_partials(tmp_path)
+    assert not crashed.exists() and live.exists() and bare.exists()  # bare: its creator has not locked it yet
+    held.close()

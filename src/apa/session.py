@@ -49,8 +49,6 @@ def normalise_scores(scores: torch.Tensor, scale: tuple[float, float]) -> torch.
 def validate(cfg: AlignConfig) -> None:
     """The checks across sections (each section checks its own fields when it is built)."""
     s = cfg.session
-    if s.per_round < 1:
-        raise SessionError(f"--per-round must be at least 1, got {s.per_round}")
     if s.budget < s.per_round:
         raise SessionError(f"--budget {s.budget} is below --per-round {s.per_round}: not even one round fits; "
                            "raise the budget or lower the images per round")

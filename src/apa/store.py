@@ -118,9 +118,11 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str
     return hashlib.sha256(data).hexdigest()
 
 
-def lock(root: Path) -> IO[bytes]:
-    """Hold ``root``'s session lock until the returned file is closed, or SessionBusy naming the holder's PID."""
-    f = open(root / LOCK_NAME, "a+b", opener=lambda path, flags: os.open(path, flags, 0o600))
+def lock(root: Path, create: bool = True) -> IO[bytes]:
+    """Hold ``root``'s session lock until the returned file is closed, or SessionBusy naming the holder's PID.
+    ``create=False``: FileNotFoundError if there is no lock file."""
+    flags = os.O_RDWR | (os.O_CREAT if create else 0)
+    f = open(root / LOCK_NAME, "r+b", opener=lambda path, _: os.open(path, flags, 0o600))
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -128,9 +130,24 @@ def lock(root: Path) -> IO[bytes]:
         f.close()
         raise SessionBusy(f"{root} is in use by another apa process (pid {holder}); wait for it to finish "
                           "or stop it, then try again") from None
+    _write_pid(f)
+    return f
+
+
+def _write_pid(f: IO[bytes]) -> None:
     f.truncate(0)
+    f.seek(0)
     f.write(f"{os.getpid()}\n".encode())
     f.flush()
+
+
+def lock_new(root: Path) -> IO[bytes]:
+    """The lock of a directory being created: held before it appears, so ``sweep_partials`` never takes it."""
+    tmp = root / (LOCK_NAME + ".new")
+    f = open(tmp, "w+b", opener=lambda path, flags: os.open(path, flags | os.O_EXCL, 0o600))
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _write_pid(f)
+    os.rename(tmp, root / LOCK_NAME)
     return f
 
 
@@ -144,12 +161,12 @@ def _check_target(root: Path) -> None:
 
 
 def sweep_partials(parent: Path) -> None:
-    """Remove sessions whose creation crashed (hidden ``.<name>.apa-new-*`` directories nobody holds)."""
+    """Remove sessions whose creation crashed (hidden ``.<name>.apa-new-*`` directories whose lock nobody holds)."""
     for path in parent.glob(f".*{PARTIAL}*"):
         try:
-            held = lock(path)
+            held = lock(path, create=False)
         except (StoreError, OSError):
-            continue  # still being created, or not ours to touch
+            continue  # still being created (held, or its lock not in place yet), or not ours to touch
         with held:
             shutil.rmtree(path)
 
@@ -260,7 +277,11 @@ class SessionStore:
             sweep_partials(root.parent)
             tmp = root.parent / f".{root.name}{PARTIAL}{secrets.token_hex(4)}"
             os.mkdir(tmp, 0o700)
-        held = lock(tmp)
+            try:
+                held = lock_new(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         try:
             with disk_errors(root, "create the session"):
                 cls._build(tmp, config, kind)
