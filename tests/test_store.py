@@ -29,8 +29,10 @@ def test_round_trip(store):
     row = store.rounds()[0]
     assert row["status"] == "complete" and row["fit_loss"] == 0.5 and row["info"] == {"ess": [4.0], "eval": {"a": 1}}
     assert torch.equal(store.load_surrogate(0)["w"], torch.ones(3))
-    reopened = SessionStore.open(store.root)
-    assert reopened.ratings() == store.ratings()
+    assert SessionStore.read(store.root).ratings() == store.ratings()
+    expected = store.ratings()
+    store.close()
+    assert SessionStore.open(store.root).ratings() == expected
 
 
 @pytest.mark.parametrize("args, match", [((0, 0, math.nan), "finite"), ((0, 5, 1.0), "no image 5"),
@@ -76,7 +78,7 @@ def test_open_refuses_foreign_and_damaged_directories(tmp_path, store):
     with pytest.raises(StoreError, match="damaged"):
         SessionStore.open(damaged)
     assert _digest(damaged / "session.sqlite") == digest
-    assert SessionStore.open(store.root).rounds()  # the good one still opens
+    assert SessionStore.open(store.root).rounds()  # the good one still opens (closed: its lock is free)
     assert db.exists()
 
 
@@ -84,3 +86,29 @@ def test_damaged_round_tensors_name_the_file(store):
     store.round_path(0).write_bytes(b"garbage")
     with pytest.raises(StoreError, match="round_0000"):
         store.round_tensors(0)
+
+
+def test_one_writer_at_a_time_and_readers_meanwhile(store):
+    import os
+
+    from apa.store import SessionBusy
+
+    store.add_rating(0, 0, 1.0, "oracle")
+    with pytest.raises(SessionBusy, match=f"pid {os.getpid()}"):
+        SessionStore.open(store.root)
+    assert SessionStore.read(store.root).spent() == 1
+    store.close()
+    SessionStore.open(store.root).close()
+
+
+def test_crashed_creations_are_swept_and_live_ones_kept(tmp_path):
+    from apa.store import lock_new, sweep_partials
+
+    crashed, live, bare = (tmp_path / f".s.apa-new-{x}" for x in ("dead", "live", "bare"))
+    for d in (crashed, live, bare):
+        d.mkdir()
+    lock_new(crashed).close()  # its process died: the lock is free
+    held = lock_new(live)
+    sweep_partials(tmp_path)
+    assert not crashed.exists() and live.exists() and bare.exists()  # bare: its creator has not locked it yet
+    held.close()

@@ -22,8 +22,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from apa.session import SessionError
     from apa.store import StoreError
 
-    return (FileNotFoundError, ValueError, KeyError, FloatingPointError, DataError, StoreError, SessionError,
-            sqlite3.Error)
+    return (OSError, ValueError, KeyError, FloatingPointError, DataError, StoreError, SessionError, sqlite3.Error)
 
 
 # ---------------------------------------------------------------- align flags, one per config field
@@ -105,7 +104,8 @@ def add_align_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> AlignConfig:
-    cfg = preset(args.preset)
+    """The whole configuration the flags give; each section checks its fields as it is built (ValueError)."""
+    cfg = preset(getattr(args, "preset", None) or "default")
     updates: dict[str, dict] = {}
     given = vars(args)  # flags not given are absent (SUPPRESS), so "--clamp none" can set None
     for flag, (kind, name) in ALIGN_FLAGS.items():
@@ -172,28 +172,53 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"{len(imgs)} samples -> {args.out}")
 
 
+RESUME_FLAGS = ("budget",)  # the flags --resume accepts: --budget raises a session's budget
+DISPLAY_FLAGS = ("quiet", "json")  # how much align prints; never part of the session
+
+
+def refused_on_resume(args: argparse.Namespace) -> list[str]:
+    """The flags given with --resume that would change the stored session (all but RESUME_FLAGS)."""
+    given = vars(args)
+    names = (["out"] if args.out else []) + (["preset"] if given.get("preset") else [])
+    names += [f for f in ALIGN_FLAGS if f in given and f not in RESUME_FLAGS]
+    return ["--" + f.replace("_", "-") for f in names]
+
+
+def open_session(args: argparse.Namespace, progress: bool = True):
+    """The session `apa align` runs: resumed (its budget raised if --budget is given) or new. The whole
+    configuration is built, and so checked, before anything is written."""
+    from apa.session import Session
+
+    if args.resume:
+        refused = refused_on_resume(args)
+        if refused:
+            raise ValueError(f"--resume continues a session with the settings it was made with; drop {', '.join(refused)} "
+                             "(only --budget may be given, to raise its budget)")
+        return Session.resume(Path(args.resume), budget=getattr(args, "budget", None), progress=progress)
+    if not args.out:
+        raise ValueError("give --out DIR for a new session, or --resume DIR to continue one")
+    return Session.start(Path(args.out), config_from_args(args), progress=progress)
+
+
 def cmd_align(args: argparse.Namespace) -> None:
     import time
 
     from apa.evaluation.report import write_report
     from apa.evaluation.summary import RoundProgress, closing_summary, summary_lines
-    from apa.session import Session
 
     t0 = time.perf_counter()
     talk = not (args.quiet or args.json)
-    if args.resume:
-        session = Session.resume(Path(args.resume), progress=talk)
-    else:
-        if not args.out:
-            raise ValueError("give --out DIR for a new session, or --resume DIR to continue one")
-        session = Session.start(Path(args.out), config_from_args(args), progress=talk)
-    bar = RoundProgress(session, enabled=talk)
+    session = open_session(args, progress=talk)
     try:
-        session.run(on_round=bar.update)
+        bar = RoundProgress(session, enabled=talk)
+        try:
+            session.run(on_round=bar.update)
+        finally:
+            bar.close()
+        session.save_final()
+        report = write_report(session)
     finally:
-        bar.close()
-    session.save_final()
-    report = write_report(session)
+        session.store.close()  # releases the session's lock
     summary = closing_summary(json.loads(report.with_suffix(".json").read_text()), time.perf_counter() - t0,
                               str(report))
     if args.json:
@@ -249,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("align", help="one user's active alignment session, end to end")
     p.add_argument("--out", help="the session directory to create")
     p.add_argument("--resume", help="continue the session in this directory")
-    p.add_argument("--preset", choices=["default", "seed"], default="default",
+    p.add_argument("--preset", choices=["default", "seed"], default=None,
                    help="default: this project's measured defaults; seed: every value of the seed design")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary (errors and warnings only)")
     p.add_argument("--json", action="store_true", help="print the closing summary as one JSON object, nothing else")
@@ -279,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except _user_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"apa: error: {msg}", file=sys.stderr)
+        print(f"apa: error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -14,6 +14,35 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+NUM_TIMESTEPS = 1000  # training timesteps of every built-in prior (DDPM and SD 1.5): --feature-t is one of them
+MIN_EVAL_SAMPLES = 2  # the final evaluation's statistics need at least two images
+
+
+def _require(ok: bool, message: str) -> None:
+    """Refuse a setting: ``message`` says which flag was wrong and what it must be."""
+    if not ok:
+        raise ValueError(message)
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _at_least(flag: str, v: Any, low: int) -> None:
+    _require(_whole(v) and v >= low, f"{flag} must be a whole number of at least {low}, got {v!r}")
+
+
+def _finite(flag: str, v: Any) -> None:
+    _require(_number(v) and math.isfinite(v), f"{flag} must be a finite number, got {v!r}")
+
+
+def _choice(flag: str, v: Any, choices: tuple[str, ...]) -> None:
+    _require(v in choices, f"unknown {flag} {v!r}; choose one of {', '.join(choices)}")
+
 
 @dataclass(frozen=True)
 class PriorConfig:
@@ -27,6 +56,14 @@ class PriorConfig:
     width: int = 512
     device: str | None = None  # None: cuda when available, else cpu
     init: str = "noise"  # "noise" | "prompt" (the seed's start for SD 1.5)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and bool(self.name), f"--prior must name a prior, got {self.name!r}")
+        _finite("--guidance-scale", self.guidance_scale)
+        for flag, v in (("--height", self.height), ("--width", self.width)):
+            _require(_whole(v) and v >= 8 and v % 8 == 0,
+                     f"{flag} must be a positive multiple of 8 (pixels), got {v!r}")
+        _choice("--init", self.init, ("noise", "prompt"))
 
 
 REWARD_AT = ("xt", "tweedie")  # where r is read: the particle z_t itself, or its Tweedie estimate ẑ0
@@ -54,19 +91,21 @@ class SamplerConfig:
     clamp: float | None = None  # seed: 100 (accumulated log-weights clamped to [−c, c])
 
     def __post_init__(self) -> None:
-        _check(self.particles >= 1, f"--particles must be at least 1, got {self.particles}")
-        _check(self.steps >= 1, f"--steps must be at least 1, got {self.steps}")
-        for name in ("beta", "gamma"):
-            pair = getattr(self, name)
-            _check(len(pair) == 2 and all(math.isfinite(float(v)) for v in pair),
-                   f"--{name} must be two finite numbers like 2,8, got {pair}")
-        _check(self.beta_dot is None or math.isfinite(self.beta_dot), f"--beta-dot must be finite, got {self.beta_dot}")
-        _choice("reward-at", self.reward_at, REWARD_AT)
-        _choice("jacobian", self.jacobian, JACOBIANS)
-        _choice("weights", self.weights, WEIGHTS)
-        _choice("resample", self.resample, RESAMPLE)
-        _check(0.0 <= self.ess_threshold <= 1.0, f"--ess-threshold must be in [0, 1], got {self.ess_threshold}")
-        _check(self.clamp is None or self.clamp > 0, f"--clamp must be positive or none, got {self.clamp}")
+        _at_least("--particles", self.particles, 1)
+        _at_least("--steps", self.steps, 1)
+        for flag, pair in (("--beta", self.beta), ("--gamma", self.gamma)):
+            _require(len(pair) == 2 and all(_number(v) and math.isfinite(v) for v in pair),
+                     f"{flag} must be two finite numbers like 2,8, got {pair}")
+        _require(self.beta_dot is None or (_number(self.beta_dot) and math.isfinite(self.beta_dot)),
+                 f"--beta-dot must be a finite number or none, got {self.beta_dot!r}")
+        _choice("--reward-at", self.reward_at, REWARD_AT)
+        _choice("--jacobian", self.jacobian, JACOBIANS)
+        _choice("--weights", self.weights, WEIGHTS)
+        _choice("--resample", self.resample, RESAMPLE)
+        _require(_number(self.ess_threshold) and 0.0 <= self.ess_threshold <= 1.0,
+                 f"--ess-threshold must be in [0, 1], got {self.ess_threshold!r}")
+        _require(self.clamp is None or (_number(self.clamp) and self.clamp > 0),
+                 f"--clamp must be a positive number or none, got {self.clamp!r}")
         if self.reward_at == "tweedie" and self.jacobian == "identity":
             warnings.warn("jacobian='identity' applies ∇r(ẑ0) as if it were ∇_z r: the seed's literal reading, "
                           "which blows up the drift at high noise for DDPM priors; use 'exact' or 'gaussian'",
@@ -78,15 +117,6 @@ class SamplerConfig:
         return self.beta[0] != 0.0 or self.beta[1] != 0.0
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"--{flag} must be one of {', '.join(choices)}; got {value!r}")
-
-
 @dataclass(frozen=True)
 class SurrogateConfig:
     kind: str = "features"  # measured; seed: "pixels" (LatentSurrogate)
@@ -96,6 +126,18 @@ class SurrogateConfig:
     lr: float = 1e-3  # seed
     feature_t: int = 200  # timestep at which the prior's features are read
     ceiling: float | None = 0.5  # measured: r = min(r_θ, ceiling) on the [-1, 1] rating scale; seed: None
+
+    def __post_init__(self) -> None:
+        _choice("--surrogate", self.kind, ("pixels", "features"))
+        _at_least("--ensemble", self.ensemble, 1)
+        _at_least("--epochs", self.epochs, 1)
+        _at_least("--fit-batch-size", self.batch_size, 1)
+        _require(_number(self.lr) and math.isfinite(self.lr) and self.lr > 0,
+                 f"--lr must be a positive finite number, got {self.lr!r}")
+        _require(_whole(self.feature_t) and 0 <= self.feature_t < NUM_TIMESTEPS,
+                 f"--feature-t must be a timestep from 0 to {NUM_TIMESTEPS - 1}, got {self.feature_t!r}")
+        if self.ceiling is not None:
+            _finite("--ceiling", self.ceiling)
 
 
 @dataclass(frozen=True)
@@ -110,6 +152,16 @@ class FeedbackConfig:
     clip_model: str = "ViT-L-14"
     clip_weights: str | None = None
 
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and bool(self.name), f"--feedback must name a source, got {self.name!r}")
+        _require(all(_whole(c) and c >= 0 for c in self.prefer),
+                 f"--prefer must list class numbers from 0, like 1,4,7,9; got {self.prefer!r}")
+        _choice("--mode", self.mode, ("binary", "graded"))
+        _require(_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0,
+                 f"--temperature must be a positive finite number, got {self.temperature!r}")
+        _require(_number(self.label_noise) and 0.0 <= self.label_noise < 0.5,
+                 f"--label-noise must be a probability in [0, 0.5), got {self.label_noise!r}")
+
 
 @dataclass(frozen=True)
 class SessionConfig:
@@ -121,6 +173,17 @@ class SessionConfig:
     final_start: str = "noise"  # "liked": the final batch restarts from the liked rated images; "noise": the noise end
     restart: float = 0.3  # with final_start="liked": the liked images are noised to the grid point that leaves
     #                       this fraction of the steps (25 steps: the last 8, from σ at t≈291 of 1000)
+
+    def __post_init__(self) -> None:
+        _at_least("--budget", self.budget, 1)
+        _at_least("--per-round", self.per_round, 1)
+        _require(isinstance(self.acquisition, str) and bool(self.acquisition),
+                 f"--acquisition must name a rule, got {self.acquisition!r}")
+        _require(_whole(self.seed) and self.seed >= 0, f"--seed must be a whole number from 0, got {self.seed!r}")
+        _at_least("--eval-samples", self.eval_samples, MIN_EVAL_SAMPLES)
+        _choice("--final-start", self.final_start, ("noise", "liked"))
+        _require(_number(self.restart) and 0.0 < self.restart <= 1.0,
+                 f"--restart must be a fraction of the steps in (0, 1], got {self.restart!r}")
 
 
 LEGACY = {("sampler", "weights"): "rate", ("session", "final_start"): "noise"}  # what a stored config

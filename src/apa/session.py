@@ -30,21 +30,10 @@ from apa.surrogate.fit import FitConfig, fit
 from apa.surrogate.model import Ensemble, FeatureSurrogate, LatentSurrogate
 
 PURPOSES = {"sample": 1, "select": 2, "init": 3, "fit": 4, "final": 5, "restart": 6}
-_FAILPOINT = {"count": 0}
 
 
 class SessionError(ValueError):
     """The session cannot run as configured; the message says what to change."""
-
-
-def failpoint() -> None:
-    """Crash on purpose at the N-th durable step when APA_CRASH_AFTER=N (used by the crash tests)."""
-    target = os.environ.get("APA_CRASH_AFTER")
-    if target is None:
-        return
-    _FAILPOINT["count"] += 1
-    if _FAILPOINT["count"] == int(target):
-        os._exit(70)
 
 
 def generator(seed: int, round_: int, purpose: str) -> torch.Generator:
@@ -58,9 +47,8 @@ def normalise_scores(scores: torch.Tensor, scale: tuple[float, float]) -> torch.
 
 
 def validate(cfg: AlignConfig) -> None:
+    """The checks across sections (each section checks its own fields when it is built)."""
     s = cfg.session
-    if s.per_round < 1:
-        raise SessionError(f"--per-round must be at least 1, got {s.per_round}")
     if s.budget < s.per_round:
         raise SessionError(f"--budget {s.budget} is below --per-round {s.per_round}: not even one round fits; "
                            "raise the budget or lower the images per round")
@@ -69,8 +57,6 @@ def validate(cfg: AlignConfig) -> None:
                            "a round cannot show more particles than it samples")
     if s.acquisition not in acquisition.ACQUISITIONS:
         raise SessionError(f"unknown --acquisition {s.acquisition!r}; choose one of {', '.join(acquisition.ACQUISITIONS)}")
-    if cfg.surrogate.kind not in ("pixels", "features"):
-        raise SessionError(f"unknown --surrogate {cfg.surrogate.kind!r}; choose 'pixels' or 'features'")
 
 
 class Session:
@@ -105,22 +91,35 @@ class Session:
     def start(cls, out: Path, cfg: AlignConfig, progress: bool = True) -> "Session":
         validate(cfg)
         prior, source = cls.components(cfg)
-        store = SessionStore.create(out, cfg.to_dict(), kind=cls.kind)
-        cfg.save(Path(out) / "config.json")
+        store = SessionStore.create(out, cfg.to_dict(), kind=cls.kind)  # config.json included
         return cls(store, cfg, prior, source, progress)
 
     @classmethod
-    def resume(cls, out: Path, progress: bool = True) -> "Session":
+    def resume(cls, out: Path, progress: bool = True, budget: int | None = None) -> "Session":
+        """Reopen the session in ``out`` (holding its lock); ``budget``: raise its budget to this first."""
         store = SessionStore.open(out)
+        try:
+            cfg = cls.stored_config(store, out)
+            if budget is not None and budget != cfg.session.budget:
+                cfg = with_overrides(cfg, session={"budget": budget})
+                validate(cfg)
+                store.extend_budget(budget)
+            prior, source = cls.components(cfg)
+        except BaseException:
+            store.close()
+            raise
+        return cls(store, cfg, prior, source, progress)
+
+    @classmethod
+    def stored_config(cls, store: SessionStore, out: Path) -> AlignConfig:
+        """The configuration the session was made with; refuses a session of another kind."""
         if store.kind() != cls.kind:
             raise StoreError(f"{out} holds a {store.kind()!r} session (a baseline run by `apa compare`), not an "
                              f"{cls.kind!r} one; it cannot be resumed here and was left untouched")
         try:
-            cfg = AlignConfig.from_dict(store.config())
+            return AlignConfig.from_dict(store.config())
         except (ValueError, TypeError) as e:
             raise StoreError(f"{out}: the stored configuration is not readable ({e}); it was left untouched") from e
-        prior, source = cls.components(cfg)
-        return cls(store, cfg, prior, source, progress)
 
     # ------------------------------------------------------------ surrogate
 
@@ -187,7 +186,6 @@ class Session:
         with self.timer("io"):
             self.store.save_round(r, {"particles": res.particles, "log_weights": res.log_weights,
                                       "shown": shown}, shown.tolist(), info)
-        failpoint()
 
     def shown_images(self, r: int) -> torch.Tensor:
         """What round r showed, decoded: [k, C, H, W] in [0, 1]."""
@@ -221,7 +219,6 @@ class Session:
         x, y = self.training_data()
         if x.shape[0] == 0:  # every image so far skipped: nothing to fit, the next round samples the prior
             self.store.complete_round(r, None, None, self.evaluate_round(r))
-            failpoint()
             return None
         heldout = self.heldout_score(r)
         model = self.new_surrogate(r)
@@ -232,7 +229,6 @@ class Session:
             info = {**self.evaluate_round(r), **({"surrogate_heldout": heldout} if heldout else {})}
         with self.timer("io"):
             self.store.complete_round(r, loss, {k: v for k, v in model.state_dict().items()}, info)
-        failpoint()
         return loss
 
     def heldout_score(self, r: int) -> dict[str, float] | None:
@@ -276,9 +272,12 @@ class Session:
         return r
 
     def record(self, r: int, position: int, score: float | None, source: str) -> None:
+        self.record_all(r, [(position, score)], source)
+
+    def record_all(self, r: int, scores: list[tuple[int, float | None]], source: str) -> None:
+        """Store ratings of round r, (position, score or None), all or none."""
         with self.timer("io"):
-            self.store.add_rating(r, position, score, source)
-        failpoint()
+            self.store.add_ratings(r, scores, source)
 
     def round_complete(self, r: int) -> bool:
         shown = self.store.rounds()[r]["shown"]

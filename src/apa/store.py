@@ -1,30 +1,52 @@
 """The durable record of a session: SQLite (WAL) for rounds and ratings, safetensors for tensors.
 
-A session is a directory:
-  session.sqlite          meta (format, config), rounds, ratings
+A session is a directory (0700; its files 0600: the web server's directory names are secrets):
+  session.sqlite          meta (format, config), rounds, ratings, each tensor file's sha256
+  session.ledger          the count and running sha256 of the ratings, and the count of rounds, as
+                          of the last commit: written atomically after each one, so a database
+                          that lost a commit (a damaged write-ahead log) is refused, never used
+  session.lock            flock'ed by the one process writing the session; holds its PID
+  config.json             the configuration, for people (the database holds the same)
   rounds/round_0003.safetensors     the round's particles, log-weights and what was shown
   surrogate/round_0003.safetensors  the surrogate state fitted after the round
-Every write is committed (SQLite) or atomically renamed into place after an fsync (tensors)
-before the caller goes on, so a crash at any point loses nothing already acknowledged.
+A new session is built in a hidden sibling directory and renamed into place once its
+configuration is stored, so a crash while creating one leaves nothing at its path. Every write
+is committed (SQLite) or atomically renamed into place after an fsync (tensors) before the caller
+goes on, so a crash at any point loses nothing already acknowledged. Opening a session for
+writing first checks a copy of its database (``PRAGMA quick_check``, the ledger), so a damaged
+one is refused before SQLite could checkpoint over it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
+import secrets
+import shutil
 import sqlite3
+import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 FORMAT = "apa-session-1"
 DB_NAME = "session.sqlite"
+LEDGER_NAME = "session.ledger"
+LOCK_NAME = "session.lock"
+CONFIG_NAME = "config.json"
+PARTIAL = ".apa-new-"  # a session being created: ``.<name>.apa-new-<random>`` beside its final path
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -34,37 +56,205 @@ CREATE TABLE IF NOT EXISTS ratings (
   round INTEGER NOT NULL, position INTEGER NOT NULL, particle INTEGER NOT NULL,
   score REAL, source TEXT NOT NULL, created REAL NOT NULL,
   PRIMARY KEY (round, position));
+CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL);
 """
+_FAILPOINT = {"count": 0}
 
 
 class StoreError(RuntimeError):
     """The session directory cannot be used as asked; the message says why and what to do."""
 
 
+class SessionBusy(StoreError):
+    """Another process is writing the session."""
+
+
 class RatingRefused(ValueError):
     """A rating was refused (duplicate, unknown position, non-finite); nothing was written."""
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors to a temporary file, fsync, rename into place, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def failpoint(what: str) -> None:
+    """Crash on purpose (exit 70) after the N-th durable write when APA_CRASH_AFTER=N (the fault tests)."""
+    target = os.environ.get("APA_CRASH_AFTER")
+    if target is None:
+        return
+    _FAILPOINT["count"] += 1
+    if _FAILPOINT["count"] == int(target):
+        print(f"apa: crash point {target}: after {what}", file=sys.stderr, flush=True)
+        os._exit(70)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """``data`` to ``path`` (0600), atomically: a temporary file, fsync, rename into place, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> str:
+    """safetensors written atomically (see ``write_file``); returns the file's sha256."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    write_file(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def lock(root: Path, create: bool = True) -> IO[bytes]:
+    """Hold ``root``'s session lock until the returned file is closed, or SessionBusy naming the holder's PID.
+    ``create=False``: FileNotFoundError if there is no lock file."""
+    flags = os.O_RDWR | (os.O_CREAT if create else 0)
+    f = open(root / LOCK_NAME, "r+b", opener=lambda path, _: os.open(path, flags, 0o600))
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(f.fileno(), 32, 0).decode(errors="replace").strip() or "unknown"
+        f.close()
+        raise SessionBusy(f"{root} is in use by another apa process (pid {holder}); wait for it to finish "
+                          "or stop it, then try again") from None
+    _write_pid(f)
+    return f
+
+
+def _write_pid(f: IO[bytes]) -> None:
+    f.truncate(0)
+    f.seek(0)
+    f.write(f"{os.getpid()}\n".encode())
+    f.flush()
+
+
+def lock_new(root: Path) -> IO[bytes]:
+    """The lock of a directory being created: held before it appears, so ``sweep_partials`` never takes it."""
+    tmp = root / (LOCK_NAME + ".new")
+    f = open(tmp, "w+b", opener=lambda path, flags: os.open(path, flags | os.O_EXCL, 0o600))
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _write_pid(f)
+    os.rename(tmp, root / LOCK_NAME)
+    return f
+
+
+def _check_target(root: Path) -> None:
+    """Refuse a path that is a file or a non-empty directory (a new session needs a missing or empty one)."""
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"{root} is a file, not a directory; choose a new directory for the session")
+    if root.is_dir() and any(root.iterdir()):
+        hint = "use --resume to continue it" if (root / DB_NAME).exists() else "choose an empty or new directory"
+        raise StoreError(f"{root} is not empty; {hint}")
+
+
+def sweep_partials(parent: Path) -> None:
+    """Remove sessions whose creation crashed (hidden ``.<name>.apa-new-*`` directories whose lock nobody holds)."""
+    for path in parent.glob(f".*{PARTIAL}*"):
+        try:
+            held = lock(path, create=False)
+        except (StoreError, OSError):
+            continue  # still being created (held, or its lock not in place yet), or not ours to touch
+        with held:
+            shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+def tally(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The ledger of a database: its rounds, its ratings and the running sha256 of the ratings in commit order."""
+    chain, prefixes = hashlib.sha256(), [hashlib.sha256().hexdigest()]
+    for row in conn.execute("SELECT round, position, particle, score, source FROM ratings ORDER BY rowid"):
+        chain.update(json.dumps(list(row)).encode())
+        prefixes.append(chain.hexdigest())
+    rounds = conn.execute("SELECT count(*) FROM rounds").fetchone()[0]
+    return {"rounds": rounds, "ratings": len(prefixes) - 1, "chain": prefixes[-1], "prefixes": prefixes}
+
+
+def check_ledger(db: Path, found: dict[str, Any], ledger: dict[str, Any]) -> None:
+    """Refuse a database that holds less than its ledger recorded (it may hold more: a crash between the two)."""
+    n = ledger.get("ratings", 0)
+    lost = (n > found["ratings"] or found["prefixes"][n] != ledger.get("chain")
+            or ledger.get("rounds", 0) > found["rounds"])
+    if lost:
+        raise StoreError(f"{db} holds {found['ratings']} ratings and {found['rounds']} rounds, but the session "
+                         f"recorded {n} ratings and {ledger.get('rounds')} rounds ({LEDGER_NAME}): the database or its "
+                         "write-ahead log (-wal) is damaged. It was left untouched; restore the directory from a backup")
+
+
+def verify(root: Path) -> None:
+    """Check a copy of the database (so SQLite cannot checkpoint a damaged log into it): integrity, format, ledger."""
+    db = root / DB_NAME
+    with tempfile.TemporaryDirectory(prefix="apa-verify-") as tmp:
+        for name in (DB_NAME, DB_NAME + "-wal"):
+            if (root / name).exists():
+                shutil.copyfile(root / name, Path(tmp) / name)
+        conn = sqlite3.connect(Path(tmp) / DB_NAME, isolation_level=None)
+        try:
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            fmt = conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+            if fmt is None or fmt[0] != FORMAT:
+                raise StoreError(f"{db} has format {fmt[0] if fmt else None!r}, expected {FORMAT!r}; "
+                                 "it was left untouched")
+            found = tally(conn)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{db} is damaged or not an apa session database ({e}); it was left untouched") from e
+        finally:
+            conn.close()
+    ledger = root / LEDGER_NAME
+    if ledger.exists():
+        try:
+            recorded = json.loads(ledger.read_text())
+        except ValueError as e:
+            raise StoreError(f"{ledger} is damaged ({e}); the session was left untouched") from e
+        check_ledger(db, found, recorded)
+
+
+def _public(found: dict[str, Any]) -> dict[str, Any]:
+    return {k: found[k] for k in ("rounds", "ratings", "chain")}
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def disk_errors(root: Path, what: str) -> Iterator[None]:
+    """OS and SQLite write failures as one StoreError saying what failed and what to do."""
+    try:
+        yield
+    except (StoreError, RatingRefused):
+        raise
+    except (OSError, sqlite3.OperationalError) as e:
+        full = isinstance(e, OSError) and e.errno in DISK_FULL or "disk is full" in str(e)
+        if full:
+            raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing already stored was "
+                             f"lost; free some space, then continue with `apa align --resume {root}`") from e
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise StoreError(f"could not {what} in {root} ({detail}); check that the directory exists and that you "
+                         "can write to it") from e
 
 
 class SessionStore:
-    def __init__(self, root: Path, conn: sqlite3.Connection):
+    def __init__(self, root: Path, conn: sqlite3.Connection, held: IO[bytes] | None = None):
         self.root = Path(root)
         self._conn = conn
         self._lock = threading.RLock()
+        self._held = held  # the session lock (None: opened read-only, see ``read``)
 
     # ------------------------------------------------------------ opening
 
@@ -77,41 +267,94 @@ class SessionStore:
 
     @classmethod
     def create(cls, root: Path, config: dict[str, Any], kind: str = "fkc") -> "SessionStore":
-        """A new session in ``root`` (which must be missing or empty); ``kind`` names the sampler loop."""
+        """A new session at ``root`` (which must be missing or empty); ``kind`` names the sampler loop.
+
+        Built in a hidden sibling directory and renamed to ``root`` once its configuration is stored."""
         root = Path(root)
-        if root.exists() and any(root.iterdir()):
-            hint = "use --resume to continue it" if (root / DB_NAME).exists() else "choose an empty or new directory"
-            raise StoreError(f"{root} is not empty; {hint}")
-        root.mkdir(parents=True, exist_ok=True)
-        conn = cls._connect(root / DB_NAME)
-        conn.executescript(SCHEMA)
-        with conn:
-            conn.execute("BEGIN")
-            conn.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
-            conn.execute("INSERT INTO meta VALUES ('config', ?)", (json.dumps(config),))
-            conn.execute("INSERT INTO meta VALUES ('created', ?)", (str(time.time()),))
-            conn.execute("INSERT INTO meta VALUES ('kind', ?)", (kind,))
-        return cls(root, conn)
+        _check_target(root)
+        with disk_errors(root, "create the session"):
+            root.parent.mkdir(parents=True, exist_ok=True)
+            sweep_partials(root.parent)
+            tmp = root.parent / f".{root.name}{PARTIAL}{secrets.token_hex(4)}"
+            os.mkdir(tmp, 0o700)
+            try:
+                held = lock_new(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        try:
+            with disk_errors(root, "create the session"):
+                cls._build(tmp, config, kind)
+                try:
+                    os.rename(tmp, root)
+                except OSError as e:  # someone else made ``root`` meanwhile
+                    raise StoreError(f"{root} is not empty; choose an empty or new directory") from e
+                _fsync_dir(root.parent)
+            failpoint("create: in place")
+            return cls(root, cls._connect(root / DB_NAME), held)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            held.close()
+            raise
+
+    @classmethod
+    def _build(cls, tmp: Path, config: dict[str, Any], kind: str) -> None:
+        """The database (meta and an empty ledger) and config.json in the directory being created."""
+        failpoint("create: directory")
+        os.close(os.open(tmp / DB_NAME, os.O_WRONLY | os.O_CREAT, 0o600))  # -wal and -shm inherit its mode
+        conn = cls._connect(tmp / DB_NAME)
+        try:
+            conn.executescript(SCHEMA)
+            with conn:
+                conn.execute("BEGIN")
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                    ("format", FORMAT), ("config", json.dumps(config)), ("created", str(time.time())), ("kind", kind)])
+            failpoint("create: database")
+            write_file(tmp / LEDGER_NAME, json.dumps(_public(tally(conn))).encode())
+        finally:
+            conn.close()
+        write_file(tmp / CONFIG_NAME, json.dumps(config, indent=2).encode())
+        failpoint("create: config")
 
     @classmethod
     def open(cls, root: Path) -> "SessionStore":
-        """An existing session; refuses a directory that is not one, or a damaged one, without changing it."""
+        """An existing session, for writing (one process at a time); refuses a directory that is not
+        one, a damaged one, or one another process holds, without changing it."""
         root = Path(root)
         db = root / DB_NAME
         if not db.is_file():
             raise StoreError(f"{root} is not an apa session (no {DB_NAME}); start one with `apa align --out {root}`")
+        with disk_errors(root, "open the session"):
+            held = lock(root)
         try:
+            verify(root)
             conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
-            fmt = conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
-            conn.execute("SELECT count(*) FROM rounds").fetchone()
-            conn.execute("SELECT count(*) FROM ratings").fetchone()
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{db} is damaged or not an apa session database ({e}); it was left untouched") from e
-        if fmt is None or fmt[0] != FORMAT:
-            raise StoreError(f"{db} has format {fmt[0] if fmt else None!r}, expected {FORMAT!r}; it was left untouched")
-        conn.execute("PRAGMA synchronous=FULL")
-        return cls(root, conn)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
+            return cls(root, conn, held)
+        except BaseException:
+            held.close()
+            raise
+
+    @classmethod
+    def read(cls, root: Path) -> "SessionStore":
+        """An existing session, read-only and without its lock (to inspect a session another process may be writing)."""
+        db = Path(root) / DB_NAME
+        if not db.is_file():
+            raise StoreError(f"{root} is not an apa session (no {DB_NAME})")
+        return cls(Path(root), sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0, isolation_level=None,
+                                               check_same_thread=False))
+
+    @contextmanager
+    def _commit(self, what: str) -> Iterator[None]:
+        """One write transaction; then the ledger. Refusals inside it roll everything back."""
+        with self._lock, disk_errors(self.root, what):
+            with self._conn:
+                self._conn.execute("BEGIN IMMEDIATE")
+                yield
+            failpoint(what)
+            write_file(self.root / LEDGER_NAME, json.dumps(_public(tally(self._conn))).encode())
 
     # ------------------------------------------------------------ meta
 
@@ -132,20 +375,38 @@ class SessionStore:
     def surrogate_path(self, r: int) -> Path:
         return self.root / "surrogate" / f"round_{r:04d}.safetensors"
 
+    def _save_tensors(self, path: Path, tensors: dict[str, torch.Tensor], what: str) -> str:
+        with disk_errors(self.root, f"write {what}"):
+            digest = atomic_save(tensors, path)
+        failpoint(f"write {what}")
+        return digest
+
+    def _record_file(self, path: Path, digest: str) -> None:
+        """Inside a transaction: the sha256 a tensor file must have when it is read back."""
+        self._conn.execute("INSERT OR REPLACE INTO files VALUES (?, ?)", (str(path.relative_to(self.root)), digest))
+
+    def _load_tensors(self, path: Path, what: str) -> dict[str, torch.Tensor]:
+        """A tensor file, checked against the sha256 stored when it was written; StoreError if missing or damaged."""
+        row = self._conn.execute("SELECT sha256 FROM files WHERE name=?", (str(path.relative_to(self.root)),)).fetchone()
+        try:
+            data = path.read_bytes()
+            if row is not None and hashlib.sha256(data).hexdigest() != row[0]:
+                raise ValueError("its sha256 is not the one stored when it was written")
+            return load_bytes(data)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise StoreError(f"{what} at {path} is missing or damaged ({e}); the session cannot use it. "
+                             "Restore the directory from a backup") from e
+
     def save_round(self, r: int, tensors: dict[str, torch.Tensor], shown: list[int], info: dict[str, Any]) -> None:
         """Persist a sampled round (tensors first, then the row that points at them)."""
-        atomic_save(tensors, self.round_path(r))
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
+        digest = self._save_tensors(self.round_path(r), tensors, f"round {r}'s tensors")
+        with self._commit(f"store round {r}"):
+            self._record_file(self.round_path(r), digest)
             self._conn.execute("INSERT INTO rounds (round, status, shown, info, created) VALUES (?, 'sampled', ?, ?, ?)",
                                (r, json.dumps(shown), json.dumps(info), time.time()))
 
     def round_tensors(self, r: int) -> dict[str, torch.Tensor]:
-        path = self.round_path(r)
-        try:
-            return load_file(str(path))
-        except (FileNotFoundError, SafetensorError, OSError) as e:
-            raise StoreError(f"round {r}'s tensors at {path} are missing or damaged ({e})") from e
+        return self._load_tensors(self.round_path(r), f"round {r}'s tensors")
 
     def rounds(self) -> list[dict[str, Any]]:
         rows = self._conn.execute("SELECT round, status, shown, fit_loss, info FROM rounds ORDER BY round").fetchall()
@@ -155,42 +416,63 @@ class SessionStore:
     def complete_round(self, r: int, fit_loss: float | None, surrogate_state: dict[str, torch.Tensor] | None,
                        info: dict[str, Any]) -> None:
         """Surrogate state file first, then mark the round complete with its fit loss and report info."""
+        digest = None
         if surrogate_state is not None:
-            atomic_save(surrogate_state, self.surrogate_path(r))
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
+            digest = self._save_tensors(self.surrogate_path(r), surrogate_state, f"round {r}'s surrogate")
+        with self._commit(f"complete round {r}"):
+            if digest is not None:
+                self._record_file(self.surrogate_path(r), digest)
             old = json.loads(self._conn.execute("SELECT info FROM rounds WHERE round=?", (r,)).fetchone()[0])
             self._conn.execute("UPDATE rounds SET status='complete', fit_loss=?, info=? WHERE round=?",
                                (fit_loss, json.dumps({**old, **info}), r))
 
     def load_surrogate(self, r: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.surrogate_path(r)))
+        return self._load_tensors(self.surrogate_path(r), f"the surrogate fitted after round {r}")
+
+    def extend_budget(self, budget: int) -> None:
+        """Raise the session's budget (stored in its configuration); refuses lowering it."""
+        config = self.config()
+        old = config["session"]["budget"]
+        if budget < old:
+            raise StoreError(f"--budget {budget} is below this session's budget {old}; a budget can only be raised")
+        if budget == old:
+            return
+        config["session"]["budget"] = budget
+        with self._commit("raise the budget"):
+            self._conn.execute("UPDATE meta SET value=? WHERE key='config'", (json.dumps(config),))
+        with disk_errors(self.root, "write config.json"):
+            write_file(self.root / CONFIG_NAME, json.dumps(config, indent=2).encode())
 
     # ------------------------------------------------------------ ratings
 
     def add_rating(self, r: int, position: int, score: float | None, source: str) -> None:
-        """Record the rating of the ``position``-th shown particle of round r (None: skipped).
+        """Record the rating of the ``position``-th shown particle of round r (None: skipped); see ``add_ratings``."""
+        self.add_ratings(r, [(position, score)], source)
+
+    def add_ratings(self, r: int, scores: list[tuple[int, float | None]], source: str) -> None:
+        """Record ratings of round r's shown particles, (position, score or None), in one transaction: all or none.
 
         Refused (RatingRefused, nothing written): an unknown round or position, a round already
-        complete, a position already rated, a non-finite score.
+        complete, a position already rated (or given twice), a non-finite score.
         """
-        if score is not None and not math.isfinite(score):
-            raise RatingRefused(f"round {r}, image {position}: the score {score!r} is not a finite number")
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
+        for position, score in scores:
+            if score is not None and not math.isfinite(score):
+                raise RatingRefused(f"round {r}, image {position}: the score {score!r} is not a finite number")
+        with self._commit(f"store ratings of round {r}"):
             row = self._conn.execute("SELECT status, shown FROM rounds WHERE round=?", (r,)).fetchone()
             if row is None:
                 raise RatingRefused(f"round {r} does not exist")
             if row[0] != "sampled":
                 raise RatingRefused(f"round {r} is already complete; its ratings cannot change")
             shown = json.loads(row[1])
-            if not 0 <= position < len(shown):
-                raise RatingRefused(f"round {r} showed {len(shown)} images; there is no image {position}")
-            try:
-                self._conn.execute("INSERT INTO ratings VALUES (?, ?, ?, ?, ?, ?)",
-                                   (r, position, shown[position], score, source, time.time()))
-            except sqlite3.IntegrityError as e:
-                raise RatingRefused(f"round {r}, image {position} is already rated") from e
+            for position, score in scores:
+                if not 0 <= position < len(shown):
+                    raise RatingRefused(f"round {r} showed {len(shown)} images; there is no image {position}")
+                try:
+                    self._conn.execute("INSERT INTO ratings VALUES (?, ?, ?, ?, ?, ?)",
+                                       (r, position, shown[position], score, source, time.time()))
+                except sqlite3.IntegrityError as e:
+                    raise RatingRefused(f"round {r}, image {position} is already rated") from e
 
     def ratings(self, r: int | None = None) -> list[dict[str, Any]]:
         q = "SELECT round, position, particle, score, source FROM ratings"
@@ -203,4 +485,8 @@ class SessionStore:
         return int(self._conn.execute("SELECT count(*) FROM ratings WHERE score IS NOT NULL").fetchone()[0])
 
     def close(self) -> None:
+        """Close the database, then release the session's lock."""
         self._conn.close()
+        if self._held is not None:
+            self._held.close()
+            self._held = None

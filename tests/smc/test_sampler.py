@@ -219,13 +219,13 @@ def test_seed_clamp_bounds_the_accumulated_log_weights():
 
 def test_bad_configuration_is_refused():
     prior = make_gmm({})
-    with pytest.raises(ValueError, match="reward-at"):
+    with pytest.raises(ValueError, match="--reward-at"):
         fkc_sample(prior, lambda z: z[:, 0], particles=4, steps=2, reward_at="x0")
-    with pytest.raises(ValueError, match="ess-threshold"):
+    with pytest.raises(ValueError, match="--ess-threshold"):
         fkc_sample(prior, lambda z: z[:, 0], particles=4, steps=2, ess_threshold=2.0)
-    with pytest.raises(ValueError, match="--resample must be one of"):
+    with pytest.raises(ValueError, match="unknown --resample 'bogus'"):
         fkc_sample(prior, lambda z: z[:, 0], particles=4, steps=2, resample="bogus")
-    with pytest.raises(ValueError, match="--steps must be at least 1"):
+    with pytest.raises(ValueError, match="--steps must be a whole number of at least 1"):
         fkc_sample(prior, lambda z: z[:, 0], particles=4, steps=0)
     with pytest.raises(ValueError, match="--beta must be two finite numbers"):
         SamplerConfig(beta=(float("nan"), 8.0))

@@ -36,7 +36,7 @@ def snapshot(data_dir: Path) -> dict:
     """Everything the stores hold that a request could change: rounds, ratings, files."""
     out = {}
     for d in sorted(p for p in Path(data_dir).iterdir() if p.is_dir()):
-        store = SessionStore.open(d)
+        store = SessionStore.read(d)  # the server holds these sessions open
         try:
             out[d.name] = {"ratings": store.ratings(), "spent": store.spent(),
                            "rounds": [(r["round"], r["status"], r["shown"]) for r in store.rounds()],

@@ -53,7 +53,6 @@ def run_session(session_cls: type[Session], method: str, prior, user, budget: in
     user = CountingUser(user)
     store = SessionStore.create(Path(workdir), cfg.to_dict(), kind=session_cls.kind)
     session = session_cls(store, cfg, prior, user, progress=False)
-    cfg.save(Path(workdir) / "config.json")
     clock, batches, round_seconds = Clock(), {}, {}
 
     def on_round(r: int, s: Session) -> None:

@@ -62,6 +62,10 @@ class CompareConfig:
             raise ValueError(f"budgets must be positive rating counts, got {self.budgets}")
         if self.seeds < 1 or self.eval_samples < 2:
             raise ValueError("--seeds must be at least 1 and --eval-samples at least 2")
+        for flag, v in (("--per-round", self.per_round), ("--particles", self.particles), ("--steps", self.steps),
+                        ("--epochs", self.epochs), ("--papa-timesteps", self.papa_timesteps)):
+            if v < 1:
+                raise ValueError(f"{flag} must be at least 1, got {v}")
 
 
 # ---------------------------------------------------------------- parsing
@@ -155,6 +159,22 @@ def method_config(cc: CompareConfig, method: str) -> Any:
     if name == "best_of_n":
         return BestOfNConfig(steps=cc.steps, refine_t=cc.refine_t)
     return PriorConfig(steps=cc.steps)
+
+
+def check(cc: CompareConfig) -> None:
+    """Build every method's settings (each section checks its fields) before anything is written."""
+    from apa.baselines.fkc import session_config
+    from apa.session import validate
+
+    for method in all_methods(cc):
+        config = method_config(cc, method)
+        if method.split("@")[0] in ("fkc", "guidance"):
+            budget, per_round, _ = schedule(cc, method)
+            validate(session_config(config, None, budget, per_round, 0, cc.eval_samples))
+
+
+def all_methods(cc: CompareConfig) -> list[str]:
+    return list(cc.methods) + ([REFERENCE] if cc.papa_reference else [])
 
 
 def schedule(cc: CompareConfig, method: str) -> tuple[int, int, tuple[int, ...]]:
@@ -262,13 +282,14 @@ def compare(cc: CompareConfig, progress: bool = True) -> Path:
     from apa.evaluation.compare_report import write_outputs
     from apa.registry import FEEDBACK, PRIORS
 
+    check(cc)
     out = Path(cc.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     sha = file_sha(weights_file(cc))
     prior = PRIORS.create(cc.prior, {"weights": cc.prior_weights})
     user = FEEDBACK.create("oracle", {"prefer": tuple(cc.prefer)}, prior)
     evaluate = Evaluator(user, cc.prior, cc.eval_samples)
-    methods = list(cc.methods) + ([REFERENCE] if cc.papa_reference else [])
+    methods = all_methods(cc)
     results: dict[str, list[dict]] = {}
     for method in methods:
         for seed in range(cc.seeds):

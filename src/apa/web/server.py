@@ -70,6 +70,8 @@ async def read_json(request: Any) -> Any:
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise WebError(400, f"the request body is not valid JSON ({str(e)[:120]})") from e
+    except RecursionError as e:
+        raise WebError(400, "the request body nests too deeply; send {\"ratings\": [...]}") from e
 
 
 def number(text: str, what: str) -> int:
@@ -237,12 +239,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from apa.session import SessionError
         raise SessionError(f"apa serve needs the web extra ({e}); install it with "
                            "`.venv/bin/pip install -e '.[web]' torch==2.13.0`") from e
-    from apa.registry import PRIORS
-    from apa.session import validate
+    from apa.session import Session, validate
 
-    cfg = serve_config(args)
+    cfg = serve_config(args)  # every section checked as it is built
     validate(cfg)
-    PRIORS.create(cfg.prior.name, vars(cfg.prior))  # a missing prior fails here, before the server starts
+    Session.components(cfg)  # a missing prior fails here, before the server starts or writes anything
     manager = sessions.SessionManager(Path(args.data_dir), cfg, workers=args.workers,
                                       fixed_seed=getattr(args, "seed", None) is not None, max_sessions=args.max_sessions)
     app = create_app(manager, loopback_hosts(args.host))

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from apa.config import AlignConfig
 from apa.feedback.human import RATINGS, SCALE
 from apa.session import Session, with_overrides
-from apa.store import RatingRefused, StoreError
+from apa.store import RatingRefused, SessionBusy, StoreError
 from apa.web import render
 
 log = logging.getLogger("apa.web")
@@ -208,8 +208,10 @@ class SessionManager:
         if cfg.feedback.name != "human":
             raise ValueError(f"apa serve collects a person's ratings; feedback must be 'human', not {cfg.feedback.name!r}")
         self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # the directory names are the tokens: no other local user may list them
         self.cfg, self.fixed_seed, self.max_sessions = cfg, fixed_seed, max_sessions
+        self.creating = 0  # sessions being created now (counted against max_sessions)
         self.workers = Workers(workers)
         self.handles: dict[str, SessionHandle] = {}
         self.lock = threading.Lock()  # guards ``handles`` and the creation of sessions
@@ -237,6 +239,8 @@ class SessionManager:
                 raise WebError(404, "no session has this token; check the link, or start a new session")
             try:
                 handle = SessionHandle(token, Session.resume(path, progress=False))
+            except SessionBusy as e:
+                raise WebError(503, f"this session is open in another process ({e})") from e
             except StoreError as e:
                 raise WebError(500, f"this session's directory cannot be opened ({e})") from e
             self.handles[token] = handle
@@ -268,8 +272,13 @@ class SessionManager:
                 handle.close()
 
     def close(self) -> None:
-        """Stop the background threads (pending work resumes when a server next opens these sessions)."""
+        """Stop the background threads and close every session, releasing their locks (pending work resumes
+        when a server next opens these sessions)."""
         self.workers.stop()
+        with self.lock:
+            for handle in self.handles.values():
+                handle.close()
+            self.handles.clear()
 
     def count(self) -> int:
         return sum(1 for p in self.data_dir.iterdir() if TOKEN_RE.fullmatch(p.name))
@@ -278,22 +287,27 @@ class SessionManager:
 
     def create(self) -> str:
         """A new session with a fresh token; its first round is sampled in the background."""
-        with self.lock:
+        with self.lock:  # the count and the reservation together, so concurrent creates cannot pass the limit
             self.close_idle()
-            if self.count() >= self.max_sessions:
+            if self.count() + self.creating >= self.max_sessions:
                 raise WebError(503, f"this server already holds {self.max_sessions} sessions; "
                                     "ask its operator to raise --max-sessions or use another --data-dir")
-        token = secrets.token_urlsafe(32)
-        seed = self.cfg.session.seed if self.fixed_seed else secrets.randbelow(2**31)
-        cfg = with_overrides(self.cfg, session={"seed": seed})
-        handle = SessionHandle(token, Session.start(self.data_dir / token, cfg, progress=False))
-        with self.lock:
-            self.handles[token] = handle
-            self.schedule(handle)
+            self.creating += 1
+        try:
+            token = secrets.token_urlsafe(32)
+            seed = self.cfg.session.seed if self.fixed_seed else secrets.randbelow(2**31)
+            cfg = with_overrides(self.cfg, session={"seed": seed})
+            handle = SessionHandle(token, Session.start(self.data_dir / token, cfg, progress=False))
+            with self.lock:
+                self.handles[token] = handle
+                self.schedule(handle)
+        finally:
+            with self.lock:
+                self.creating -= 1
         return token
 
     def submit(self, token: str, r: int, body: Any) -> dict[str, Any]:
-        """Store the ratings of round ``r`` (each durably, before returning), then refit and sample on."""
+        """Store the ratings of round ``r`` (durably and all together, before returning), then refit and sample on."""
         handle = self.get(token)
         with handle.lock:
             self.check_round(handle, r)
@@ -306,8 +320,7 @@ class SessionManager:
                 raise WebError(422, "rate at least one image: the sampler needs one rating to learn from "
                                     "before it can skip a whole round")
             try:
-                for p, v in todo:
-                    s.record(r, p, v, "human")
+                s.record_all(r, todo, "human")  # one transaction: a crash stores all of them or none
             except RatingRefused as e:
                 raise WebError(409, f"{e}; reload the page to see where the session stands") from e
             handle.phase = "queued"  # still under the lock: a concurrent submission now sees the round taken
