@@ -95,3 +95,29 @@ def test_corrupt_or_foreign_session_directory(tmp_path, capsys):
     assert "damaged" in capsys.readouterr().err
     with pytest.raises(StoreError):
         SessionStore.open(foreign)
+
+
+def test_final_batch_restarts_from_the_liked_rated_particles(tmp_path):
+    """final_start="liked": every first particle of the final batch is a liked rated particle plus
+    σ_k·ξ at k = steps − round(restart·steps). At restart 1/6 of 6 steps, k = 5 and σ_5 ≈ 0.01, so each
+    lies within 0.5 of a liked particle (σ‖ξ‖ ≈ 0.28 in 784 dims) while distinct digits differ by ≫ 1."""
+    from apa.config import preset
+    from apa.session import with_overrides
+
+    cfg = with_overrides(preset("default"), sampler={"particles": 8, "steps": 6},
+                         surrogate={"epochs": 10}, session={"budget": 8, "per_round": 4, "eval_samples": 8,
+                                                             "seed": 3, "final_start": "liked", "restart": 1 / 6})
+    session = Session.start(tmp_path / "s", cfg, progress=False)
+    session.run()
+    x, y = session.training_data()
+    assert (y > 0).any() and (y < 0).any()
+    initial, k = session.final_start(64, torch.Generator().manual_seed(0))
+    assert k == 5 and initial.shape == (64, 1, 28, 28)
+    dist = torch.cdist(initial.flatten(1), x.flatten(1))  # [64, rated]
+    nearest = dist.argmin(1)
+    assert (dist.min(1).values < 0.5).all() and (y[nearest] > 0).all()
+    assert session.final_samples(8).shape == (8, 1, 28, 28)
+    noise_start = with_overrides(cfg, session={"final_start": "noise"})
+    session.cfg = noise_start
+    assert session.final_start(4, torch.Generator()) == (None, 0)
+    session.store.close()
