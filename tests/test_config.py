@@ -1,8 +1,5 @@
-import dataclasses
-
 import pytest
 
-from apa.cli import ALIGN_FLAGS, SECTION_OF, build_parser, config_from_args
 from apa.config import AlignConfig, preset
 
 
@@ -29,19 +26,9 @@ def test_seed_preset_restores_the_seed_values():
     assert s.feedback.users == ("apple", "grape", "banana") and s.feedback.temperature == 10.0
 
 
-def test_every_config_field_has_exactly_one_flag():
-    flagged = {(SECTION_OF[k], name) for k, name in ALIGN_FLAGS.values()}
-    fields = {(SECTION_OF[type(getattr(AlignConfig(), s))], f.name)
-              for s in ("prior", "sampler", "surrogate", "feedback", "session")
-              for f in dataclasses.fields(getattr(AlignConfig(), s))}
-    assert flagged == fields
-    assert len(flagged) == len(ALIGN_FLAGS)
-
-
-def test_flags_map_to_fields():
-    args = build_parser().parse_args(["align", "--out", "x", "--beta", "1,4", "--prefer", "0", "--clamp", "none",
-                                      "--diversity", "true", "--surrogate", "pixels", "--preset", "seed"])
-    cfg = config_from_args(args)
-    assert cfg.sampler.beta == (1.0, 4.0) and cfg.feedback.prefer == (0,) and cfg.sampler.clamp is None
-    assert cfg.sampler.diversity is True and cfg.surrogate.kind == "pixels"
-    assert cfg.sampler.resample == "none"  # the rest of the seed preset stays
+def test_stored_configs_from_before_a_field_existed_keep_their_meaning():
+    """A session stored before exact weights and the final restart existed resumes as it was made."""
+    d = AlignConfig().to_dict()
+    del d["sampler"]["weights"], d["session"]["final_start"]
+    old = AlignConfig.from_dict(d)
+    assert old.sampler.weights == "rate" and old.session.final_start == "noise"

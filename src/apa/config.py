@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from apa.registry import ACQUISITIONS, FEEDBACK, PRIORS
+
 NUM_TIMESTEPS = 1000  # training timesteps of every built-in prior (DDPM and SD 1.5): --feature-t is one of them
 MIN_EVAL_SAMPLES = 2  # the final evaluation's statistics need at least two images
 
@@ -44,18 +46,28 @@ def _choice(flag: str, v: Any, choices: tuple[str, ...]) -> None:
     _require(v in choices, f"unknown {flag} {v!r}; choose one of {', '.join(choices)}")
 
 
+def knob(default: Any, help: str, *, flag: str | None = None, choices: Any = None, group: str | None = None) -> Any:
+    """A config field with its help sentence; ``flag`` where the command-line name differs from the
+    field's, ``choices`` (a tuple, or a registry whose names are the choices), ``group`` where the flag
+    belongs with another backend's (e.g. "sd15") rather than with its section."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "group": group})
+
+
 @dataclass(frozen=True)
 class PriorConfig:
-    name: str = "mnist"  # mnist | fashion | sd15 | gmm
-    weights: str | None = None  # a DDPM safetensors file (default: the shipped one)
-    model: str | None = None  # SD 1.5: a local diffusers folder (default: the Hugging Face cache)
-    prompt: str = "a photo of a fruit"  # SD 1.5 conditioning
-    negative_prompt: str = ""
-    guidance_scale: float = 7.5  # classifier-free guidance (SD 1.5)
-    height: int = 512
-    width: int = 512
-    device: str | None = None  # None: cuda when available, else cpu
-    init: str = "noise"  # "noise" | "prompt" (the seed's start for SD 1.5)
+    """① The frozen diffusion model."""
+
+    name: str = knob("mnist", "the frozen diffusion model", flag="prior", choices=PRIORS)
+    weights: str | None = knob(None, "a DDPM safetensors file (none: the shipped one)", flag="prior_weights")
+    model: str | None = knob(None, "a local diffusers folder of SD 1.5 (none: the Hugging Face cache)", group="sd15")
+    prompt: str = knob("a photo of a fruit", "the text the model is conditioned on", group="sd15")
+    negative_prompt: str = knob("", "the text classifier-free guidance steers away from", group="sd15")
+    guidance_scale: float = knob(7.5, "classifier-free guidance scale", group="sd15")
+    height: int = knob(512, "image height in pixels (a multiple of 8)", group="sd15")
+    width: int = knob(512, "image width in pixels (a multiple of 8)", group="sd15")
+    device: str | None = knob(None, "where the networks run, e.g. cuda or cpu (none: cuda when available)")
+    init: str = knob("noise", "where sampling starts: pure noise, or the seed's prompt start (plain samples "
+                     "noised back)", choices=("noise", "prompt"), group="sd15")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and bool(self.name), f"--prior must name a prior, got {self.name!r}")
@@ -76,19 +88,23 @@ RESAMPLE = ("systematic", "stratified", "residual", "multinomial", "none")
 class SamplerConfig:
     """How FKC-SMC samples: the one set of sampler settings, passed whole to ``fkc_sample``."""
 
-    particles: int = 32  # n_particles (seed)
-    steps: int = 25  # n_steps (seed)
-    beta: tuple[float, float] = (2.0, 8.0)  # measured on MNIST (README, Results); seed: (0.5, 2.0)
-    gamma: tuple[float, float] = (0.05, 0.0)  # γ linear (seed)
-    beta_dot: float | None = None  # None: ∂β from the schedule; seed: 1.0 (rate weights only)
-    diversity: bool = False  # L_div (seed: off for images)
-    diversity_history: bool = False  # L_div also against particles shown in earlier rounds
-    reward_at: str = "tweedie"  # r on ẑ0 (seed); "xt" reads r at z_t itself
-    jacobian: str = "gaussian"  # measured; seed: "identity" (breaks a DDPM prior, see FINDINGS)
-    weights: str = "exact"  # exact at any step count; seed: "rate" (the continuous-time rate, biased at 25 steps)
-    resample: str = "systematic"  # seed: none
-    ess_threshold: float = 0.5  # resample when ESS < threshold·N
-    clamp: float | None = None  # seed: 100 (accumulated log-weights clamped to [−c, c])
+    particles: int = knob(32, "particles sampled per round (seed: 32)")
+    steps: int = knob(25, "sampling steps from noise to data (seed: 25)")
+    beta: tuple[float, float] = knob((2.0, 8.0), "tilt strength β, linear from start to end over the steps "
+                                     "(measured on MNIST; seed: 0.5,2)")
+    gamma: tuple[float, float] = knob((0.05, 0.0), "diversity weight γ, linear from start to end (seed)")
+    beta_dot: float | None = knob(None, "a constant ∂β for the rate weights (seed: 1; none: from the β schedule)")
+    diversity: bool = knob(False, "add the diversity term L_div to the potential (seed: off for images)")
+    diversity_history: bool = knob(False, "L_div also against the particles shown in earlier rounds")
+    reward_at: str = knob("tweedie", "where the reward is read: the Tweedie estimate ẑ0 (seed) or z_t itself",
+                          choices=REWARD_AT)
+    jacobian: str = knob("gaussian", "∂ẑ0/∂z in the reward's gradient: through the denoiser, s²/(s²+σ²) "
+                         "(measured), or none (the seed's literal reading; breaks a DDPM prior)", choices=JACOBIANS)
+    weights: str = knob("exact", "SMC weights: exact for the discrete steps (default), the seed's continuous rate "
+                        "(biased at 25 steps), or none (guidance alone)", choices=WEIGHTS)
+    resample: str = knob("systematic", "resampling scheme (seed: none)", choices=RESAMPLE)
+    ess_threshold: float = knob(0.5, "resample when the ESS falls below this fraction of the particles")
+    clamp: float | None = knob(None, "clamp accumulated log-weights to [-c, c] (seed: 100; none: no clamp)")
 
     def __post_init__(self) -> None:
         _at_least("--particles", self.particles, 1)
@@ -119,13 +135,16 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class SurrogateConfig:
-    kind: str = "features"  # measured; seed: "pixels" (LatentSurrogate)
-    ensemble: int = 1  # members; >1 gives a spread for UCB acquisition
-    epochs: int = 200  # seed
-    batch_size: int = 32  # seed
-    lr: float = 1e-3  # seed
-    feature_t: int = 200  # timestep at which the prior's features are read
-    ceiling: float | None = 0.5  # measured: r = min(r_θ, ceiling) on the [-1, 1] rating scale; seed: None
+    """⑤ The surrogate reward r_θ, refit on all ratings after every round."""
+
+    kind: str = knob("features", "the surrogate's input: the prior's own denoiser features (measured) or pixels "
+                     "(the seed's LatentSurrogate)", flag="surrogate", choices=("features", "pixels"))
+    ensemble: int = knob(1, "ensemble members (more than 1 gives the spread UCB acquisition uses)")
+    epochs: int = knob(200, "training epochs per refit, over all ratings (seed: 200)")
+    batch_size: int = knob(32, "training batch size (seed: 32)", flag="fit_batch_size")
+    lr: float = knob(1e-3, "Adam learning rate (seed: 1e-3)")
+    feature_t: int = knob(200, "the training timestep at which the prior's features are read")
+    ceiling: float | None = knob(0.5, "cap r at this value on the [-1, 1] rating scale (measured; none: no cap)")
 
     def __post_init__(self) -> None:
         _choice("--surrogate", self.kind, ("pixels", "features"))
@@ -142,15 +161,19 @@ class SurrogateConfig:
 
 @dataclass(frozen=True)
 class FeedbackConfig:
-    name: str = "oracle"  # oracle | clip | imagenet | human
-    prefer: tuple[int, ...] = (1, 4, 7, 9)  # oracle: preferred classes
-    mode: str = "binary"  # oracle: PAPA's +1/-1, or "graded"
-    oracle_weights: str | None = None
-    users: tuple[str, ...] | None = None  # clip / imagenet users; None: the source's own default (clip: the seed's apple, grape, banana)
-    temperature: float = 10.0  # clip softmax temperature (seed)
-    label_noise: float = 0.0  # simulated users only: each answer is flipped on its scale with this probability
-    clip_model: str = "ViT-L-14"
-    clip_weights: str | None = None
+    """④ Who rates the images."""
+
+    name: str = knob("oracle", "who rates: a classifier oracle, an OpenCLIP prompt bank, an ImageNet classifier, "
+                     "or a person (through `apa serve`)", flag="feedback", choices=FEEDBACK)
+    prefer: tuple[int, ...] = knob((1, 4, 7, 9), "the oracle's preferred classes")
+    mode: str = knob("binary", "the oracle's answers: +1/-1 (PAPA's) or graded", choices=("binary", "graded"))
+    oracle_weights: str | None = knob(None, "an oracle's safetensors (none: the shipped one)")
+    users: tuple[str, ...] | None = knob(None, "CLIP or ImageNet users (none: the source's own; CLIP: the seed's "
+                                         "apple,grape,banana)")
+    temperature: float = knob(10.0, "CLIP softmax temperature over the prompt bank (seed: 10)")
+    label_noise: float = knob(0.0, "simulated users only: flip each answer on its scale with this probability")
+    clip_model: str = knob("ViT-L-14", "the OpenCLIP architecture")
+    clip_weights: str | None = knob(None, "an OpenCLIP weights file (none: the OpenCLIP cache)")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and bool(self.name), f"--feedback must name a source, got {self.name!r}")
@@ -165,20 +188,23 @@ class FeedbackConfig:
 
 @dataclass(frozen=True)
 class SessionConfig:
-    budget: int = 80  # B: ratings in all (seed)
-    per_round: int = 8  # k_observe (seed)
-    acquisition: str = "diverse"  # measured; seed: "weight" (the top-k weights). weight | random | ucb | diverse
-    seed: int = 0
-    eval_samples: int = 256  # final evaluation batch, resampled to equal weights
-    final_start: str = "noise"  # "liked": the final batch restarts from the liked rated images; "noise": the noise end
-    restart: float = 0.3  # with final_start="liked": the liked images are noised to the grid point that leaves
-    #                       this fraction of the steps (25 steps: the last 8, from σ at t≈291 of 1000)
+    """⑥ One user's loop."""
+
+    budget: int = knob(80, "ratings in all (seed: 80)")
+    per_round: int = knob(8, "images rated per round (seed: 8)")
+    acquisition: str = knob("diverse", "which particles a round shows: farthest points (measured), the top weights "
+                            "(seed), random, or UCB", choices=ACQUISITIONS)
+    seed: int = knob(0, "the seed every random choice of the session derives from")
+    eval_samples: int = knob(256, "images in the final batch, resampled to equal weights")
+    final_start: str = knob("noise", "where the final batch starts: the noise end, or the liked rated images "
+                            "noised back (see --restart)", choices=("noise", "liked"))
+    restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
+                          "(0.3 of 25: the last 8, from t≈291 of 1000)")
 
     def __post_init__(self) -> None:
         _at_least("--budget", self.budget, 1)
         _at_least("--per-round", self.per_round, 1)
-        _require(isinstance(self.acquisition, str) and bool(self.acquisition),
-                 f"--acquisition must name a rule, got {self.acquisition!r}")
+        _choice("--acquisition", self.acquisition, tuple(ACQUISITIONS))
         _require(_whole(self.seed) and self.seed >= 0, f"--seed must be a whole number from 0, got {self.seed!r}")
         _at_least("--eval-samples", self.eval_samples, MIN_EVAL_SAMPLES)
         _choice("--final-start", self.final_start, ("noise", "liked"))

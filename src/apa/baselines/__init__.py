@@ -9,28 +9,19 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Callable
+
+from apa.registry import METHODS
 
 if TYPE_CHECKING:
     from apa.baselines.common import MethodRun
-
-METHODS: dict[str, tuple[str, str]] = {  # name -> (module, function)
-    "fkc": ("apa.baselines.fkc", "run"),
-    "papa": ("apa.baselines.papa", "run_papa"),
-    "epapa": ("apa.baselines.papa", "run_epapa"),
-    "best_of_n": ("apa.baselines.best_of_n", "run"),
-    "guidance": ("apa.baselines.guidance", "run"),
-    "prior": ("apa.baselines.prior", "run"),
-}
 
 
 def get(method: str) -> Callable[..., MethodRun]:
     """The run function of a method (its module is imported on first use)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    module, fn = METHODS[method]
-    return getattr(importlib.import_module(module), fn)
+    return METHODS.get(method)
 
 
 __all__ = ["METHODS", "get"]

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from apa.registry import METHODS
 from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, generator,
                                   plain_samples, round_sizes)
 
@@ -67,6 +68,7 @@ def sample_around(prior, pool: torch.Tensor, scores: torch.Tensor, n: int, cfg: 
     return refine(prior, pool[chosen], cfg.refine_t, cfg.steps, gen)
 
 
+@METHODS.register("best_of_n")
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: BestOfNConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Rate ``budget`` prior samples in rounds; the sampler refines around the best-rated so far."""

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from apa.registry import METHODS
 from apa.baselines.common import Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints
 from apa.config import AlignConfig
 from apa.session import Session, validate, with_overrides
@@ -73,6 +74,7 @@ def run_session(session_cls: type[Session], method: str, prior, user, budget: in
                      {"config": cfg.to_dict(), "timings": dict(session.timings), "workdir": str(workdir)})
 
 
+@METHODS.register("fkc")
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: AlignConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """FKC-SMC alignment as ``apa align`` runs it. The final sampler ignores its generator argument:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from apa.registry import METHODS
 from apa.baselines.common import MethodRun
 from apa.baselines.fkc import run_session
 from apa.config import AlignConfig
@@ -21,6 +22,7 @@ class GuidanceSession(Session):
     use_weights = False
 
 
+@METHODS.register("guidance")
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: AlignConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Surrogate-gradient guidance with the FKC session's loop, weights off."""

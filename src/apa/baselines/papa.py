@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from apa.registry import METHODS
 from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, generator,
                                   plain_samples, round_sizes, to_targets)
 from apa.priors.base import VEPrior
@@ -186,6 +187,7 @@ def finetune(tuned: nn.Module, base: nn.Module, opt: torch.optim.Optimizer, imag
     return sum(losses) / len(losses)
 
 
+@METHODS.register("papa")
 def run_papa(prior, user, budget: int, per_round: int, seed: int, *, config: PAPAConfig | None = None,
              checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None,
              method: str = "papa") -> MethodRun:
@@ -219,6 +221,7 @@ def run_papa(prior, user, budget: int, per_round: int, seed: int, *, config: PAP
                      clock.eval_seconds, user.rated, {"config": asdict(cfg), "losses": losses})
 
 
+@METHODS.register("epapa")
 def run_epapa(prior, user, budget: int, per_round: int, seed: int, *, config: PAPAConfig | None = None,
               checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """EPAPA: PAPA with the base model kept for timesteps below k (default k = 400)."""

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from apa.registry import METHODS
 from apa.baselines.common import Clock, MethodRun, check_checkpoints, generator, plain_samples
 
 
@@ -18,6 +19,7 @@ class PriorConfig:
     steps: int = 25  # ancestral steps
 
 
+@METHODS.register("prior")
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: PriorConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Plain samples at every checkpoint (the same batch); ``user`` is never asked."""

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from apa.registry import RESAMPLERS
 from apa.smc.weights import ess, probabilities
 from apa.types import Indices, LogWeights
 
@@ -60,14 +61,15 @@ def residual(generator: torch.Generator | None, log_weights: LogWeights, num_sam
     return torch.cat([det, extra])
 
 
-RESAMPLERS: dict[str, Resampler] = {"systematic": systematic, "stratified": stratified,
-                                    "residual": residual, "multinomial": multinomial}
+for _name, _scheme in (("systematic", systematic), ("stratified", stratified), ("residual", residual),
+                      ("multinomial", multinomial)):
+    RESAMPLERS.register(_name)(_scheme)
 
 
 def get_resampler(name: str) -> Resampler:
     if name not in RESAMPLERS:
         raise ValueError(f"unknown resampling scheme {name!r}; choose one of {', '.join(RESAMPLERS)} or 'none'")
-    return RESAMPLERS[name]
+    return RESAMPLERS.get(name)
 
 
 def ess_threshold(log_weights: LogWeights, threshold: float) -> bool:

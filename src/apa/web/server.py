@@ -213,7 +213,7 @@ def serve_config(args: argparse.Namespace) -> Any:
     """The align flags as a configuration, with a person (feedback 'human') as the user."""
     from dataclasses import replace
 
-    from apa.cli import config_from_args
+    from apa.flags import config_from_args
 
     feedback = getattr(args, "feedback", None)  # absent unless given
     if feedback not in (None, "human"):
@@ -255,7 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def register_cli(subparsers: Any) -> None:
     """Add `apa serve` (heavy imports happen inside the command)."""
-    from apa.cli import add_align_flags
+    from apa.flags import add_align_flags
 
     p = subparsers.add_parser("serve", help="a web page where people rate images; one aligned session each")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
