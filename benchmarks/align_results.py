@@ -69,7 +69,7 @@ def judge(evaluator, images: torch.Tensor) -> dict:
 def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, seed: int, overrides: dict,
             finals: list[tuple[str, float]], best_of_n: bool) -> dict:
     from apa.baselines import best_of_n as bon
-    from apa.baselines.common import generator
+    from apa.seeding import generator
     from apa.evaluation.compare import Evaluator
 
     cfg = with_overrides(preset("default"), **{**overrides,

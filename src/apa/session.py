@@ -9,7 +9,6 @@ any point ends with the same result as an uninterrupted one.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -17,27 +16,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from apa import acquisition
 from apa.config import AlignConfig
 from apa.feedback.base import FeedbackSource, check_scores, with_label_noise
 from apa.registry import FEEDBACK, PRIORS
+from apa.seeding import generator
 from apa.smc.sampler import SMCResult, fkc_sample
-from apa.store import SessionStore, StoreError
+from apa.store import SAMPLED, SessionStore, StoreError
 from apa.surrogate.fit import FitConfig, fit
 from apa.surrogate.model import Ensemble, FeatureSurrogate, LatentSurrogate
 
-PURPOSES = {"sample": 1, "select": 2, "init": 3, "fit": 4, "final": 5, "restart": 6}
 
 
 class SessionError(ValueError):
     """The session cannot run as configured; the message says what to change."""
-
-
-def generator(seed: int, round_: int, purpose: str) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + round_ * 101 + PURPOSES[purpose])
 
 
 def normalise_scores(scores: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
@@ -58,8 +52,7 @@ def validate(cfg: AlignConfig) -> None:
 
 
 class Session:
-    kind = "fkc"  # stored with the session; a session resumes only as the kind that made it
-    use_weights = True  # False: the surrogate's gradient alone (the guidance baseline)
+    """One user's session: the store, the configuration, the prior and who rates."""
 
     def __init__(self, store: SessionStore, cfg: AlignConfig, prior: Any, feedback: FeedbackSource | None,
                  progress: bool = True):
@@ -86,18 +79,21 @@ class Session:
         return prior, with_label_noise(source, cfg.feedback.label_noise, cfg.session.seed)
 
     @classmethod
-    def start(cls, out: Path, cfg: AlignConfig, progress: bool = True) -> "Session":
+    def start(cls, out: Path, cfg: AlignConfig, progress: bool = True, kind: str = "fkc",
+              components: tuple[Any, FeedbackSource | None] | None = None) -> "Session":
+        """A new session in ``out``. ``kind`` names the method that runs it (a comparison's baselines
+        run here too); ``components``: a prior and feedback source already built (else from ``cfg``)."""
         validate(cfg)
-        prior, source = cls.components(cfg)
-        store = SessionStore.create(out, cfg.to_dict(), kind=cls.kind)  # config.json included
+        prior, source = components if components is not None else cls.components(cfg)
+        store = SessionStore.create(out, cfg.to_dict(), kind=kind)  # config.json included
         return cls(store, cfg, prior, source, progress)
 
     @classmethod
-    def resume(cls, out: Path, progress: bool = True, budget: int | None = None) -> "Session":
+    def resume(cls, out: Path, progress: bool = True, budget: int | None = None, kind: str = "fkc") -> "Session":
         """Reopen the session in ``out`` (holding its lock); ``budget``: raise its budget to this first."""
         store = SessionStore.open(out)
         try:
-            cfg = cls.stored_config(store, out)
+            cfg = cls.stored_config(store, out, kind)
             if budget is not None and budget != cfg.session.budget:
                 cfg = with_overrides(cfg, session={"budget": budget})
                 validate(cfg)
@@ -108,12 +104,12 @@ class Session:
             raise
         return cls(store, cfg, prior, source, progress)
 
-    @classmethod
-    def stored_config(cls, store: SessionStore, out: Path) -> AlignConfig:
+    @staticmethod
+    def stored_config(store: SessionStore, out: Path, kind: str = "fkc") -> AlignConfig:
         """The configuration the session was made with; refuses a session of another kind."""
-        if store.kind() != cls.kind:
+        if store.kind() != kind:
             raise StoreError(f"{out} holds a {store.kind()!r} session (a baseline run by `apa compare`), not an "
-                             f"{cls.kind!r} one; it cannot be resumed here and was left untouched")
+                             f"{kind!r} one; it cannot be resumed here and was left untouched")
         try:
             return AlignConfig.from_dict(store.config())
         except (ValueError, TypeError) as e:
@@ -153,8 +149,7 @@ class Session:
         """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback), from the
         noise end or from ``initial`` particles [n, *event] at grid point ``start_step``."""
         sc = self.cfg.sampler
-        cfg = replace(sc, particles=n, beta=sc.beta if surrogate is not None else (0.0, 0.0),
-                      weights=sc.weights if self.use_weights else "none")
+        cfg = replace(sc, particles=n, beta=sc.beta if surrogate is not None else (0.0, 0.0))
         history = self.history_particles() if sc.diversity and sc.diversity_history else None
         return fkc_sample(self.prior, self.reward(surrogate), cfg, historical=history, generator=gen,
                           initial=initial, start_step=start_step, progress=self.progress, desc=desc)
@@ -260,12 +255,12 @@ class Session:
 
     def next_round(self) -> int | None:
         """The round waiting for ratings (sampling it first if needed); None when the budget is spent."""
-        rounds = self.store.rounds()
-        if rounds and rounds[-1]["status"] == "sampled":
-            return rounds[-1]["round"]
+        waiting = self.store.open_round()
+        if waiting is not None:
+            return waiting
         if self.store.spent() >= self.cfg.session.budget:
             return None
-        r = len(rounds)
+        r = len(self.store.rounds())
         self.sample_round(r)
         return r
 
@@ -278,8 +273,8 @@ class Session:
             self.store.add_ratings(r, scores, source)
 
     def round_complete(self, r: int) -> bool:
-        shown = self.store.rounds()[r]["shown"]
-        return len(self.store.ratings(r)) >= len(shown)
+        """Whether every image round r showed has its rating (or a skip)."""
+        return self.store.stage(r) != SAMPLED
 
     def answer_with_source(self, r: int) -> None:
         """Ask the simulated user about every not-yet-rated image of round r; each answer is stored at once."""
@@ -302,9 +297,9 @@ class Session:
             self.finish_round(r)
             if on_round is not None:
                 on_round(r, self)
-        rounds = self.store.rounds()
-        if rounds and rounds[-1]["status"] == "sampled":
-            self.finish_round(rounds[-1]["round"])
+        waiting = self.store.open_round()
+        if waiting is not None:
+            self.finish_round(waiting)
 
     def final_samples(self, n: int | None = None) -> torch.Tensor:
         """The aligned sampler's evaluation batch, resampled to equal weights: images [n, C, H, W]."""
@@ -336,13 +331,9 @@ class Session:
         pick = liked[torch.randint(0, liked.shape[0], (n,), generator=gen)]
         return pick + sigma * torch.randn(pick.shape, generator=gen).to(pick), k
 
-    def save_final(self, n: int | None = None) -> Path:
-        images = self.final_samples(n).float().numpy()
-        path = self.store.root / "final_samples.npz"
-        tmp = path.with_name("final_samples.tmp.npz")
-        np.savez_compressed(tmp, images=images.astype(np.float32))
-        os.replace(tmp, path)
-        return path
+    def save_final(self, n: int | None = None, images: torch.Tensor | None = None) -> Path:
+        """Draw the final batch (or take ``images`` already drawn) and store it; returns its path."""
+        return self.store.save_final(self.final_samples(n) if images is None else images)
 
 
 def with_overrides(cfg: AlignConfig, **sections: dict[str, Any]) -> AlignConfig:

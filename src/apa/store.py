@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
@@ -46,6 +48,11 @@ DB_NAME = "session.sqlite"
 LEDGER_NAME = "session.ledger"
 LOCK_NAME = "session.lock"
 CONFIG_NAME = "config.json"
+FINAL_NAME = "final_samples.npz"  # the final batch: ``images`` float32 [n, C, H, W] in [0, 1]
+REPORT_NAME = "report.md"  # beside it: report.json, report.html, the plots and grids/
+# The round lifecycle: sampled (tensors stored, shown images chosen) -> rated (every shown image has its
+# rating, or a skip) -> fitted (the surrogate refit on all ratings; stored as "complete") -> ... -> final.
+SAMPLED, RATED, FITTED = "sampled", "rated", "complete"
 PARTIAL = ".apa-new-"  # a session being created: ``.<name>.apa-new-<random>`` beside its final path
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -402,8 +409,8 @@ class SessionStore:
         digest = self._save_tensors(self.round_path(r), tensors, f"round {r}'s tensors")
         with self._commit(f"store round {r}"):
             self._record_file(self.round_path(r), digest)
-            self._conn.execute("INSERT INTO rounds (round, status, shown, info, created) VALUES (?, 'sampled', ?, ?, ?)",
-                               (r, json.dumps(shown), json.dumps(info), time.time()))
+            self._conn.execute("INSERT INTO rounds (round, status, shown, info, created) VALUES (?, ?, ?, ?, ?)",
+                               (r, SAMPLED, json.dumps(shown), json.dumps(info), time.time()))
 
     def round_tensors(self, r: int) -> dict[str, torch.Tensor]:
         return self._load_tensors(self.round_path(r), f"round {r}'s tensors")
@@ -423,8 +430,8 @@ class SessionStore:
             if digest is not None:
                 self._record_file(self.surrogate_path(r), digest)
             old = json.loads(self._conn.execute("SELECT info FROM rounds WHERE round=?", (r,)).fetchone()[0])
-            self._conn.execute("UPDATE rounds SET status='complete', fit_loss=?, info=? WHERE round=?",
-                               (fit_loss, json.dumps({**old, **info}), r))
+            self._conn.execute("UPDATE rounds SET status=?, fit_loss=?, info=? WHERE round=?",
+                               (FITTED, fit_loss, json.dumps({**old, **info}), r))
 
     def load_surrogate(self, r: int) -> dict[str, torch.Tensor]:
         return self._load_tensors(self.surrogate_path(r), f"the surrogate fitted after round {r}")
@@ -462,7 +469,7 @@ class SessionStore:
             row = self._conn.execute("SELECT status, shown FROM rounds WHERE round=?", (r,)).fetchone()
             if row is None:
                 raise RatingRefused(f"round {r} does not exist")
-            if row[0] != "sampled":
+            if row[0] != SAMPLED:
                 raise RatingRefused(f"round {r} is already complete; its ratings cannot change")
             shown = json.loads(row[1])
             for position, score in scores:
@@ -479,6 +486,41 @@ class SessionStore:
         rows = self._conn.execute(q + (" WHERE round=?" if r is not None else "") + " ORDER BY round, position",
                                   (() if r is None else (r,))).fetchall()
         return [{"round": a, "position": b, "particle": c, "score": d, "source": e} for a, b, c, d, e in rows]
+
+    def stage(self, r: int) -> str:
+        """Where round r stands in the lifecycle: SAMPLED, RATED or FITTED."""
+        row = self.rounds()[r]
+        if row["status"] == FITTED:
+            return FITTED
+        return RATED if len(self.ratings(r)) >= len(row["shown"]) else SAMPLED
+
+    def open_round(self) -> int | None:
+        """The last round if it is not yet fitted (waiting for ratings, or for its refit), else None."""
+        rows = self.rounds()
+        return rows[-1]["round"] if rows and rows[-1]["status"] != FITTED else None
+
+    @property
+    def final_path(self) -> Path:
+        return self.root / FINAL_NAME
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / REPORT_NAME
+
+    def save_final(self, images: torch.Tensor) -> Path:
+        """The final batch, images [n, C, H, W] in [0, 1], written atomically as ``final_samples.npz``."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, images=images.detach().float().cpu().numpy().astype(np.float32))
+        with disk_errors(self.root, "write the final batch"):
+            write_file(self.final_path, buffer.getvalue())
+        return self.final_path
+
+    def final_images(self) -> torch.Tensor | None:
+        """The final batch [n, C, H, W] if it was written, else None."""
+        if not self.final_path.exists():
+            return None
+        with np.load(self.final_path) as z:
+            return torch.from_numpy(z["images"])
 
     def spent(self) -> int:
         """Feedback spent: ratings with a score (skips cost nothing)."""

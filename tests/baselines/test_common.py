@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from apa import baselines
-from apa.baselines.common import BudgetError, CountingUser, check_checkpoints, generator, round_sizes, to_targets
+from apa.baselines.common import BudgetError, CountingUser, check_checkpoints, round_sizes, to_targets
 
 
 def test_round_sizes_spend_exactly_the_budget():
@@ -43,11 +43,6 @@ def test_targets_map_a_scale_onto_minus_one_one():
 
     assert to_targets(torch.tensor([0.0, 0.5, 1.0]), Graded()).tolist() == [-1.0, 0.0, 1.0]
     assert to_targets(torch.tensor([1.0, -1.0]), object()).tolist() == [1.0, -1.0]
-
-
-def test_generators_differ_by_purpose_and_index():
-    draws = {torch.rand(1, generator=generator(0, i, p)).item() for i in range(3) for p in ("round", "fit", "eval")}
-    assert len(draws) == 9
 
 
 def test_every_method_is_registered_with_one_signature():

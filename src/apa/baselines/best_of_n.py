@@ -18,9 +18,10 @@ from typing import Sequence
 
 import torch
 
+from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, plain_samples,
+                                  round_sizes)
 from apa.registry import METHODS
-from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, generator,
-                                  plain_samples, round_sizes)
+from apa.seeding import generator
 
 
 @dataclass(frozen=True)

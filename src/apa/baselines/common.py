@@ -22,7 +22,6 @@ import torch
 from apa.priors.base import Prior
 
 Sampler = Callable[[int, torch.Generator], torch.Tensor]  # (n, generator) -> images [n, C, H, W]
-PURPOSES = {"round": 11, "fit": 12, "eval": 13, "refine": 14}
 
 
 class BudgetError(ValueError):
@@ -75,11 +74,6 @@ def check_checkpoints(checkpoints: Sequence[int], budget: int, per_round: int) -
         raise BudgetError(f"checkpoints {bad} are never reached with budget {budget} and {per_round} per round; "
                           f"use multiples of {per_round} up to {budget}")
     return tuple(sorted(set(checkpoints)))
-
-
-def generator(seed: int, index: int, purpose: str) -> torch.Generator:
-    """A generator for (seed, round or feedback spent, purpose), independent of everything else."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + index * 131 + PURPOSES[purpose] + 7_777)
 
 
 class CountingUser:

@@ -4,22 +4,18 @@ The run starts a :class:`apa.session.Session` in ``workdir`` with the given budg
 simulated user rate every round. Sessions are deterministic in (seed, round, purpose), so after
 round r the session's ``final_samples`` are exactly those a session whose budget ends at round r
 would produce: the evaluation batch at each checkpoint is that session's final batch. The last
-batch is also written to ``workdir/final_samples.npz``, as ``apa align`` does.
+batch is also stored as the session's final batch, as ``apa align`` does.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from apa.registry import METHODS
 from apa.baselines.common import Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints
 from apa.config import AlignConfig
-from apa.session import Session, validate, with_overrides
-from apa.store import SessionStore
+from apa.registry import METHODS
+from apa.session import Session, with_overrides
 
 
 def session_config(config: AlignConfig | None, user, budget: int, per_round: int, seed: int,
@@ -42,18 +38,17 @@ def _records(session: Session, seconds: dict[int, float]) -> tuple[RoundRecord, 
     return tuple(out)
 
 
-def run_session(session_cls: type[Session], method: str, prior, user, budget: int, per_round: int, seed: int, *,
+def run_session(method: str, prior, user, budget: int, per_round: int, seed: int, *,
                 config: AlignConfig | None, checkpoints: Sequence[int], eval_samples: int,
                 workdir: Path | None) -> MethodRun:
-    """Run a session of ``session_cls`` in ``workdir`` (new or empty) and evaluate it at the checkpoints."""
+    """Run an ``apa align`` session (``Session.start``, ``run``, ``save_final``) in ``workdir`` (new or
+    empty), recorded as ``method``, and evaluate it at the checkpoints."""
     if workdir is None:
         raise ValueError(f"the {method} method keeps a session on disk: give it a workdir")
     cfg = session_config(config, user, budget, per_round, seed, eval_samples)
-    validate(cfg)
     checks = check_checkpoints(checkpoints, budget, per_round)
     user = CountingUser(user)
-    store = SessionStore.create(Path(workdir), cfg.to_dict(), kind=session_cls.kind)
-    session = session_cls(store, cfg, prior, user, progress=False)
+    session = Session.start(Path(workdir), cfg, progress=False, kind=method, components=(prior, user))
     clock, batches, round_seconds = Clock(), {}, {}
 
     def on_round(r: int, s: Session) -> None:
@@ -65,10 +60,7 @@ def run_session(session_cls: type[Session], method: str, prior, user, budget: in
     session.run(on_round)
     seconds = clock.seconds()
     if batches:
-        last = batches[max(batches)]
-        tmp = Path(workdir) / "final_samples.tmp.npz"
-        np.savez_compressed(tmp, images=last.float().numpy().astype(np.float32))
-        os.replace(tmp, Path(workdir) / "final_samples.npz")
+        session.save_final(images=batches[max(batches)])
     return MethodRun(method, _records(session, round_seconds), batches, lambda n, gen: session.final_samples(n),
                      seconds, clock.eval_seconds, user.rated,
                      {"config": cfg.to_dict(), "timings": dict(session.timings), "workdir": str(workdir)})
@@ -79,5 +71,5 @@ def run(prior, user, budget: int, per_round: int, seed: int, *, config: AlignCon
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """FKC-SMC alignment as ``apa align`` runs it. The final sampler ignores its generator argument:
     a session's final batch is seeded by the session itself."""
-    return run_session(Session, "fkc", prior, user, budget, per_round, seed, config=config,
+    return run_session("fkc", prior, user, budget, per_round, seed, config=config,
                        checkpoints=checkpoints, eval_samples=eval_samples, workdir=workdir)

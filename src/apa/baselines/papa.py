@@ -32,11 +32,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from apa.registry import METHODS
-from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, generator,
-                                  plain_samples, round_sizes, to_targets)
+from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, plain_samples, round_sizes, to_targets)
 from apa.priors.base import VEPrior
 from apa.priors.ddpm import NUM_TRAIN_TIMESTEPS, alphas_cumprod
+from apa.registry import METHODS
+from apa.seeding import generator
 from apa.types import Particles
 
 SIMILARITY_AT = ("last", "all")
@@ -209,7 +209,7 @@ def run_papa(prior, user, budget: int, per_round: int, seed: int, *, config: PAP
         images = plain_samples(sampler, k, cfg.sample_steps, generator(seed, r, "round"))
         scores = user(images).float()
         losses.append(finetune(tuned, prior.model, opt, images, to_targets(scores, user), cfg,
-                               generator(seed, r, "fit")))
+                               generator(seed, r, "finetune")))
         spent += k
         records.append(RoundRecord(r, spent, tuple(scores.tolist()), images, clock.seconds() - t0))
         if spent in checks:

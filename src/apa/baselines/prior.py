@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from apa.baselines.common import Clock, MethodRun, check_checkpoints, plain_samples
 from apa.registry import METHODS
-from apa.baselines.common import Clock, MethodRun, check_checkpoints, generator, plain_samples
+from apa.seeding import generator
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,23 @@
+"""One seeding scheme for every random choice: a ``torch.Generator`` per (seed, index, purpose).
+
+The index is a round (or, for a comparison's evaluation batches, the feedback spent); the purpose
+names what the randomness is for, so each choice is independent of every other one and a session
+resumed after a crash draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PURPOSES = {  # purpose -> (stride of the index, offset)
+    # a session's choices, per round
+    "sample": (101, 1), "select": (101, 2), "init": (101, 3), "fit": (101, 4), "final": (101, 5), "restart": (101, 6),
+    # a comparison's baselines: per round, or per feedback spent for evaluation batches
+    "round": (131, 7_788), "finetune": (131, 7_789), "eval": (131, 7_790),
+}
+
+
+def generator(seed: int, index: int, purpose: str) -> torch.Generator:
+    """A CPU generator for (seed, index, purpose), independent of every other (seed, index, purpose)."""
+    stride, offset = PURPOSES[purpose]
+    return torch.Generator().manual_seed(seed * 1_000_003 + index * stride + offset)
