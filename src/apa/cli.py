@@ -68,11 +68,12 @@ def _pair(text: str) -> tuple[float, float]:
     return parts[0], parts[1]
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class numbers like 1,4,7,9, got {text!r}") from e
+def _ints(text: str) -> tuple[int | str, ...]:
+    """``--prefer``: class numbers or names, comma-separated (names are resolved against the dataset later)."""
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated classes like 1,4,7,9 or sandal,sneaker, got {text!r}")
+    return tuple(int(x) if x.lstrip("-").isdigit() else x for x in items)
 
 
 def _words(text: str) -> tuple[str, ...]:

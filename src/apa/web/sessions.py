@@ -35,6 +35,10 @@ TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 BUSY = ("queued", "fitting", "sampling", "final")  # phases in which a background job owns the session
 FINAL_PREVIEW = 64  # final samples shown on the page
 MAX_OPEN, IDLE_S = 200, 600.0  # past this many open sessions, those idle this long are closed
+# The report's files a page may fetch: names the report writes, never a path a request makes up.
+REPORT_FILE_RE = re.compile(r"(report\.(html|md|json|css)|[a-z_]{1,40}\.png|grids/[a-z0-9_]{1,40}\.png)")
+REPORT_TYPES = {".html": "text/html; charset=utf-8", ".md": "text/markdown; charset=utf-8",
+                ".json": "application/json", ".css": "text/css; charset=utf-8", ".png": "image/png"}
 
 
 class WebError(Exception):
@@ -169,7 +173,7 @@ def write_report(session: Session, report_lock: threading.Lock) -> str:
     try:
         with report_lock:
             path = report(session)
-        return f"The report is in {path.name} in the session's directory on the server."
+        return "The report is ready."
     except Exception as e:  # the session itself is complete; a failed report is only mentioned
         log.exception("report failed")
         return f"The session is complete, but its report could not be written ({e})."
@@ -357,7 +361,8 @@ class SessionManager:
                 "rated": {str(p): v for p, v in by_round.get(current, {}).items()} if phase == "ready" else {},
                 "spent": s.store.spent(), "budget": s.cfg.session.budget, "per_round": s.cfg.session.per_round,
                 "scale": list(SCALE), "choices": list(RATINGS), "progress": progress,
-                "history": history, "final": phase == "done" and final_path(s).exists()}
+                "history": history, "final": phase == "done" and final_path(s).exists(),
+                "report": phase == "done" and (s.store.root / "report.html").is_file()}
 
     def image_png(self, token: str, r: int, p: int) -> bytes:
         """Round r's p-th shown image, rendered from the session's stored particles."""
@@ -394,3 +399,35 @@ class SessionManager:
             with np.load(path) as z:
                 handle.pngs["final"] = render.png(torch.from_numpy(z["images"][:FINAL_PREVIEW]), nrow=8)
         return handle.pngs["final"]
+
+    def report_file(self, token: str, name: str) -> tuple[bytes, str]:
+        """One file of the session's report (report.html, its stylesheet, its images) and its media type."""
+        handle = self.get(token)
+        root = handle.session.store.root.resolve()
+        if not (isinstance(name, str) and REPORT_FILE_RE.fullmatch(name)):
+            raise WebError(404, "no such file in this session's report")
+        path = (root / name).resolve()
+        if not (path.is_relative_to(root) and path.is_file()):
+            raise WebError(404, "no such file in this session's report (it is written when the session ends)")
+        return path.read_bytes(), REPORT_TYPES[path.suffix]
+
+    def final_zip(self, token: str) -> bytes:
+        """Every final sample as its own PNG, in one zip, once the session is done."""
+        import io
+        import zipfile
+
+        import numpy as np
+        import torch
+
+        handle = self.get(token)
+        path = final_path(handle.session)
+        if handle.phase != "done" or not path.exists():
+            raise WebError(404, "the final samples appear once the whole budget is rated")
+        if "final.zip" not in handle.pngs:
+            buf = io.BytesIO()
+            with np.load(path) as z, zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+                images = torch.from_numpy(z["images"])
+                for i, image in enumerate(images):
+                    out.writestr(f"final_{i:04d}.png", render.single_png(image))
+            handle.pngs["final.zip"] = buf.getvalue()
+        return handle.pngs["final.zip"]
