@@ -122,6 +122,7 @@ async function main() {
   await page.getByTestId("submit").click();
   await page.waitForSelector('body[data-sending="retrying"]', { timeout: WAIT_MS });
   const retrying = { status: await page.getByTestId("send-status").textContent(), kept: await pressed(page) };
+  await page.screenshot({ path: join(env("APA_E2E_SHOTS"), "retrying-1280.png"), fullPage: true });
   say({ event: "retrying" });
   await nextLine();  // the server is started again
   await waitForRound(page, 1);

@@ -14,11 +14,13 @@ import hashlib
 import html
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -143,8 +145,10 @@ def prior_baseline(session) -> dict[str, Any]:
 
     n = session.cfg.session.eval_samples
     key = baseline_key(session, n)
-    path = cache_dir() / f"{key}.json" if key else None
-    if path is not None and path.is_file():
+    if key is None:  # no weights file to key the cache on (e.g. a hub model): not recomputed per report
+        return {}
+    path = cache_dir() / f"{key}.json"
+    if path.is_file():
         try:
             return json.loads(path.read_text())
         except ValueError:
@@ -155,14 +159,13 @@ def prior_baseline(session) -> dict[str, Any]:
     with torch.no_grad():
         out = {**evaluate(session.prior.decode(res.particles)), "n": n}
     out = json.loads(json.dumps(out, default=float))  # the same types as a cached copy (str class keys)
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(out))
-            tmp.replace(path)
-        except OSError:
-            pass  # no cache: the next report recomputes it
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(path)
+    except OSError:
+        pass  # no cache: the next report recomputes it
     return out
 
 
@@ -210,6 +213,7 @@ def plot_ess(rows: list[dict], n: int, path: Path) -> None:
             ax.plot(r["ess"], color=cmap(i / max(len(rows) - 1, 1)), label=f"round {r['round'] + 1}")
     ax.axhline(n / 2, ls=":", c="gray", lw=1)
     ax.set(xlabel="step", ylabel="ESS (before resampling)", ylim=(0, n * 1.05))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -225,7 +229,7 @@ def weighted_grid(images: torch.Tensor, weights: np.ndarray, rated: dict[int, fl
     keep = set(order[:GRID_MAX]) | set(rated)
     order = [i for i in order if i in keep][:max(GRID_MAX, len(rated))]
     side = images.shape[-1]
-    zoom = max(1, 56 // side) if side < 56 else 1
+    zoom = max(1, 84 // side) if side < 84 else 1
     tile, label, pad = side * zoom, 14, 4
     rows = math.ceil(len(order) / ncol)
     canvas = Image.new("RGB", (ncol * (tile + pad) + pad, rows * (tile + label + pad) + pad), "white")
@@ -347,9 +351,10 @@ def document(session, rows, final, baseline, figures) -> list[tuple]:
     human = cfg["feedback"]["name"] == "human"
     oracle = any(r["eval"] for r in rows) or bool(final)
     head, body = rounds_table(rows, baseline, oracle)
-    read = ("Each row is one round: the ratings given (· a skipped image), their mean, and how many of the round's "
-            "ratings the surrogate fitted on the earlier rounds predicted on the right side of the scale before "
-            "seeing them (“held out”; – in the first round).")
+    read = ("Each row is one round: the ratings given (· a skipped image), their mean, and how well the surrogate "
+            "fitted on the earlier rounds predicted this round's ratings before seeing them (“held out”: its accuracy "
+            "on that many ratings; – where there was no surrogate yet). A fit to its own training ratings would say "
+            "little: the surrogate can interpolate them.")
     if oracle:
         read += (" The shares are the simulated user's view of the round's particles after resampling by weight; "
                  "the “prior only” row is the same view of plain prior samples, the level feedback has to beat.")

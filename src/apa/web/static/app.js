@@ -259,7 +259,7 @@ function updateChoices() {
   markFocus();
   const missing = choices.filter((c) => c === undefined).length;
   $("submit").disabled = missing > 0 || Boolean(pending);
-  $("submit-hint").textContent = pending ? "" : missing ? `${missing} image${missing > 1 ? "s" : ""} left to rate or skip` : "Ready: press Enter or Submit";
+  $("submit-hint").textContent = pending ? "" : missing ? `${missing} image${missing > 1 ? "s" : ""} left to rate or skip` : "All chosen: submit them";
 }
 
 function columns() {
