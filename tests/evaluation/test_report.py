@@ -48,7 +48,9 @@ def test_a_final_batch_below_the_last_round_is_explained_and_collapse_names_clas
              "class_histogram": [0, 0, 0, 0, 0, 1, 0, 0, 0, 39], "preferred_class_shares": {5: 0.025, 9: 0.975}}
     blocks = rp.final_blocks(rows, final, FASHION, particles=8)
     text = rp.to_markdown(blocks)
-    assert "scores below the last round (62% against 84%)" in text and "standard error" in text
+    assert "scores below the last round (62% against 84%)" in text and "standard error" in text  # 8 particles
+    assert "larger than sampling noise" in rp.final_gap_note(0.84, 0.2, 256, 256)
+    assert rp.final_gap_note(0.5, 0.6, 8, 64) is None
     assert "Sandal (5) 2%" in text and "Ankle boot (9) | 39" in text
     assert "collapse warning: Sandal (5) at 2%" in text
     assert rp.collapse_warning({"preferred_confident_share": 0.5, "preferred_class_shares": {"1": 0.5, "4": 0.5}}) is None

@@ -199,6 +199,7 @@ def plot_share(rows: list[dict], final: dict, baseline: dict, path: Path) -> Non
     if baseline:
         ax.axhline(baseline.get("preferred_confident_share", np.nan), ls=":", c="gray", lw=1.2, label="prior only")
     ax.set(xlabel="feedback spent (ratings)", ylabel="share of weighted particles", ylim=(0, 1.02))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -309,36 +310,41 @@ def stderr(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
 
 
+def final_gap_note(before: float, share: float, particles: int, n: int) -> str | None:
+    """Why the final batch can score below the last round (None when it does not)."""
+    if share >= before:
+        return None
+    noise = 2 * (stderr(before, particles) + stderr(share, n))
+    gap = f"The final batch scores below the last round ({pct(share)} against {pct(before)}). "
+    if share >= before - noise:
+        return gap + (f"A round's share is measured on its {particles} weighted particles, the final batch's on {n} "
+                      f"fresh samples; their standard errors are about ±{pct(stderr(before, particles))} and "
+                      f"±{pct(stderr(share, n))}, so a gap of this size is sampling noise, not lost alignment.")
+    return gap + ("The gap is larger than sampling noise: the final batch is drawn with the surrogate refitted on the "
+                  "last round's ratings, the last round with the surrogate before it, so the last refit moved the "
+                  "sampler; compare the last round's ratings with the final grid.")
+
+
 def final_blocks(rows: list[dict], final: dict, names: tuple[str, ...], particles: int) -> list[tuple]:
     if not final:
         return []
     n = final.get("n", 0)
     share = final.get("preferred_confident_share")
-    blocks: list[tuple] = [("h2", "Final evaluation batch"),
-                           ("list", [f"preferred and confident: **{pct(share)}** of {n} samples (resampled to equal weights)",
-                                     f"preferred: {pct(final.get('preferred_share'))}; confident: "
-                                     f"{pct(final.get('confident_share'))}",
-                                     "preferred classes among the preferred and confident samples: " + (", ".join(
-                                         f"{class_label(int(c), names)} {pct(v)}"
-                                         for c, v in (final.get("preferred_class_shares") or {}).items()) or DASH)])]
+    classes = ", ".join(f"{class_label(int(c), names)} {pct(v)}"
+                        for c, v in (final.get("preferred_class_shares") or {}).items())
+    blocks: list[tuple] = [("h2", "Final evaluation batch"), ("list", [
+        f"preferred and confident: **{pct(share)}** of {n} samples (resampled to equal weights)",
+        f"preferred: {pct(final.get('preferred_share'))}; confident: {pct(final.get('confident_share'))}",
+        f"preferred classes among the preferred and confident samples: {classes or DASH}"])]
     last = next((r["eval"] for r in reversed(rows) if r["eval"]), {})
     if share is not None and last.get("preferred_confident_share") is not None:
-        before = last["preferred_confident_share"]
-        if share < before:
-            blocks.append(("p", f"The final batch scores below the last round ({pct(share)} against {pct(before)}). "
-                                f"A round's share is measured on its {particles} weighted particles, the final batch's on "
-                                f"{n} fresh samples drawn with the last surrogate; their standard errors are about "
-                                f"±{pct(stderr(before, particles))} and ±{pct(stderr(share, n))}, so a gap of this size "
-                                "is mostly the small round's sampling noise, not lost alignment."
-                                if share >= before - 2 * (stderr(before, particles) + stderr(share, n)) else
-                                f"The final batch scores below the last round ({pct(share)} against {pct(before)}), by more "
-                                "than sampling noise explains: the last round's few particles were luckier than the "
-                                "sampler is on fresh draws; more rounds, or more particles per round, usually close the gap."))
+        note = final_gap_note(last["preferred_confident_share"], share, particles, n)
+        if note:
+            blocks.append(("p", note))
     hist = final.get("class_histogram") or []
     if hist:
-        blocks.append(("table", ["class", "confident samples"],
-                       [[class_label(c, names), str(k)] for c, k in enumerate(hist) if k]
-                       or [[DASH, "0"]]))
+        rows_ = [[class_label(c, names), str(k)] for c, k in enumerate(hist) if k]
+        blocks.append(("table", ["class", "confident samples"], rows_ or [[DASH, "0"]]))
     warning = collapse_warning(final, names)
     if warning:
         blocks.append(("warn", warning))
@@ -400,6 +406,7 @@ def to_markdown(blocks: list[tuple]) -> str:
 CSS = """body { font: 15px/1.5 system-ui, sans-serif; max-width: 980px; margin: 24px auto; padding: 0 16px; color: #1d2330; }
 table { border-collapse: collapse; margin: 8px 0; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #dde1e7; padding: 4px 10px; text-align: right; }
+td { white-space: nowrap; }
 th { background: #f2f4f7; } td:first-child, th:first-child { text-align: left; }
 .read { color: #556; font-style: italic; }
 .warn { background: #fdecec; border: 1px solid #f1b0b0; padding: 8px 12px; border-radius: 6px; }
