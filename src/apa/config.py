@@ -165,7 +165,8 @@ class FeedbackConfig:
 
     name: str = knob("oracle", "who rates: a classifier oracle, an OpenCLIP prompt bank, an ImageNet classifier, "
                      "or a person (through `apa serve`)", flag="feedback", choices=FEEDBACK)
-    prefer: tuple[int, ...] = knob((1, 4, 7, 9), "the oracle's preferred classes")
+    prefer: tuple[int | str, ...] = knob((1, 4, 7, 9), "the oracle's preferred classes, by number or by name "
+                                          "(e.g. sandal,sneaker,ankle-boot)")
     mode: str = knob("binary", "the oracle's answers: +1/-1 (PAPA's) or graded", choices=("binary", "graded"))
     oracle_weights: str | None = knob(None, "an oracle's safetensors (none: the shipped one)")
     users: tuple[str, ...] | None = knob(None, "CLIP or ImageNet users (none: the source's own; CLIP: the seed's "
@@ -177,8 +178,8 @@ class FeedbackConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and bool(self.name), f"--feedback must name a source, got {self.name!r}")
-        _require(all(_whole(c) and c >= 0 for c in self.prefer),
-                 f"--prefer must list class numbers from 0, like 1,4,7,9; got {self.prefer!r}")
+        _require(all((_whole(c) and c >= 0) or (isinstance(c, str) and c.strip()) for c in self.prefer),
+                 f"--prefer must list classes by number from 0 or by name, like 1,4,7,9; got {self.prefer!r}")
         _choice("--mode", self.mode, ("binary", "graded"))
         _require(_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0,
                  f"--temperature must be a positive finite number, got {self.temperature!r}")

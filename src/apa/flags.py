@@ -69,7 +69,7 @@ def shown(value: Any) -> str:
 def shown_type(annotation: str) -> str:
     """What a flag's value looks like: "tuple[float, float]" -> A,B; "int" -> N."""
     return {"int": "N", "float": "X", "float | None": "X|none", "bool": "true|false", "tuple[float, float]": "A,B",
-            "tuple[int, ...]": "C,C,...", "tuple[str, ...] | None": "NAME,NAME,..."}.get(annotation, "TEXT")
+            "tuple[int | str, ...]": "CLASS,CLASS,...", "tuple[str, ...] | None": "NAME,NAME,..."}.get(annotation, "TEXT")
 
 
 # ---------------------------------------------------------------- parsing the typed text
@@ -82,11 +82,12 @@ def _pair(text: str) -> tuple[float, float]:
     return parts[0], parts[1]
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class numbers like 1,4,7,9, got {text!r}") from e
+def _classes(text: str) -> tuple[int | str, ...]:
+    """``--prefer``: class numbers or names, comma-separated (names are resolved against the dataset later)."""
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated classes like 1,4,7,9 or sandal,sneaker, got {text!r}")
+    return tuple(int(x) if x.lstrip("-").isdigit() else x for x in items)
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -110,7 +111,7 @@ def _optional_str(text: str) -> str | None:
 
 
 PARSERS: dict[str, Callable[[str], Any]] = {  # a field's annotation -> how its flag's text is read
-    "int": int, "float": float, "str": str, "bool": _bool, "tuple[float, float]": _pair, "tuple[int, ...]": _ints,
+    "int": int, "float": float, "str": str, "bool": _bool, "tuple[float, float]": _pair, "tuple[int | str, ...]": _classes,
     "tuple[str, ...] | None": _words, "float | None": _optional_float, "str | None": _optional_str}
 
 

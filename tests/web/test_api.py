@@ -54,6 +54,30 @@ def test_a_whole_session(client, manager):
     assert state["spent"] == 8 and state["final"]
     assert client.get(f"/api/sessions/{token}/final.png").content.startswith(PNG)
     assert (manager.data_dir / token / "final_samples.npz").is_file()
+    assert state["report"], "the finished page links to the report"
+    page = client.get(f"/api/sessions/{token}/report/report.html")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "rated by a person" in page.text and "nan" not in page.text and "prefer" not in page.text
+    assert client.get(f"/api/sessions/{token}/report/report.css").headers["content-type"].startswith("text/css")
+    assert client.get(f"/api/sessions/{token}/report/grids/round_00.png").content.startswith(PNG)
+    assert client.get(f"/api/sessions/{token}/report/ess.png").content.startswith(PNG)
+
+
+def test_the_final_images_download_as_a_zip(client, manager):
+    import io
+    import zipfile
+
+    token = start(client)
+    assert client.get(f"/api/sessions/{token}/final.zip").status_code == 404  # not before the session ends
+    for r in range(2):
+        wait_phase(client, token, "ready")
+        rate(client, token, r, [5, 1, 2, 3])
+    wait_phase(client, token, "done")
+    z = client.get(f"/api/sessions/{token}/final.zip")
+    assert z.status_code == 200 and z.headers["content-type"] == "application/zip"
+    assert "attachment" in z.headers["content-disposition"]
+    names = zipfile.ZipFile(io.BytesIO(z.content)).namelist()
+    assert len(names) == manager.cfg.session.eval_samples and names[0] == "final_0000.png"
 
 
 def test_a_restarted_server_resumes_where_the_session_stood(client, manager, make_manager):

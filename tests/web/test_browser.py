@@ -1,8 +1,11 @@
 """End to end in a real browser: Debian's chromium, driven by Playwright (npm playwright-core, tests/web/e2e.mjs).
 
-`apa serve` runs as a subprocess; the page starts a session and rates two rounds by clicking; the server is
-restarted; the page (reloaded, and a new tab on the bare address) shows the same session at the same round.
-A screenshot goes to the test's tmp dir and is copied to tests/web/artifacts/.
+`apa serve` runs as a subprocess. The page starts a session; choices survive a reload; the server is stopped
+while the first submission is in flight, the page keeps the ratings and retries, and after the restart they
+are stored once. The keys alone rate the second round. After another restart the page (reloaded, and a new tab
+on the bare address) shows the same session at the same round. The page then rates the rest of the budget and
+the finished page's report link opens the report. Screenshots of a round, the history and the finished page,
+at 1280 and 390 px, go to the test's tmp dir and are copied to tests/web/artifacts/ (git-ignored).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def prior_weights(tiny_weights: Path) -> Path:
 def start_server(port: int, data_dir: Path, weights: Path, log: Path) -> subprocess.Popen:
     """`apa serve` in a subprocess; returns once it answers."""
     cmd = [sys.executable, "-m", "apa.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
-           "--prior-weights", str(weights), *TINY_FLAGS, "--budget", "12", "--log-level", "warning"]
+           "--prior-weights", str(weights), *TINY_FLAGS, "--budget", "12", "--seed", "3", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=HERE.parent.parent)
     deadline = time.monotonic() + 120
     while True:
@@ -72,12 +75,12 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def driver(url: str, profile: Path, screenshot: Path) -> subprocess.Popen:
+def driver(url: str, profile: Path, shots: Path) -> subprocess.Popen:
     node = shutil.which("node")
     if node is None or not (HERE / "node_modules" / "playwright-core").is_dir():
         pytest.fail(f"node or tests/web/node_modules/playwright-core is missing; {INSTALL}")
     env = {**os.environ, "APA_E2E_URL": url, "APA_E2E_CHROMIUM": CHROMIUM, "APA_E2E_PROFILE": str(profile),
-           "APA_E2E_SCREENSHOT": str(screenshot)}
+           "APA_E2E_SHOTS": str(shots)}
     return subprocess.Popen([node, str(HERE / "e2e.mjs")], cwd=HERE, env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -114,36 +117,75 @@ def expect(q: "queue.Queue[dict]", name: str, timeout: float = WAIT_S * 3) -> di
     raise AssertionError(f"the browser driver did not report {name!r}; it said: {seen}")
 
 
-def test_rate_two_rounds_restart_and_resume(tmp_path, tiny_weights):
-    data, log = tmp_path / "sessions", tmp_path / "server.log"
-    screenshot = tmp_path / "apa-serve.png"
+def answer(browser: subprocess.Popen, line: str) -> None:
+    browser.stdin.write(line + "\n")
+    browser.stdin.flush()
+
+
+def test_outage_hotkeys_restart_and_report(tmp_path, tiny_weights):
+    data, log, shots = tmp_path / "sessions", tmp_path / "server.log", tmp_path / "shots"
+    shots.mkdir()
     sock = free_socket()
     port = sock.getsockname()[1]
     sock.close()
     weights = prior_weights(tiny_weights)
     server = start_server(port, data, weights, log)
-    browser = driver(f"http://127.0.0.1:{port}/", tmp_path / "chromium-profile", screenshot)
+    browser = driver(f"http://127.0.0.1:{port}/", tmp_path / "chromium-profile", shots)
     try:
         q = events(browser)
+        expect(q, "submitting")  # the page has sent round 1's ratings; they have not reached the server
+        stop_server(server)
+        answer(browser, "stopped")
+        expect(q, "retrying")
+        server = start_server(port, data, weights, log)
+        answer(browser, "restarted")
         rated = expect(q, "rated")
-        assert (rated["phase"], rated["round"], rated["spent"], rated["history"]) == ("ready", 2, 7, 2), rated
-        assert rated["hash"] == f"#s={rated['token']}"
         stop_server(server)
         server = start_server(port, data, weights, log)
-        browser.stdin.write("restarted\n")
-        browser.stdin.flush()
-        resumed = expect(q, "resumed")
+        answer(browser, "restarted")
+        finished = expect(q, "finished")
     finally:
         stop_server(server)
         if browser.poll() is None:
             browser.kill()
-    for view in (resumed["reloaded"], resumed["newTab"]):
-        assert (view["phase"], view["round"], view["spent"], view["history"], view["images"]) == \
-            ("ready", 2, 7, 2, 4), view
-    assert resumed["problems"] == [], resumed["problems"]
+
+    assert rated["firstTitle"] == "Round 1 of 3", rated["firstTitle"]
+    assert rated["draft"] == [5, 4, None, None], "choices not sent yet must survive a reload"
+    assert "kept" in rated["retrying"]["status"] and rated["retrying"]["kept"] == [5, 4, "skip", 2], rated["retrying"]
+    keyed = rated["expectedKeys"]
+    assert rated["keyed"] == keyed and len(keyed) >= 1, rated
+    spent = 3 + sum(v != "skip" for v in keyed)
+    assert rated["mobileSubmit"], "on a 390 px screen the Submit button must stay in view"
+    assert (rated["phase"], rated["round"], rated["spent"], rated["history"]) == ("ready", 2, spent, 2), rated
+    assert rated["hash"] == f"#s={rated['token']}"
+    for view in (finished["reloaded"], finished["newTab"]):
+        assert (view["phase"], view["round"], view["spent"], view["history"]) == ("ready", 2, spent, 2), view
+        assert view["images"] >= 1, view
+    assert finished["problems"] == [], finished["problems"]
+
     store = SessionStore.open(data / rated["token"])
-    assert store.spent() == 7 and len(store.ratings()) == 8 and len(store.rounds()) == 3
-    assert screenshot.stat().st_size > 10_000
+    try:
+        by_round: dict[int, list] = {}
+        for x in store.ratings():
+            by_round.setdefault(x["round"], []).append((x["position"], x["score"]))
+        assert sorted(by_round[0]) == [(0, 5.0), (1, 4.0), (2, None), (3, 2.0)], "the held submission, stored once"
+        assert sorted(by_round[1]) == [(p, None if v == "skip" else float(v)) for p, v in enumerate(keyed)], \
+            "the round rated with the keys"
+        assert store.spent() == 12
+    finally:
+        store.close()
+
+    report = finished["reportPage"]
+    assert report["url"] == f"/api/sessions/{rated['token']}/report/report.html", report
+    assert report["heading"] and report["images"] >= 3 and "rated by a person" in report["text"], report
+    for d in finished["downloads"]:
+        assert d["status"] == 200 and d["bytes"] > 100, d
+    assert {d["type"] for d in finished["downloads"]} == {"application/zip", "image/png"}
+
     artifacts = HERE / "artifacts"
     artifacts.mkdir(exist_ok=True)
-    shutil.copy(screenshot, artifacts / screenshot.name)
+    for shot in sorted(shots.glob("*.png")):
+        assert shot.stat().st_size > 5_000, shot
+        shutil.copy(shot, artifacts / shot.name)
+    assert {p.name for p in shots.glob("*.png")} >= {f"{v}-{w}.png" for v in ("round", "history", "finished")
+                                                     for w in (1280, 390)}

@@ -132,3 +132,22 @@ def test_concurrent_submissions_for_one_round_store_one(live_server, manager):
     assert after["spent"] == 4 and len(after["ratings"]) == 4
     assert len({x["score"] for x in after["ratings"]}) == 1  # all four from the one submission that won
     assert before[token]["ratings"] == []
+
+
+def test_report_files_are_the_report_only(client, manager, rated_once):
+    """Only names the report writes, only under the token's own directory; traversal and other files are 404."""
+    token, other = rated_once
+    root = manager.data_dir / token
+    (root / "report.html").write_text("<h1>report</h1>")
+    assert client.get(f"/api/sessions/{token}/report/report.html").status_code == 200
+    before = snapshot(manager.data_dir)
+    for name in ("session.sqlite", "config.json", "..%2fsession.sqlite", "../session.sqlite", "%2e%2e/config.json",
+                 "grids/..%2f..%2fsession.sqlite", "grids/../config.json", "rounds/round_0000.safetensors",
+                 "report.html%00.png", "REPORT.HTML", "/etc/passwd", "%2fetc%2fpasswd", f"..%2f{other}%2freport.html",
+                 "grids/final.png", "report.md/", "x" * 60 + ".png"):
+        refused(client.get(f"/api/sessions/{token}/report/{name}"), 404)
+    refused(client.get(f"/api/sessions/{other}/report/report.html"), 404)  # another session has none yet
+    refused(client.get(f"/api/sessions/{UNKNOWN}/report/report.html"), 404)
+    refused(client.get(f"/api/sessions/{token}/final.zip"), 404)  # not done yet
+    refused(client.get("/api/sessions/..%2f..%2fetc/report/report.html"), 404)
+    assert snapshot(manager.data_dir) == before

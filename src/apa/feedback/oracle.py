@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -450,20 +451,45 @@ def export_from_run(dataset: str, run_dir: Path, path: Path | None = None,
 # ---------------------------------------------------------------- the simulated user
 
 
-def parse_classes(prefer: int | str | Iterable[int]) -> tuple[int, ...]:
-    """A preference set from ints or a string such as "1,4,7,9" -> sorted unique tuple.
+def _class_key(name: str) -> str:
+    """A class name as matched: case-insensitive, spaces, hyphens and underscores alike."""
+    return re.sub(r"[\s_-]+", " ", str(name).strip().lower())
 
-    Raises ValueError for an empty set or a class outside 0..9.
+
+def parse_classes(prefer: int | str | Iterable[int | str], names: Sequence[str] = ()) -> tuple[int, ...]:
+    """A preference set from ints, class names or a string such as "1,4,7,9" or "sandal,sneaker,ankle-boot"
+    -> sorted unique tuple of class indices.
+
+    Names are resolved against ``names`` (the dataset's class names, e.g. ``apa.data.class_names("fashion")``),
+    case-insensitive, with spaces, hyphens and underscores equivalent; a name with a slash ("T-shirt/top")
+    also answers to each of its parts. Raises ValueError for an empty set, an unknown name, or a class
+    outside 0..9.
     """
     if isinstance(prefer, str):
-        try:
-            prefer = [int(p) for p in prefer.replace(" ", "").split(",") if p]
-        except ValueError:
-            raise ValueError(f"preference set {prefer!r} is not a comma-separated list of class indices "
-                             f"such as '1,4,7,9'") from None
+        items: list = [p for p in prefer.split(",") if p.strip()]
     elif isinstance(prefer, (int, np.integer)):
-        prefer = [int(prefer)]
-    classes = tuple(sorted({int(c) for c in prefer}))
+        items = [prefer]
+    else:
+        items = list(prefer)
+    lookup: dict[str, int] = {}
+    for i, name in enumerate(names):
+        lookup[_class_key(name)] = i
+        for part in str(name).split("/"):
+            lookup.setdefault(_class_key(part), i)
+    classes = set()
+    for item in items:
+        text = str(item).strip()
+        if isinstance(item, (int, np.integer)) or re.fullmatch(r"-?\d+", text):
+            classes.add(int(text))
+        elif _class_key(text) in lookup:
+            classes.add(lookup[_class_key(text)])
+        elif names:
+            raise ValueError(f"unknown class name {text!r} in the preference set; the classes are "
+                             + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+        else:
+            raise ValueError(f"preference set {prefer!r} is not a comma-separated list of class indices "
+                             f"such as '1,4,7,9' (class names need the dataset's names)")
+    classes = tuple(sorted(classes))
     if not classes:
         raise ValueError(f"the preference set is empty; give class indices in 0..{NUM_CLASSES - 1}")
     bad = [c for c in classes if not 0 <= c < NUM_CLASSES]
@@ -568,7 +594,7 @@ def union(users: Sequence[OracleUser]) -> UnionUser:
 
 @FEEDBACK.register("oracle")
 def make_oracle(options: dict, prior) -> OracleUser:
-    """The ``oracle`` feedback: options ``prefer`` (ints or "1,4,7,9", required), ``mode``
+    """The ``oracle`` feedback: options ``prefer`` (ints, names or "1,4,7,9" / "sandal,sneaker", required), ``mode``
     ("binary" | "graded", default binary), ``confidence`` (default 0.9), ``dataset`` (default the
     prior's name when it is mnist/fashion, else mnist), ``oracle_weights`` (a path, optional)."""
     if options.get("prefer") is None:
@@ -579,5 +605,6 @@ def make_oracle(options: dict, prior) -> OracleUser:
         raise ValueError(f"unknown oracle dataset {dataset!r}; choose one of {', '.join(data_mod.DATASETS)}")
     weights = options.get("oracle_weights")
     classifier = load_oracle(dataset, Path(weights) if weights else None)
-    return OracleUser(classifier, options["prefer"], mode=options.get("mode", "binary"),
+    prefer = parse_classes(options["prefer"], data_mod.class_names(dataset))
+    return OracleUser(classifier, prefer, mode=options.get("mode", "binary"),
                       confidence=float(options.get("confidence", 0.9)))

@@ -10,6 +10,8 @@ The API (JSON; every refusal is ``{"error": "..."}`` with a 4xx status):
   GET  /api/sessions/{token}/rounds/{r}/images/{p}.png round r's p-th shown image
   GET  /api/sessions/{token}/rounds/{r}/grid.png       all of round r's images
   GET  /api/sessions/{token}/final.png                 the aligned sampler's samples, once done
+  GET  /api/sessions/{token}/final.zip                 each of them as a PNG, in a zip
+  GET  /api/sessions/{token}/report/{file}             the session's report: report.html, its images
 The page itself is static (``apa/web/static``) and keeps the token in the URL fragment and in
 localStorage, so closing the tab or restarting the server loses nothing.
 """
@@ -181,6 +183,23 @@ def api_routes(app: Any, manager: Any) -> None:
         return png(manager.final_png(token))
 
 
+def report_routes(app: Any, manager: Any) -> None:
+    """The finished session's report and downloads (the token's own files only; names from a fixed pattern)."""
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import Response
+
+    @app.get("/api/sessions/{token}/final.zip")
+    async def final_zip(token: str):
+        data = await run_in_threadpool(manager.final_zip, token)
+        return Response(data, media_type="application/zip",
+                        headers={"Content-Disposition": 'attachment; filename="apa-final-images.zip"'})
+
+    @app.get("/api/sessions/{token}/report/{name:path}")
+    def report(token: str, name: str):
+        data, media_type = manager.report_file(token, name)
+        return Response(data, media_type=media_type)
+
+
 def create_app(manager: Any, allowed_hosts: list[str] | None = None) -> Any:
     """The FastAPI app over a SessionManager; ``allowed_hosts`` (Host header names) guards against DNS rebinding."""
     from fastapi import FastAPI
@@ -193,6 +212,7 @@ def create_app(manager: Any, allowed_hosts: list[str] | None = None) -> Any:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     page_routes(app)
     api_routes(app, manager)
+    report_routes(app, manager)
     app.state.manager = manager
     return app
 

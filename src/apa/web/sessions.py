@@ -27,7 +27,7 @@ from typing import Any, Callable
 from apa.config import AlignConfig
 from apa.feedback.human import RATINGS, SCALE
 from apa.session import Session, with_overrides
-from apa.store import RatingRefused, SessionBusy, StoreError
+from apa.store import FITTED, RATED, SAMPLED, RatingRefused, SessionBusy, StoreError
 from apa.web import render
 
 log = logging.getLogger("apa.web")
@@ -35,6 +35,10 @@ TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 BUSY = ("queued", "fitting", "sampling", "final")  # phases in which a background job owns the session
 FINAL_PREVIEW = 64  # final samples shown on the page
 MAX_OPEN, IDLE_S = 200, 600.0  # past this many open sessions, those idle this long are closed
+# The report's files a page may fetch: names the report writes, never a path a request makes up.
+REPORT_FILE_RE = re.compile(r"(report\.(html|md|json|css)|[a-z_]{1,40}\.png|grids/[a-z0-9_]{1,40}\.png)")
+REPORT_TYPES = {".html": "text/html; charset=utf-8", ".md": "text/markdown; charset=utf-8",
+                ".json": "application/json", ".css": "text/css; charset=utf-8", ".png": "image/png"}
 
 
 class WebError(Exception):
@@ -123,37 +127,30 @@ class SessionHandle:
 
 def waiting_round(session: Session) -> int | None:
     """The round shown to the person and not yet fully rated, if any."""
-    rounds = session.store.rounds()
-    if rounds and rounds[-1]["status"] == "sampled" and not session.round_complete(rounds[-1]["round"]):
-        return rounds[-1]["round"]
-    return None
-
-
-def final_path(session: Session) -> Path:
-    return session.store.root / "final_samples.npz"
+    r = session.store.open_round()
+    return r if r is not None and session.store.stage(r) == SAMPLED else None
 
 
 def finished(session: Session) -> bool:
-    rounds = session.store.rounds()
-    return (bool(rounds) and rounds[-1]["status"] == "complete"
-            and session.store.spent() >= session.cfg.session.budget and final_path(session).exists())
+    return (bool(session.store.rounds()) and session.store.open_round() is None
+            and session.store.spent() >= session.cfg.session.budget and session.store.final_path.exists())
 
 
 def advance(handle: SessionHandle, report_lock: threading.Lock) -> None:
     """Background job: refit after a rated round, sample the next one, or finish the session."""
     s = handle.session
     try:
-        rounds = s.store.rounds()
-        if rounds and rounds[-1]["status"] == "sampled" and s.round_complete(rounds[-1]["round"]):
-            handle.enter("fitting", rounds[-1]["round"])
-            s.finish_round(rounds[-1]["round"])
+        r = s.store.open_round()
+        if r is not None and s.store.stage(r) == RATED:
+            handle.enter("fitting", r)
+            s.finish_round(r)
         handle.enter("sampling", len(s.store.rounds()))
         r = s.next_round()
         if r is not None:
             handle.enter("ready", r)
             return
         handle.enter("final")
-        if not final_path(s).exists():
+        if not s.store.final_path.exists():
             s.save_final()
         handle.enter("done", message=write_report(s, report_lock))
     except Exception as e:  # shown on the page; the store still holds everything up to the failure
@@ -169,7 +166,7 @@ def write_report(session: Session, report_lock: threading.Lock) -> str:
     try:
         with report_lock:
             path = report(session)
-        return f"The report is in {path.name} in the session's directory on the server."
+        return "The report is ready."
     except Exception as e:  # the session itself is complete; a failed report is only mentioned
         log.exception("report failed")
         return f"The session is complete, but its report could not be written ({e})."
@@ -333,7 +330,7 @@ class SessionManager:
         if handle.phase == "ready" and r == handle.round:
             return
         rounds = handle.session.store.rounds()
-        if 0 <= r < len(rounds) and (rounds[r]["status"] == "complete" or r == handle.round):
+        if 0 <= r < len(rounds) and (handle.session.store.stage(r) == FITTED or r == handle.round):
             raise WebError(409, f"round {r} has already been rated; its ratings cannot change")
         if handle.phase == "ready":
             raise WebError(409, f"round {r} is not the current round; the session is waiting for round {handle.round}")
@@ -370,7 +367,8 @@ class SessionManager:
                 "rated": {str(p): v for p, v in by_round.get(current, {}).items()} if phase == "ready" else {},
                 "spent": s.store.spent(), "budget": s.cfg.session.budget, "per_round": s.cfg.session.per_round,
                 "scale": list(SCALE), "choices": list(RATINGS), "progress": progress,
-                "history": history, "final": phase == "done" and final_path(s).exists()}
+                "history": history, "final": phase == "done" and s.store.final_path.exists(),
+                "report": phase == "done" and s.store.report_path.with_suffix(".html").is_file()}
 
     def image_png(self, token: str, r: int, p: int) -> bytes:
         """Round r's p-th shown image, rendered from the session's stored particles."""
@@ -400,10 +398,42 @@ class SessionManager:
         import torch
 
         handle = self.get(token)
-        path = final_path(handle.session)
+        path = handle.session.store.final_path
         if handle.phase != "done" or not path.exists():
             raise WebError(404, "the final samples appear once the whole budget is rated")
         if "final" not in handle.pngs:
             with np.load(path) as z:
                 handle.pngs["final"] = render.png(torch.from_numpy(z["images"][:FINAL_PREVIEW]), nrow=8)
         return handle.pngs["final"]
+
+    def report_file(self, token: str, name: str) -> tuple[bytes, str]:
+        """One file of the session's report (report.html, its stylesheet, its images) and its media type."""
+        handle = self.get(token)
+        root = handle.session.store.root.resolve()
+        if not (isinstance(name, str) and REPORT_FILE_RE.fullmatch(name)):
+            raise WebError(404, "no such file in this session's report")
+        path = (root / name).resolve()
+        if not (path.is_relative_to(root) and path.is_file()):
+            raise WebError(404, "no such file in this session's report (it is written when the session ends)")
+        return path.read_bytes(), REPORT_TYPES[path.suffix]
+
+    def final_zip(self, token: str) -> bytes:
+        """Every final sample as its own PNG, in one zip, once the session is done."""
+        import io
+        import zipfile
+
+        import numpy as np
+        import torch
+
+        handle = self.get(token)
+        path = handle.session.store.final_path
+        if handle.phase != "done" or not path.exists():
+            raise WebError(404, "the final samples appear once the whole budget is rated")
+        if "final.zip" not in handle.pngs:
+            buf = io.BytesIO()
+            with np.load(path) as z, zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+                images = torch.from_numpy(z["images"])
+                for i, image in enumerate(images):
+                    out.writestr(f"final_{i:04d}.png", render.single_png(image))
+            handle.pngs["final.zip"] = buf.getvalue()
+        return handle.pngs["final.zip"]
