@@ -39,7 +39,7 @@ def test_defaults_print_the_way_they_are_typed():
     ("--prior", "mnist,fashion,gmm,sd15"), ("--feedback", "oracle,clip,imagenet,human"),
     ("--surrogate", "features,pixels"), ("--reward-at", "xt,tweedie"), ("--jacobian", "exact,gaussian,identity"),
     ("--weights", "exact,rate,none"), ("--resample", "systematic,stratified,residual,multinomial,none"),
-    ("--acquisition", "diverse,weight,random,ucb"), ("--mode", "binary,graded"), ("--final-start", "noise,liked"),
+    ("--acquisition", "diverse,weight,random,ucb"), ("--mode", "binary,graded"), ("--final-start", "noise,liked,balanced"),
     ("--init", "noise,prompt")])
 def test_help_lists_the_choices_of_every_enumerated_flag(flag, choices, capsys):
     with pytest.raises(SystemExit):
@@ -76,3 +76,8 @@ def test_no_module_imports_the_cli():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.relative_to(SRC)}: {n}" for n in names if n == "apa.cli" or n.startswith("apa.cli.")]
     assert offenders == []
+
+
+def test_prefer_takes_class_numbers_or_names():
+    args = build_parser().parse_args(["align", "--out", "x", "--prefer", "sandal, 7,ankle-boot"])
+    assert config_from_args(args).feedback.prefer == ("sandal", 7, "ankle-boot")

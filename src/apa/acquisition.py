@@ -6,6 +6,7 @@ so no particle is ever shown twice; when fewer than k distinct particles exist, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -85,3 +86,18 @@ def select(name: str, c: Candidates, k: int, generator: torch.Generator | None =
     idx = ACQUISITIONS.get(name)(c, k, generator)
     assert idx.unique().numel() == idx.numel()
     return idx
+
+
+def balanced_weights(features: torch.Tensor) -> torch.Tensor:
+    """Weights [m] ∝ 1 / local density of m points [m, d]: a Gaussian kernel whose bandwidth is the
+    median distance to the k-th nearest neighbour, k = ⌈√m⌉. A crowded mode and a sparse one then get
+    comparable total weight (equal in the limit of well-separated modes)."""
+    f = features.reshape(features.shape[0], -1).double()
+    m = f.shape[0]
+    if m < 2:
+        return torch.ones(m, dtype=torch.float64)
+    d2 = torch.cdist(f, f).square()
+    k = min(m - 1, math.ceil(math.sqrt(m)))
+    h2 = d2.sort(dim=1).values[:, k].median().clamp_min(1e-12)  # column 0 is each point itself
+    density = torch.exp(-d2 / (2.0 * h2)).sum(1)
+    return 1.0 / density

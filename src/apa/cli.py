@@ -17,6 +17,7 @@ from pathlib import Path
 
 from apa import __version__
 from apa.flags import add_align_flags, config_from_args, given_flags
+from apa.registry import PRIORS
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from apa.data import DataError
@@ -162,27 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn in (("train-prior", cmd_train_prior), ("train-oracle", cmd_train_oracle)):
         p = sub.add_parser(name, help=f"{name.replace('-', ' ')} (seeded, resumable, checkpointed)")
-        p.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist")
-        p.add_argument("--train-steps", type=int, default=9000 if name == "train-prior" else None)
+        p.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist", help="what to train on (default: mnist)")
+        p.add_argument("--train-steps", type=int, default=9000 if name == "train-prior" else None,
+                       help="optimiser steps (default: 9000 for a prior, the recipe's for an oracle)")
         p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (128)")
         p.add_argument("--lr", type=float, default=None, help="default: the recipe's (prior 1e-3, oracle 2e-3)")
         p.add_argument("--minutes", type=float, default=None, help="stop (checkpointed) after this wall time")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seeds the initialisation and every batch (default: 0)")
         p.add_argument("--run-dir", help="checkpoints and loss log (default: runs/<kind>-<dataset>)")
         p.add_argument("--export", help="where to write the safetensors (default: the shipped file)")
         p.add_argument("--device", default="cpu", help="where to train, e.g. cuda (batches are drawn on the CPU, "
                                                       "so the data seen is the same on every device)")
         p.set_defaults(func=fn)
 
-    p = sub.add_parser("sample", help="plain samples from a prior")
-    p.add_argument("--prior", default="mnist")
-    p.add_argument("--prior-weights")
-    p.add_argument("-n", type=int, default=256)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.npz")
-    p.add_argument("--grid", help="also write an image grid PNG")
+    p = sub.add_parser("sample", help="plain samples from a prior (no alignment)")
+    p.add_argument("--prior", default="mnist", choices=PRIORS.names(), help="the prior to sample (default: mnist)")
+    p.add_argument("--prior-weights", help="a DDPM safetensors file (default: the shipped one)")
+    p.add_argument("-n", type=int, default=256, help="how many images (default: 256)")
+    p.add_argument("--steps", type=int, default=25, help="ancestral sampling steps (default: 25)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per network call (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the noise (default: 0)")
+    p.add_argument("--out", default="samples.npz", help="the .npz to write, images float32 [n, C, H, W] in [0, 1]")
+    p.add_argument("--grid", help="also write an image grid PNG here")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("align", help="one user's active alignment session, end to end")

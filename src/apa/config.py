@@ -81,6 +81,7 @@ class PriorConfig:
 REWARD_AT = ("xt", "tweedie")  # where r is read: the particle z_t itself, or its Tweedie estimate ẑ0
 JACOBIANS = ("exact", "gaussian", "identity")  # ∂ẑ0/∂z in ∇_z r(ẑ0(z)): through the denoiser, s²/(s²+σ²), none
 WEIGHTS = ("exact", "rate", "none")  # discrete-transition weights, the SPEC's continuous rate, or none (guidance)
+FINAL_STARTS = ("noise", "liked", "balanced")  # where the final batch starts
 RESAMPLE = ("systematic", "stratified", "residual", "multinomial", "none")
 
 
@@ -198,7 +199,8 @@ class SessionConfig:
     seed: int = knob(0, "the seed every random choice of the session derives from")
     eval_samples: int = knob(256, "images in the final batch, resampled to equal weights")
     final_start: str = knob("noise", "where the final batch starts: the noise end, or the liked rated images "
-                            "noised back (see --restart)", choices=("noise", "liked"))
+                            "noised back (see --restart), drawn uniformly or balanced by their crowding",
+                            choices=FINAL_STARTS)
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
                           "(0.3 of 25: the last 8, from t≈291 of 1000)")
 
@@ -208,7 +210,7 @@ class SessionConfig:
         _choice("--acquisition", self.acquisition, tuple(ACQUISITIONS))
         _require(_whole(self.seed) and self.seed >= 0, f"--seed must be a whole number from 0, got {self.seed!r}")
         _at_least("--eval-samples", self.eval_samples, MIN_EVAL_SAMPLES)
-        _choice("--final-start", self.final_start, ("noise", "liked"))
+        _choice("--final-start", self.final_start, FINAL_STARTS)
         _require(_number(self.restart) and 0.0 < self.restart <= 1.0,
                  f"--restart must be a fraction of the steps in (0, 1], got {self.restart!r}")
 

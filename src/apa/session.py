@@ -318,7 +318,9 @@ class Session:
         """Where the final batch starts: the noise end (None, 0), or, with ``final_start="liked"``,
         n draws from the liked rated particles noised to σ_k, k = steps − round(restart·steps):
         z = x0 + σ_k·ξ ([n, *event], k). The sampler then targets the prior's plain sampler from
-        those particles tilted by exp(β_end·r): best-of-N's refinement, reweighted by the surrogate."""
+        those particles tilted by exp(β_end·r): best-of-N's refinement, reweighted by the surrogate.
+        ``"balanced"`` draws the liked particles with weights ∝ 1/local density in the prior's feature
+        space, so a liked mode the rounds showed rarely starts as many particles as a crowded one."""
         sc, steps = self.cfg.session, self.cfg.sampler.steps
         if sc.final_start == "noise":
             return None, 0
@@ -328,8 +330,19 @@ class Session:
         if liked.shape[0] == 0 or k <= 0:
             return None, 0  # nothing liked yet: the noise end
         sigma = float(self.prior.sigmas(steps)[k])
-        pick = liked[torch.randint(0, liked.shape[0], (n,), generator=gen)]
+        if sc.final_start == "balanced":
+            w = acquisition.balanced_weights(self.start_features(liked))
+            pick = liked[torch.multinomial(w, n, replacement=True, generator=gen)]
+        else:
+            pick = liked[torch.randint(0, liked.shape[0], (n,), generator=gen)]
         return pick + sigma * torch.randn(pick.shape, generator=gen).to(pick), k
+
+    def start_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What the balanced restart measures crowding in: the prior's denoiser features where it has
+        them (the surrogate's input), else the particles themselves. [m, *event] -> [m, d]."""
+        feats = getattr(self.prior, "features", None)
+        with torch.no_grad():
+            return feats(x, self.cfg.surrogate.feature_t) if feats is not None else x.reshape(x.shape[0], -1)
 
     def save_final(self, n: int | None = None, images: torch.Tensor | None = None) -> Path:
         """Draw the final batch (or take ``images`` already drawn) and store it; returns its path."""

@@ -91,9 +91,3 @@ def test_prefer_refuses_unknown_names():
     with pytest.raises(ValueError, match="class indices"):
         parse_classes("sandal")
     assert parse_classes("1,4,7,9") == (1, 4, 7, 9) and not math.isnan(1.0)
-
-
-def test_cli_prefer_passes_names_through():
-    from apa.cli import _ints
-
-    assert _ints("sandal, 7,ankle-boot") == ("sandal", 7, "ankle-boot") and _ints("1,4") == (1, 4)
