@@ -198,6 +198,8 @@ class SessionConfig:
                             "(seed), random, or UCB", choices=ACQUISITIONS)
     seed: int = knob(0, "the seed every random choice of the session derives from")
     eval_samples: int = knob(256, "images in the final batch, resampled to equal weights")
+    explore: float = knob(0.0, "the share of each guided round's shown images drawn from the plain prior "
+                          "instead of the tilted particles (rated, weight zero in the population)")
     final_start: str = knob("noise", "where the final batch starts: the noise end, or the liked rated images "
                             "noised back (see --restart), drawn uniformly or balanced by their crowding",
                             choices=FINAL_STARTS)
@@ -211,11 +213,13 @@ class SessionConfig:
         _require(_whole(self.seed) and self.seed >= 0, f"--seed must be a whole number from 0, got {self.seed!r}")
         _at_least("--eval-samples", self.eval_samples, MIN_EVAL_SAMPLES)
         _choice("--final-start", self.final_start, FINAL_STARTS)
+        _require(_number(self.explore) and 0.0 <= self.explore <= 1.0,
+                 f"--explore must be a share in [0, 1], got {self.explore!r}")
         _require(_number(self.restart) and 0.0 < self.restart <= 1.0,
                  f"--restart must be a fraction of the steps in (0, 1], got {self.restart!r}")
 
 
-LEGACY = {("sampler", "weights"): "rate", ("session", "final_start"): "noise"}  # what a stored config
+LEGACY = {("sampler", "weights"): "rate", ("session", "final_start"): "noise", ("session", "explore"): 0.0}  # what a stored config
 #         written before a field existed meant, so that an old session resumes to the same result
 
 

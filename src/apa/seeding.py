@@ -12,6 +12,7 @@ import torch
 PURPOSES = {  # purpose -> (stride of the index, offset)
     # a session's choices, per round
     "sample": (101, 1), "select": (101, 2), "init": (101, 3), "fit": (101, 4), "final": (101, 5), "restart": (101, 6),
+    "explore": (101, 7),
     # a comparison's baselines: per round, or per feedback spent for evaluation batches
     "round": (131, 7_788), "finetune": (131, 7_789), "eval": (131, 7_790),
 }

@@ -171,14 +171,31 @@ class Session:
             res = self.sample(surrogate, self.cfg.sampler.particles, generator(seed, r, "sample"),
                               desc=f"sampling round {r + 1}")
         k = min(self.cfg.session.per_round, self.cfg.session.budget - self.store.spent())
+        m = round(self.cfg.session.explore * k) if surrogate is not None else 0
         cand = acquisition.Candidates(res.particles, res.log_weights, surrogate,
                                       surrogate.spread if surrogate is not None else None)
-        shown = acquisition.select(self.cfg.session.acquisition, cand, k, generator(seed, r, "select"))
+        shown = acquisition.select(self.cfg.session.acquisition, cand, k - m, generator(seed, r, "select"))
+        particles, log_weights = res.particles, res.log_weights
+        if m:
+            particles, log_weights, shown = self.explore(r, m, particles, log_weights, shown)
         info = {"ess": [s.ess for s in res.trace], "resampled": [s.resampled for s in res.trace],
-                "unique_origins": res.trace[-1].unique_origins, "beta_used": surrogate is not None}
+                "unique_origins": res.trace[-1].unique_origins, "beta_used": surrogate is not None,
+                "explored": m}
         with self.timer("io"):
-            self.store.save_round(r, {"particles": res.particles, "log_weights": res.log_weights,
-                                      "shown": shown}, shown.tolist(), info)
+            self.store.save_round(r, {"particles": particles, "log_weights": log_weights, "shown": shown},
+                                  shown.tolist(), info)
+
+    def explore(self, r: int, m: int, particles: torch.Tensor, log_weights: torch.Tensor,
+                shown: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append m plain prior samples to round r's particles with weight zero (log −inf: they take
+        no part in the weighted population) and show them too: ([N+m, *event], [N+m], [k])."""
+        with self.timer("sampling"):
+            plain = fkc_sample(self.prior, lambda z: torch.zeros(z.shape[0]), self.cfg.sampler, particles=m,
+                               beta=(0.0, 0.0), generator=generator(self.cfg.session.seed, r, "explore")).particles
+        n = particles.shape[0]
+        return (torch.cat([particles, plain.to(particles)]),
+                torch.cat([log_weights, torch.full((m,), float("-inf"), dtype=log_weights.dtype)]),
+                torch.cat([shown, torch.arange(n, n + m, dtype=shown.dtype)]))
 
     def shown_images(self, r: int) -> torch.Tensor:
         """What round r showed, decoded: [k, C, H, W] in [0, 1]."""
