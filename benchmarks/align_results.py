@@ -88,7 +88,7 @@ def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, s
         session.cfg = with_overrides(cfg, session={"final_start": name, "restart": frac})
         t1 = time.perf_counter()
         images = session.final_samples()
-        rows[f"fkc/{name}" + (f":{frac:g}" if name == "liked" else "")] = {
+        rows[f"fkc/{name}" + (f":{frac:g}" if name != "noise" else "")] = {
             **judge(evaluator, images), "wall_s": rounds_s + time.perf_counter() - t1}
     session.cfg = cfg
     path = session.save_final()
@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--label-noise", default="0", help="comma list of flip probabilities, e.g. 0,0.1")
     ap.add_argument("--final", default="noise,liked:0.3",
-                    help="final-batch variants drawn from each session: noise | liked:FRACTION, comma list")
+                    help="final-batch variants drawn from each session: noise | liked:FRACTION | balanced:FRACTION, comma list")
     ap.add_argument("--no-best-of-n", dest="best_of_n", action="store_false")
     ap.add_argument("--set", nargs="*", default=[], help="overrides like sampler.beta=2,8")
     ap.add_argument("--threads", type=int, default=2)
