@@ -60,8 +60,12 @@ def num(x: float | None, digits: int = 2) -> str:
     return DASH if x is None or not math.isfinite(float(x)) else f"{float(x):.{digits}f}"
 
 
-def class_label(c: int, names: tuple[str, ...]) -> str:
-    """``Sandal (5)`` when the prior names its classes (``digit 5`` for MNIST's), else ``class 5``."""
+def class_label(c: int | str, names: tuple[str, ...]) -> str:
+    """``Sandal (5)`` when the prior names its classes (``digit 5`` for MNIST's), else ``class 5``; a
+    user that is not a class number (a CLIP or ImageNet user, ``apple``) keeps its own name."""
+    if isinstance(c, str) and not c.lstrip("-").isdigit():
+        return c
+    c = int(c)
     if 0 <= c < len(names):
         return f"digit {c}" if names[c] == str(c) else f"{names[c]} ({c})"
     return f"class {c}"
@@ -176,7 +180,7 @@ def collapse_warning(final: dict[str, Any], names: tuple[str, ...] = ()) -> str 
     shares = final.get("preferred_class_shares") or {}
     if len(shares) < 2 or not final.get("preferred_confident_share"):
         return None
-    low = {int(c): v for c, v in shares.items() if v < COLLAPSE_SHARE}
+    low = {c: v for c, v in shares.items() if v < COLLAPSE_SHARE}
     if not low:
         return None
     named = ", ".join(f"{class_label(c, names)} at {100 * v:.0f}%" for c, v in sorted(low.items(), key=lambda kv: kv[1]))
@@ -279,7 +283,7 @@ def setup_text(cfg: dict, human: bool, names: tuple[str, ...], prefer: tuple[int
         who = "rated by a person"
     else:
         who = (f"a simulated user (`{fb['name']}`) who prefers "
-               + ", ".join(class_label(int(c), names) for c in prefer)) if prefer else f"feedback `{fb['name']}`"
+               + ", ".join(class_label(c, names) for c in prefer)) if prefer else f"feedback `{fb['name']}`"
     s, sm = cfg["session"], cfg["sampler"]
     return (f"Prior `{cfg['prior']['name']}`, {who}. Budget {s['budget']} ratings, {s['per_round']} images a round, "
             f"{sm['particles']} particles × {sm['steps']} steps, beta {sm['beta']}, surrogate {cfg['surrogate']['kind']}, "
@@ -329,7 +333,7 @@ def final_blocks(rows: list[dict], final: dict, names: tuple[str, ...], particle
         return []
     n = final.get("n", 0)
     share = final.get("preferred_confident_share")
-    classes = ", ".join(f"{class_label(int(c), names)} {pct(v)}"
+    classes = ", ".join(f"{class_label(c, names)} {pct(v)}"
                         for c, v in (final.get("preferred_class_shares") or {}).items())
     blocks: list[tuple] = [("h2", "Final evaluation batch"), ("list", [
         f"preferred and confident: **{pct(share)}** of {n} samples (resampled to equal weights)",
