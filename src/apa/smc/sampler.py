@@ -81,6 +81,11 @@ class SMCResult:
     def ess(self) -> float:
         return ess_of(self.log_weights)
 
+    def cpu(self) -> "SMCResult":
+        """The same result with its tensors on the host (a copy only where they live elsewhere)."""
+        return SMCResult(self.particles.cpu(), self.log_weights.cpu(), self.trace, self.log_normalizer,
+                         None if self.origins is None else self.origins.cpu())
+
     def resample(self, num_samples: int | None = None, generator: torch.Generator | None = None,
                  scheme: str = "systematic") -> Particles:
         """Equal-weight particles drawn from the weighted population: [M, *event]."""
@@ -127,6 +132,12 @@ def _evaluate(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerCon
     return fkc.PotentialEval(eps, prior.tweedie(z, sig, eps), zero, zero, None)
 
 
+def _check(deferred: fkc.Deferred | None) -> bool | None:
+    """Whether normalising reads the normaliser back: as ``weights.normalize`` decides, or never
+    while the run defers its checks (its increments are checked; the weights follow from them)."""
+    return None if deferred is None else False
+
+
 def _scalar(x: torch.Tensor, deferred: fkc.Deferred | None) -> float | torch.Tensor:
     """A 0-dim tensor as a Python number, or left on its device while the run defers host reads."""
     return x if deferred is not None else float(x)
@@ -139,7 +150,7 @@ def _accumulate(cfg: SamplerConfig, log_w: LogWeights, log_z: float, inc: torch.
     total = log_w + inc
     if cfg.clamp is not None:
         return total.clamp(-cfg.clamp, cfg.clamp), log_z
-    return normalize(total), log_z + _scalar(torch.logsumexp(total, 0), deferred)
+    return normalize(total, _check(deferred)), log_z + _scalar(torch.logsumexp(total, 0), deferred)
 
 
 def _reweight(state: SMCState, pe: fkc.PotentialEval, prior: Prior, cfg: SamplerConfig,
@@ -198,8 +209,9 @@ def step(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, 
     beta = sched.at(i)[2]
     grad_phi = beta * pe.grad if pe.grad is not None else None
     log_w, log_z = _reweight(state, pe, prior, cfg, sched, grad_phi, deferred)
-    ess = _scalar(ess_tensor(log_w), deferred)
-    reward_mean = (_scalar((torch.exp(normalize(log_w)) * pe.reward.double()).sum(), deferred) if cfg.guided
+    ess = _scalar(ess_tensor(log_w, _check(deferred)), deferred)
+    reward_mean = (_scalar((torch.exp(normalize(log_w, _check(deferred))) * pe.reward.double()).sum(), deferred)
+                   if cfg.guided
                    else float("nan"))
     resampled = (cfg.guided and cfg.weights != "none" and cfg.resample != "none"
                  and resampling.should_resample(ess, z.shape[0], cfg.ess_threshold))

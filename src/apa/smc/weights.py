@@ -33,9 +33,10 @@ def probabilities(log_weights: LogWeights) -> torch.Tensor:
     return torch.exp(normalize(log_weights.double()))
 
 
-def ess_tensor(log_weights: LogWeights) -> torch.Tensor:
-    """Effective sample size 1 / Σ w_i² as a float64 0-dim tensor on the weights' device (no host read)."""
-    lw = normalize(log_weights.double())
+def ess_tensor(log_weights: LogWeights, check: bool | None = None) -> torch.Tensor:
+    """Effective sample size 1 / Σ w_i² as a float64 0-dim tensor on the weights' device
+    (no host read unless ``check`` reads the normaliser back, see :func:`normalize`)."""
+    lw = normalize(log_weights.double(), check)
     return torch.exp(-torch.logsumexp(2.0 * lw, dim=0))
 
 
