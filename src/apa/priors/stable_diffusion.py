@@ -217,6 +217,7 @@ class StableDiffusionPrior(VEPrior):
         self.event_shape = self._latent_shape(options)
         acp = components.scheduler.alphas_cumprod.double().numpy()
         self._sigma_table = np.sqrt((1.0 - acp) / acp)  # σ_t, increasing in t
+        self._acp = components.scheduler.alphas_cumprod.tolist()  # ᾱ_t as Python floats (no tensor read per call)
         self.guided = options.guidance_scale != 1.0
         self._cond = self._encode(options.prompt)  # [1, L, D]
         self._uncond = self._encode(options.negative_prompt) if self.guided else None
@@ -345,7 +346,7 @@ class StableDiffusionPrior(VEPrior):
 
         Differentiable in z0; the UNet's up path is not run. [N, *event] -> [N, C_mid] float32 on z0's device.
         """
-        scale = float(self.components.scheduler.alphas_cumprod[int(t)]) ** 0.5
+        scale = self._acp[int(t)] ** 0.5
         out = [self._mid_block(c * scale, float(t)) for c in self._chunks(z0)]
         return torch.cat(out).to(device=z0.device, dtype=torch.float32)
 
