@@ -10,9 +10,19 @@ CLIP-L text encoder: the timing depends on the architecture, not on the weights)
 surrogate, Conv2d(4→128) → AdaptiveAvgPool2d → MLP(128→256→128→1), or this project's default
 surrogate, a small MLP on the prior's own UNet mid-block features (``prior.features``).
 
+The anchor is diffusers' own StableDiffusionPipeline on the same networks, generating the same
+number of images with the same steps, CFG, dtype and device (decoding included), timed in the
+same run; every apa row is printed as a ratio to it, beside the FLOP limit: the UNet and VAE
+FLOPs of a round (torch's FlopCounterMode) at the device's peak rate (``--peak-tflops``: the
+H200's ~790 dense fp16 TFLOP/s on CUDA; on a CPU the rate of a large fp32 matmul, measured).
+``--profile`` counts, over one FKC round, the values read back to the host (aten::_local_scalar_dense)
+and, on CUDA, the device-to-host copies.
+
 On CUDA the default is the seed's full size (512 px, 4x64x64 latents, 32 particles, 25 steps,
 fp16). On a CPU it is reduced to 64 px (4x8x8 latents), 4 particles, 4 steps, fp32, and the
-output says so. Usage: ``python benchmarks/sd_overhead.py [--device cuda] [--particles 32] ...``
+output says so. Usage: ``python benchmarks/sd_overhead.py [--device cuda] [--particles 32] ...``;
+the optional speed-ups: ``--dtype bf16``, ``--channels-last``, ``--compile`` (compile time
+reported separately), ``--cuda-graphs``.
 """
 
 from __future__ import annotations
@@ -91,27 +101,110 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(device: torch.device, fn) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
 def one_round(prior, reward, particles: int, steps: int, seed: int, **fkc) -> float:
     """Seconds for one round: fkc_sample, then decoding every particle."""
     from apa import fkc_sample
 
-    _sync(prior.device)
-    start = time.perf_counter()
-    out = fkc_sample(prior, reward, particles=particles, steps=steps,
-                     generator=torch.Generator().manual_seed(seed), **fkc)
-    prior.decode(out.particles)
-    _sync(prior.device)
-    return time.perf_counter() - start
+    def go():
+        out = fkc_sample(prior, reward, particles=particles, steps=steps,
+                         generator=torch.Generator().manual_seed(seed), **fkc)
+        prior.decode(out.particles)
+
+    return _timed(prior.device, go)
+
+
+def diffusers_pipeline(prior):
+    """diffusers' StableDiffusionPipeline on the prior's own networks (the plain UNet, never compiled)."""
+    from diffusers import StableDiffusionPipeline
+
+    c = prior.components
+    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                                   scheduler=c.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def anchor_round(pipe, prior, n: int, steps: int, batch: int, seed: int) -> float:
+    """Seconds for diffusers to generate n images (batches of ``batch``), same steps, CFG, size, dtype, device."""
+    _, h, w = prior.event_shape
+
+    def go():
+        gen = torch.Generator(device=prior.device).manual_seed(seed)
+        for start in range(0, n, batch):
+            b = min(batch, n - start)
+            pipe(prompt=[prior.options.prompt] * b, negative_prompt=[prior.options.negative_prompt] * b,
+                 num_inference_steps=steps, guidance_scale=prior.options.guidance_scale,
+                 height=h * prior.vae_factor, width=w * prior.vae_factor, generator=gen, output_type="pt")
+
+    with torch.no_grad():
+        return _timed(prior.device, go)
+
+
+def round_flops(prior, n: int, steps: int) -> float:
+    """FLOPs of a plain round's networks: ``steps`` CFG noise predictions of n particles and n decodes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    z = torch.zeros(n, *prior.event_shape, device=prior.device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        prior.unet(torch.cat([z, z]).to(prior.dtype), torch.full((2 * n,), 500.0, device=prior.device),
+                   encoder_hidden_states=prior._cond.expand(2 * n, -1, -1))
+    unet = counter.get_total_flops()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        prior.vae.decode(z[:1].to(prior.dtype))
+    return steps * unet + n * counter.get_total_flops()
+
+
+def cpu_peak_tflops(threads: int) -> float:
+    """The rate of a 1024x1024 fp32 matmul on this CPU, TFLOP/s (the CPU's practical peak)."""
+    a = torch.randn(1024, 1024)
+    a @ a
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.5:
+        a @ a
+        reps += 1
+    return 2 * 1024**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def host_traffic(prior, reward, n: int, steps: int, **fkc) -> str:
+    """What one FKC round (GPU regime: host_sync=False) reads back to the host, by torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from apa import fkc_sample
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prior.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fkc_sample(prior, reward, particles=n, steps=steps, generator=torch.Generator().manual_seed(0),
+                   host_sync=False, **fkc)
+        _sync(prior.device)
+    events = prof.events()
+    reads = sum(1 for e in events if e.name == "aten::_local_scalar_dense")
+    d2h = sum(1 for e in events if "DtoH" in e.name or "Device -> Pageable" in e.name)
+    h2d = sum(1 for e in events if "HtoD" in e.name or "Pageable -> Device" in e.name)
+    extra = f", {d2h} device-to-host and {h2d} host-to-device copies" if prior.device.type == "cuda" else ""
+    return (f"one FKC round of {steps} steps reads {reads} values back to the host "
+            f"(one a step is the resampling decision; the rest come once, at the run's end){extra}")
 
 
 VARIANTS = {  # name -> (description, surrogate, fkc_sample keywords beyond the seed's β 0.5→2, γ 0.05→0)
-    "xt": ("FKC, seed surrogate, r(z_t)", "seed", dict(reward_at="xt")),
-    "tweedie-exact": ("FKC, seed surrogate, r(ẑ0), exact ∂ẑ0/∂z (UNet backward)", "seed",
-                      dict(reward_at="tweedie", jacobian="exact")),
-    "tweedie-gaussian": ("FKC, seed surrogate, r(ẑ0), Gaussian ∂ẑ0/∂z", "seed",
-                         dict(reward_at="tweedie", jacobian="gaussian")),
-    "features": ("FKC, UNet-feature surrogate, r(ẑ0), Gaussian ∂ẑ0/∂z (apa's default)", "features",
+    "plain": ("apa plain (β = 0)", "seed", dict(beta=(0.0, 0.0))),
+    "features": ("apa FKC, UNet-feature surrogate, r(ẑ0), Gaussian ∂ẑ0/∂z (default)", "features",
                  dict(reward_at="tweedie", jacobian="gaussian")),
+    "xt": ("apa FKC, seed surrogate, r(z_t)", "seed", dict(reward_at="xt")),
+    "tweedie-gaussian": ("apa FKC, seed surrogate, r(ẑ0), Gaussian ∂ẑ0/∂z", "seed",
+                         dict(reward_at="tweedie", jacobian="gaussian")),
+    "tweedie-exact": ("apa FKC, seed surrogate, r(ẑ0), exact ∂ẑ0/∂z (UNet backward)", "seed",
+                      dict(reward_at="tweedie", jacobian="exact")),
 }
 
 
@@ -121,9 +214,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="image side in pixels (CUDA 512, CPU 64)")
     p.add_argument("--particles", type=int, default=None, help="N (CUDA 32, CPU 4)")
     p.add_argument("--steps", type=int, default=None, help="S (CUDA 25, CPU 4)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per variant; the median is shown")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per row; the median is shown")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
-    p.add_argument("--batch-size", type=int, default=8, help="particles per UNet / VAE call (SDOptions.batch_size)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="particles per UNet / VAE call (SDOptions.batch_size; default: 8 on a CPU, all on a GPU)")
+    p.add_argument("--anchor-batch", type=int, default=None, help="images per diffusers pipeline call (default: all)")
+    p.add_argument("--dtype", default=None, help="float16 | bf16 | float32 (default: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--channels-last", action="store_true", help="SDOptions.channels_last")
+    p.add_argument("--compile", action="store_true", help="SDOptions.compile (compile time reported separately)")
+    p.add_argument("--cuda-graphs", action="store_true", help="SDOptions.cuda_graphs (implies --compile)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="device peak for the FLOP limit (CUDA: 790, the H200's dense fp16; CPU: measured)")
+    p.add_argument("--profile", action="store_true", help="count one FKC round's reads back to the host")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     return p.parse_args(argv)
 
@@ -140,38 +242,57 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    dtype = torch.float16 if full else torch.float32
-    from apa.priors.stable_diffusion import SDOptions, StableDiffusionPrior
+    from apa.priors.stable_diffusion import SDOptions, StableDiffusionPrior, resolve_device
 
+    _, dtype = resolve_device(str(device), SDOptions.from_dict({"dtype": args.dtype}).dtype)
     t0 = time.perf_counter()
-    prior = StableDiffusionPrior(sd15_random_components(device, dtype),
-                                 SDOptions(height=size, width=size, device=str(device), prompt="a photo of fruit",
-                                           batch_size=args.batch_size))
-    # the surrogates stay on the CPU with the particles (as in a session); the prior moves each batch
-    rewards = {"seed": SeedSurrogate(prior.event_shape[0]).requires_grad_(False),
-               "features": FeatureReward(prior).requires_grad_(False)}
+    opts = SDOptions(height=size, width=size, device=str(device), prompt="a photo of fruit", batch_size=args.batch_size,
+                     channels_last=args.channels_last, compile=args.compile or args.cuda_graphs,
+                     cuda_graphs=args.cuda_graphs)
+    prior = StableDiffusionPrior(sd15_random_components(device, dtype), opts)
+    # the surrogates live on the prior's device, as in a session
+    rewards = {"seed": SeedSurrogate(prior.event_shape[0]).to(device).requires_grad_(False),
+               "features": FeatureReward(prior).to(device).requires_grad_(False)}
     print(f"built the random SD 1.5 architecture in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     reduced = "" if (size, n, steps) == (512, 32, 25) else " (reduced from the seed's 512 px, 32 particles, 25 steps)"
+    flags = [f for f, on in (("channels_last", args.channels_last), ("compile", opts.compile),
+                             ("cuda_graphs", args.cuda_graphs)) if on]
     print(f"device {device} ({torch.cuda.get_device_name(device) if full else f'{args.threads} CPU thread(s)'}), "
           f"dtype {str(dtype).replace('torch.', '')}, latents {tuple(prior.event_shape)} = {size} px, "
-          f"{n} particles, {steps} steps, CFG 7.5, {repeats} timed round(s) after a warm-up{reduced}")
-    one_round(prior, rewards["seed"], n, 1, 0, beta=(0.0, 0.0))  # warm-up (allocations, kernels)
-    print_table(prior, rewards, n, steps, repeats, variants)
+          f"{n} particles, {steps} steps, CFG 7.5, UNet batch {prior.batch_size or 'all'} particles"
+          f"{', ' + ', '.join(flags) if flags else ''}, {repeats} timed round(s) after a warm-up{reduced}")
+    warm = one_round(prior, rewards["seed"], n, steps, 0, beta=(0.0, 0.0))  # allocations, kernels, compilation
+    warm_fkc = one_round(prior, rewards["features"], n, steps, 0)  # the backward graphs as well
+    if opts.compile:
+        print(f"compile: the first plain round took {warm:.1f} s and the first FKC round {warm_fkc:.1f} s "
+              "(compilation included; not in the table)")
+    pipe = diffusers_pipeline(prior)
+    anchor_round(pipe, prior, min(n, args.anchor_batch or n), 2, args.anchor_batch or n, 0)  # warm-up
+    peak = args.peak_tflops or (790.0 if full else cpu_peak_tflops(args.threads))
+    limit = round_flops(prior, n, steps) / (peak * 1e12)
+    print_table(prior, pipe, rewards, n, steps, repeats, variants, args.anchor_batch or n, limit, peak)
+    if args.profile:
+        print("\n" + host_traffic(prior, rewards["features"], n, steps))
 
 
-def print_table(prior, rewards: dict, n: int, steps: int, repeats: int, variants: list[str]) -> None:
-    """Interleave plain and FKC rounds; print median seconds per round and the ratio."""
-    dev, dt = prior.device.type, str(prior.dtype).replace("torch.", "")
-    print("\n| sampler | device | dtype | plain s/round | FKC s/round | FKC / plain |")
-    print("|---|---|---|---|---|---|")
+def print_table(prior, pipe, rewards: dict, n: int, steps: int, repeats: int, variants: list[str],
+                anchor_batch: int, limit: float, peak: float) -> None:
+    """Interleave the anchor and every apa row; print median seconds per round and the ratios."""
+    times: dict[str, list[float]] = {"anchor": [], **{v: [] for v in variants}}
+    for r in range(repeats):
+        times["anchor"].append(anchor_round(pipe, prior, n, steps, anchor_batch, r))
+        for name in variants:
+            _, reward, kwargs = VARIANTS[name]
+            times[name].append(one_round(prior, rewards[reward], n, steps, r, **kwargs))
+    anchor = statistics.median(times["anchor"])
+    print(f"\nFLOP limit of a round (UNet + VAE, FlopCounterMode) at {peak:.3g} TFLOP/s: {limit:.3f} s")
+    print("\n| round | s/round | / diffusers | / FLOP limit |")
+    print("|---|---|---|---|")
+    print(f"| diffusers StableDiffusionPipeline, {n} images, batch {anchor_batch} (anchor) | {anchor:.2f} | "
+          f"1.00x | {anchor / limit:.1f}x |")
     for name in variants:
-        desc, reward, kwargs = VARIANTS[name][0], rewards[VARIANTS[name][1]], VARIANTS[name][2]
-        plain, fkc = [], []
-        for r in range(repeats):
-            plain.append(one_round(prior, reward, n, steps, r, beta=(0.0, 0.0)))
-            fkc.append(one_round(prior, reward, n, steps, r, **kwargs))
-        p, f = statistics.median(plain), statistics.median(fkc)
-        print(f"| {desc} | {dev} | {dt} | {p:.2f} | {f:.2f} | {f / p:.2f}x |", flush=True)
+        t = statistics.median(times[name])
+        print(f"| {VARIANTS[name][0]} | {t:.2f} | {t / anchor:.2f}x | {t / limit:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from apa.config import AlignConfig
 from apa.feedback.base import FeedbackSource, check_scores, with_label_noise
 from apa.registry import FEEDBACK, PRIORS
 from apa.seeding import generator
-from apa.smc.sampler import SMCResult, fkc_sample
+from apa.smc.sampler import SMCResult, device_of, fkc_sample
 from apa.store import SAMPLED, SessionStore, StoreError
 from apa.surrogate.fit import FitConfig, fit
 from apa.surrogate.model import Ensemble, FeatureSurrogate, LatentSurrogate
@@ -133,47 +133,52 @@ class Session:
                 members = [LatentSurrogate(self.prior.event_shape[0]) for _ in range(sc.ensemble)]
         return Ensemble(members).eval()
 
-    def surrogate_after(self, r: int) -> Ensemble | None:
-        """The surrogate fitted after round r or, if r fitted nothing, after the last round that did."""
+    def surrogate_after(self, r: int, device: torch.device | None = None) -> Ensemble | None:
+        """The surrogate fitted after round r or, if r fitted nothing, after the last round that did;
+        on ``device`` (the sampler's, for a round) or the CPU."""
         fitted = [q for q in range(r, -1, -1) if self.store.surrogate_path(q).exists()]
         if not fitted:
             return None  # no feedback yet (or every image so far was skipped)
         model = self.new_surrogate(fitted[0])  # a round of skips only keeps the last fit
         model.load_state_dict(self.store.load_surrogate(fitted[0]))
-        return model.requires_grad_(False)
+        return model.requires_grad_(False).to(device or "cpu")
 
     # ------------------------------------------------------------ one round
 
     def sample(self, surrogate: Ensemble | None, n: int, gen: torch.Generator, initial: torch.Tensor | None = None,
                start_step: int = 0, desc: str = "sampling") -> SMCResult:
         """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback), from the
-        noise end or from ``initial`` particles [n, *event] at grid point ``start_step``."""
+        noise end or from ``initial`` particles [n, *event] at grid point ``start_step``.
+
+        The run lives on the prior's device (with the surrogate, ``surrogate_after(r, device)``); its
+        result comes back to the host here, the round's one copy, for the store and the user."""
         sc = self.cfg.sampler
         cfg = replace(sc, particles=n, beta=sc.beta if surrogate is not None else (0.0, 0.0))
         history = self.history_particles() if sc.diversity and sc.diversity_history else None
         return fkc_sample(self.prior, self.reward(surrogate), cfg, historical=history, generator=gen,
-                          initial=initial, start_step=start_step, progress=self.progress, desc=desc)
+                          initial=initial, start_step=start_step, progress=self.progress, desc=desc).cpu()
 
     def reward(self, surrogate: Ensemble | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The sampler's reward: the surrogate capped at ``surrogate.ceiling`` (on the [-1, 1] rating
         scale), or zero before any feedback. The cap keeps the surrogate's noise among images it
         already rates as liked from being amplified by exp(β·r) into a collapse onto one class."""
         if surrogate is None:
-            return lambda z: torch.zeros(z.shape[0])
+            return lambda z: torch.zeros(z.shape[0], device=z.device)
         ceiling = self.cfg.surrogate.ceiling
         return surrogate if ceiling is None else (lambda z: surrogate(z).clamp(max=ceiling))
 
     def sample_round(self, r: int) -> None:
         """Sample round r, choose what to show, persist both."""
         seed = self.cfg.session.seed
-        surrogate = self.surrogate_after(r - 1)
+        surrogate = self.surrogate_after(r - 1, device_of(self.prior))
         with self.timer("sampling"):
             res = self.sample(surrogate, self.cfg.sampler.particles, generator(seed, r, "sample"),
                               desc=f"sampling round {r + 1}")
         k = min(self.cfg.session.per_round, self.cfg.session.budget - self.store.spent())
         m = round(self.cfg.session.explore * k) if surrogate is not None else 0
-        cand = acquisition.Candidates(res.particles, res.log_weights, surrogate,
-                                      surrogate.spread if surrogate is not None else None)
+        dev = device_of(self.prior)
+        cand = acquisition.Candidates(res.particles, res.log_weights, _on_host(surrogate, dev),
+                                      _on_host(surrogate.spread if surrogate is not None else None, dev))
         shown = acquisition.select(self.cfg.session.acquisition, cand, k - m, generator(seed, r, "select"))
         particles, log_weights = res.particles, res.log_weights
         if m:
@@ -190,8 +195,9 @@ class Session:
         """Append m plain prior samples to round r's particles with weight zero (log −inf: they take
         no part in the weighted population) and show them too: ([N+m, *event], [N+m], [k])."""
         with self.timer("sampling"):
-            plain = fkc_sample(self.prior, lambda z: torch.zeros(z.shape[0]), self.cfg.sampler, particles=m,
-                               beta=(0.0, 0.0), generator=generator(self.cfg.session.seed, r, "explore")).particles
+            plain = fkc_sample(self.prior, lambda z: torch.zeros(z.shape[0], device=z.device), self.cfg.sampler,
+                               particles=m, beta=(0.0, 0.0),
+                               generator=generator(self.cfg.session.seed, r, "explore")).cpu().particles
         n = particles.shape[0]
         return (torch.cat([particles, plain.to(particles)]),
                 torch.cat([log_weights, torch.full((m,), float("-inf"), dtype=log_weights.dtype)]),
@@ -322,7 +328,7 @@ class Session:
         """The aligned sampler's evaluation batch, resampled to equal weights: images [n, C, H, W]."""
         n = n or self.cfg.session.eval_samples
         last = len(self.store.rounds()) - 1
-        surrogate = self.surrogate_after(last)
+        surrogate = self.surrogate_after(last, device_of(self.prior))
         seed = self.cfg.session.seed
         initial, start = self.final_start(n, generator(seed, last + 1, "restart"))
         with self.timer("final_sampling"):
@@ -364,6 +370,13 @@ class Session:
     def save_final(self, n: int | None = None, images: torch.Tensor | None = None) -> Path:
         """Draw the final batch (or take ``images`` already drawn) and store it; returns its path."""
         return self.store.save_final(self.final_samples(n) if images is None else images)
+
+
+def _on_host(fn: Callable[[torch.Tensor], torch.Tensor] | None,
+             device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``fn``, a function of particles on ``device``, called with host particles and answering on the
+    host (acquisition runs once per round, on the host copy of the round that the store receives)."""
+    return None if fn is None else (lambda x: fn(x.to(device)).cpu())
 
 
 def with_overrides(cfg: AlignConfig, **sections: dict[str, Any]) -> AlignConfig:

@@ -240,3 +240,24 @@ def test_stable_diffusion_runs_under_fkc_sample(prior):
                              generator=torch.Generator().manual_seed(0))
             assert out.particles.shape == (4, *prior.event_shape) and torch.isfinite(out.particles).all()
             assert out.log_weights.shape == (4,) and len(out.trace) == 3
+
+
+@pytest.mark.parametrize("options", [{"dtype": "bf16"}, {"channels_last": True}, {"batch_size": 3}])
+def test_stable_diffusion_speed_options_run_on_the_cpu(tiny_sd, options):
+    p = PRIORS.create("sd15", {"model": str(tiny_sd), "device": "cpu", **options})
+    assert p.dtype == (torch.bfloat16 if "dtype" in options else torch.float32)
+    z = torch.randn(4, *p.event_shape, generator=torch.Generator().manual_seed(0))
+    eps = p.eps(z, 3.0)
+    assert eps.dtype == torch.float32 and eps.shape == z.shape and torch.isfinite(eps).all()
+    assert p.decode(z).shape == (4, 3, 16, 16)
+    if options.get("channels_last"):
+        assert p.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_stable_diffusion_speed_option_checks():
+    assert sd.SDOptions.from_dict({"dtype": "bf16"}).dtype == "bfloat16"
+    assert sd.SDOptions.from_dict({}).batch_size is None  # 8 on the CPU, every particle at once on a GPU
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        sd.SDOptions.from_dict({"cuda_graphs": True})
+    with pytest.raises(ValueError, match="batch_size"):
+        sd.SDOptions.from_dict({"batch_size": 0})

@@ -26,6 +26,8 @@ class Prior(Protocol):
 
     event_shape: tuple[int, ...]
     data_std: float  # per-coordinate std of the data: the Gaussian-data Jacobian s²/(s²+σ²)
+    # optional ``device``: where the networks run (the CPU when absent); a run keeps every per-step
+    # tensor there, so eps/tweedie/transition see particles on it (``smc.sampler.device_of``)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """Noise levels of the time grid, [num_steps + 1], decreasing, the last one 0."""
@@ -64,6 +66,7 @@ class VEPrior:
 
     event_shape: tuple[int, ...]
     data_std: float = 1.0
+    device: torch.device = torch.device("cpu")  # where the networks run; the sampler keeps its particles there
 
     def score(self, z: Particles, sigma: float, eps: Particles | None = None) -> Particles:
         eps = self.eps(z, sigma) if eps is None else eps

@@ -69,13 +69,13 @@ class DDPMPrior(VEPrior):
         return idx - 1 + frac
 
     def sample_initial(self, n: int, sigma: float, generator: torch.Generator | None = None) -> Particles:
-        """x_T ~ N(0, I) in VE units: z = x·√(1 + σ²)."""
-        x = torch.randn((n, *self.event_shape), generator=generator)
+        """x_T ~ N(0, I) in VE units: z = x·√(1 + σ²), drawn on the generator's device (the CPU without one)."""
+        x = torch.randn((n, *self.event_shape), generator=generator, device=None if generator is None else generator.device)
         return x * (1.0 + sigma**2) ** 0.5
 
     @property
     def device(self) -> torch.device:
-        """Where the network runs; particles stay on the CPU and are moved for each call."""
+        """Where the network runs, and where the sampler keeps the particles; others are moved per call."""
         return next(self.model.parameters()).device
 
     def eps(self, z: Particles, sigma: float) -> Particles:

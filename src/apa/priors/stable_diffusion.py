@@ -41,6 +41,8 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SD_LATENT_STD = 1.0
 DEFAULT_PROMPT = "a photo of fruit"  # suits the default CLIP users (apple, grape, banana)
 INIT_MODES = ("noise", "prompt")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
+CPU_BATCH = 8  # particles per call on the CPU (the default batch_size there)
 
 
 @dataclass(frozen=True)
@@ -54,16 +56,21 @@ class SDOptions:
     height: int | None = None  # pixels; None: unet.sample_size·8 = 512
     width: int | None = None
     device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: float16 on CUDA, float32 on CPU
+    dtype: str | None = None  # None: float16 on CUDA, float32 on CPU; "bfloat16" (or "bf16"): bf16 weights and activations
     # "noise" (not the seed's): z_T ~ N(0, (1+σ²)I), the marginal the FKC start weights assume;
     # "prompt" (the seed's): latents sampled from the prompt-conditioned model, noised to σ_T
     init: str = "noise"
     init_steps: int = 10  # ancestral steps that make the "prompt" start's latents (not fixed by the seed)
-    batch_size: int = 8  # generation batch: particles per UNet / VAE call
+    batch_size: int | None = None  # particles per UNet / VAE call; None: 8 on the CPU, all of them on a GPU
+    # (the CFG pair of every particle then goes through the UNet in one call)
     attention_slicing: bool | None = None  # None: on the CPU only (on CUDA the fused attention is faster
     # and, under the exact Jacobian's backward pass, far lighter: sliced attention keeps every score matrix)
-    vae_slicing: bool = True
+    vae_slicing: bool | None = None  # decode one image at a time; None: on the CPU only (a GPU decodes the batch)
     vae_tiling: bool = True
+    channels_last: bool = False  # UNet and VAE in channels-last memory format (faster convolutions on tensor cores)
+    compile: bool = False  # torch.compile the UNet's noise prediction (the first round pays the compile time)
+    cuda_graphs: bool = False  # with compile: mode "reduce-overhead", CUDA graphs replayed for each static
+    # batch shape (one graph per particle count per call); needs CUDA
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "SDOptions":
@@ -71,10 +78,15 @@ class SDOptions:
         keys of other priors (``name``, ``weights``, ...) are ignored."""
         valid = {f.name for f in dataclasses.fields(cls)}
         opts = cls(**{k: v for k, v in (options or {}).items() if v is not None and k in valid})
+        opts = dataclasses.replace(opts, dtype=DTYPE_ALIASES.get(opts.dtype, opts.dtype))
         if opts.dtype not in (None, "float16", "bfloat16", "float32"):
             raise ValueError(f"sd15 option dtype must be float16, bfloat16 or float32, got {opts.dtype!r}")
         if opts.init not in INIT_MODES:
             raise ValueError(f"sd15 option init must be one of {INIT_MODES}, got {opts.init!r}")
+        if opts.batch_size is not None and opts.batch_size < 1:
+            raise ValueError(f"sd15 option batch_size must be a positive number of particles, got {opts.batch_size!r}")
+        if opts.cuda_graphs and not opts.compile:
+            raise ValueError("sd15 option cuda_graphs captures the compiled UNet: set compile as well")
         return opts
 
 
@@ -175,7 +187,7 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device,
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         return dev, torch.float16 if dev.type == "cuda" else torch.float32
-    return dev, getattr(torch, dtype)
+    return dev, getattr(torch, DTYPE_ALIASES.get(dtype, dtype))
 
 
 # ---------------------------------------------------------------- the prior
@@ -188,9 +200,10 @@ class _StopForward(Exception):
 class StableDiffusionPrior(VEPrior):
     """SD 1.5 in VE form. Particles z [N, 4, H/8, W/8]: VAE latents scaled by 0.18215, plus σ·noise.
 
-    Particles live where the caller's generator draws them (the CPU by default, like the sampler's
-    noise, the surrogate and the session store); the networks live on ``device`` in ``dtype``, and
-    :meth:`eps`, :meth:`features` and :meth:`decode` move each generation batch there and back.
+    The networks live on ``device`` in ``dtype``; the sampler keeps the particles there too (its
+    noise is drawn there), so :meth:`eps` and :meth:`features` take and return tensors on the
+    device without a copy. Particles given from elsewhere (the session store's CPU tensors) are
+    moved per call and returned where they came from; :meth:`decode` returns images on the CPU.
     """
 
     def __init__(self, components: SDComponents, options: SDOptions = SDOptions()):
@@ -204,10 +217,13 @@ class StableDiffusionPrior(VEPrior):
         self.event_shape = self._latent_shape(options)
         acp = components.scheduler.alphas_cumprod.double().numpy()
         self._sigma_table = np.sqrt((1.0 - acp) / acp)  # σ_t, increasing in t
+        self._acp = components.scheduler.alphas_cumprod.tolist()  # ᾱ_t as Python floats (no tensor read per call)
         self.guided = options.guidance_scale != 1.0
         self._cond = self._encode(options.prompt)  # [1, L, D]
         self._uncond = self._encode(options.negative_prompt) if self.guided else None
         self._enable_memory_savers(options)
+        self.batch_size = options.batch_size or (CPU_BATCH if self.device.type == "cpu" else None)
+        self._denoiser = self._speed_ups(options)
 
     def _latent_shape(self, options: SDOptions) -> tuple[int, int, int]:
         default = int(np.atleast_1d(self.unet.config.sample_size)[0]) * self.vae_factor
@@ -220,10 +236,25 @@ class StableDiffusionPrior(VEPrior):
         slicing = options.attention_slicing
         if slicing or (slicing is None and self.unet.device.type == "cpu"):
             self.unet.set_attention_slice("auto")
-        if options.vae_slicing:
+        if options.vae_slicing or (options.vae_slicing is None and self.unet.device.type == "cpu"):
             self.vae.enable_slicing()
         if options.vae_tiling:
             self.vae.enable_tiling()
+
+    def _speed_ups(self, options: SDOptions):
+        """channels_last for UNet and VAE; the UNet callable used by :meth:`eps` (compiled or not).
+        :meth:`features` keeps the plain UNet: its forward hook ends the pass at the mid block."""
+        if options.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        if not options.compile:
+            return self.unet
+        mode = "reduce-overhead" if options.cuda_graphs else None  # reduce-overhead: CUDA graphs
+        return torch.compile(self.unet, mode=mode, fullgraph=False)
+
+    def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [N, ...] split into generation batches (all of it at once when batch_size is None)."""
+        return x.split(self.batch_size) if self.batch_size else (x,)
 
     @torch.no_grad()
     def _encode(self, prompt: str) -> torch.Tensor:
@@ -290,7 +321,7 @@ class StableDiffusionPrior(VEPrior):
         """
         t = self.timestep_of_sigma(sigma)
         x = z / (1.0 + sigma**2) ** 0.5
-        out = [self._eps_chunk(c, t) for c in x.split(self.options.batch_size)]
+        out = [self._eps_chunk(c, t) for c in self._chunks(x)]
         return torch.cat(out).to(device=z.device, dtype=z.dtype)
 
     def _eps_chunk(self, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -301,7 +332,9 @@ class StableDiffusionPrior(VEPrior):
         if self.guided:
             x, emb = torch.cat([x, x]), torch.cat([self._uncond.expand(b, -1, -1), emb])
         tt = torch.full((x.shape[0],), t, device=self.device, dtype=torch.float32)
-        out = self.unet(x, tt, encoder_hidden_states=emb).sample
+        if self.options.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self._denoiser(x, tt, encoder_hidden_states=emb).sample
         if not self.guided:
             return out
         e_u, e_c = out.chunk(2)
@@ -313,8 +346,8 @@ class StableDiffusionPrior(VEPrior):
 
         Differentiable in z0; the UNet's up path is not run. [N, *event] -> [N, C_mid] float32 on z0's device.
         """
-        scale = float(self.components.scheduler.alphas_cumprod[int(t)]) ** 0.5
-        out = [self._mid_block(c * scale, float(t)) for c in z0.split(self.options.batch_size)]
+        scale = self._acp[int(t)] ** 0.5
+        out = [self._mid_block(c * scale, float(t)) for c in self._chunks(z0)]
         return torch.cat(out).to(device=z0.device, dtype=torch.float32)
 
     def _mid_block(self, x: torch.Tensor, t: float) -> torch.Tensor:
@@ -340,7 +373,7 @@ class StableDiffusionPrior(VEPrior):
     def decode(self, z0: Particles) -> torch.Tensor:
         """Clean latents [N, *event] -> images [N, 3, H, W] float32 in [0, 1] on the CPU (VAE in batches)."""
         images = []
-        for chunk in z0.split(self.options.batch_size):
+        for chunk in self._chunks(z0):
             lat = chunk.to(device=self.device, dtype=self.dtype) / self.vae_scale
             img = self.vae.decode(lat).sample  # [-1, 1]
             images.append((img.float() / 2 + 0.5).clamp(0.0, 1.0).cpu())
@@ -357,5 +390,6 @@ def load_sd15(options: SDOptions = SDOptions()) -> StableDiffusionPrior:
 @PRIORS.register("sd15")
 def make_sd15(options: dict) -> StableDiffusionPrior:
     """The ``--prior sd15`` factory. Options: model, prompt, negative_prompt, guidance_scale, height,
-    width, device, dtype, init, init_steps, batch_size (see :class:`SDOptions`)."""
+    width, device, dtype, init, init_steps, batch_size, channels_last, compile, cuda_graphs (see
+    :class:`SDOptions`)."""
     return load_sd15(SDOptions.from_dict(options))

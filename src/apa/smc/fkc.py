@@ -39,7 +39,7 @@ prior at high σ; kept for compatibility only).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -64,6 +64,11 @@ class Schedule:
     sigmas: torch.Tensor
     betas: torch.Tensor
     gammas: torch.Tensor
+    # the same values as Python floats, read once when the schedule is built (no tensor read per step)
+    host: tuple[list[float], list[float], list[float]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host", (self.sigmas.tolist(), self.betas.tolist(), self.gammas.tolist()))
 
     @classmethod
     def of(cls, prior: Prior, cfg: SamplerConfig) -> "Schedule":
@@ -71,7 +76,12 @@ class Schedule:
 
     def at(self, i: int) -> tuple[float, float, float, float]:
         """(σ_i, σ_{i+1}, β_i, γ_i) as Python floats."""
-        return float(self.sigmas[i]), float(self.sigmas[i + 1]), float(self.betas[i]), float(self.gammas[i])
+        sig, beta, gamma = self.host
+        return sig[i], sig[i + 1], beta[i], gamma[i]
+
+    def beta_gamma(self, i: int) -> tuple[float, float]:
+        """(β_i, γ_i) at grid point i (negative i counts from the end) as Python floats."""
+        return self.host[1][i], self.host[2][i]
 
 
 @dataclass(frozen=True)
@@ -99,7 +109,12 @@ def _reduce(x: Particles) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(1)
 
 
-def check_finite(values: torch.Tensor, what: str, step: int) -> None:
+def check_finite(values: torch.Tensor, what: str, step: int, deferred: "Deferred | None" = None) -> None:
+    """Raise FloatingPointError naming the particles whose ``values`` [N] are not finite; with a
+    ``deferred`` collector, record the check on the device instead (read back at the run's end)."""
+    if deferred is not None:
+        deferred.add(values, what, step)
+        return
     bad = (~torch.isfinite(values)).nonzero().flatten()
     if bad.numel():
         raise FloatingPointError(f"step {step}: {what} is not finite for particles {bad[:8].tolist()}"
@@ -107,9 +122,34 @@ def check_finite(values: torch.Tensor, what: str, step: int) -> None:
                                  "carrying NaN particles forward (check the reward function and its inputs)")
 
 
+@dataclass
+class Deferred:
+    """Finite-value checks of one run, kept on the device and read back once at its end.
+
+    On a GPU, raising at once would read every checked tensor back to the host at every step (a
+    device sync each time); a run with a collector records which values were not finite and
+    :meth:`raise_first` raises the first problem, with the same message, after the last step.
+    Non-finite particles are then carried to the end of the run, but never returned.
+    """
+
+    pending: list[tuple[int, str, torch.Tensor]] = field(default_factory=list)
+
+    def add(self, values: torch.Tensor, what: str, step: int) -> None:
+        self.pending.append((step, what, values.detach()))
+
+    def raise_first(self) -> None:
+        """One host read for the whole run; raises FloatingPointError for the first failed check."""
+        if not self.pending:
+            return
+        flags = torch.stack([(~torch.isfinite(v)).any() for _, _, v in self.pending]).tolist()
+        for (step, what, values), bad in zip(self.pending, flags):
+            if bad:
+                check_finite(values, what, step)
+
+
 def evaluate_potential(prior: Prior, reward: Reward, z: Particles, sigma: float, gamma: float,
                        cfg: SamplerConfig, *, historical: Particles | None, step: int,
-                       need_grad: bool = True) -> PotentialEval:
+                       need_grad: bool = True, deferred: Deferred | None = None) -> PotentialEval:
     """ε, ẑ0, r, L_div and (if ``need_grad``) ∇_z(r + γ·L_div) at z [N, *event] and noise level σ."""
     through_denoiser = need_grad and cfg.reward_at == "tweedie" and cfg.jacobian == "exact"
     with torch.enable_grad():
@@ -124,23 +164,23 @@ def evaluate_potential(prior: Prior, reward: Reward, z: Particles, sigma: float,
                 x0 = prior.tweedie(z, sigma, eps)
             u = wrt = (z if cfg.reward_at == "xt" else x0).detach().requires_grad_(need_grad)
         r = reward(u).reshape(-1)
-        check_finite(r.detach(), "the reward", step)
+        check_finite(r.detach(), "the reward", step, deferred)
         div = diversity(u, historical) if cfg.diversity else torch.zeros_like(r)
         grad = torch.autograd.grad((r + gamma * div).sum(), wrt)[0].detach() if need_grad else None
     if grad is not None and cfg.reward_at == "tweedie" and cfg.jacobian == "gaussian":
         s2 = prior.data_std**2
         grad = grad * (s2 / (s2 + sigma**2))  # ∂ẑ0/∂z ≈ s²/(s²+σ²) for Gaussian data
     if grad is not None:
-        check_finite(_reduce(grad), "the reward gradient", step)
+        check_finite(_reduce(grad), "the reward gradient", step, deferred)
     return PotentialEval(eps.detach(), x0.detach(), r.detach(), div.detach(), grad)
 
 
 def clean_potential(reward: Reward, z: Particles, beta: float, gamma: float, cfg: SamplerConfig,
-                    historical: Particles | None, step: int) -> torch.Tensor:
+                    historical: Particles | None, step: int, deferred: Deferred | None = None) -> torch.Tensor:
     """φ_N = β_N·(r + γ_N·L_div) at clean particles z [N, *event] (the one reward call at the end): [N]."""
     with torch.no_grad():
         r = reward(z).reshape(-1)
-        check_finite(r, "the reward of the clean sample", step)
+        check_finite(r, "the reward of the clean sample", step, deferred)
         div = diversity(z, historical) if cfg.diversity else torch.zeros_like(r)
     return beta * (r.double() + gamma * div.double())
 
@@ -166,7 +206,7 @@ def rate_increment(cfg: SamplerConfig, pe: PotentialEval, prior: Prior, z: Parti
     ∂_sφ·ds − ⟨∇φ, f⟩ds + ⟨∇φ, (g²/2)·score⟩ds with everything read at z_i (SPEC weights).
     """
     sig, sig_next, b0, g0 = sched.at(i)
-    b1, g1 = float(sched.betas[i + 1]), float(sched.gammas[i + 1])
+    b1, g1 = sched.beta_gamma(i + 1)
     if cfg.beta_dot is None:
         dphi = (b1 - b0) * pe.reward.double() + (b1 * g1 - b0 * g0) * pe.div.double()  # φ_{i+1} − φ_i at fixed z
     else:

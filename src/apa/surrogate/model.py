@@ -77,4 +77,4 @@ class Ensemble(nn.Module):
 
     def spread(self, x: Particles) -> torch.Tensor:
         p = self.all(x)
-        return p.std(0) if p.shape[0] > 1 else torch.zeros(p.shape[1])
+        return p.std(0) if p.shape[0] > 1 else torch.zeros(p.shape[1], device=p.device)
