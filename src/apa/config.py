@@ -68,6 +68,14 @@ class PriorConfig:
     device: str | None = knob(None, "where the networks run, e.g. cuda or cpu (none: cuda when available)")
     init: str = knob("noise", "where sampling starts: pure noise, or the seed's prompt start (plain samples "
                      "noised back)", choices=("noise", "prompt"), group="sd15")
+    dtype: str | None = knob(None, "network precision (none: fp16 on CUDA, fp32 on the CPU)",
+                             choices=("fp16", "bf16", "fp32"), group="sd15")
+    batch_size: int | None = knob(None, "particles per UNet / VAE call (none: 8 on the CPU, all on a GPU)",
+                                  flag="sd_batch_size", group="sd15")
+    channels_last: bool = knob(False, "UNet and VAE in channels-last memory format", group="sd15")
+    compile: bool = knob(False, "torch.compile the UNet (the first round pays the compile time)", group="sd15")
+    cuda_graphs: bool = knob(False, "with --compile: CUDA graphs replayed for each static batch shape",
+                             group="sd15")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and bool(self.name), f"--prior must name a prior, got {self.name!r}")
@@ -76,6 +84,11 @@ class PriorConfig:
             _require(_whole(v) and v >= 8 and v % 8 == 0,
                      f"{flag} must be a positive multiple of 8 (pixels), got {v!r}")
         _choice("--init", self.init, ("noise", "prompt"))
+        _require(self.dtype is None or self.dtype in ("fp16", "bf16", "fp32"),
+                 f"unknown --dtype {self.dtype!r}; choose one of fp16, bf16, fp32")
+        _require(self.batch_size is None or (_whole(self.batch_size) and self.batch_size >= 1),
+                 f"--sd-batch-size must be a whole number of at least 1, got {self.batch_size!r}")
+        _require(not self.cuda_graphs or self.compile, "--cuda-graphs captures the compiled UNet: add --compile true")
 
 
 REWARD_AT = ("xt", "tweedie")  # where r is read: the particle z_t itself, or its Tweedie estimate ẑ0

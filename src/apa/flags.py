@@ -69,7 +69,7 @@ def shown(value: Any) -> str:
 def shown_type(annotation: str) -> str:
     """What a flag's value looks like: "tuple[float, float]" -> A,B; "int" -> N."""
     return {"int": "N", "float": "X", "float | None": "X|none", "bool": "true|false", "tuple[float, float]": "A,B",
-            "tuple[int | str, ...]": "CLASS,CLASS,...", "tuple[str, ...] | None": "NAME,NAME,..."}.get(annotation, "TEXT")
+            "tuple[int | str, ...]": "CLASS,CLASS,...", "tuple[str, ...] | None": "NAME,NAME,...", "int | None": "N|none"}.get(annotation, "TEXT")
 
 
 # ---------------------------------------------------------------- parsing the typed text
@@ -112,7 +112,8 @@ def _optional_str(text: str) -> str | None:
 
 PARSERS: dict[str, Callable[[str], Any]] = {  # a field's annotation -> how its flag's text is read
     "int": int, "float": float, "str": str, "bool": _bool, "tuple[float, float]": _pair, "tuple[int | str, ...]": _classes,
-    "tuple[str, ...] | None": _words, "float | None": _optional_float, "str | None": _optional_str}
+    "tuple[str, ...] | None": _words, "float | None": _optional_float, "str | None": _optional_str,
+    "int | None": lambda text: None if text.lower() == "none" else int(text)}
 
 
 def add_align_flags(p: argparse.ArgumentParser) -> None:
