@@ -211,9 +211,9 @@ class SessionConfig:
                             "(seed), random, or UCB", choices=ACQUISITIONS)
     seed: int = knob(0, "the seed every random choice of the session derives from")
     eval_samples: int = knob(256, "images in the final batch, resampled to equal weights")
-    explore: float = knob(0.0, "the share of each guided round's shown images drawn from the plain prior "
-                          "instead of the tilted particles (rated, weight zero in the population)")
-    final_start: str = knob("noise", "where the final batch starts: the noise end, or the liked rated images "
+    explore: float = knob(0.5, "the share of each guided round's shown images drawn from the plain prior "
+                          "instead of the tilted particles (rated, weight zero in the population; measured)")
+    final_start: str = knob("liked", "where the final batch starts (measured): the noise end, or the liked rated images "
                             "noised back (see --restart), drawn uniformly or balanced by their crowding",
                             choices=FINAL_STARTS)
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
@@ -286,7 +286,7 @@ def preset(name: str, base: AlignConfig | None = None) -> AlignConfig:
                        sampler=replace(base.sampler, reward_at="tweedie", jacobian="identity", resample="none", weights="rate",
                                        clamp=100.0, beta_dot=1.0, beta=(0.5, 2.0), gamma=(0.05, 0.0)),
                        feedback=replace(base.feedback, users=("apple", "grape", "banana"), temperature=10.0),
-                       session=replace(base.session, acquisition="weight", final_start="noise"),
+                       session=replace(base.session, acquisition="weight", final_start="noise", explore=0.0),
                        surrogate=replace(base.surrogate, kind="pixels", ensemble=1, epochs=200, batch_size=32,
                                          lr=1e-3, ceiling=None))
     raise ValueError(f"unknown preset {name!r}; choose 'default' or 'seed'")
