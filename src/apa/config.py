@@ -213,8 +213,8 @@ class SessionConfig:
     eval_samples: int = knob(256, "images in the final batch, resampled to equal weights")
     explore: float = knob(0.5, "the share of each guided round's shown images drawn from the plain prior "
                           "instead of the tilted particles (rated, weight zero in the population; measured)")
-    final_start: str = knob("liked", "where the final batch starts (measured): the noise end, or the liked rated images "
-                            "noised back (see --restart), drawn uniformly or balanced by their crowding",
+    final_start: str = knob("liked", "where the final batch starts (measured): the noise end, or the liked rated "
+                            "images noised back (see --restart), drawn uniformly or balanced by their crowding",
                             choices=FINAL_STARTS)
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
                           "(0.3 of 25: the last 8, from t≈291 of 1000)")
@@ -232,8 +232,8 @@ class SessionConfig:
                  f"--restart must be a fraction of the steps in (0, 1], got {self.restart!r}")
 
 
-LEGACY = {("sampler", "weights"): "rate", ("session", "final_start"): "noise", ("session", "explore"): 0.0}  # what a stored config
-#         written before a field existed meant, so that an old session resumes to the same result
+# What a stored config written before a field existed meant, so that an old session resumes to the same result:
+LEGACY = {("sampler", "weights"): "rate", ("session", "final_start"): "noise", ("session", "explore"): 0.0}
 
 
 @dataclass(frozen=True)
