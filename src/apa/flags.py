@@ -68,8 +68,9 @@ def shown(value: Any) -> str:
 
 def shown_type(annotation: str) -> str:
     """What a flag's value looks like: "tuple[float, float]" -> A,B; "int" -> N."""
-    return {"int": "N", "float": "X", "float | None": "X|none", "bool": "true|false", "tuple[float, float]": "A,B",
-            "tuple[int | str, ...]": "CLASS,CLASS,...", "tuple[str, ...] | None": "NAME,NAME,...", "int | None": "N|none"}.get(annotation, "TEXT")
+    return {"int": "N", "float": "X", "float | None": "X|none", "int | None": "N|none", "bool": "true|false",
+            "tuple[float, float]": "A,B", "tuple[int | str, ...]": "CLASS,CLASS,...",
+            "tuple[str, ...] | None": "NAME,NAME,..."}.get(annotation, "TEXT")
 
 
 # ---------------------------------------------------------------- parsing the typed text
@@ -86,7 +87,8 @@ def _classes(text: str) -> tuple[int | str, ...]:
     """``--prefer``: class numbers or names, comma-separated (names are resolved against the dataset later)."""
     items = tuple(x.strip() for x in text.split(",") if x.strip())
     if not items:
-        raise argparse.ArgumentTypeError(f"expected comma-separated classes like 1,4,7,9 or sandal,sneaker, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated classes like 1,4,7,9 or sandal,sneaker, "
+                                         f"got {text!r}")
     return tuple(int(x) if x.lstrip("-").isdigit() else x for x in items)
 
 
@@ -110,10 +112,14 @@ def _optional_str(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
 
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
 PARSERS: dict[str, Callable[[str], Any]] = {  # a field's annotation -> how its flag's text is read
-    "int": int, "float": float, "str": str, "bool": _bool, "tuple[float, float]": _pair, "tuple[int | str, ...]": _classes,
-    "tuple[str, ...] | None": _words, "float | None": _optional_float, "str | None": _optional_str,
-    "int | None": lambda text: None if text.lower() == "none" else int(text)}
+    "int": int, "float": float, "str": str, "bool": _bool, "tuple[float, float]": _pair,
+    "tuple[int | str, ...]": _classes, "tuple[str, ...] | None": _words, "float | None": _optional_float,
+    "str | None": _optional_str, "int | None": _optional_int}
 
 
 def add_align_flags(p: argparse.ArgumentParser) -> None:

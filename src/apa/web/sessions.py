@@ -165,7 +165,7 @@ def write_report(session: Session, report_lock: threading.Lock) -> str:
 
     try:
         with report_lock:
-            path = report(session)
+            report(session)
         return "The report is ready."
     except Exception as e:  # the session itself is complete; a failed report is only mentioned
         log.exception("report failed")
