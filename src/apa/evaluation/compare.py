@@ -274,7 +274,9 @@ def file_sha(path: Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"no prior weights at {path}; train them with `apa train-prior` "
                                 "or pass --prior-weights")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    from apa.data import file_sha256
+
+    return file_sha256(path)
 
 
 def compare(cc: CompareConfig, progress: bool = True) -> Path:

@@ -26,6 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from apa import data  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from apa.evaluation.images import save_grid  # noqa: E402
@@ -110,14 +112,6 @@ def cache_dir() -> Path:
     return data_dir() / "baselines"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def baseline_key(session, n: int) -> str | None:
     """The cache key of the prior-only baseline: prior weights' sha256, the simulated user, n, steps."""
     weights = getattr(session.cfg.prior, "weights", None)
@@ -133,8 +127,8 @@ def baseline_key(session, n: int) -> str | None:
     fb = session.cfg.feedback
     user = {k: getattr(fb, k, None) for k in ("name", "prefer", "mode", "confidence", "dataset", "oracle_weights")}
     if user.get("oracle_weights") and Path(user["oracle_weights"]).is_file():
-        user["oracle_weights"] = file_sha256(Path(user["oracle_weights"]))
-    text = json.dumps({"prior": file_sha256(Path(weights)), "user": user, "n": n,
+        user["oracle_weights"] = data.file_sha256(Path(user["oracle_weights"]))
+    text = json.dumps({"prior": data.file_sha256(Path(weights)), "user": user, "n": n,
                        "steps": session.cfg.sampler.steps, "seed": 0}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 

@@ -392,18 +392,19 @@ class SessionManager:
             handle.pngs[key] = render.png(handle.session.shown_images(r), nrow=len(rounds[r]["shown"]))
         return handle.pngs[key]
 
+    def final_images(self, token: str) -> tuple["SessionHandle", Any]:
+        """The session and its final batch [n, C, H, W], once the session is done (404 before)."""
+        handle = self.get(token)
+        images = handle.session.store.final_images() if handle.phase == "done" else None
+        if images is None:
+            raise WebError(404, "the final samples appear once the whole budget is rated")
+        return handle, images
+
     def final_png(self, token: str) -> bytes:
         """The aligned sampler's final samples (the first 64), once the session is done."""
-        import numpy as np
-        import torch
-
-        handle = self.get(token)
-        path = handle.session.store.final_path
-        if handle.phase != "done" or not path.exists():
-            raise WebError(404, "the final samples appear once the whole budget is rated")
+        handle, images = self.final_images(token)
         if "final" not in handle.pngs:
-            with np.load(path) as z:
-                handle.pngs["final"] = render.png(torch.from_numpy(z["images"][:FINAL_PREVIEW]), nrow=8)
+            handle.pngs["final"] = render.png(images[:FINAL_PREVIEW], nrow=8)
         return handle.pngs["final"]
 
     def report_file(self, token: str, name: str) -> tuple[bytes, str]:
@@ -422,17 +423,10 @@ class SessionManager:
         import io
         import zipfile
 
-        import numpy as np
-        import torch
-
-        handle = self.get(token)
-        path = handle.session.store.final_path
-        if handle.phase != "done" or not path.exists():
-            raise WebError(404, "the final samples appear once the whole budget is rated")
+        handle, images = self.final_images(token)
         if "final.zip" not in handle.pngs:
             buf = io.BytesIO()
-            with np.load(path) as z, zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
-                images = torch.from_numpy(z["images"])
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
                 for i, image in enumerate(images):
                     out.writestr(f"final_{i:04d}.png", render.single_png(image))
             handle.pngs["final.zip"] = buf.getvalue()
