@@ -22,9 +22,11 @@ from apa.registry import PRIORS
 def _user_errors() -> tuple[type[BaseException], ...]:
     from apa.data import DataError
     from apa.session import SessionError
+    from apa.smc.distributed import DistributedError
     from apa.store import StoreError
 
-    return (OSError, ValueError, KeyError, FloatingPointError, DataError, StoreError, SessionError, sqlite3.Error)
+    return (OSError, ValueError, KeyError, FloatingPointError, DataError, StoreError, SessionError, sqlite3.Error,
+            DistributedError)
 
 
 PLUGGED_COMMANDS = ("apa.evaluation.compare", "apa.web.server")  # `apa compare`, `apa serve`
@@ -120,19 +122,23 @@ def cmd_align(args: argparse.Namespace) -> None:
     from apa.evaluation.report import write_report
     from apa.evaluation.summary import RoundProgress, closing_summary, summary_lines
 
+    from apa.ranks import session_of
+
     t0 = time.perf_counter()
     talk = not (args.quiet or args.json)
-    session = open_session(args, progress=talk)
-    try:
-        bar = RoundProgress(session, enabled=talk)
+    with session_of(lambda: open_session(args, progress=talk)) as session:  # under torchrun: rank 0's
+        if session is None:
+            return  # a rank other than 0 of a torchrun launch: it sampled its share
         try:
-            session.run(on_round=bar.update)
+            bar = RoundProgress(session, enabled=talk)
+            try:
+                session.run(on_round=bar.update)
+            finally:
+                bar.close()
+            session.save_final()
+            report = write_report(session)
         finally:
-            bar.close()
-        session.save_final()
-        report = write_report(session)
-    finally:
-        session.store.close()  # releases the session's lock
+            session.store.close()  # releases the session's lock
     summary = closing_summary(json.loads(report.with_suffix(".json").read_text()), time.perf_counter() - t0,
                               str(report))
     if args.json:
