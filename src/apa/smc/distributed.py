@@ -52,6 +52,7 @@ class Traffic:
 
     gather: int = 0  # all-gathers of per-particle values (log-weight increments, rewards, ...)
     exchange: int = 0  # particles (and their potential pieces) sent to another rank at resampling
+    collect: int = 0  # the final particles, gathered once per run for whoever uses the result
 
 
 class Comm(Protocol):
@@ -61,8 +62,9 @@ class Comm(Protocol):
     world_size: int
     traffic: Traffic
 
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's rows in rank order: [N/K, ...] -> [N, ...]."""
+    def all_gather(self, x: torch.Tensor, kind: str = "gather") -> torch.Tensor:
+        """Every rank's rows in rank order: [N/K, ...] -> [N, ...]; the bytes count as ``kind`` in
+        :class:`Traffic`."""
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's block of a whole-population tensor: [N, ...] -> [N/K, ...]."""
@@ -83,7 +85,7 @@ class LocalComm:
     def __init__(self) -> None:
         self.traffic = Traffic()
 
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, x: torch.Tensor, kind: str = "gather") -> torch.Tensor:
         return x
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,13 +113,13 @@ class TorchComm:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.traffic = Traffic()
 
-    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+    def all_gather(self, x: torch.Tensor, kind: str = "gather") -> torch.Tensor:
         if self.world_size == 1:
             return x
         x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(self.world_size)]
         _collective(self.dist.all_gather, out, x)
-        self.traffic.gather += _nbytes(x) * (self.world_size - 1)
+        setattr(self.traffic, kind, getattr(self.traffic, kind) + _nbytes(x) * (self.world_size - 1))
         return torch.cat(out)
 
     def local(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +128,7 @@ class TorchComm:
 
     def take(self, x: torch.Tensor, ancestors: Indices) -> torch.Tensor:
         if self.exchange == "all_gather":
-            full = self.all_gather(x)
-            self.traffic.exchange += _nbytes(x) * (self.world_size - 1)
-            self.traffic.gather -= _nbytes(x) * (self.world_size - 1)
+            full = self.all_gather(x, "exchange")
             return full[self.local(ancestors)]
         return self._all_to_all(x, ancestors)
 
@@ -249,7 +249,7 @@ def sharded_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | Non
     state, trace, log_z = drive(state, prior, reward, cfg, sched, generator=generator, historical=historical,
                                 noise_fn=particle_noise(base, comm.rank * n), deferred=deferred,
                                 progress=progress and comm.rank == 0, desc=desc, comm=comm)
-    return SMCResult(comm.all_gather(state.particles), normalize(state.log_weights), trace, log_z, state.origins)
+    return SMCResult(comm.all_gather(state.particles, "collect"), normalize(state.log_weights), trace, log_z, state.origins)
 
 
 def launched() -> bool:

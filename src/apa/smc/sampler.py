@@ -231,7 +231,7 @@ def step(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, 
         idx = resampling.get_resampler(cfg.resample)(generator, log_w, n)  # ancestors [N], the same on every rank
         take = (lambda t: t[idx]) if comm is None else (lambda t: comm.take(t, idx))  # noqa: E731
         z, pe, log_w = take(z), pe.apply(take), uniform(n, device=log_w.device)
-        grad_phi = take(grad_phi) if grad_phi is not None else None
+        grad_phi = beta * pe.grad if pe.grad is not None else None  # the ancestors' (elementwise: the same bits)
         origins = origins[idx] if origins is not None else None
     noise = noise_fn(i, tuple(z.shape), generator).to(z)
     z_next, part = _move(z, pe, prior, reward, cfg, sched, i, noise, grad_phi, historical, deferred)
