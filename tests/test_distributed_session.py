@@ -3,11 +3,14 @@ session as 1, bit for bit (ratings, rounds, final images); a rank that dies ends
 error and --resume continues the session."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from apa.store import SessionStore
@@ -49,13 +52,43 @@ def record(out: Path) -> tuple:
         store.close()
 
 
-def test_two_processes_give_the_session_of_one(tmp_path):
-    runs = {k: launch(k, ["--out", str(tmp_path / f"k{k}"), *FLAGS]) for k in (1, 2)}  # side by side
-    for k, procs in runs.items():
-        for rc, err in finish(procs):
-            assert rc == 0, err
-    (r1, t1, f1), (r2, t2, f2) = record(tmp_path / "k1"), record(tmp_path / "k2")
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple:
+    """The session of one process launched like torchrun (the sharded path with K = 1)."""
+    out = tmp_path_factory.mktemp("k1") / "s"
+    for rc, err in finish(launch(1, ["--out", str(out), *FLAGS])):
+        assert rc == 0, err
+    return record(out)
+
+
+def same_session(a: tuple, b: tuple) -> None:
+    (r1, t1, f1), (r2, t2, f2) = a, b
     assert len(r1) == 16 and r1 == r2
-    for a, b in zip(t1, t2):
-        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert len(t1) == len(t2)
+    for x, y in zip(t1, t2):
+        assert x.keys() == y.keys() and all(torch.equal(x[key], y[key]) for key in x)
     assert f1 is not None and torch.equal(f1, f2)
+
+
+def test_two_processes_give_the_session_of_one(tmp_path, one_process):
+    for rc, err in finish(launch(2, ["--out", str(tmp_path / "k2"), *FLAGS])):
+        assert rc == 0, err
+    same_session(one_process, record(tmp_path / "k2"))
+
+
+def test_a_rank_that_dies_ends_the_run_and_resume_continues(tmp_path, one_process):
+    out = tmp_path / "s"
+    procs = launch(2, ["--out", str(out), *FLAGS], {"APA_DIST_TIMEOUT": "20"})
+    deadline = time.monotonic() + 120
+    while not (out / "rounds" / "round_0001.safetensors").exists() and procs[0].poll() is None:
+        assert time.monotonic() < deadline, "the session never reached its second round"
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    (rc, err), _ = finish(procs)
+    assert rc == 2 and time.monotonic() - t0 < 30
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("apa: error:") and "--resume" in lines[0], err
+    for rc, err in finish(launch(2, ["--resume", str(out), "--quiet"])):
+        assert rc == 0, err
+    same_session(one_process, record(out))
