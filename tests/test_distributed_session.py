@@ -92,3 +92,15 @@ def test_a_rank_that_dies_ends_the_run_and_resume_continues(tmp_path, one_proces
     for rc, err in finish(launch(2, ["--resume", str(out), "--quiet"])):
         assert rc == 0, err
     same_session(one_process, record(out))
+
+
+def test_a_population_that_does_not_shard_is_refused_before_anything_is_written():
+    from apa.config import AlignConfig
+    from apa.priors.gmm import make_gmm
+    from apa.ranks import check_session
+    from apa.session import with_overrides
+
+    cfg = with_overrides(AlignConfig(), sampler={"particles": 8}, session={"eval_samples": 12})
+    check_session(cfg, make_gmm({}), 1)
+    with pytest.raises(ValueError, match="--eval-samples 12 .* multiple of 8"):
+        check_session(cfg, make_gmm({}), 2)

@@ -100,10 +100,27 @@ def refused_on_resume(args: argparse.Namespace) -> list[str]:
     return ["--" + f for f in names] + [f for f in given_flags(args) if f.lstrip("-") not in RESUME_FLAGS]
 
 
-def open_session(args: argparse.Namespace, progress: bool = True):
+def open_session(args: argparse.Namespace, progress: bool = True, check=None):
     """The session `apa align` runs: resumed (its budget raised if --budget is given) or new. The whole
-    configuration is built, and so checked, before anything is written."""
+    configuration is built, and so checked, before anything is written; ``check(cfg, prior)`` too
+    (a torchrun launch's: its populations must split over the ranks)."""
     from apa.session import Session
+
+    if check is not None:
+        session = open_session(args, progress) if args.resume else None
+        if session is not None:
+            try:
+                check(session.cfg, session.prior)
+            except BaseException:
+                session.store.close()
+                raise
+            return session
+        if not args.out:
+            raise ValueError("give --out DIR for a new session, or --resume DIR to continue one")
+        cfg = config_from_args(args)
+        components = Session.components(cfg)
+        check(cfg, components[0])
+        return Session.start(Path(args.out), cfg, progress=progress, components=components)
 
     if args.resume:
         refused = refused_on_resume(args)
@@ -126,7 +143,7 @@ def cmd_align(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     talk = not (args.quiet or args.json)
-    with session_of(lambda: open_session(args, progress=talk)) as session:  # under torchrun: rank 0's
+    with session_of(lambda check: open_session(args, progress=talk, check=check)) as session:  # under torchrun: rank 0's
         if session is None:
             return  # a rank other than 0 of a torchrun launch: it sampled its share
         try:

@@ -51,12 +51,30 @@ def serve(comm: Comm) -> None:
         session.sample_sharded(request)
 
 
+def check_session(cfg: Any, prior: Any, world_size: int) -> None:
+    """Refuse, before anything is written, a session whose populations (the rounds' and the final
+    batch) do not shard over ``world_size`` processes."""
+    from dataclasses import replace
+
+    from apa.session import MICRO_BATCH
+    from apa.smc.distributed import check_shardable
+    from apa.smc.sampler import device_of
+
+    micro_batch = MICRO_BATCH if device_of(prior).type == "cpu" else None
+    for what, n in (("--particles", cfg.sampler.particles), ("--eval-samples", cfg.session.eval_samples)):
+        try:
+            check_shardable(replace(cfg.sampler, particles=n), world_size, micro_batch)
+        except ValueError as e:
+            raise ValueError(f"{what} {n} under torchrun with {world_size} processes: {e}") from e
+
+
 @contextmanager
-def lead(comm: Comm, open_session: Callable[[], Any]) -> Iterator[Any]:
-    """Rank 0: the session ``open_session`` opens, its configuration sent to the other ranks; at the
-    end they are told to stop (unless a collective already failed: they end by their own timeout)."""
+def lead(comm: Comm, open_session: Callable[[Callable], Any]) -> Iterator[Any]:
+    """Rank 0: the session ``open_session(check)`` opens (``check(cfg, prior)`` refuses what does not
+    shard, before anything is written), its configuration sent to the other ranks; at the end they
+    are told to stop (unless a collective already failed: they end by their own timeout)."""
     try:
-        session = open_session()
+        session = open_session(lambda cfg, prior: check_session(cfg, prior, comm.world_size))
     except BaseException:
         comm.broadcast_object(None)
         raise
@@ -74,11 +92,11 @@ def lead(comm: Comm, open_session: Callable[[], Any]) -> Iterator[Any]:
 
 
 @contextmanager
-def session_of(open_session: Callable[[], Any]) -> Iterator[Any]:
-    """The session this process runs: ``open_session()`` in one process; under torchrun rank 0's
+def session_of(open_session: Callable[[Callable | None], Any]) -> Iterator[Any]:
+    """The session this process runs: ``open_session(None)`` in one process; under torchrun rank 0's
     session (:func:`lead`), and None on the other ranks once they have served every request."""
     if not launched():
-        yield open_session()
+        yield open_session(None)
         return
     import torch.distributed as dist
 

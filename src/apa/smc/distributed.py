@@ -214,14 +214,14 @@ def _chunked_reward(reward: fkc.Reward, size: int) -> fkc.Reward:
 def check_shardable(cfg: SamplerConfig, world_size: int, micro_batch: int | None) -> None:
     """Refuse what a sharded run cannot do, saying what to change."""
     if cfg.particles % world_size:
-        raise ValueError(f"--particles {cfg.particles} does not split over {world_size} processes; "
+        raise ValueError(f"{cfg.particles} particles do not split over {world_size} processes; "
                          f"use a multiple of {world_size}")
     if cfg.guided and cfg.diversity:
         raise ValueError("the diversity term couples every particle to the whole population and is not sharded; "
                          "drop --diversity or run on one process")
     if micro_batch is not None and (cfg.particles // world_size) % micro_batch:
         raise ValueError(f"{cfg.particles // world_size} particles per process is not a multiple of the "
-                         f"micro-batch {micro_batch}; use --particles a multiple of {world_size * micro_batch}")
+                         f"micro-batch {micro_batch}; use a multiple of {world_size * micro_batch} particles")
 
 
 def sharded_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None, comm: Comm, *,
