@@ -106,31 +106,27 @@ def open_session(args: argparse.Namespace, progress: bool = True, check=None):
     (a torchrun launch's: its populations must split over the ranks)."""
     from apa.session import Session
 
-    if check is not None:
-        session = open_session(args, progress) if args.resume else None
-        if session is not None:
-            try:
-                check(session.cfg, session.prior)
-            except BaseException:
-                session.store.close()
-                raise
-            return session
-        if not args.out:
-            raise ValueError("give --out DIR for a new session, or --resume DIR to continue one")
-        cfg = config_from_args(args)
-        components = Session.components(cfg)
-        check(cfg, components[0])
-        return Session.start(Path(args.out), cfg, progress=progress, components=components)
-
     if args.resume:
         refused = refused_on_resume(args)
         if refused:
             raise ValueError(f"--resume continues a session with the settings it was made with; drop {', '.join(refused)} "
                              "(only --budget may be given, to raise its budget)")
-        return Session.resume(Path(args.resume), budget=getattr(args, "budget", None), progress=progress)
+        session = Session.resume(Path(args.resume), budget=getattr(args, "budget", None), progress=progress)
+        try:
+            if check is not None:
+                check(session.cfg, session.prior)
+        except BaseException:
+            session.store.close()
+            raise
+        return session
     if not args.out:
         raise ValueError("give --out DIR for a new session, or --resume DIR to continue one")
-    return Session.start(Path(args.out), config_from_args(args), progress=progress)
+    cfg = config_from_args(args)
+    components = None
+    if check is not None:
+        components = Session.components(cfg)
+        check(cfg, components[0])
+    return Session.start(Path(args.out), cfg, progress=progress, components=components)
 
 
 def cmd_align(args: argparse.Namespace) -> None:
@@ -143,7 +139,7 @@ def cmd_align(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     talk = not (args.quiet or args.json)
-    with session_of(lambda check: open_session(args, progress=talk, check=check)) as session:  # under torchrun: rank 0's
+    with session_of(lambda check: open_session(args, progress=talk, check=check)) as session:
         if session is None:
             return  # a rank other than 0 of a torchrun launch: it sampled its share
         try:
