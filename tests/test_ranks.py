@@ -104,3 +104,16 @@ def test_a_population_that_does_not_shard_is_refused_before_anything_is_written(
     check_session(cfg, make_gmm({}), 1)
     with pytest.raises(ValueError, match="--eval-samples 12 .* multiple of 8"):
         check_session(cfg, make_gmm({}), 2)
+
+
+def test_the_timeout_comes_from_the_environment(monkeypatch):
+    from apa.ranks import TIMEOUT_ENV, timeout_s
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert timeout_s() == 300.0
+    monkeypatch.setenv(TIMEOUT_ENV, "12.5")
+    assert timeout_s() == 12.5
+    for bad in ("0", "soon"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=TIMEOUT_ENV):
+            timeout_s()
