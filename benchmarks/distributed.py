@@ -4,7 +4,8 @@ For each particle count N and process count K it spawns K processes (loopback, g
 sharded run on a D-dimensional Gaussian mixture (closed-form ε, so the network costs almost nothing
 and the table shows the sampler and its communication), and prints per step: wall time, bytes
 each rank sends in all-gathers, and per resampling the bytes of particles that change rank
-(``all_to_all``, the default) against gathering every rank's rows (``all_gather``). It then prints
+(``all_to_all``, the default) against gathering every rank's rows (``all_gather``); the row "plain"
+is the one-process sampler ``fkc_sample`` on the same run, for reference. It then prints
 the communication model for K GPUs on NVLink and across nodes at Stable Diffusion's latent size.
 
   python benchmarks/distributed.py                      # N = 64, 256; K = 1, 2; D = 4096
@@ -75,6 +76,19 @@ def measure(args: argparse.Namespace, n: int, k: int, exchange: str) -> dict:
             "exchange_b_resampling": exchanged / max(m["resamplings"], 1)}
 
 
+def plain_ms_step(args: argparse.Namespace, n: int) -> float:
+    """The one-process sampler (``fkc_sample``, its own noise stream) on the same run, for reference."""
+    from apa.smc.sampler import fkc_sample
+
+    torch.set_num_threads(1)
+    prior = _prior(args.dim)
+    a = torch.randn(args.dim, generator=torch.Generator().manual_seed(1)) / args.dim**0.5
+    t0 = time.perf_counter()
+    fkc_sample(prior, lambda z: z @ a, particles=n, steps=args.steps, beta=(1.0, 4.0), reward_at="xt",
+               ess_threshold=args.ess_threshold, generator=torch.Generator().manual_seed(2))
+    return 1e3 * (time.perf_counter() - t0) / args.steps
+
+
 def _kb(b: float) -> str:
     return f"{b / 1024:.1f} KB" if b < 1024**2 else f"{b / 1024**2:.1f} MB"
 
@@ -118,6 +132,7 @@ def main() -> None:
     print("| N | K | ms / step | all-gather B / step / rank | resamplings | exchange B / resampling: all_to_all "
           "| all_gather |\n|---|---|---|---|---|---|---|")
     for n in ns:
+        print(f"| {n} | plain | {plain_ms_step(args, n):.1f} | – | – | – | – |", flush=True)
         for k in ks:
             a2a = measure(args, n, k, "all_to_all")
             ag = measure(args, n, k, "all_gather") if k > 1 else a2a

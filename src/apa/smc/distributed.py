@@ -112,6 +112,7 @@ class TorchComm:
         self.dist, self.exchange = dist, exchange
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.traffic = Traffic()
+        self._plan: tuple[Indices | None, list] = (None, [])
 
     def all_gather(self, x: torch.Tensor, kind: str = "gather") -> torch.Tensor:
         if self.world_size == 1:
@@ -136,7 +137,9 @@ class TorchComm:
         """Send each other rank the distinct rows of this block its slots descend from; rows that stay
         on their rank do not travel."""
         k, r, n = self.world_size, self.rank, x.shape[0]
-        plan = exchange_plan(ancestors.cpu(), n, k)  # plan[d][s]: global rows rank d needs from rank s
+        if self._plan[0] is not ancestors:  # one plan per resampling, for every tensor it moves
+            self._plan = (ancestors, exchange_plan(ancestors.cpu(), n, k))
+        plan = self._plan[1]  # plan[d][s]: global rows rank d needs from rank s
         send = [plan[d][r] - r * n if d != r else plan[d][r][:0] for d in range(k)]  # local rows, per rank
         recv = [plan[r][s] if s != r else plan[r][s][:0] for s in range(k)]  # global rows, per rank
         rows = torch.cat(send).to(x.device)
