@@ -22,9 +22,11 @@ from apa.registry import PRIORS
 def _user_errors() -> tuple[type[BaseException], ...]:
     from apa.data import DataError
     from apa.session import SessionError
+    from apa.smc.distributed import DistributedError
     from apa.store import StoreError
 
-    return (OSError, ValueError, KeyError, FloatingPointError, DataError, StoreError, SessionError, sqlite3.Error)
+    return (OSError, ValueError, KeyError, FloatingPointError, DataError, StoreError, SessionError, sqlite3.Error,
+            DistributedError)
 
 
 PLUGGED_COMMANDS = ("apa.evaluation.compare", "apa.web.server")  # `apa compare`, `apa serve`
@@ -98,9 +100,10 @@ def refused_on_resume(args: argparse.Namespace) -> list[str]:
     return ["--" + f for f in names] + [f for f in given_flags(args) if f.lstrip("-") not in RESUME_FLAGS]
 
 
-def open_session(args: argparse.Namespace, progress: bool = True):
+def open_session(args: argparse.Namespace, progress: bool = True, check=None):
     """The session `apa align` runs: resumed (its budget raised if --budget is given) or new. The whole
-    configuration is built, and so checked, before anything is written."""
+    configuration is built, and so checked, before anything is written; ``check(cfg, prior)`` too
+    (a torchrun launch's: its populations must split over the ranks)."""
     from apa.session import Session
 
     if args.resume:
@@ -108,10 +111,22 @@ def open_session(args: argparse.Namespace, progress: bool = True):
         if refused:
             raise ValueError(f"--resume continues a session with the settings it was made with; drop {', '.join(refused)} "
                              "(only --budget may be given, to raise its budget)")
-        return Session.resume(Path(args.resume), budget=getattr(args, "budget", None), progress=progress)
+        session = Session.resume(Path(args.resume), budget=getattr(args, "budget", None), progress=progress)
+        try:
+            if check is not None:
+                check(session.cfg, session.prior)
+        except BaseException:
+            session.store.close()
+            raise
+        return session
     if not args.out:
         raise ValueError("give --out DIR for a new session, or --resume DIR to continue one")
-    return Session.start(Path(args.out), config_from_args(args), progress=progress)
+    cfg = config_from_args(args)
+    components = None
+    if check is not None:
+        components = Session.components(cfg)
+        check(cfg, components[0])
+    return Session.start(Path(args.out), cfg, progress=progress, components=components)
 
 
 def cmd_align(args: argparse.Namespace) -> None:
@@ -120,19 +135,23 @@ def cmd_align(args: argparse.Namespace) -> None:
     from apa.evaluation.report import write_report
     from apa.evaluation.summary import RoundProgress, closing_summary, summary_lines
 
+    from apa.ranks import session_of
+
     t0 = time.perf_counter()
     talk = not (args.quiet or args.json)
-    session = open_session(args, progress=talk)
-    try:
-        bar = RoundProgress(session, enabled=talk)
+    with session_of(lambda check: open_session(args, progress=talk, check=check)) as session:
+        if session is None:
+            return  # a rank other than 0 of a torchrun launch: it sampled its share
         try:
-            session.run(on_round=bar.update)
+            bar = RoundProgress(session, enabled=talk)
+            try:
+                session.run(on_round=bar.update)
+            finally:
+                bar.close()
+            session.save_final()
+            report = write_report(session)
         finally:
-            bar.close()
-        session.save_final()
-        report = write_report(session)
-    finally:
-        session.store.close()  # releases the session's lock
+            session.store.close()  # releases the session's lock
     summary = closing_summary(json.loads(report.with_suffix(".json").read_text()), time.perf_counter() - t0,
                               str(report))
     if args.json:

@@ -57,6 +57,7 @@ class Session:
     def __init__(self, store: SessionStore, cfg: AlignConfig, prior: Any, feedback: FeedbackSource | None,
                  progress: bool = True):
         self.store, self.cfg, self.prior, self.feedback, self.progress = store, cfg, prior, feedback, progress
+        self.comm = None  # a torchrun launch's ranks (apa.ranks): the rounds' populations are sharded over them
         self.timings: dict[str, float] = defaultdict(float)  # seconds: sampling, surrogate fit, feedback, I/O
 
     @contextmanager
@@ -155,8 +156,29 @@ class Session:
         sc = self.cfg.sampler
         cfg = replace(sc, particles=n, beta=sc.beta if surrogate is not None else (0.0, 0.0))
         history = self.history_particles() if sc.diversity and sc.diversity_history else None
+        if self.comm is not None:  # every rank runs its share of the same request
+            return self.sample_sharded(self.comm.broadcast_object(sharding_request(
+                cfg, surrogate, gen, history, initial, start_step, desc)))
         return fkc_sample(self.prior, self.reward(surrogate), cfg, historical=history, generator=gen,
                           initial=initial, start_step=start_step, progress=self.progress, desc=desc).cpu()
+
+    def sample_sharded(self, request: dict[str, Any]) -> SMCResult:
+        """One rank's part in sampling a population sharded over ``self.comm`` (:func:`sharding_request`
+        says what rank 0 sends); every rank returns the whole result, on the host."""
+        from apa.smc.distributed import sharded_sample
+
+        dev = device_of(self.prior)
+        surrogate = None
+        if request["surrogate"] is not None:  # the surrogate's parameters, broadcast by rank 0 each round
+            surrogate = self.new_surrogate(0)
+            surrogate.load_state_dict(request["surrogate"])
+            surrogate = surrogate.requires_grad_(False).to(dev)
+        gen = torch.Generator().set_state(request["generator"])
+        micro_batch = MICRO_BATCH if dev.type == "cpu" else None
+        return sharded_sample(self.prior, self.reward(surrogate), request["cfg"], self.comm, generator=gen,
+                              historical=request["historical"], initial=request["initial"],
+                              start_step=request["start_step"], micro_batch=micro_batch,
+                              progress=self.progress, desc=request["desc"]).cpu()
 
     def reward(self, surrogate: Ensemble | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """The sampler's reward: the surrogate capped at ``surrogate.ceiling`` (on the [-1, 1] rating
@@ -370,6 +392,19 @@ class Session:
     def save_final(self, n: int | None = None, images: torch.Tensor | None = None) -> Path:
         """Draw the final batch (or take ``images`` already drawn) and store it; returns its path."""
         return self.store.save_final(self.final_samples(n) if images is None else images)
+
+
+MICRO_BATCH = 4  # particles per network call in a sharded run on the CPU: any rank count splitting N into
+#                 multiples of it gives the same networks' results, so the same session bit for bit
+
+
+def sharding_request(cfg: Any, surrogate: Ensemble | None, gen: torch.Generator, historical: torch.Tensor | None,
+                     initial: torch.Tensor | None, start_step: int, desc: str) -> dict[str, Any]:
+    """What rank 0 sends every rank to sample one population: the sampler's configuration, the
+    surrogate's parameters (host copies), the generator's state and the run's tensors."""
+    params = None if surrogate is None else {k: v.cpu() for k, v in surrogate.state_dict().items()}
+    return {"cfg": cfg, "surrogate": params, "generator": gen.get_state(), "historical": historical,
+            "initial": initial, "start_step": start_step, "desc": desc}
 
 
 def _on_host(fn: Callable[[torch.Tensor], torch.Tensor] | None,

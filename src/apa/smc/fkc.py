@@ -100,8 +100,12 @@ class PotentialEval:
 
     def select(self, idx: torch.Tensor) -> "PotentialEval":
         """The same quantities for the particles ``idx`` [M] (after resampling)."""
-        return PotentialEval(self.eps[idx], self.x0[idx], self.reward[idx], self.div[idx],
-                             None if self.grad is None else self.grad[idx])
+        return self.apply(lambda t: t[idx])
+
+    def apply(self, take: Callable[[torch.Tensor], torch.Tensor]) -> "PotentialEval":
+        """``take`` ([N, ...] -> [M, ...], e.g. the ancestors' rows) applied to every quantity."""
+        return PotentialEval(take(self.eps), take(self.x0), take(self.reward), take(self.div),
+                             None if self.grad is None else take(self.grad))
 
 
 def _reduce(x: Particles) -> torch.Tensor:

@@ -25,7 +25,7 @@ read once after the last step. On the CPU every check is made at once, as it alw
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -36,6 +36,9 @@ from apa.smc import fkc, resampling
 from apa.smc.weights import ess as ess_of
 from apa.smc.weights import ess_tensor, normalize, uniform
 from apa.types import Indices, LogWeights, Particles
+
+if TYPE_CHECKING:
+    from apa.smc.distributed import Comm
 
 NoiseFn = Callable[[int, tuple[int, ...], torch.Generator | None], torch.Tensor]
 
@@ -155,8 +158,9 @@ def _accumulate(cfg: SamplerConfig, log_w: LogWeights, log_z: float, inc: torch.
 
 def _reweight(state: SMCState, pe: fkc.PotentialEval, prior: Prior, cfg: SamplerConfig,
               sched: fkc.Schedule, grad_phi: Particles | None,
-              deferred: fkc.Deferred | None) -> tuple[LogWeights, float]:
-    """Step 1: complete the log-weights of the particles z_i. -> (log-weights [N], log Z)."""
+              deferred: fkc.Deferred | None, comm: "Comm | None" = None) -> tuple[LogWeights, float]:
+    """Step 1: complete the log-weights of the particles z_i. -> (log-weights [N], log Z).
+    A sharded run's increments [N/K] are gathered into the whole population's [N] first."""
     if not (cfg.guided and cfg.weights != "none"):
         return state.log_weights, state.log_normalizer
     i = state.step
@@ -165,7 +169,7 @@ def _reweight(state: SMCState, pe: fkc.PotentialEval, prior: Prior, cfg: Sampler
         inc = pe.potential(beta, gamma)  # + φ_i(z_i)
     else:
         inc = fkc.rate_increment(cfg, pe, prior, state.particles, i, sched, grad_phi)
-    return _accumulate(cfg, state.log_weights, state.log_normalizer, inc, i, deferred)
+    return _accumulate(cfg, state.log_weights, state.log_normalizer, _gather(comm, inc), i, deferred)
 
 
 def _move(z: Particles, pe: fkc.PotentialEval, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig,
@@ -197,39 +201,54 @@ def _move(z: Particles, pe: fkc.PotentialEval, prior: Prior, reward: fkc.Reward,
 
 def step(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule, *,
          generator: torch.Generator | None = None, historical: Particles | None = None,
-         noise_fn: NoiseFn = _default_noise, deferred: fkc.Deferred | None = None) -> tuple[SMCState, StepInfo]:
+         noise_fn: NoiseFn = _default_noise, deferred: fkc.Deferred | None = None,
+         comm: "Comm | None" = None) -> tuple[SMCState, StepInfo]:
     """One FKC-SMC step σ_i -> σ_{i+1}: reweight -> resample -> move. Pure: returns a new state and info.
 
     ``deferred``: None checks every value at once and returns Python numbers in the info (the CPU
     way); a collector records the checks and leaves the info's numbers as device tensors, so the
     step reads back only the resampling decision.
+
+    ``comm`` (:mod:`apa.smc.distributed`): None for one process. A sharded run's state holds this
+    rank's particles [N/K] and the whole population's log-weights and origins [N]; the per-particle
+    values of the weights are gathered, so every weight formula below runs on all N, identically on
+    every rank, and resampling exchanges the ancestors' particles between ranks.
     """
     i, z, origins = state.step, state.particles, state.origins
     pe = _evaluate(state, prior, reward, cfg, sched, historical, deferred)
     beta = sched.at(i)[2]
     grad_phi = beta * pe.grad if pe.grad is not None else None
-    log_w, log_z = _reweight(state, pe, prior, cfg, sched, grad_phi, deferred)
+    log_w, log_z = _reweight(state, pe, prior, cfg, sched, grad_phi, deferred, comm)
+    n = log_w.shape[0]  # the whole population (z holds N/K of it in a sharded run)
     ess = _scalar(ess_tensor(log_w, _check(deferred)), deferred)
-    reward_mean = (_scalar((torch.exp(normalize(log_w, _check(deferred))) * pe.reward.double()).sum(), deferred)
+    reward_mean = (_scalar((torch.exp(normalize(log_w, _check(deferred))) * _gather(comm, pe.reward).double()).sum(),
+                           deferred)
                    if cfg.guided
                    else float("nan"))
     resampled = (cfg.guided and cfg.weights != "none" and cfg.resample != "none"
-                 and resampling.should_resample(ess, z.shape[0], cfg.ess_threshold))
+                 and resampling.should_resample(ess, n, cfg.ess_threshold))
     if resampled:
-        idx = resampling.get_resampler(cfg.resample)(generator, log_w, z.shape[0])
-        z, pe, log_w = z[idx], pe.select(idx), uniform(z.shape[0], device=log_w.device)
-        grad_phi = grad_phi[idx] if grad_phi is not None else None
+        idx = resampling.get_resampler(cfg.resample)(generator, log_w, n)  # ancestors [N], the same on every rank
+        take = (lambda t: t[idx]) if comm is None else (lambda t: comm.take(t, idx))  # noqa: E731
+        z, pe, log_w = take(z), pe.apply(take), uniform(n, device=log_w.device)
+        grad_phi = beta * pe.grad if pe.grad is not None else None  # the ancestors' (elementwise: the same bits)
         origins = origins[idx] if origins is not None else None
     noise = noise_fn(i, tuple(z.shape), generator).to(z)
     z_next, part = _move(z, pe, prior, reward, cfg, sched, i, noise, grad_phi, historical, deferred)
     if part is not None and i == cfg.steps - 1:
-        log_w, log_z = _accumulate(cfg, log_w, log_z, part, i, deferred)  # the last increment completes the weights
+        log_w, log_z = _accumulate(cfg, log_w, log_z, _gather(comm, part), i, deferred)  # the last increment completes the weights
     elif part is not None:
-        log_w = log_w + part
-    grad_norm = (_scalar(grad_phi.reshape(z.shape[0], -1).norm(dim=1).mean(), deferred) if grad_phi is not None
-                 else 0.0)
+        log_w = log_w + _gather(comm, part)
+    grad_norm = (_scalar(_gather(comm, grad_phi.reshape(z.shape[0], -1).norm(dim=1)).mean(), deferred)
+                 if grad_phi is not None else 0.0)
     info = StepInfo(i, sched.at(i)[0], ess, resampled, reward_mean, grad_norm, _unique(origins, deferred))
     return SMCState(z_next.detach(), log_w, i + 1, log_z, origins), info
+
+
+def _gather(comm: "Comm | None", x: torch.Tensor) -> torch.Tensor:
+    """This rank's per-particle values [N/K, ...] gathered into the population's [N, ...] (x itself
+    in one process)."""
+    return x if comm is None else comm.all_gather(x)
 
 
 def _unique(origins: Indices | None, deferred: fkc.Deferred | None) -> int | torch.Tensor:
@@ -270,12 +289,12 @@ def init_state(prior: Prior, num_particles: int, sched: fkc.Schedule, generator:
 
 def run(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule, *,
         generator: torch.Generator | None = None, historical: Particles | None = None,
-        noise_fn: NoiseFn = _default_noise, deferred: fkc.Deferred | None = None
+        noise_fn: NoiseFn = _default_noise, deferred: fkc.Deferred | None = None, comm: "Comm | None" = None
         ) -> Iterator[tuple[SMCState, StepInfo]]:
-    """Yield (state, info) after every step until the grid is exhausted (``deferred``: see :func:`step`)."""
+    """Yield (state, info) after every step until the grid is exhausted (``deferred``, ``comm``: see :func:`step`)."""
     while state.step < cfg.steps:
         state, info = step(state, prior, reward, cfg, sched, generator=generator, historical=historical,
-                           noise_fn=noise_fn, deferred=deferred)
+                           noise_fn=noise_fn, deferred=deferred, comm=comm)
         yield state, info
 
 
@@ -314,16 +333,26 @@ def fkc_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None = 
     deferred = fkc.Deferred() if (dev.type != "cpu" if host_sync is None else not host_sync) else None
     historical = historical.to(dev) if historical is not None else None
     state = init_state(prior, cfg.particles, sched, generator, initial, start_step)
+    state, trace, log_z = drive(state, prior, reward, cfg, sched, generator=generator, historical=historical,
+                                noise_fn=noise_fn, deferred=deferred, progress=progress, desc=desc)
+    return SMCResult(state.particles, normalize(state.log_weights), trace, log_z, state.origins)
+
+
+def drive(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule, *,
+          generator: torch.Generator | None, historical: Particles | None, noise_fn: NoiseFn,
+          deferred: fkc.Deferred | None, progress: bool, desc: str, comm: "Comm | None" = None
+          ) -> tuple[SMCState, list[StepInfo], float]:
+    """:func:`run` to the end of the grid: (last state, trace, log Z), the deferred checks raised."""
     trace = []
     for state, info in tqdm(run(state, prior, reward, cfg, sched, generator=generator, historical=historical,
-                                noise_fn=noise_fn, deferred=deferred), total=cfg.steps - start_step,
+                                noise_fn=noise_fn, deferred=deferred, comm=comm), total=cfg.steps - state.step,
                             disable=not progress, desc=desc, leave=False):
         trace.append(info)
     log_z = state.log_normalizer
     if deferred is not None:  # the run's one read back of its checks and trace
         deferred.raise_first()
         trace, log_z = host_trace(trace), float(log_z)
-    return SMCResult(state.particles, normalize(state.log_weights), trace, log_z, state.origins)
+    return state, trace, log_z
 
 
 def sample_prior(prior: Prior, n: int, num_steps: int, generator: torch.Generator | None = None,

@@ -1,0 +1,109 @@
+"""A sharded population (gloo on the CPU, 2 processes) gives the same run as one process, bit for bit."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from apa.priors.gmm import make_gmm
+from apa.smc import distributed as D
+from apa.smc import fkc, sampler
+
+A = torch.tensor([0.8, 0.5])
+N, STEPS = 8, 6
+SETTINGS = {"particles": N, "steps": STEPS, "beta": (1.0, 4.0), "reward_at": "xt", "ess_threshold": 0.9}
+
+
+def _reward(z: torch.Tensor) -> torch.Tensor:
+    return z @ A
+
+
+def _run(comm: D.Comm, exchange_settings: dict | None = None):
+    prior = make_gmm({})
+    res = D.sharded_sample(prior, _reward, None, comm, generator=torch.Generator().manual_seed(5),
+                           **{**SETTINGS, **(exchange_settings or {})})
+    return res.particles, res.log_weights, res.origins, [s.resampled for s in res.trace], [s.ess for s in res.trace]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+EXCHANGES = ("all_to_all", "all_gather")
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: a sharded run with each way of exchanging particles; rank 0 saves the results."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    comm = D.init_from_env(timeout_s=60)
+    saved = {}
+    try:
+        for exchange in EXCHANGES:
+            comm.exchange, comm.traffic = exchange, D.Traffic()
+            saved[exchange] = (_run(comm), comm.traffic)
+        if rank == 0:
+            torch.save(saved, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_bitwise(tmp_path):
+    one = _run(D.LocalComm())
+    assert any(one[3]), "the test needs a run that resamples"
+    out = str(tmp_path / "two.pt")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    saved = torch.load(out, weights_only=False)
+    for exchange in EXCHANGES:
+        two, traffic = saved[exchange]
+        for a, b in zip(one[:3], two[:3]):
+            assert torch.equal(a, b)
+        assert one[3:] == two[3:]
+        assert traffic.exchange > 0 and traffic.gather > 0
+    assert saved["all_to_all"][1].exchange < saved["all_gather"][1].exchange  # only rows that change rank travel
+
+
+def test_sharded_noise_does_not_depend_on_the_split():
+    noise = D.particle_noise(123, 0)(3, (8, 2), None)
+    halves = torch.cat([D.particle_noise(123, 0)(3, (4, 2), None), D.particle_noise(123, 4)(3, (4, 2), None)])
+    assert torch.equal(noise, halves)
+    assert not torch.equal(noise, D.particle_noise(123, 0)(4, (8, 2), None))
+
+
+def test_a_local_comm_step_is_the_single_process_step():
+    """The comm hook changes nothing in one process: the same step, bit for bit."""
+    prior, cfg = make_gmm({}), sampler.sampler_config(None, **SETTINGS)
+    sched = fkc.Schedule.of(prior, cfg)
+    noise = torch.randn(STEPS, N, 2, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for comm in (None, D.LocalComm()):
+        state = sampler.init_state(prior, N, sched, torch.Generator().manual_seed(2))
+        g = torch.Generator().manual_seed(3)
+        states = list(sampler.run(state, prior, _reward, cfg, sched, generator=g, comm=comm,
+                                  noise_fn=lambda i, shape, g: noise[i]))
+        runs.append(states[-1][0])
+    assert torch.equal(runs[0].particles, runs[1].particles)
+    assert torch.equal(runs[0].log_weights, runs[1].log_weights)
+
+
+def test_exchange_plan_sends_each_needed_row_once():
+    anc = torch.tensor([0, 0, 5, 7, 1, 4, 4, 4])  # rank 0 holds rows 0-3, rank 1 rows 4-7
+    plan = D.exchange_plan(anc, 4, 2)
+    assert plan[0][0].tolist() == [0] and plan[0][1].tolist() == [5, 7]
+    assert plan[1][0].tolist() == [1] and plan[1][1].tolist() == [4]
+
+
+def test_what_cannot_be_sharded_is_refused():
+    cfg = sampler.sampler_config(None, **SETTINGS)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        D.check_shardable(cfg, 3, None)
+    with pytest.raises(ValueError, match="diversity"):
+        D.check_shardable(sampler.sampler_config(cfg, diversity=True), 2, None)
+    with pytest.raises(ValueError, match="micro-batch"):
+        D.check_shardable(cfg, 2, 3)

@@ -1,0 +1,119 @@
+"""`apa align` launched like torchrun (RANK, WORLD_SIZE, ...; gloo on the CPU): 2 processes give the same
+session as 1, bit for bit (ratings, rounds, final images); a rank that dies ends the run with a one-line
+error and --resume continues the session."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from apa.store import SessionStore
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+FLAGS = ["--budget", "16", "--per-round", "4", "--particles", "8", "--steps", "4", "--eval-samples", "8",
+         "--epochs", "10", "--seed", "3", "--quiet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, args: list[str], extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """``world`` processes of `python -m apa align args` with torchrun's environment (loopback only)."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONPATH": SRC, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1", **(extra_env or {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "apa", "align", *args], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    return [(p.wait(timeout=240), p.communicate()[1]) for p in procs]
+
+
+def record(out: Path) -> tuple:
+    store = SessionStore.open(out)
+    try:
+        ratings = [(x["round"], x["position"], x["particle"], x["score"]) for x in store.ratings()]
+        rounds = [store.round_tensors(row["round"]) for row in store.rounds()]
+        return ratings, rounds, store.final_images()
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple:
+    """The session of one process launched like torchrun (the sharded path with K = 1)."""
+    out = tmp_path_factory.mktemp("k1") / "s"
+    for rc, err in finish(launch(1, ["--out", str(out), *FLAGS])):
+        assert rc == 0, err
+    return record(out)
+
+
+def same_session(a: tuple, b: tuple) -> None:
+    (r1, t1, f1), (r2, t2, f2) = a, b
+    assert len(r1) == 16 and r1 == r2
+    assert len(t1) == len(t2)
+    for x, y in zip(t1, t2):
+        assert x.keys() == y.keys() and all(torch.equal(x[key], y[key]) for key in x)
+    assert f1 is not None and torch.equal(f1, f2)
+
+
+def test_two_processes_give_the_session_of_one(tmp_path, one_process):
+    for rc, err in finish(launch(2, ["--out", str(tmp_path / "k2"), *FLAGS])):
+        assert rc == 0, err
+    same_session(one_process, record(tmp_path / "k2"))
+
+
+def test_a_rank_that_dies_ends_the_run_and_resume_continues(tmp_path, one_process):
+    out = tmp_path / "s"
+    procs = launch(2, ["--out", str(out), *FLAGS], {"APA_DIST_TIMEOUT": "20"})
+    deadline = time.monotonic() + 120
+    while not (out / "rounds" / "round_0001.safetensors").exists() and procs[0].poll() is None:
+        assert time.monotonic() < deadline, "the session never reached its second round"
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    (rc, err), _ = finish(procs)
+    assert rc == 2 and time.monotonic() - t0 < 30
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("apa: error:") and "--resume" in lines[0], err
+    for rc, err in finish(launch(2, ["--resume", str(out), "--quiet"])):
+        assert rc == 0, err
+    same_session(one_process, record(out))
+
+
+def test_a_population_that_does_not_shard_is_refused_before_anything_is_written():
+    from apa.config import AlignConfig
+    from apa.priors.gmm import make_gmm
+    from apa.ranks import check_session
+    from apa.session import with_overrides
+
+    cfg = with_overrides(AlignConfig(), sampler={"particles": 8}, session={"eval_samples": 12})
+    check_session(cfg, make_gmm({}), 1)
+    with pytest.raises(ValueError, match="--eval-samples 12 .* multiple of 8"):
+        check_session(cfg, make_gmm({}), 2)
+
+
+def test_the_timeout_comes_from_the_environment(monkeypatch):
+    from apa.ranks import TIMEOUT_ENV, timeout_s
+
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert timeout_s() == 300.0
+    monkeypatch.setenv(TIMEOUT_ENV, "12.5")
+    assert timeout_s() == 12.5
+    for bad in ("0", "soon"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=TIMEOUT_ENV):
+            timeout_s()
