@@ -13,7 +13,7 @@ import sys
 import torch
 
 from apa import data
-from apa.feedback.oracle import load_oracle, predict_proba
+from apa.feedback.classifier import load_oracle, predict_proba
 
 
 def main(dataset: str, weights: str | None = None) -> None:

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from apa.feedback.oracle import load_oracle, predict_proba
+from apa.feedback.classifier import load_oracle, predict_proba
 from apa.priors.ddpm import NUM_TRAIN_TIMESTEPS, load_prior
 from apa.smc.sampler import sample_prior
 

@@ -64,12 +64,12 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
 
 
 def cmd_train_oracle(args: argparse.Namespace) -> None:
-    from apa.feedback import oracle
+    from apa import oracle_training
 
     run_dir = Path(args.run_dir or f"runs/oracle-{args.dataset}")
-    recipe = oracle.default_recipe(args.dataset)
-    oracle.train_oracle(args.dataset, run_dir, replace(recipe, train=_train_config(recipe.train, args)))
-    out, info = oracle.export_from_run(args.dataset, run_dir, Path(args.export) if args.export else None)
+    recipe = oracle_training.default_recipe(args.dataset)
+    oracle_training.train_oracle(args.dataset, run_dir, replace(recipe, train=_train_config(recipe.train, args)))
+    out, info = oracle_training.export_from_run(args.dataset, run_dir, Path(args.export) if args.export else None)
     print(f"oracle weights -> {out}\n{info}")
 
 

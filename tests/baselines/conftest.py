@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apa.feedback.oracle import OracleUser, load_oracle
+from apa.feedback.classifier import load_oracle
+from apa.feedback.oracle import OracleUser
 from apa.priors.ddpm import DDPMPrior
 from apa.priors.unet import UNet, UNetConfig
 

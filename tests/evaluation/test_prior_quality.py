@@ -7,7 +7,7 @@ import torch
 from apa import data
 from apa.cli import main
 from apa.evaluation.prior_quality import quality
-from apa.feedback.oracle import load_oracle
+from apa.feedback.classifier import load_oracle
 from apa.priors.ddpm import weights_path
 
 

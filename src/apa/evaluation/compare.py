@@ -102,7 +102,7 @@ class Evaluator:
         import torch
 
         from apa import data
-        from apa.feedback.oracle import extract_features
+        from apa.feedback.classifier import extract_features
 
         self.user, self.classifier = user, user.classifier
         arrays = data.load(dataset)
@@ -125,7 +125,7 @@ class Evaluator:
     def __call__(self, images) -> dict[str, Any]:
         """Every number of the comparison for images [n, 1, 28, 28] in [0, 1]."""
         from apa.evaluation.metrics import coverage_entropy, frechet_distance, mean_pairwise_distance
-        from apa.feedback.oracle import extract_features
+        from apa.feedback.classifier import extract_features
 
         ev = self.user.evaluate(images)
         feats = extract_features(self.classifier, images)

@@ -1,7 +1,7 @@
 """Sample-quality and diversity measures over classifier features and class counts.
 
 Plain functions on numpy arrays or torch tensors (rows are samples). Features normally come from
-the oracle's penultimate layer (``apa.feedback.oracle.extract_features``).
+the oracle's penultimate layer (``apa.feedback.classifier.extract_features``).
 """
 
 from __future__ import annotations
