@@ -117,7 +117,7 @@ def split_per_class(images: np.ndarray, labels: np.ndarray, test_per_class: int,
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # per process: two may prepare it at once
     np.savez_compressed(tmp, checksum=np.array(content_checksum(arrays)), **arrays)
     os.replace(tmp, path)
     return path
