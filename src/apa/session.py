@@ -160,7 +160,7 @@ class Session:
             return self.sample_sharded(self.comm.broadcast_object(sharding_request(
                 cfg, surrogate, gen, history, initial, start_step, desc)))
         return fkc_sample(self.prior, self.reward(surrogate), cfg, historical=history, generator=gen,
-                          initial=initial, start_step=start_step, progress=self.progress, desc=desc).cpu()
+                          initial=initial, start_step=start_step, progress=self.progress, desc=desc)
 
     def sample_sharded(self, request: dict[str, Any]) -> SMCResult:
         """One rank's part in sampling a population sharded over ``self.comm`` (:func:`sharding_request`
@@ -190,40 +190,41 @@ class Session:
         return surrogate if ceiling is None else (lambda z: surrogate(z).clamp(max=ceiling))
 
     def sample_round(self, r: int) -> None:
-        """Sample round r, choose what to show, persist both."""
+        """Sample round r, choose what to show, persist both (the round reaches the host once, here)."""
         seed = self.cfg.session.seed
         surrogate = self.surrogate_after(r - 1, device_of(self.prior))
+        n = self.cfg.sampler.particles
         with self.timer("sampling"):
-            res = self.sample(surrogate, self.cfg.sampler.particles, generator(seed, r, "sample"),
-                              desc=f"sampling round {r + 1}")
+            res = self.sample(surrogate, n, generator(seed, r, "sample"), desc=f"sampling round {r + 1}")
         k = min(self.cfg.session.per_round, self.cfg.session.budget - self.store.spent())
         m = round(self.cfg.session.explore * k) if surrogate is not None else 0
+        if m:
+            res = self.explored(r, m, res)
+        res = res.cpu()
         dev = device_of(self.prior)
-        cand = acquisition.Candidates(res.particles, res.log_weights, _on_host(surrogate, dev),
+        cand = acquisition.Candidates(res.particles[:n], res.log_weights[:n], _on_host(surrogate, dev),
                                       _on_host(surrogate.spread if surrogate is not None else None, dev))
         shown = acquisition.select(self.cfg.session.acquisition, cand, k - m, generator(seed, r, "select"))
-        particles, log_weights = res.particles, res.log_weights
-        if m:
-            particles, log_weights, shown = self.explore(r, m, particles, log_weights, shown)
+        shown = torch.cat([shown, torch.arange(n, n + m, dtype=shown.dtype)])
         info = {"ess": [s.ess for s in res.trace], "resampled": [s.resampled for s in res.trace],
                 "unique_origins": res.trace[-1].unique_origins, "beta_used": surrogate is not None,
                 "explored": m}
         with self.timer("io"):
-            self.store.save_round(r, {"particles": particles, "log_weights": log_weights, "shown": shown},
+            self.store.save_round(r, {"particles": res.particles, "log_weights": res.log_weights, "shown": shown},
                                   shown.tolist(), info)
 
-    def explore(self, r: int, m: int, particles: torch.Tensor, log_weights: torch.Tensor,
-                shown: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Append m plain prior samples to round r's particles with weight zero (log −inf: they take
-        no part in the weighted population) and show them too: ([N+m, *event], [N+m], [k])."""
+    def explored(self, r: int, m: int, res: SMCResult) -> SMCResult:
+        """``res`` with m plain prior samples appended, weight zero (log −inf: no part of the weighted
+        population), to be shown beside the tilted particles: particles [N+m, *event], log-weights [N+m]."""
         with self.timer("sampling"):
             plain = fkc_sample(self.prior, lambda z: torch.zeros(z.shape[0], device=z.device), self.cfg.sampler,
-                               particles=m, beta=(0.0, 0.0),
-                               generator=generator(self.cfg.session.seed, r, "explore")).cpu().particles
-        n = particles.shape[0]
-        return (torch.cat([particles, plain.to(particles)]),
-                torch.cat([log_weights, torch.full((m,), float("-inf"), dtype=log_weights.dtype)]),
-                torch.cat([shown, torch.arange(n, n + m, dtype=shown.dtype)]))
+                               particles=m, beta=(0.0, 0.0), generator=generator(self.cfg.session.seed, r, "explore"))
+        lw = res.log_weights
+        origins = None if res.origins is None else torch.cat([res.origins, torch.full_like(res.origins[:1], -1)
+                                                               .expand(m)])
+        return SMCResult(torch.cat([res.particles, plain.particles.to(res.particles)]),
+                         torch.cat([lw, torch.full((m,), float("-inf"), dtype=lw.dtype, device=lw.device)]),
+                         res.trace, res.log_normalizer, origins)
 
     def shown_images(self, r: int) -> torch.Tensor:
         """What round r showed, decoded: [k, C, H, W] in [0, 1]."""
@@ -357,7 +358,7 @@ class Session:
             res = self.sample(surrogate, n, generator(seed, last + 1, "final"), initial=initial, start_step=start,
                               desc="final batch")
         with torch.no_grad():
-            return self.prior.decode(res.resample(n, generator(seed, last + 1, "select")))
+            return self.prior.decode(res.resample(n, generator(seed, last + 1, "select"))).cpu()
 
     def final_start(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor | None, int]:
         """Where the final batch starts: the noise end (None, 0), or, with ``final_start="liked"``,

@@ -162,6 +162,7 @@ def test_a_session_round_reaches_the_host_once_at_the_store(prior, steps_recorde
 
     monkeypatch.setattr(sampler, "run", run_watching_transfers)
     session.sample_round(0)
-    assert copies == [1] and len(steps_recorded) == 3 and all(rec.elsewhere == [] for rec in steps_recorded)
+    # 3 steps of the tilted population and 3 of the explored prior samples, one copy to the host
+    assert copies == [1] and len(steps_recorded) == 6 and all(rec.elsewhere == [] for rec in steps_recorded)
     assert set(saved) == {"particles", "log_weights", "shown"}
     assert all(t.device.type == "cpu" for t in saved.values())
