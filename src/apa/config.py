@@ -60,7 +60,7 @@ class PriorConfig:
     name: str = knob("mnist", "the frozen diffusion model", flag="prior", choices=PRIORS)
     weights: str | None = knob(None, "a DDPM safetensors file (none: the shipped one)", flag="prior_weights")
     model: str | None = knob(None, "a local diffusers folder of SD 1.5 (none: the Hugging Face cache)", group="sd15")
-    prompt: str = knob("a photo of a fruit", "the text the model is conditioned on", group="sd15")
+    prompt: str = knob("a photo of fruit", "the text the model is conditioned on", group="sd15")
     negative_prompt: str = knob("", "the text classifier-free guidance steers away from", group="sd15")
     guidance_scale: float = knob(7.5, "classifier-free guidance scale", group="sd15")
     height: int = knob(512, "image height in pixels (a multiple of 8)", group="sd15")
