@@ -24,7 +24,7 @@ from apa.feedback.base import FeedbackSource, check_scores, with_label_noise
 from apa.registry import FEEDBACK, PRIORS
 from apa.seeding import generator
 from apa.smc.sampler import SMCResult, device_of, fkc_sample
-from apa.store import SAMPLED, SessionStore, StoreError
+from apa.store import SessionStore, StoreError
 from apa.surrogate.fit import FitConfig, fit
 from apa.surrogate.model import Ensemble, FeatureSurrogate, LatentSurrogate
 
@@ -151,8 +151,8 @@ class Session:
         """FKC-SMC with the surrogate as reward (plain prior sampling before any feedback), from the
         noise end or from ``initial`` particles [n, *event] at grid point ``start_step``.
 
-        The run lives on the prior's device (with the surrogate, ``surrogate_after(r, device)``); its
-        result comes back to the host here, the round's one copy, for the store and the user."""
+        The run lives on the prior's device (with the surrogate, ``surrogate_after(r, device)``), and so
+        does its result: a round copies it to the host once, for the store and the user."""
         sc = self.cfg.sampler
         cfg = replace(sc, particles=n, beta=sc.beta if surrogate is not None else (0.0, 0.0))
         history = self.history_particles() if sc.diversity and sc.diversity_history else None
@@ -191,8 +191,8 @@ class Session:
 
     def sample_round(self, r: int) -> None:
         """Sample round r, choose what to show, persist both (the round reaches the host once, here)."""
-        seed = self.cfg.session.seed
-        surrogate = self.surrogate_after(r - 1, device_of(self.prior))
+        seed, dev = self.cfg.session.seed, device_of(self.prior)
+        surrogate = self.surrogate_after(r - 1, dev)
         n = self.cfg.sampler.particles
         with self.timer("sampling"):
             res = self.sample(surrogate, n, generator(seed, r, "sample"), desc=f"sampling round {r + 1}")
@@ -201,7 +201,6 @@ class Session:
         if m:
             res = self.explored(r, m, res)
         res = res.cpu()
-        dev = device_of(self.prior)
         cand = acquisition.Candidates(res.particles[:n], res.log_weights[:n], _on_host(surrogate, dev),
                                       _on_host(surrogate.spread if surrogate is not None else None, dev))
         shown = acquisition.select(self.cfg.session.acquisition, cand, k - m, generator(seed, r, "select"))
@@ -220,11 +219,9 @@ class Session:
             plain = fkc_sample(self.prior, lambda z: torch.zeros(z.shape[0], device=z.device), self.cfg.sampler,
                                particles=m, beta=(0.0, 0.0), generator=generator(self.cfg.session.seed, r, "explore"))
         lw = res.log_weights
-        origins = None if res.origins is None else torch.cat([res.origins, torch.full_like(res.origins[:1], -1)
-                                                               .expand(m)])
         return SMCResult(torch.cat([res.particles, plain.particles.to(res.particles)]),
                          torch.cat([lw, torch.full((m,), float("-inf"), dtype=lw.dtype, device=lw.device)]),
-                         res.trace, res.log_normalizer, origins)
+                         res.trace, res.log_normalizer)
 
     def shown_images(self, r: int) -> torch.Tensor:
         """What round r showed, decoded: [k, C, H, W] in [0, 1]."""
@@ -317,10 +314,6 @@ class Session:
         """Store ratings of round r, (position, score or None), all or none."""
         with self.timer("io"):
             self.store.add_ratings(r, scores, source)
-
-    def round_complete(self, r: int) -> bool:
-        """Whether every image round r showed has its rating (or a skip)."""
-        return self.store.stage(r) != SAMPLED
 
     def answer_with_source(self, r: int) -> None:
         """Ask the simulated user about every not-yet-rated image of round r; each answer is stored at once."""

@@ -63,7 +63,7 @@ def test_rate_increment_arithmetic():
     sig, sig_next, b0, _ = sched.at(1)
     eps = prior.eps(z, sig)
     reward = torch.tensor([0.5, -1.0])
-    pe = fkc.PotentialEval(eps, prior.tweedie(z, sig, eps), reward, torch.zeros(2), None)
+    pe = fkc.PotentialEval(eps, reward, torch.zeros(2), None)
     grad_phi = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
     inc = fkc.rate_increment(cfg, pe, prior, z, 1, sched, grad_phi)
     score = -eps / sig

@@ -89,14 +89,13 @@ class PotentialEval:
     """Everything one step needs at the current particles z [N, *event]."""
 
     eps: Particles  # ε̂(z, σ)
-    x0: Particles  # Tweedie ẑ0
     reward: torch.Tensor  # r(u) [N], u = z or ẑ0
     div: torch.Tensor  # L_div(u) [N] (zeros when diversity is off)
     grad: Particles | None  # ∇_z (r + γ·L_div)(u(z)), NOT multiplied by β; None when not asked for
 
     def potential(self, beta: float, gamma: float) -> torch.Tensor:
         """φ = β·(r + γ·L_div) at these particles: [N] float64."""
-        return beta * (self.reward.double() + gamma * self.div.double())
+        return potential(beta, gamma, self.reward, self.div)
 
     def select(self, idx: torch.Tensor) -> "PotentialEval":
         """The same quantities for the particles ``idx`` [M] (after resampling)."""
@@ -104,13 +103,18 @@ class PotentialEval:
 
     def apply(self, take: Callable[[torch.Tensor], torch.Tensor]) -> "PotentialEval":
         """``take`` ([N, ...] -> [M, ...], e.g. the ancestors' rows) applied to every quantity."""
-        return PotentialEval(take(self.eps), take(self.x0), take(self.reward), take(self.div),
+        return PotentialEval(take(self.eps), take(self.reward), take(self.div),
                              None if self.grad is None else take(self.grad))
 
 
 def _reduce(x: Particles) -> torch.Tensor:
     """Sum over the event dimensions: [N, *event] -> [N]."""
     return x.reshape(x.shape[0], -1).sum(1)
+
+
+def potential(beta: float, gamma: float, reward: torch.Tensor, div: torch.Tensor) -> torch.Tensor:
+    """φ = β·(r + γ·L_div) from the reward [N] and the diversity term [N]: [N] float64."""
+    return beta * (reward.double() + gamma * div.double())
 
 
 def check_finite(values: torch.Tensor, what: str, step: int, deferred: "Deferred | None" = None) -> None:
@@ -154,7 +158,8 @@ class Deferred:
 def evaluate_potential(prior: Prior, reward: Reward, z: Particles, sigma: float, gamma: float,
                        cfg: SamplerConfig, *, historical: Particles | None, step: int,
                        need_grad: bool = True, deferred: Deferred | None = None) -> PotentialEval:
-    """ε, ẑ0, r, L_div and (if ``need_grad``) ∇_z(r + γ·L_div) at z [N, *event] and noise level σ."""
+    """ε, r, L_div and (if ``need_grad``) ∇_z(r + γ·L_div) at z [N, *event] and noise level σ (r and
+    L_div read at z or at its Tweedie estimate ẑ0)."""
     through_denoiser = need_grad and cfg.reward_at == "tweedie" and cfg.jacobian == "exact"
     with torch.enable_grad():
         if through_denoiser:
@@ -176,7 +181,7 @@ def evaluate_potential(prior: Prior, reward: Reward, z: Particles, sigma: float,
         grad = grad * (s2 / (s2 + sigma**2))  # ∂ẑ0/∂z ≈ s²/(s²+σ²) for Gaussian data
     if grad is not None:
         check_finite(_reduce(grad), "the reward gradient", step, deferred)
-    return PotentialEval(eps.detach(), x0.detach(), r.detach(), div.detach(), grad)
+    return PotentialEval(eps.detach(), r.detach(), div.detach(), grad)
 
 
 def clean_potential(reward: Reward, z: Particles, beta: float, gamma: float, cfg: SamplerConfig,
@@ -186,7 +191,7 @@ def clean_potential(reward: Reward, z: Particles, beta: float, gamma: float, cfg
         r = reward(z).reshape(-1)
         check_finite(r, "the reward of the clean sample", step, deferred)
         div = diversity(z, historical) if cfg.diversity else torch.zeros_like(r)
-    return beta * (r.double() + gamma * div.double())
+    return potential(beta, gamma, r, div)
 
 
 def drift_shift(grad_phi: Particles, g2_ds: float) -> Particles:

@@ -132,7 +132,7 @@ def _evaluate(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerCon
     with torch.no_grad():
         eps = prior.eps(z, sig)
     zero = torch.zeros(z.shape[0], device=z.device)
-    return fkc.PotentialEval(eps, prior.tweedie(z, sig, eps), zero, zero, None)
+    return fkc.PotentialEval(eps, zero, zero, None)
 
 
 def _check(deferred: fkc.Deferred | None) -> bool | None:
