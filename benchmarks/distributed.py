@@ -96,9 +96,9 @@ def _kb(b: float) -> str:
 def model_table(ns: list[int], ks: list[int]) -> list[str]:
     """Communication per step and per resampling for SD 1.5 latents (4×64×64 fp16, 32 KB): all-gather
     of 3 values per particle per step (log-weight increment fp64, reward and ‖∇φ‖ fp32: 16 B); at a
-    resampling the rows that change rank, each carrying z, ε̂, x̂0 and ∇(r+γL) (4 × 32 KB), at most
+    resampling the rows that change rank, each carrying z, ε̂ and ∇(r+γL) (3 × 32 KB), at most
     (K−1)/K·N of them; a ring all-gather moves (K−1)/K of the whole vector through each link."""
-    latent, row, per_particle_step = 32 * 1024, 4 * 32 * 1024, 16
+    latent, row, per_particle_step = 32 * 1024, 3 * 32 * 1024, 16
     links = {"NVLink (≈300 GB/s, 10 µs)": (300e9, 10e-6), "IB across nodes (≈25 GB/s, 20 µs)": (25e9, 20e-6)}
     lines = ["| N | K | all-gather / step | max exchange / resampling | " + " | ".join(
         f"{name}: step + resampling" for name in links) + " |", "|" + "---|" * (4 + len(links))]
