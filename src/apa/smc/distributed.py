@@ -34,8 +34,7 @@ import torch
 from apa.config import SamplerConfig
 from apa.priors.base import Prior
 from apa.smc import fkc
-from apa.smc.sampler import (NoiseFn, SMCResult, device_generator, device_of, drive, init_state,
-                             sampler_config)
+from apa.smc.sampler import NoiseFn, SMCResult, drive, prepare, sampler_config
 from apa.smc.weights import normalize
 from apa.types import Indices, Particles
 
@@ -238,12 +237,8 @@ def sharded_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | Non
     population's (each rank keeps its block)."""
     cfg = sampler_config(config, **overrides)
     check_shardable(cfg, comm.world_size, micro_batch)
-    sched = fkc.Schedule.of(prior, cfg)
-    dev = device_of(prior)
-    generator = device_generator(generator, dev)
-    deferred = fkc.Deferred() if (dev.type != "cpu" if host_sync is None else not host_sync) else None
-    historical = historical.to(dev) if historical is not None else None
-    state = init_state(prior, cfg.particles, sched, generator, initial, start_step)  # the same [N] on every rank
+    sched, generator, deferred, historical, state = prepare(  # the same [N] on every rank
+        prior, cfg, generator, host_sync, historical, initial, start_step)
     base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     n = cfg.particles // comm.world_size
     state = replace(state, particles=comm.local(state.particles))

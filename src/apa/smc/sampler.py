@@ -327,15 +327,25 @@ def fkc_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None = 
     give the same numbers.
     """
     cfg = sampler_config(config, **overrides)
+    sched, generator, deferred, historical, state = prepare(prior, cfg, generator, host_sync, historical, initial,
+                                                            start_step)
+    state, trace, log_z = drive(state, prior, reward, cfg, sched, generator=generator, historical=historical,
+                                noise_fn=noise_fn, deferred=deferred, progress=progress, desc=desc)
+    return SMCResult(state.particles, normalize(state.log_weights), trace, log_z, state.origins)
+
+
+def prepare(prior: Prior, cfg: SamplerConfig, generator: torch.Generator | None, host_sync: bool | None,
+            historical: Particles | None, initial: Particles | None, start_step: int
+            ) -> tuple[fkc.Schedule, torch.Generator | None, fkc.Deferred | None, Particles | None, SMCState]:
+    """What a run needs on the prior's device before its first step: the schedule, the generator,
+    the deferred checks (off the CPU unless ``host_sync``), the historical particles, the first state."""
     sched = fkc.Schedule.of(prior, cfg)
     dev = device_of(prior)
     generator = device_generator(generator, dev)
     deferred = fkc.Deferred() if (dev.type != "cpu" if host_sync is None else not host_sync) else None
     historical = historical.to(dev) if historical is not None else None
     state = init_state(prior, cfg.particles, sched, generator, initial, start_step)
-    state, trace, log_z = drive(state, prior, reward, cfg, sched, generator=generator, historical=historical,
-                                noise_fn=noise_fn, deferred=deferred, progress=progress, desc=desc)
-    return SMCResult(state.particles, normalize(state.log_weights), trace, log_z, state.origins)
+    return sched, generator, deferred, historical, state
 
 
 def drive(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule, *,
