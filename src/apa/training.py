@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
-import os
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from apa.atomic import write_file
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,9 @@ LossFn = Callable[[nn.Module, torch.Generator], torch.Tensor]
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_file(path, buffer.getvalue(), mode=0o644)
 
 
 def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Path, progress: bool = True) -> nn.Module:

@@ -20,13 +20,13 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from apa.atomic import write_file
 from apa.baselines import METHODS  # names only: the methods' modules load when they run
 
 REFERENCE = "papa@300"  # PAPA at its own budget: 300 labels, 10 per round
@@ -199,9 +199,7 @@ def run_key(cc: CompareConfig, method: str, seed: int, weights_sha: str) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
+    write_file(path, json.dumps(obj, indent=1, default=float).encode(), mode=0o644)
 
 
 def run_one(cc: CompareConfig, method: str, seed: int, prior, user, evaluate: Evaluator, key: str) -> dict:

@@ -6,7 +6,6 @@ Curves show the mean over seeds with a band from the smallest to the largest see
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from apa.atomic import write_file  # noqa: E402
 from apa.evaluation.images import save_grid  # noqa: E402
 
 LABELS = {"preferred_confident_share": "preferred ∧ confident share", "preferred_share": "preferred share",
@@ -160,9 +160,7 @@ def write_grids(out: Path, methods: list[str]) -> list[str]:
 def write_outputs(out: Path, summary: dict[str, Any]) -> Path:
     """compare.json, the plots, the grids and compare.md; returns compare.md's path."""
     out = Path(out)
-    tmp = out / "compare.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=float))
-    os.replace(tmp, out / "compare.json")
+    write_file(out / "compare.json", json.dumps(summary, indent=1, default=float).encode(), mode=0o644)
     images = [save_plot(summary, ("preferred_confident_share",), out / "share_vs_feedback.png").name,
               save_plot(summary, ("mean_pairwise_distance", "coverage_entropy"), out / "diversity.png").name,
               save_plot(summary, ("fd_preferred",), out / "fd_vs_feedback.png").name,

@@ -14,7 +14,6 @@ import hashlib
 import html
 import json
 import math
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from apa import data  # noqa: E402
+from apa.atomic import write_file  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from apa.evaluation.images import save_grid  # noqa: E402
@@ -152,15 +152,14 @@ def prior_baseline(session) -> dict[str, Any]:
             pass  # a damaged cache entry is recomputed
     cfg = replace(session.cfg.sampler, particles=n, beta=(0.0, 0.0), weights="none", diversity=False)
     gen = torch.Generator().manual_seed(0)
-    res = fkc_sample(session.prior, lambda x: torch.zeros(x.shape[0]), cfg, generator=gen, progress=False)
+    res = fkc_sample(session.prior, lambda x: torch.zeros(x.shape[0], device=x.device), cfg, generator=gen,
+                     progress=False)
     with torch.no_grad():
-        out = {**evaluate(session.prior.decode(res.particles)), "n": n}
+        out = {**evaluate(session.prior.decode(res.particles).cpu()), "n": n}
     out = json.loads(json.dumps(out, default=float))  # the same types as a cached copy (str class keys)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(path)
+        write_file(path, json.dumps(out).encode(), mode=0o644, shared=True)
     except OSError:
         pass  # no cache: the next report recomputes it
     return out
