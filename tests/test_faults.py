@@ -202,13 +202,14 @@ def test_a_flipped_bit_in_a_tensor_file_is_refused(finished, kind, capsys):
     data[-5] ^= 0x10  # inside the tensor data: the file still parses
     path.write_bytes(bytes(data))
     before = digests(finished)
-    s = SessionStore.open(finished)
+    with pytest.raises(store_module.StoreError, match=f"round {r}.*damaged"):  # every file is checked at open
+        SessionStore.open(finished)
+    s = SessionStore.read(finished)
     with pytest.raises(store_module.StoreError, match="damaged"):
         (s.round_tensors if kind == "rounds" else s.load_surrogate)(r)
     s.close()
-    if kind == "surrogate":  # resuming a finished session draws its final batch from this file
-        assert main(["align", "--resume", str(finished)]) == 2
-        assert kind in one_line_error(capsys.readouterr().err)
+    assert main(["align", "--resume", str(finished)]) == 2
+    assert kind in one_line_error(capsys.readouterr().err)
     assert digests(finished) == before
 
 
@@ -287,11 +288,20 @@ BAD_FLAGS = [["--epochs", "0"], ["--ensemble", "0"], ["--feature-t", "5000"], ["
              ["--init", "bogus"], ["--height", "7"], ["--guidance-scale", "nan"], ["--seed", "-1"],
              ["--particles", "2"], ["--steps", "0"], ["--resample", "bogus"], ["--beta", "nan,8"],
              ["--ess-threshold", "2"], ["--weights", "bogus"], ["--label-noise", "0.5"], ["--final-start", "bogus"],
-             ["--restart", "0"]]
+             ["--restart", "0"],
+             # found by an outside fault run: each wrote a session before it was refused, or printed a traceback
+             ["--seed", "1180591620717411303424"], ["--prior", "gmm"], ["--particles", "1000000000000"],
+             ["--steps", "1000000000000"], ["--eval-samples", "1000000000000"], ["--prior-weights", __file__],
+             ["--device", "bogus"], ["--prefer", "1,1"],
+             # type errors: one line, not the usage block
+             ["--budget", "nan"], ["--steps", "ten"], ["--prefer", ""], ["--gamma", "a,b"], ["--beta", "1"]]
+if not __import__("torch").cuda.is_available():
+    BAD_FLAGS.append(["--device", "cuda"])
 ALL_BAD = [pytest.param(f, id=" ".join(f)) for f in BAD_FLAGS]
+ALIGN_ONLY = [["--prefer", "1,12"], ["--feedback", "human"], ["--oracle-weights", __file__]]
 
 
-@pytest.mark.parametrize("flags", ALL_BAD + [pytest.param(["--prefer", "1,12"], id="--prefer 1,12")])
+@pytest.mark.parametrize("flags", ALL_BAD + [pytest.param(f, id=" ".join(f)) for f in ALIGN_ONLY])
 def test_a_bad_align_flag_is_one_line_and_writes_nothing(tmp_path, flags, capsys):
     out = tmp_path / "s"
     assert main(["align", "--out", str(out), *TINY, *flags]) == 2
@@ -309,9 +319,43 @@ def test_a_bad_serve_flag_is_one_line_and_writes_nothing(tmp_path, flags, capsys
         raise AssertionError("the server started")
 
     monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(uvicorn.Server, "run", started)
     data = tmp_path / "data"
     assert main(["serve", "--data-dir", str(data), *[x for x in TINY if x != "--seed" and x != "3"], *flags]) == 2
     one_line_error(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _port_in_use() -> list[str]:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    _HELD.append(sock)
+    return ["--port", str(sock.getsockname()[1])]
+
+
+_HELD: list = []  # sockets held open for the duration of the tests
+SERVE_ONLY = [["--port", "-1"], ["--port", "70000"], ["--port", "0"], ["--workers", "0"], ["--max-sessions", "0"],
+              ["--max-sessions", "-5"], ["--host", "nosuch.invalid"], ["--port", "in-use"], ["--port", "x"]]
+
+
+@pytest.mark.parametrize("flags", [pytest.param(f, id=" ".join(f)) for f in SERVE_ONLY])
+def test_a_bad_serve_setting_is_one_line_before_anything_is_written(tmp_path, flags, capsys, monkeypatch):
+    """Port, host, workers and session limit: refused before the data directory is made or the server starts."""
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    def started(*args, **kwargs):
+        raise AssertionError("the server started")
+
+    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(uvicorn.Server, "run", started)
+    flags = _port_in_use() if flags == ["--port", "in-use"] else flags
+    assert main(["serve", "--data-dir", str(tmp_path / "data"), *TINY[:-2], *flags]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert flags[0] in line, line
     assert list(tmp_path.iterdir()) == []
 
 
@@ -357,9 +401,145 @@ def test_a_full_database_says_the_disk_is_full(tmp_path):
     assert s.ratings() == []
 
 
-@pytest.mark.parametrize("flags", [["--particles", "2"], ["--epochs", "0"], ["--eval-samples", "0"],
-                                   ["--per-round", "0"], ["--steps", "0"]])
+COMPARE_BAD = [["--particles", "2"], ["--epochs", "0"], ["--eval-samples", "0"], ["--per-round", "0"], ["--steps", "0"],
+               ["--threads", "-2"], ["--threads", "0"], ["--methods", ""], ["--papa-lr", "nan"],
+               ["--refine-t", "5000"], ["--prior-weights", __file__], ["--seeds", "two"]]
+
+
+@pytest.mark.parametrize("flags", [pytest.param(f, id=" ".join(f)) for f in COMPARE_BAD])
 def test_a_bad_compare_flag_is_one_line_and_writes_nothing(tmp_path, flags, capsys):
-    assert main(["compare", "--out", str(tmp_path / "c"), "--methods", "fkc,guidance", *flags]) == 2
-    one_line_error(capsys.readouterr().err)
+    methods = [] if "--methods" in flags else ["--methods", "fkc,guidance,papa,best_of_n"]
+    assert main(["compare", "--out", str(tmp_path / "c"), *methods, *flags]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert flags[0] in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- damage refused before anything is written
+
+MIDWAY = CREATE_WRITES + 8 + 4  # round 0 fitted (its surrogate stored), round 1 sampled with 2 of its 4 ratings
+
+
+@pytest.fixture(scope="module")
+def midway(tmp_path_factory) -> Path:
+    """A session killed mid-round: its write-ahead log holds both rounds and 6 ratings, not checkpointed."""
+    out = tmp_path_factory.mktemp("midway") / "s"
+    run = cli("align", "--out", str(out), *TINY, crash_after=MIDWAY)
+    assert run.returncode == 70, run.stderr[-3000:]
+    assert (out / (DB_NAME + "-wal")).stat().st_size > 0
+    return out
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the tensor data: the file still parses
+    path.write_bytes(bytes(data))
+
+
+def _swap(a: Path, b: Path) -> None:
+    tmp = a.with_name("swap")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+DAMAGE = {  # what is done to the session -> a word the refusal must say
+    "a flipped bit in a round file": (lambda s: _flip(s / "rounds" / "round_0000.safetensors"), "damaged"),
+    "a flipped bit in a surrogate file": (lambda s: _flip(s / "surrogate" / "round_0000.safetensors"), "damaged"),
+    "a deleted round file": (lambda s: (s / "rounds" / "round_0000.safetensors").unlink(), "missing"),
+    "a deleted surrogate file": (lambda s: (s / "surrogate" / "round_0000.safetensors").unlink(), "missing"),
+    "two round files swapped": (lambda s: _swap(s / "rounds" / "round_0000.safetensors",
+                                                s / "rounds" / "round_0001.safetensors"), "damaged"),
+    "a deleted ledger": (lambda s: (s / LEDGER_NAME).unlink(), "apa repair"),
+    "a deleted ledger and write-ahead log": (lambda s: [(s / n).unlink() for n in (LEDGER_NAME, DB_NAME + "-wal")],
+                                             "apa repair"),
+    "a ledger that is a list": (lambda s: (s / LEDGER_NAME).write_text("[1, 2]"), "apa repair"),
+    "a ledger whose count is text": (lambda s: (s / LEDGER_NAME).write_text('{"ratings": "8"}'), "apa repair"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damage_is_refused_before_anything_is_written(midway, tmp_path, damage, capsys, one_thread):
+    """`--resume` on a damaged session: one line, and every file's bytes as they were (no rating taken,
+    no ledger rewritten, no checkpoint of the write-ahead log)."""
+    copy = tmp_path / "s"
+    shutil.copytree(midway, copy)
+    do, says = DAMAGE[damage]
+    do(copy)
+    before = digests(copy)
+    assert main(["align", "--resume", str(copy)]) == 2
+    assert says in one_line_error(capsys.readouterr().err)
+    assert digests(copy) == before
+
+
+def test_repair_accepts_a_missing_ledger_and_records_it(midway, tmp_path, capsys):
+    import json
+
+    copy = tmp_path / "s"
+    shutil.copytree(midway, copy)
+    (copy / LEDGER_NAME).unlink()
+    assert main(["repair", str(copy)]) == 0
+    assert "6 ratings" in capsys.readouterr().out
+    SessionStore.open(copy).close()  # opens again
+    s = SessionStore.read(copy)
+    try:
+        repairs = json.loads(s._conn.execute("SELECT value FROM meta WHERE key='repairs'").fetchone()[0])
+    finally:
+        s.close()
+    assert repairs[0]["accepted"].startswith("missing") and repairs[0]["ratings"] == 6
+    before = digests(copy)
+    assert main(["repair", str(copy)]) == 0  # nothing left to repair
+    assert "nothing to repair" in capsys.readouterr().out and digests(copy) == before
+
+
+def test_a_refused_budget_raise_changes_nothing(finished, monkeypatch, capsys, one_thread):
+    """config.json cannot be written: the database keeps the old budget too."""
+    import json
+
+    real = store_module.write_file
+
+    def denied(path, data, *args, **kwargs):
+        if path.name == "config.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real(path, data, *args, **kwargs)
+
+    before = digests(finished)
+    monkeypatch.setattr(store_module, "write_file", denied)
+    assert main(["align", "--resume", str(finished), "--budget", "12"]) == 2
+    assert "budget" in one_line_error(capsys.readouterr().err)
+    assert stored(finished)["config"]["session"]["budget"] == 8
+    assert json.loads((finished / "config.json").read_text())["session"]["budget"] == 8
+    assert digests(finished) == before
+
+
+def test_report_files_are_private(finished):
+    import stat
+
+    paths = [finished / "grids", *finished.glob("report.*"), *finished.glob("*.png"), *finished.glob("grids/*")]
+    assert (finished / "grids").is_dir() and len(paths) > 5
+    for p in paths:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
+
+
+def test_a_full_disk_at_creation_says_nothing_was_created(tmp_path, monkeypatch, capsys):
+    def full(path, data, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(store_module, "write_file", full)
+    out = tmp_path / "s"
+    assert main(["align", "--out", str(out), *TINY]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "disk is full" in line and "--resume" not in line and "nothing was created" in line.lower(), line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_at_the_report_says_so_in_one_line(finished, monkeypatch, capsys, one_thread):
+    import apa.evaluation.report
+
+    def full(session):
+        raise OSError(errno.ENOSPC, "No space left on device", str(session.store.root / "report.html"))
+
+    monkeypatch.setattr(apa.evaluation.report, "write_report", full)
+    assert main(["align", "--resume", str(finished)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "disk is full" in line and "report" in line and f"--resume {finished}" in line, line

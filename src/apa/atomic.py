@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+_UMASK = threading.Lock()
 
 
 def fsync_dir(path: Path) -> None:
@@ -32,3 +38,20 @@ def write_file(path: Path, data: bytes, mode: int = 0o600, shared: bool = False)
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def private(fn: F) -> F:
+    """``fn`` run under umask 077, so that every file and folder it makes (images, reports) is its
+    user's alone: 0600 and 0700, like the session's own files. The umask is the process's, so calls
+    are serialised; stricter modes are all that other threads may see meanwhile."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _UMASK:
+            old = os.umask(0o077)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                os.umask(old)
+
+    return run  # type: ignore[return-value]

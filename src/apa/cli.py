@@ -32,6 +32,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 PLUGGED_COMMANDS = ("apa.evaluation.compare", "apa.web.server")  # `apa compare`, `apa serve`
 
 
+class UsageError(ValueError):
+    """A command line argparse cannot read (an unknown flag, a value of the wrong type)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a command line it cannot read is one line (main prints it), not the usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -122,6 +133,9 @@ def open_session(args: argparse.Namespace, progress: bool = True, check=None):
     if not args.out:
         raise ValueError("give --out DIR for a new session, or --resume DIR to continue one")
     cfg = config_from_args(args)
+    if cfg.feedback.name == "human":
+        raise ValueError("--feedback human: a person rates through `apa serve`; `apa align` runs a simulated user "
+                         "(--feedback oracle, clip or imagenet)")
     components = None
     if check is not None:
         components = Session.components(cfg)
@@ -134,6 +148,7 @@ def cmd_align(args: argparse.Namespace) -> None:
 
     from apa.evaluation.report import write_report
     from apa.evaluation.summary import RoundProgress, closing_summary, summary_lines
+    from apa.store import disk_errors
 
     from apa.ranks import session_of
 
@@ -149,7 +164,8 @@ def cmd_align(args: argparse.Namespace) -> None:
             finally:
                 bar.close()
             session.save_final()
-            report = write_report(session)
+            with disk_errors(session.store.root, "write the report"):
+                report = write_report(session)
         finally:
             session.store.close()  # releases the session's lock
     summary = closing_summary(json.loads(report.with_suffix(".json").read_text()), time.perf_counter() - t0,
@@ -162,6 +178,12 @@ def cmd_align(args: argparse.Namespace) -> None:
         print(summary["collapse_warning"], file=sys.stderr)
 
 
+def cmd_repair(args: argparse.Namespace) -> None:
+    from apa.store import SessionStore
+
+    print(SessionStore.repair(Path(args.dir)))
+
+
 def cmd_evaluate_prior(args: argparse.Namespace) -> None:
     from apa.evaluation.prior_quality import evaluate_prior
 
@@ -170,7 +192,7 @@ def cmd_evaluate_prior(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="apa", description="Active preference alignment of diffusion models.")
+    ap = Parser(prog="apa", description="Active preference alignment of diffusion models.")
     ap.add_argument("--version", action="version", version=f"apa {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -216,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_align_flags(p)
     p.set_defaults(func=cmd_align)
 
+    p = sub.add_parser("repair", help="accept a session's database as it stands when its ledger is missing or "
+                                      "unreadable (recorded in the session); nothing else is changed")
+    p.add_argument("dir", help="the session directory")
+    p.set_defaults(func=cmd_repair)
+
     p = sub.add_parser("evaluate-prior", help="quality of a shipped prior, judged by the shipped oracle")
     p.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist")
     p.add_argument("--prior-weights", help="a prior's safetensors (default: the shipped file)")
@@ -234,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except _user_errors() as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -18,6 +19,9 @@ from apa.registry import ACQUISITIONS, FEEDBACK, PRIORS
 
 NUM_TIMESTEPS = 1000  # training timesteps of every built-in prior (DDPM and SD 1.5): --feature-t is one of them
 MIN_EVAL_SAMPLES = 2  # the final evaluation's statistics need at least two images
+MAX_POPULATION = 2**16  # particles in a round, images in the final batch: past this, memory runs out first
+MAX_SEED = 2**32 - 1  # seeds derive generators as seed·1000003 + ..., which must fit in 64 bits
+DEVICE_RE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")  # what --device may name (torch.device's spelling)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -36,6 +40,10 @@ def _number(v: Any) -> bool:
 
 def _at_least(flag: str, v: Any, low: int) -> None:
     _require(_whole(v) and v >= low, f"{flag} must be a whole number of at least {low}, got {v!r}")
+
+
+def _between(flag: str, v: Any, low: int, high: int) -> None:
+    _require(_whole(v) and low <= v <= high, f"{flag} must be a whole number from {low} to {high}, got {v!r}")
 
 
 def _finite(flag: str, v: Any) -> None:
@@ -89,6 +97,8 @@ class PriorConfig:
         _require(self.batch_size is None or (_whole(self.batch_size) and self.batch_size >= 1),
                  f"--sd-batch-size must be a whole number of at least 1, got {self.batch_size!r}")
         _require(not self.cuda_graphs or self.compile, "--cuda-graphs captures the compiled UNet: add --compile true")
+        _require(self.device is None or (isinstance(self.device, str) and DEVICE_RE.fullmatch(self.device) is not None),
+                 f"--device must be cpu, cuda, cuda:N, mps or none, got {self.device!r}")
 
 
 REWARD_AT = ("xt", "tweedie")  # where r is read: the particle z_t itself, or its Tweedie estimate ẑ0
@@ -121,8 +131,8 @@ class SamplerConfig:
     clamp: float | None = knob(None, "clamp accumulated log-weights to [-c, c] (seed: 100; none: no clamp)")
 
     def __post_init__(self) -> None:
-        _at_least("--particles", self.particles, 1)
-        _at_least("--steps", self.steps, 1)
+        _between("--particles", self.particles, 1, MAX_POPULATION)
+        _between("--steps", self.steps, 1, NUM_TIMESTEPS)
         for flag, pair in (("--beta", self.beta), ("--gamma", self.gamma)):
             _require(len(pair) == 2 and all(_number(v) and math.isfinite(v) for v in pair),
                      f"{flag} must be two finite numbers like 2,8, got {pair}")
@@ -194,6 +204,8 @@ class FeedbackConfig:
         _require(isinstance(self.name, str) and bool(self.name), f"--feedback must name a source, got {self.name!r}")
         _require(all((_whole(c) and c >= 0) or (isinstance(c, str) and c.strip()) for c in self.prefer),
                  f"--prefer must list classes by number from 0 or by name, like 1,4,7,9; got {self.prefer!r}")
+        _require(len(set(self.prefer)) == len(self.prefer),
+                 f"--prefer lists a class twice ({','.join(map(str, self.prefer))}); list each class once")
         _choice("--mode", self.mode, ("binary", "graded"))
         _require(_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0,
                  f"--temperature must be a positive finite number, got {self.temperature!r}")
@@ -223,8 +235,8 @@ class SessionConfig:
         _at_least("--budget", self.budget, 1)
         _at_least("--per-round", self.per_round, 1)
         _choice("--acquisition", self.acquisition, tuple(ACQUISITIONS))
-        _require(_whole(self.seed) and self.seed >= 0, f"--seed must be a whole number from 0, got {self.seed!r}")
-        _at_least("--eval-samples", self.eval_samples, MIN_EVAL_SAMPLES)
+        _between("--seed", self.seed, 0, MAX_SEED)
+        _between("--eval-samples", self.eval_samples, MIN_EVAL_SAMPLES, MAX_POPULATION)
         _choice("--final-start", self.final_start, FINAL_STARTS)
         _require(_number(self.explore) and 0.0 <= self.explore <= 1.0,
                  f"--explore must be a share in [0, 1], got {self.explore!r}")

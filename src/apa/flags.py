@@ -76,8 +76,25 @@ def shown_type(annotation: str) -> str:
 # ---------------------------------------------------------------- parsing the typed text
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def _pair(text: str) -> tuple[float, float]:
-    parts = [float(x) for x in text.split(",")]
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
     if len(parts) != 2:
         raise argparse.ArgumentTypeError(f"expected two comma-separated numbers like 0.5,2.0, got {text!r}")
     return parts[0], parts[1]
@@ -105,7 +122,7 @@ def _bool(text: str) -> bool:
 
 
 def _optional_float(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+    return None if text.lower() == "none" else _float(text)
 
 
 def _optional_str(text: str) -> str | None:
@@ -113,11 +130,11 @@ def _optional_str(text: str) -> str | None:
 
 
 def _optional_int(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
+    return None if text.lower() == "none" else _int(text)
 
 
 PARSERS: dict[str, Callable[[str], Any]] = {  # a field's annotation -> how its flag's text is read
-    "int": int, "float": float, "str": str, "bool": _bool, "tuple[float, float]": _pair,
+    "int": _int, "float": _float, "str": str, "bool": _bool, "tuple[float, float]": _pair,
     "tuple[int | str, ...]": _classes, "tuple[str, ...] | None": _words, "float | None": _optional_float,
     "str | None": _optional_str, "int | None": _optional_int}
 

@@ -51,6 +51,33 @@ def validate(cfg: AlignConfig) -> None:
                            "a round cannot show more particles than it samples")
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a --device this machine does not have (the configuration checked how it is spelled)."""
+    if device is None:
+        return
+    dev = torch.device(device)
+    if dev.type == "mps":
+        present = torch.backends.mps.is_available()
+    else:
+        backend = getattr(torch, dev.type, None)
+        present = dev.type == "cpu" or (backend is not None and backend.is_available()
+                                        and (dev.index is None or dev.index < backend.device_count()))
+    if not present:
+        raise SessionError(f"--device {device}: this machine has no such device; use --device cpu, or none to "
+                           "take a GPU when there is one")
+
+
+def check_prior(cfg: AlignConfig, prior: Any) -> None:
+    """Refuse a prior the rest of the configuration cannot use: every feedback source rates images
+    [C, H, W], and the features surrogate reads the prior's denoiser."""
+    if len(prior.event_shape) != 3:
+        raise SessionError(f"--prior {cfg.prior.name} draws points of shape {tuple(prior.event_shape)}, not images, "
+                           "so no feedback source can rate them (it serves the sampler's exactness tests); choose an "
+                           "image prior such as mnist")
+    if cfg.surrogate.kind == "features" and getattr(prior, "features", None) is None:
+        raise SessionError(f"--prior {cfg.prior.name} has no denoiser features; use --surrogate pixels")
+
+
 class Session:
     """One user's session: the store, the configuration, the prior and who rates."""
 
@@ -73,7 +100,9 @@ class Session:
     @staticmethod
     def components(cfg: AlignConfig) -> tuple[Any, FeedbackSource | None]:
         """Build the prior and the feedback source (errors here happen before anything is written)."""
+        check_device(cfg.prior.device)
         prior = PRIORS.create(cfg.prior.name, vars(cfg.prior))
+        check_prior(cfg, prior)
         source = FEEDBACK.create(cfg.feedback.name, vars(cfg.feedback), prior)
         if cfg.feedback.label_noise and cfg.feedback.name == "human":
             raise SessionError("--label-noise simulates a user who errs; a person's own ratings are not flipped")

@@ -13,12 +13,17 @@ A new session is built in a hidden sibling directory and renamed into place once
 configuration is stored, so a crash while creating one leaves nothing at its path. Every write
 is committed (SQLite) or atomically renamed into place after an fsync (tensors) before the caller
 goes on, so a crash at any point loses nothing already acknowledged. Opening a session for
-writing first checks a copy of its database (``PRAGMA quick_check``, the ledger), so a damaged
-one is refused before SQLite could checkpoint over it.
+writing first checks it whole: a copy of its database (``PRAGMA quick_check``, the ledger, which
+must exist once the session holds anything) and every tensor file against its stored sha256; the
+database itself is then read through a read-only connection until the first write, so a damaged
+session is refused, and any refusal made before a write leaves every file's bytes as they were.
+A session whose ledger is lost is opened again only after ``repair`` accepted its database as it
+stands (and recorded that it did).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -170,6 +175,23 @@ def tally(conn: sqlite3.Connection) -> dict[str, Any]:
     return {"rounds": rounds, "ratings": len(prefixes) - 1, "chain": prefixes[-1], "prefixes": prefixes}
 
 
+def read_ledger(root: Path) -> dict[str, Any] | None:
+    """The ledger's record, None if there is no ledger; StoreError if it is not one."""
+    path = root / LEDGER_NAME
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+        if not (isinstance(recorded, dict) and all(isinstance(recorded.get(k), int) and not isinstance(recorded.get(k), bool)
+                                                   for k in ("ratings", "rounds"))
+                and isinstance(recorded.get("chain"), str)):
+            raise ValueError("it is not an object with whole-number ratings and rounds and a chain")
+        return recorded
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path} is damaged ({e}); the session was left untouched. Restore it from a backup, or run "
+                         f"`apa repair {root}` to accept the database as it stands") from e
+
+
 def check_ledger(db: Path, found: dict[str, Any], ledger: dict[str, Any]) -> None:
     """Refuse a database that holds less than its ledger recorded (it may hold more: a crash between the two)."""
     n = ledger.get("ratings", 0)
@@ -181,8 +203,9 @@ def check_ledger(db: Path, found: dict[str, Any], ledger: dict[str, Any]) -> Non
                          "write-ahead log (-wal) is damaged. It was left untouched; restore the directory from a backup")
 
 
-def verify(root: Path) -> None:
-    """Check a copy of the database (so SQLite cannot checkpoint a damaged log into it): integrity, format, ledger."""
+def check_database(root: Path) -> dict[str, Any]:
+    """Check a copy of the database (so SQLite cannot checkpoint a damaged log into it): integrity and
+    format. Returns its tally (see ``tally``) and ``files``, the sha256 recorded for each tensor file."""
     db = root / DB_NAME
     with tempfile.TemporaryDirectory(prefix="apa-verify-") as tmp:
         for name in (DB_NAME, DB_NAME + "-wal"):
@@ -198,17 +221,64 @@ def verify(root: Path) -> None:
                 raise StoreError(f"{db} has format {fmt[0] if fmt else None!r}, expected {FORMAT!r}; "
                                  "it was left untouched")
             found = tally(conn)
+            has_files = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='files'").fetchone()
+            found["files"] = dict(conn.execute("SELECT name, sha256 FROM files").fetchall()) if has_files else {}
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{db} is damaged or not an apa session database ({e}); it was left untouched") from e
         finally:
             conn.close()
-    ledger = root / LEDGER_NAME
-    if ledger.exists():
-        try:
-            recorded = json.loads(ledger.read_text())
-        except ValueError as e:
-            raise StoreError(f"{ledger} is damaged ({e}); the session was left untouched") from e
-        check_ledger(db, found, recorded)
+    return found
+
+
+def holds_anything(root: Path, found: dict[str, Any]) -> bool:
+    """Whether a session has begun: a round or rating in its database, or a tensor file on disk (a
+    database whose write-ahead log was lost may show none of its rounds, but their files remain)."""
+    return bool(found["rounds"] or found["ratings"] or any((root / d).glob("*.safetensors")
+                                                           for d in ("rounds", "surrogate")))
+
+
+def describe(name: str) -> str:
+    """What a tensor file holds: "rounds/round_0003.safetensors" -> "round 3's tensors"."""
+    folder, _, file = name.partition("/")
+    r = file.removeprefix("round_").removesuffix(".safetensors").lstrip("0") or "0"
+    return f"the surrogate fitted after round {r}" if folder == "surrogate" else f"round {r}'s tensors"
+
+
+def check_files(root: Path, files: dict[str, str]) -> None:
+    """Every tensor file the database names is there, with the sha256 stored when it was written."""
+    for name, digest in sorted(files.items()):
+        path = root / name
+        if not path.is_file():
+            problem = "missing"
+        elif _sha256(path) != digest:
+            problem = "damaged: its sha256 is not the one stored when it was written"
+        else:
+            continue
+        raise StoreError(f"{describe(name)} ({name}) in {root} is {problem}; the session was left untouched. "
+                         "Restore the directory from a backup")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(root: Path) -> None:
+    """Everything ``open`` checks before it reads the session: the database (on a copy), its ledger
+    (required once the session holds anything) and every tensor file. StoreError if any fails."""
+    found = check_database(root)
+    recorded = read_ledger(root)
+    if recorded is None and holds_anything(root, found):
+        raise StoreError(f"{root / LEDGER_NAME} is missing, so ratings the database may have lost cannot be "
+                         f"detected; the session was left untouched. Restore it from a backup, or run `apa repair "
+                         f"{root}` to accept the database as it stands ({found['ratings']} ratings, "
+                         f"{found['rounds']} rounds)")
+    if recorded is not None:
+        check_ledger(root / DB_NAME, found, recorded)
+    check_files(root, found["files"])
 
 
 def _public(found: dict[str, Any]) -> dict[str, Any]:
@@ -219,14 +289,18 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextmanager
-def disk_errors(root: Path, what: str) -> Iterator[None]:
-    """OS and SQLite write failures as one StoreError saying what failed and what to do."""
+def disk_errors(root: Path, what: str, created: bool = True) -> Iterator[None]:
+    """OS and SQLite write failures as one StoreError saying what failed and what to do
+    (``created``: whether the session is in place, so that ``--resume`` can continue it)."""
     try:
         yield
     except (StoreError, RatingRefused):
         raise
     except (OSError, sqlite3.OperationalError) as e:
         full = isinstance(e, OSError) and e.errno in DISK_FULL or "disk is full" in str(e)
+        if full and not created:
+            raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing was created; free some "
+                             "space, then run the same command again") from e
         if full:
             raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing already stored was "
                              f"lost; free some space, then continue with `apa align --resume {root}`") from e
@@ -236,11 +310,13 @@ def disk_errors(root: Path, what: str) -> Iterator[None]:
 
 
 class SessionStore:
-    def __init__(self, root: Path, conn: sqlite3.Connection, held: IO[bytes] | None = None):
+    def __init__(self, root: Path, conn: sqlite3.Connection, held: IO[bytes] | None = None, writable: bool = True):
         self.root = Path(root)
-        self._conn = conn
+        self._conn = conn  # reads; the writing connection once there is one
         self._lock = threading.RLock()
         self._held = held  # the session lock (None: opened read-only, see ``read``)
+        self._writer = conn if writable else None  # ``open`` reads read-only until the first write
+        self._reader = None if writable else conn
 
     # ------------------------------------------------------------ opening
 
@@ -258,7 +334,7 @@ class SessionStore:
         Built in a hidden sibling directory and renamed to ``root`` once its configuration is stored."""
         root = Path(root)
         _check_target(root)
-        with disk_errors(root, "create the session"):
+        with disk_errors(root, "create the session", created=False):
             root.parent.mkdir(parents=True, exist_ok=True)
             sweep_partials(root.parent)
             tmp = root.parent / f".{root.name}{PARTIAL}{secrets.token_hex(4)}"
@@ -269,7 +345,7 @@ class SessionStore:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         try:
-            with disk_errors(root, "create the session"):
+            with disk_errors(root, "create the session", created=False):
                 cls._build(tmp, config, kind)
                 try:
                     os.rename(tmp, root)
@@ -305,7 +381,8 @@ class SessionStore:
     @classmethod
     def open(cls, root: Path) -> "SessionStore":
         """An existing session, for writing (one process at a time); refuses a directory that is not
-        one, a damaged one, or one another process holds, without changing it."""
+        one, a damaged one, or one another process holds, without changing it. It is read through a
+        read-only connection until its first write (see ``_writable``)."""
         root = Path(root)
         db = root / DB_NAME
         if not db.is_file():
@@ -314,14 +391,49 @@ class SessionStore:
             held = lock(root)
         try:
             verify(root)
-            conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
-            return cls(root, conn, held)
+            return cls(root, cls._read_only(db), held, writable=False)
         except BaseException:
             held.close()
             raise
+
+    @classmethod
+    def repair(cls, root: Path) -> str:
+        """Accept the database as it stands in place of a missing or unreadable ledger: write a new
+        ledger from it and record in its meta table ("repairs") what was accepted. Everything else
+        ``open`` checks must hold; a ledger that disagrees with the database is not repaired (ratings
+        were lost: restore a backup). Returns what was done, in a sentence."""
+        root = Path(root)
+        if not (root / DB_NAME).is_file():
+            raise StoreError(f"{root} is not an apa session (no {DB_NAME}); nothing to repair")
+        with disk_errors(root, "open the session"):
+            held = lock(root)
+        store = None
+        try:
+            found = check_database(root)
+            try:
+                recorded = read_ledger(root)
+                problem = None if recorded is not None else "missing ledger"
+            except StoreError as e:
+                recorded, problem = None, f"unreadable ledger ({e.__cause__})"
+            if recorded is not None:
+                check_ledger(root / DB_NAME, found, recorded)
+                return (f"{root}: its ledger matches its database ({found['ratings']} ratings, {found['rounds']} "
+                        "rounds); nothing to repair")
+            check_files(root, found["files"])
+            store = cls(root, cls._read_only(root / DB_NAME), held, writable=False)
+            record = {"time": time.time(), "accepted": problem, "ratings": found["ratings"],
+                      "rounds": found["rounds"], "chain": found["chain"]}
+            with store._commit("record the repair"):
+                row = store._conn.execute("SELECT value FROM meta WHERE key='repairs'").fetchone()
+                repairs = json.loads(row[0]) if row else []
+                store._conn.execute("INSERT OR REPLACE INTO meta VALUES ('repairs', ?)", (json.dumps(repairs + [record]),))
+            return (f"{root}: accepted the database as it stands in place of a {problem}: {found['ratings']} ratings, "
+                    f"{found['rounds']} rounds; a new ledger is written and the repair recorded in {DB_NAME}")
+        finally:
+            if store is not None:
+                store.close()
+            else:
+                held.close()
 
     @classmethod
     def read(cls, root: Path) -> "SessionStore":
@@ -329,14 +441,31 @@ class SessionStore:
         db = Path(root) / DB_NAME
         if not db.is_file():
             raise StoreError(f"{root} is not an apa session (no {DB_NAME})")
-        return cls(Path(root), sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0, isolation_level=None,
-                                               check_same_thread=False))
+        return cls(Path(root), cls._read_only(db), writable=False)
+
+    @staticmethod
+    def _read_only(db: Path) -> sqlite3.Connection:
+        """A connection that cannot write, so cannot checkpoint the write-ahead log either."""
+        return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0, isolation_level=None,
+                               check_same_thread=False)
+
+    def _writable(self) -> sqlite3.Connection:
+        """The writing connection, opened at the first write of a session ``open`` checked (under ``_lock``)."""
+        if self._writer is None:
+            if self._held is None:
+                raise StoreError(f"{self.root} was opened read-only; open it with SessionStore.open to write")
+            conn = sqlite3.connect(f"file:{self.root / DB_NAME}?mode=rw", uri=True, timeout=30.0,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
+            self._writer = self._conn = conn  # the read-only one stays open for readers already using it
+        return self._writer
 
     @contextmanager
     def _commit(self, what: str) -> Iterator[None]:
         """One write transaction; then the ledger. Refusals inside it roll everything back."""
         with self._lock, disk_errors(self.root, what):
-            with self._conn:
+            with self._writable():
                 self._conn.execute("BEGIN IMMEDIATE")
                 yield
             failpoint(what)
@@ -373,7 +502,11 @@ class SessionStore:
 
     def _load_tensors(self, path: Path, what: str) -> dict[str, torch.Tensor]:
         """A tensor file, checked against the sha256 stored when it was written; StoreError if missing or damaged."""
-        row = self._conn.execute("SELECT sha256 FROM files WHERE name=?", (str(path.relative_to(self.root)),)).fetchone()
+        try:
+            row = self._conn.execute("SELECT sha256 FROM files WHERE name=?",
+                                     (str(path.relative_to(self.root)),)).fetchone()
+        except sqlite3.OperationalError:  # a session older than the table, opened read-only
+            row = None
         try:
             data = path.read_bytes()
             if row is not None and hashlib.sha256(data).hexdigest() != row[0]:
@@ -423,11 +556,19 @@ class SessionStore:
             raise StoreError(f"--budget {budget} is below this session's budget {old}; a budget can only be raised")
         if budget == old:
             return
+        previous = json.dumps(config, indent=2).encode()
         config["session"]["budget"] = budget
-        with self._commit("raise the budget"):
-            self._conn.execute("UPDATE meta SET value=? WHERE key='config'", (json.dumps(config),))
-        with disk_errors(self.root, "write config.json"):
-            write_file(self.root / CONFIG_NAME, json.dumps(config, indent=2).encode())
+        written = False
+        try:  # all or nothing: config.json is written inside the transaction, and put back if the commit fails
+            with self._commit("raise the budget"):
+                self._conn.execute("UPDATE meta SET value=? WHERE key='config'", (json.dumps(config),))
+                write_file(self.root / CONFIG_NAME, json.dumps(config, indent=2).encode())
+                written = True
+        except BaseException:
+            if written:
+                with contextlib.suppress(OSError):
+                    write_file(self.root / CONFIG_NAME, previous)
+            raise
 
     # ------------------------------------------------------------ ratings
 
@@ -507,7 +648,8 @@ class SessionStore:
 
     def close(self) -> None:
         """Close the database, then release the session's lock."""
-        self._conn.close()
+        for conn in {id(c): c for c in (self._reader, self._writer, self._conn) if c is not None}.values():
+            conn.close()
         if self._held is not None:
             self._held.close()
             self._held = None

@@ -56,13 +56,14 @@ def free_socket() -> socket.socket:
 class LiveServer:
     """A real uvicorn server on a free loopback port, in a thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, config=None):
+        """``config(app, **settings)``: the uvicorn.Config to run (default uvicorn's own)."""
         import uvicorn
 
         self.sock = free_socket()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    limit_concurrency=200, backlog=256))
+        self.server = uvicorn.Server((config or uvicorn.Config)(app, log_level="warning", access_log=False,
+                                                                limit_concurrency=200, backlog=256))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,6 +29,7 @@ from typing import Any
 
 from apa.atomic import write_file
 from apa.baselines import METHODS  # names only: the methods' modules load when they run
+from apa.config import NUM_TIMESTEPS
 
 REFERENCE = "papa@300"  # PAPA at its own budget: 300 labels, 10 per round
 REFERENCE_BUDGET, REFERENCE_PER_ROUND = 300, 10
@@ -55,6 +57,8 @@ class CompareConfig:
     refine_t: int = 300
 
     def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError(f"--methods names no method; choose from {', '.join(METHODS)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -66,6 +70,10 @@ class CompareConfig:
                         ("--epochs", self.epochs), ("--papa-timesteps", self.papa_timesteps)):
             if v < 1:
                 raise ValueError(f"{flag} must be at least 1, got {v}")
+        if not (math.isfinite(self.papa_lr) and self.papa_lr > 0):
+            raise ValueError(f"--papa-lr must be a positive finite number, got {self.papa_lr}")
+        if not 1 <= self.refine_t < NUM_TIMESTEPS:
+            raise ValueError(f"--refine-t must be a timestep from 1 to {NUM_TIMESTEPS - 1}, got {self.refine_t}")
 
 
 # ---------------------------------------------------------------- parsing
@@ -284,11 +292,11 @@ def compare(cc: CompareConfig, progress: bool = True) -> Path:
 
     check(cc)
     out = Path(cc.out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
     sha = file_sha(weights_file(cc))
     prior = PRIORS.create(cc.prior, {"weights": cc.prior_weights})
     user = FEEDBACK.create("oracle", {"prefer": tuple(cc.prefer)}, prior)
     evaluate = Evaluator(user, cc.prior, cc.eval_samples)
+    (out / "runs").mkdir(parents=True, exist_ok=True)  # once everything it needs is there
     methods = all_methods(cc)
     results: dict[str, list[dict]] = {}
     for method in methods:
@@ -336,6 +344,8 @@ def thread_limit(threads: int | None):
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads} (leave it out for the libraries' choice)")
     with thread_limit(args.threads):
         path = compare(config_from_args(args))
     print(f"comparison -> {path}")

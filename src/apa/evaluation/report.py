@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from apa import data  # noqa: E402
-from apa.atomic import write_file  # noqa: E402
+from apa.atomic import private, write_file  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from apa.evaluation.images import save_grid  # noqa: E402
@@ -484,6 +484,7 @@ def figures(session, rows: list[dict], final: dict, baseline: dict, root: Path) 
     return out
 
 
+@private  # the report shows a person's ratings and images: 0600 files, 0700 grids/
 def write_report(session) -> Path:
     root = session.store.root
     cfg = session.cfg.to_dict()

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -126,7 +126,11 @@ def load_oracle(dataset: str = "mnist", path: Path | None = None) -> Classifier:
     if not path.exists():
         raise FileNotFoundError(f"no oracle weights at {path}; train them with `apa train-oracle --dataset {dataset}` "
                                 "or pass the oracle_weights option")
-    meta = oracle_metadata(dataset, path)
-    model = Classifier(ClassifierConfig.from_dict(meta["classifier"]))
-    model.load_state_dict(load_file(str(path)))
+    try:
+        meta = oracle_metadata(dataset, path)
+        model = Classifier(ClassifierConfig.from_dict(meta["classifier"]))
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not an oracle's weights file ({type(e).__name__}: {e}); pass --oracle-weights "
+                         "a safetensors file written by `apa train-oracle`, or drop it for the shipped one") from e
     return model.eval().requires_grad_(False)

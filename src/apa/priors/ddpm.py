@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from apa import data as data_mod
 from apa.priors.base import VEPrior
@@ -151,11 +151,16 @@ def load_prior(dataset: str = "mnist", path: Path | None = None) -> DDPMPrior:
     if not path.exists():
         raise FileNotFoundError(f"no DDPM weights at {path}; train them with `apa train-prior --dataset {dataset}` "
                                 f"or pass --prior-weights PATH")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    model = UNet(UNetConfig.from_dict(json.loads(meta["unet"])))
-    model.load_state_dict(load_file(str(path)))
-    return DDPMPrior(model, float(meta["data_std"]), name=dataset, class_names=data_mod.class_names(meta["dataset"]))
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        model = UNet(UNetConfig.from_dict(json.loads(meta["unet"])))
+        model.load_state_dict(load_file(str(path)))
+        data_std, names = float(meta["data_std"]), data_mod.class_names(meta["dataset"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a DDPM prior's weights file ({type(e).__name__}: {e}); pass --prior-weights "
+                         "a safetensors file written by `apa train-prior`, or drop it for the shipped one") from e
+    return DDPMPrior(model, data_std, name=dataset, class_names=names)
 
 
 def data_std_of(dataset: str) -> float:

@@ -22,12 +22,15 @@ import argparse
 import ipaddress
 import json
 import logging
+import socket
 import threading
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 MAX_BODY = 64 * 1024  # bytes; larger request bodies are refused with 413
+HEADER_TIMEOUT_S = 10.0  # a connection must send a request's line and headers within this long, or it is closed
+KEEP_ALIVE_S = 5  # a connection idle this long after a response is closed (uvicorn's timeout_keep_alive)
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
           "style.css": "text/css; charset=utf-8"}
 CSP = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
@@ -103,10 +106,10 @@ def error_handlers(app: Any) -> None:
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def failure(request, exc: Exception):
+    async def failure(request, exc: Exception):  # the details (paths, say) go to the log, not to the client
         log.exception("request failed")
-        return JSONResponse({"error": f"the server failed on this request ({type(exc).__name__}: {exc}); "
-                                      "see the server's log"}, status_code=500)
+        return JSONResponse({"error": f"the server failed on this request ({type(exc).__name__}); "
+                                      "its operator can see why in the server's log"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -229,6 +232,71 @@ def loopback_hosts(host: str) -> list[str] | None:
     return ["127.0.0.1", "localhost", "[::1]", "::1"] if loopback else None
 
 
+def check_server_flags(args: argparse.Namespace) -> None:
+    """The server's own settings, refused before anything is written or bound."""
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_sessions < 1:
+        raise ValueError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port), or one line saying why there cannot be one."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host}: not an address this machine can bind ({e}); use 127.0.0.1, or 0.0.0.0 "
+                         "for every interface") from e
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); another server may "
+                         "hold it: stop it or choose another --port") from e
+    return sock
+
+
+def header_deadline_protocol() -> type:
+    """uvicorn's h11 protocol with a deadline on every request's line and headers: a connection that has
+    sent no complete request HEADER_TIMEOUT_S after it opened, or after its last response, is closed,
+    so silent or slowly-writing clients hold no sockets (uvicorn closes idle ones only after a response)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            self.loop.call_later(HEADER_TIMEOUT_S, self._expire, self.cycle)
+
+        def _expire(self, cycle) -> None:
+            """Close unless a request arrived since (a new cycle) or the one in progress is still answered."""
+            waiting = self.cycle is cycle and (cycle is None or cycle.response_complete)
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
+
+
+def uvicorn_config(app: Any, **settings: Any) -> Any:
+    """The uvicorn settings `apa serve` runs with: the header deadline and the keep-alive timeout."""
+    import uvicorn
+
+    settings.setdefault("access_log", False)
+    return uvicorn.Config(app, http=header_deadline_protocol(), timeout_keep_alive=KEEP_ALIVE_S, **settings)
+
+
 def serve_config(args: argparse.Namespace) -> Any:
     """The align flags as a configuration, with a person (feedback 'human') as the user."""
     from dataclasses import replace
@@ -261,16 +329,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
                            "`.venv/bin/pip install -e '.[web]' torch==2.13.0`") from e
     from apa.session import Session, validate
 
+    check_server_flags(args)
     cfg = serve_config(args)  # every section checked as it is built
     validate(cfg)
     Session.components(cfg)  # a missing prior fails here, before the server starts or writes anything
-    manager = sessions.SessionManager(Path(args.data_dir), cfg, workers=args.workers,
-                                      fixed_seed=getattr(args, "seed", None) is not None, max_sessions=args.max_sessions)
-    app = create_app(manager, loopback_hosts(args.host))
-    threading.Thread(target=warm_up, name="apa-web-warm-up", daemon=True).start()
-    shown_host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"apa serve: sessions in {manager.data_dir.resolve()}; open http://{shown_host}:{args.port}/", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level)
+    sock = bind(args.host, args.port)  # a port in use or an unknown host, too
+    try:
+        manager = sessions.SessionManager(Path(args.data_dir), cfg, workers=args.workers,
+                                          fixed_seed=getattr(args, "seed", None) is not None,
+                                          max_sessions=args.max_sessions)
+        app = create_app(manager, loopback_hosts(args.host))
+        threading.Thread(target=warm_up, name="apa-web-warm-up", daemon=True).start()
+        shown_host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"apa serve: sessions in {manager.data_dir.resolve()}; open http://{shown_host}:{args.port}/", flush=True)
+        uvicorn.Server(uvicorn_config(app, log_level=args.log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 def register_cli(subparsers: Any) -> None:

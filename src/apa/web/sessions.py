@@ -14,8 +14,10 @@ refitted, which is then refitted).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
+import os
 import queue
 import re
 import secrets
@@ -39,6 +41,16 @@ MAX_OPEN, IDLE_S = 200, 600.0  # past this many open sessions, those idle this l
 REPORT_FILE_RE = re.compile(r"(report\.(html|md|json|css)|[a-z_]{1,40}\.png|grids/[a-z0-9_]{1,40}\.png)")
 REPORT_TYPES = {".html": "text/html; charset=utf-8", ".md": "text/markdown; charset=utf-8",
                 ".json": "application/json", ".css": "text/css; charset=utf-8", ".png": "image/png"}
+
+
+COUNT_LOCK = ".sessions.lock"  # flock'ed while sessions are counted and one is created: every server on the data dir
+
+
+def public(message: str) -> str:
+    """A message fit for a client: each absolute path cut to its last part, and no process ids (the
+    server's log keeps the whole message)."""
+    message = re.sub(r"(?<![\w.~-])/[^\s'\"`(),;]+", lambda m: Path(m.group()).name or "/", message)
+    return re.sub(r"\s*\(pid [^)]*\)", "", message)
 
 
 class WebError(Exception):
@@ -155,7 +167,7 @@ def advance(handle: SessionHandle, report_lock: threading.Lock) -> None:
         handle.enter("done", message=write_report(s, report_lock))
     except Exception as e:  # shown on the page; the store still holds everything up to the failure
         log.exception("session %s…: background step failed", handle.token[:6])
-        handle.enter("error", message=f"{type(e).__name__}: {e}. Everything rated so far is saved; "
+        handle.enter("error", message=f"{type(e).__name__}: {public(str(e))}. Everything rated so far is saved; "
                                       "press Retry, or restart the server if it fails again.")
 
 
@@ -169,7 +181,7 @@ def write_report(session: Session, report_lock: threading.Lock) -> str:
         return "The report is ready."
     except Exception as e:  # the session itself is complete; a failed report is only mentioned
         log.exception("report failed")
-        return f"The session is complete, but its report could not be written ({e})."
+        return f"The session is complete, but its report could not be written ({public(str(e))})."
 
 
 # ---------------------------------------------------------------- the ratings a page submits
@@ -204,11 +216,12 @@ class SessionManager:
                  max_sessions: int = 1000):
         if cfg.feedback.name != "human":
             raise ValueError(f"apa serve collects a person's ratings; feedback must be 'human', not {cfg.feedback.name!r}")
+        if workers < 1 or max_sessions < 1:  # before the data directory is made
+            raise ValueError(f"--workers and --max-sessions must be at least 1, got {workers} and {max_sessions}")
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)  # the directory names are the tokens: no other local user may list them
         self.cfg, self.fixed_seed, self.max_sessions = cfg, fixed_seed, max_sessions
-        self.creating = 0  # sessions being created now (counted against max_sessions)
         self.workers = Workers(workers)
         self.handles: dict[str, SessionHandle] = {}
         self.lock = threading.Lock()  # guards ``handles`` and the creation of sessions
@@ -237,9 +250,11 @@ class SessionManager:
             try:
                 handle = SessionHandle(token, Session.resume(path, progress=False))
             except SessionBusy as e:
-                raise WebError(503, f"this session is open in another process ({e})") from e
-            except StoreError as e:
-                raise WebError(500, f"this session's directory cannot be opened ({e})") from e
+                raise WebError(503, "this session is open in another process; try again once it is closed") from e
+            except StoreError as e:  # damaged, or its ledger lost: refused before it could take a rating
+                log.error("session %s…: %s", token[:6], e)
+                raise WebError(500, f"this session cannot be opened; nothing was changed ({public(str(e))}). "
+                                    "Its ratings are kept on the server: ask its operator") from e
             self.handles[token] = handle
             self.settle(handle)  # under the lock, so nobody sees the session before its phase is known
             return handle
@@ -283,25 +298,30 @@ class SessionManager:
     # ------------------------------------------------------------ the operations the API offers
 
     def create(self) -> str:
-        """A new session with a fresh token; its first round is sampled in the background."""
-        with self.lock:  # the count and the reservation together, so concurrent creates cannot pass the limit
+        """A new session with a fresh token; its first round is sampled in the background.
+
+        The sessions are counted on disk and the new one made in place while COUNT_LOCK is held, so
+        creates in this server and in any other on the same data directory cannot pass the limit."""
+        with self.lock:
             self.close_idle()
-            if self.count() + self.creating >= self.max_sessions:
+        token = secrets.token_urlsafe(32)
+        seed = self.cfg.session.seed if self.fixed_seed else secrets.randbelow(2**31)
+        cfg = with_overrides(self.cfg, session={"seed": seed})
+        with self.counting():
+            if self.count() >= self.max_sessions:
                 raise WebError(503, f"this server already holds {self.max_sessions} sessions; "
                                     "ask its operator to raise --max-sessions or use another --data-dir")
-            self.creating += 1
-        try:
-            token = secrets.token_urlsafe(32)
-            seed = self.cfg.session.seed if self.fixed_seed else secrets.randbelow(2**31)
-            cfg = with_overrides(self.cfg, session={"seed": seed})
             handle = SessionHandle(token, Session.start(self.data_dir / token, cfg, progress=False))
-            with self.lock:
-                self.handles[token] = handle
-                self.schedule(handle)
-        finally:
-            with self.lock:
-                self.creating -= 1
+        with self.lock:
+            self.handles[token] = handle
+            self.schedule(handle)
         return token
+
+    def counting(self):
+        """COUNT_LOCK held (an exclusive flock; each call opens its own, so threads exclude each other too)."""
+        fd = os.open(self.data_dir / COUNT_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return os.fdopen(fd, "rb")  # closing it releases the lock
 
     def submit(self, token: str, r: int, body: Any) -> dict[str, Any]:
         """Store the ratings of round ``r`` (durably and all together, before returning), then refit and sample on."""
