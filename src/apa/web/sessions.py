@@ -219,6 +219,8 @@ class SessionManager:
         if workers < 1 or max_sessions < 1:  # before the data directory is made
             raise ValueError(f"--workers and --max-sessions must be at least 1, got {workers} and {max_sessions}")
         self.data_dir = Path(data_dir)
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ValueError(f"--data-dir {self.data_dir} is a file; choose a directory for the sessions")
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)  # the directory names are the tokens: no other local user may list them
         self.cfg, self.fixed_seed, self.max_sessions = cfg, fixed_seed, max_sessions
