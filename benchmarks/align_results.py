@@ -36,7 +36,13 @@ from apa.config import preset
 from apa.evaluation.report import write_report
 from apa.session import Session, with_overrides
 
-KEYS = ("preferred_confident_share", "preferred_share", "confident_share", "min_class_share", "fd_preferred", "wall_s")
+KEYS = ("preferred_confident_share", "judge_preferred_confident_share", "min_class_share", "judge_min_class_share",
+        "near_copy_share", "distance_ratio", "fd_preferred", "liked_shown_late", "target_tv", "wall_s")
+HEADS = ("preferred & confident (oracle)", "preferred & confident (judge)", "rarest preferred (oracle)",
+         "rarest preferred (judge)", "near-copies", "distance ratio", "FD to real preferred",
+         "shown liked, round 3 on", "TV to reweighted prior", "wall s")
+REFERENCE_SAMPLES = 4096  # plain prior samples: the target-fidelity reference and the near-copy yardstick
+LATE_ROUND = 2  # "round 3 on": rounds from this 0-based index count in the late share of shown images liked
 
 
 def parse_set(items: list[str]) -> dict[str, dict]:
@@ -52,25 +58,97 @@ def parse_set(items: list[str]) -> dict[str, dict]:
     return out
 
 
-def parse_final(text: str) -> tuple[str, float]:
-    """"noise" -> ("noise", 0.3); "liked:0.5" -> ("liked", 0.5)."""
+def parse_final(text: str) -> tuple[str, float, tuple[float, float] | None]:
+    """"noise" -> ("noise", 0.3, None); "liked:0.5" -> ("liked", 0.5, None); "noise@1-4" -> ("noise", 0.3,
+    (1.0, 4.0)): where the final batch starts, the restart fraction, and a β schedule of its own."""
+    text, _, beta = text.partition("@")
     name, _, frac = text.partition(":")
-    return name, float(frac) if frac else 0.3
+    return name, float(frac) if frac else 0.3, tuple(float(b) for b in beta.split("-")) if beta else None
 
 
-def judge(evaluator, images: torch.Tensor) -> dict:
-    """Every number of a row for one batch of images [n, 1, 28, 28] in [0, 1]."""
-    ev = evaluator(images)
-    shares = evaluator.user.evaluate(images)["preferred_class_shares"]
-    return {**{k: ev[k] for k in ("preferred_confident_share", "preferred_share", "confident_share", "fd_preferred")},
-            "min_class_share": min(shares.values()) if shares else 0.0, "class_shares": shares}
+def final_label(name: str, frac: float, beta: tuple[float, float] | None) -> str:
+    return f"fkc/{name}" + (f":{frac:g}" if name != "noise" else "") + (f"@{beta[0]:g}-{beta[1]:g}" if beta else "")
+
+
+def reference_particles(root: Path, prior_name: str, steps: int, n: int = REFERENCE_SAMPLES) -> Path:
+    """n plain samples of the prior (clean particles [n, *event]), drawn once per benchmark run and
+    shared by every job: the target-fidelity reference and the near-copy yardstick."""
+    from apa.registry import PRIORS
+    from apa.smc.sampler import sample_prior
+
+    path = root / f"reference_{prior_name}_{steps}_{n}.pt"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        prior = PRIORS.create(prior_name, {"name": prior_name})
+        with torch.no_grad():
+            z = sample_prior(prior, n, steps, torch.Generator().manual_seed(12345), batch_size=256, decode=False)
+        torch.save(z, path)
+    return path
+
+
+class Judges:
+    """Every batch judged twice: by the simulated user's oracle (with real held-out images of the
+    preferred classes for FD) and by the independent judge, which never rated anything."""
+
+    def __init__(self, user, prior_name: str, n_real: int, reference: torch.Tensor, decode):
+        from apa.evaluation.compare import Evaluator
+        from apa.evaluation.judge import load_judge
+
+        self.user, self.oracle, self.judge = user, Evaluator(user, prior_name, n_real), load_judge(prior_name)
+        self.prefer = tuple(user.prefer)
+        self.reference = reference  # [M, *event] plain prior particles
+        images = decode(reference)
+        self.prior_preferred = images[self.preferred_mask(images)]
+
+    def preferred_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """[n] bool: the judge puts the image in a preferred class, confidently."""
+        labels, conf = self.judge.classify(images)
+        return torch.isin(labels, torch.tensor(self.prefer)) & (conf >= self.judge.confidence)
+
+    def __call__(self, images: torch.Tensor, liked: torch.Tensor) -> dict:
+        """Every number of a row for one batch of images [n, 1, 28, 28] in [0, 1], given the images
+        the user liked during the session [m, 1, 28, 28]."""
+        from apa.evaluation.novelty import near_copies
+
+        ev = self.oracle(images)
+        shares = self.user.evaluate(images)["preferred_class_shares"]
+        jv = self.judge.evaluate(images, self.prefer)
+        return {**{k: ev[k] for k in ("preferred_confident_share", "preferred_share", "confident_share",
+                                      "fd_preferred")},
+                "min_class_share": min(shares.values()) if shares else 0.0, "class_shares": shares,
+                "judge_preferred_confident_share": jv["preferred_confident_share"],
+                "judge_min_class_share": jv["min_class_share"], "judge_class_shares": jv["class_shares_preferred"],
+                **near_copies(images[self.preferred_mask(images)], liked, self.prior_preferred)}
+
+
+def target_fidelity(session, judges: Judges, images: torch.Tensor) -> dict:
+    """The final batch's class mix against the reference prior samples reweighted by exp(β_end·r(x0))
+    under the session's final reward (``apa.evaluation.novelty.final_checks``)."""
+    from apa.evaluation.novelty import final_checks
+
+    checks = final_checks(session, images, judges.reference)
+    return {k: checks[k] for k in ("target_tv", "target_ess", "target_mix", "batch_mix")}
+
+
+def liked_images(session) -> torch.Tensor:
+    """Every rated image the user liked in the session, decoded: [m, C, H, W]."""
+    x, y = session.training_data()
+    with torch.no_grad():
+        return session.prior.decode(x[y > 0])
+
+
+def shown_liked(shares: list) -> dict:
+    """The mean share of shown images liked, over the session and from round LATE_ROUND + 1 on."""
+    done = [s for s in shares if s is not None]
+    late = [s for s in shares[LATE_ROUND:] if s is not None]
+    return {"liked_shown": sum(done) / len(done) if done else float("nan"),
+            "liked_shown_late": sum(late) / len(late) if late else float("nan"), "liked_by_round": shares}
 
 
 def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, seed: int, overrides: dict,
-            finals: list[tuple[str, float]], best_of_n: bool) -> dict:
+            finals: list[tuple[str, float, tuple[float, float] | None]], best_of_n: bool, reference: Path) -> dict:
     from apa.baselines import best_of_n as bon
     from apa.seeding import generator
-    from apa.evaluation.compare import Evaluator
 
     cfg = with_overrides(preset("default"), **{**overrides,
                                                "prior": {**overrides.get("prior", {}), "name": prior_name},
@@ -82,14 +160,18 @@ def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, s
     session = Session.start(out, cfg, progress=False)
     session.run()
     rounds_s = time.perf_counter() - t0
-    evaluator = Evaluator(session.feedback, prior_name, cfg.session.eval_samples)
+    judges = Judges(session.feedback, prior_name, cfg.session.eval_samples, torch.load(reference),
+                    session.prior.decode)
+    liked, seen = liked_images(session), shown_liked(session.liked_shares())
     rows = {}
-    for name, frac in finals:
-        session.cfg = with_overrides(cfg, session={"final_start": name, "restart": frac})
+    for name, frac, beta in finals:
+        session.cfg = with_overrides(cfg, session={"final_start": name, "restart": frac},
+                                     sampler={"beta": beta or cfg.sampler.beta})
         t1 = time.perf_counter()
         images = session.final_samples()
-        rows[f"fkc/{name}" + (f":{frac:g}" if name != "noise" else "")] = {
-            **judge(evaluator, images), "wall_s": rounds_s + time.perf_counter() - t1}
+        rows[final_label(name, frac, beta)] = {
+            **judges(images, liked), **seen, **target_fidelity(session, judges, images),
+            "wall_s": rounds_s + time.perf_counter() - t1}
     session.cfg = cfg
     path = session.save_final()
     write_report(session)
@@ -97,7 +179,12 @@ def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, s
         t1 = time.perf_counter()
         run = bon.run(session.prior, session.feedback, cfg.session.budget, cfg.session.per_round, seed)
         images = run.sample(cfg.session.eval_samples, generator(seed, 0, "eval"))
-        rows["best_of_n"] = {**judge(evaluator, images), "wall_s": time.perf_counter() - t1}
+        rated = torch.cat([rec.images for rec in run.records])
+        scores = torch.cat([torch.tensor(rec.scores) for rec in run.records])
+        rows["best_of_n"] = {**judges(images, rated[scores > 0]),
+                             **shown_liked([float((torch.tensor(rec.scores) > 0).float().mean())
+                                            for rec in run.records]),
+                             "target_tv": float("nan"), "wall_s": time.perf_counter() - t1}
     with np.load(path) as z:
         assert z["images"].shape[0] == cfg.session.eval_samples
     return {"prior": prior_name, "prefer": list(prefer), "noise": noise, "seed": seed, "rows": rows,
@@ -110,20 +197,24 @@ def _job(job: tuple) -> dict:
     return one_job(*args)
 
 
-def summarise(values: list[float]) -> str:
+def summarise(values: list[float], worst: bool = False) -> str:
+    """mean ± std over seeds (NaN runs left out); with ``worst``, also the lowest value in brackets."""
+    values = [v for v in values if v == v]
+    if not values:
+        return "–"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}" + (f" ({min(values):.2f})" if worst else "")
 
 
 def print_table(results: list[dict]) -> None:
-    print("| prior | prefer | label noise | method | preferred & confident | preferred | confident "
-          "| smallest preferred class | FD to real preferred | wall s |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("| prior | prefer | label noise | method | " + " | ".join(HEADS) + " |\n|" + "---|" * (4 + len(HEADS)))
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["prior"], ",".join(map(str, r["prefer"])), r["noise"]), []).append(r)
     for (prior, pref, noise), runs in groups.items():
         for method in runs[0]["rows"]:
-            cells = [summarise([r["rows"][method][k] for r in runs]) for k in KEYS]
+            cells = [summarise([r["rows"][method].get(k, float("nan")) for r in runs], worst="min_class" in k)
+                     for k in KEYS]
             print(f"| {prior} | {{{pref}}} | {noise:g} | {method} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -148,8 +239,10 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     noises = [float(p) for p in args.label_noise.split(",")]
     threads = 1 if args.jobs > 1 else args.threads
+    steps = overrides.get("sampler", {}).get("steps", preset("default").sampler.steps)
+    reference = reference_particles(root, args.prior, steps)
     jobs = [(root / f"{args.prior}_p{pref.replace(',', '')}_n{noise:g}_s{s}", args.prior,
-             tuple(int(c) for c in pref.split(",")), noise, s, overrides, finals, args.best_of_n, threads)
+             tuple(int(c) for c in pref.split(",")), noise, s, overrides, finals, args.best_of_n, reference, threads)
             for pref in args.prefer for noise in noises for s in seeds]
     print(f"prior {args.prior}, overrides {overrides}, seeds {seeds}\n", flush=True)
     if args.jobs > 1:

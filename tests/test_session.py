@@ -121,3 +121,26 @@ def test_final_batch_restarts_from_the_liked_rated_particles(tmp_path):
     session.cfg = noise_start
     assert session.final_start(4, torch.Generator()) == (None, 0)
     session.store.close()
+
+
+def test_exploration_stops_after_explore_rounds_and_a_logistic_surrogate_runs_the_loop(tmp_path):
+    """--explore-rounds 1: only the first guided round (round 2) shows plain prior samples; the logistic
+    surrogate's reward log P(liked | x) is never above 0 and its ratings are on the [-1, 1] scale."""
+    from apa.config import preset
+    from apa.session import with_overrides
+
+    cfg = with_overrides(preset("default"), sampler={"particles": 8, "steps": 6},
+                         surrogate={"epochs": 10, "loss": "logistic"},
+                         session={"budget": 16, "per_round": 4, "eval_samples": 8, "seed": 3, "explore": 0.5,
+                                  "explore_rounds": 1})
+    session = Session.start(tmp_path / "s", cfg, progress=False)
+    session.run()
+    explored = [row["info"]["explored"] for row in session.store.rounds()]  # a round of 8 particles may hold
+    assert explored[:2] == [0, 2] and not any(explored[2:]) and len(explored) >= 4  # fewer than 4 distinct ones
+    shares = session.liked_shares()
+    assert len(shares) == len(explored) and all(0.0 <= s <= 1.0 for s in shares)
+    x, _ = session.training_data()
+    model = session.surrogate_after(len(explored) - 1)
+    with torch.no_grad():
+        assert model.loss == "logistic" and (model(x) <= 0).all() and model.rating(x).abs().max() <= 1.0
+    session.store.close()

@@ -168,10 +168,15 @@ class SurrogateConfig:
     batch_size: int = knob(32, "training batch size (seed: 32)", flag="fit_batch_size")
     lr: float = knob(1e-3, "Adam learning rate (seed: 1e-3)")
     feature_t: int = knob(200, "the training timestep at which the prior's features are read")
-    ceiling: float | None = knob(0.5, "cap r at this value on the [-1, 1] rating scale (measured; none: no cap)")
+    loss: str = knob("mse", "what the surrogate learns: the rating on [-1, 1] by squared error (the seed's), or "
+                     "P(liked | x) by cross-entropy, tilting by r = log P(liked | x)", flag="surrogate_loss",
+                     choices=("mse", "logistic"))
+    ceiling: float | None = knob(0.5, "with --surrogate-loss mse: cap r at this value on the [-1, 1] rating scale "
+                                 "(measured; none: no cap)")
 
     def __post_init__(self) -> None:
         _choice("--surrogate", self.kind, ("pixels", "features"))
+        _choice("--surrogate-loss", self.loss, ("mse", "logistic"))
         _at_least("--ensemble", self.ensemble, 1)
         _at_least("--epochs", self.epochs, 1)
         _at_least("--fit-batch-size", self.batch_size, 1)
@@ -225,6 +230,7 @@ class SessionConfig:
     eval_samples: int = knob(256, "images in the final batch, resampled to equal weights")
     explore: float = knob(0.5, "the share of each guided round's shown images drawn from the plain prior "
                           "instead of the tilted particles (rated, weight zero in the population; measured)")
+    explore_rounds: int | None = knob(None, "how many guided rounds explore (see --explore); none: every round")
     final_start: str = knob("liked", "where the final batch starts (measured): the noise end, or the liked rated "
                             "images noised back (see --restart), drawn uniformly or balanced by their crowding",
                             choices=FINAL_STARTS)
@@ -240,12 +246,15 @@ class SessionConfig:
         _choice("--final-start", self.final_start, FINAL_STARTS)
         _require(_number(self.explore) and 0.0 <= self.explore <= 1.0,
                  f"--explore must be a share in [0, 1], got {self.explore!r}")
+        _require(self.explore_rounds is None or (_whole(self.explore_rounds) and self.explore_rounds >= 0),
+                 f"--explore-rounds must be a whole number from 0 or none, got {self.explore_rounds!r}")
         _require(_number(self.restart) and 0.0 < self.restart <= 1.0,
                  f"--restart must be a fraction of the steps in (0, 1], got {self.restart!r}")
 
 
 # What a stored config written before a field existed meant, so that an old session resumes to the same result:
-LEGACY = {("sampler", "weights"): "rate", ("session", "final_start"): "noise", ("session", "explore"): 0.0}
+LEGACY = {("sampler", "weights"): "rate", ("session", "final_start"): "noise", ("session", "explore"): 0.0,
+          ("surrogate", "loss"): "mse", ("session", "explore_rounds"): None}
 
 
 @dataclass(frozen=True)

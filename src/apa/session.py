@@ -161,7 +161,7 @@ class Session:
                 members = [FeatureSurrogate(fn, dim) for _ in range(sc.ensemble)]
             else:
                 members = [LatentSurrogate(self.prior.event_shape[0]) for _ in range(sc.ensemble)]
-        return Ensemble(members).eval()
+        return Ensemble(members, sc.loss).eval()
 
     def surrogate_after(self, r: int, device: torch.device | None = None) -> Ensemble | None:
         """The surrogate fitted after round r or, if r fitted nothing, after the last round that did;
@@ -210,13 +210,16 @@ class Session:
                               progress=self.progress, desc=request["desc"]).cpu()
 
     def reward(self, surrogate: Ensemble | None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The sampler's reward: the surrogate capped at ``surrogate.ceiling`` (on the [-1, 1] rating
-        scale), or zero before any feedback. The cap keeps the surrogate's noise among images it
-        already rates as liked from being amplified by exp(β·r) into a collapse onto one class."""
+        """The sampler's reward: zero before any feedback; log P(liked | x) for the logistic surrogate;
+        the mse surrogate's rating capped at ``surrogate.ceiling`` (on the [-1, 1] scale). The cap
+        keeps the surrogate's noise among images it already rates as liked from being amplified by
+        exp(β·r) into a collapse onto one class; log P(liked | x) saturates at 0 by itself."""
         if surrogate is None:
             return lambda z: torch.zeros(z.shape[0], device=z.device)
         ceiling = self.cfg.surrogate.ceiling
-        return surrogate if ceiling is None else (lambda z: surrogate(z).clamp(max=ceiling))
+        if surrogate.loss != "mse" or ceiling is None:
+            return surrogate
+        return lambda z: surrogate(z).clamp(max=ceiling)
 
     def sample_round(self, r: int) -> None:
         """Sample round r, choose what to show, persist both (the round reaches the host once, here)."""
@@ -226,11 +229,12 @@ class Session:
         with self.timer("sampling"):
             res = self.sample(surrogate, n, generator(seed, r, "sample"), desc=f"sampling round {r + 1}")
         k = min(self.cfg.session.per_round, self.cfg.session.budget - self.store.spent())
-        m = round(self.cfg.session.explore * k) if surrogate is not None else 0
+        m = round(self.explore_share(r) * k) if surrogate is not None else 0
         if m:
             res = self.explored(r, m, res)
         res = res.cpu()
-        cand = acquisition.Candidates(res.particles[:n], res.log_weights[:n], _on_host(surrogate, dev),
+        cand = acquisition.Candidates(res.particles[:n], res.log_weights[:n],
+                                      _on_host(surrogate.rating if surrogate is not None else None, dev),
                                       _on_host(surrogate.spread if surrogate is not None else None, dev))
         shown = acquisition.select(self.cfg.session.acquisition, cand, k - m, generator(seed, r, "select"))
         shown = torch.cat([shown, torch.arange(n, n + m, dtype=shown.dtype)])
@@ -240,6 +244,18 @@ class Session:
         with self.timer("io"):
             self.store.save_round(r, {"particles": res.particles, "log_weights": res.log_weights, "shown": shown},
                                   shown.tolist(), info)
+
+    def explore_share(self, r: int) -> float:
+        """The share of round r's shown images drawn from the plain prior: ``explore`` in the first
+        ``explore_rounds`` guided rounds (every one when none), 0 after."""
+        sc = self.cfg.session
+        guided = r - self.first_guided_round()
+        return sc.explore if sc.explore_rounds is None or guided < sc.explore_rounds else 0.0
+
+    def first_guided_round(self) -> int:
+        """The first round sampled with a surrogate: the one after the first round that fitted one."""
+        fitted = [row["round"] for row in self.store.rounds() if self.store.surrogate_path(row["round"]).exists()]
+        return fitted[0] + 1 if fitted else len(self.store.rounds())
 
     def explored(self, r: int, m: int, res: SMCResult) -> SMCResult:
         """``res`` with m plain prior samples appended, weight zero (log −inf: no part of the weighted
@@ -279,6 +295,16 @@ class Session:
             return torch.zeros(0, *self.prior.event_shape), torch.zeros(0)
         return torch.cat(xs), normalise_scores(torch.cat(ys), scale)
 
+    def liked_shares(self) -> list[float | None]:
+        """Per round, the share of its rated shown images the user liked (a rating above the scale's
+        midpoint); None for a round with no rating. What a person saw, round by round."""
+        lo, hi = getattr(self.feedback, "scale", (-1.0, 1.0))
+        out = []
+        for row in self.store.rounds():
+            scores = [x["score"] for x in self.store.ratings(row["round"]) if x["score"] is not None]
+            out.append(sum(s > (lo + hi) / 2 for s in scores) / len(scores) if scores else None)
+        return out
+
     def finish_round(self, r: int) -> float | None:
         """Refit the surrogate on all feedback and mark round r complete. Returns the fit loss."""
         x, y = self.training_data()
@@ -308,7 +334,7 @@ class Session:
         y = normalise_scores(torch.tensor([x["score"] for x in rated], dtype=torch.float32),
                              getattr(self.feedback, "scale", (-1.0, 1.0)))
         with torch.no_grad():
-            pred = surrogate(x).reshape(-1).float().cpu()
+            pred = surrogate.rating(x).reshape(-1).float().cpu()
         return {"accuracy": float(((pred > 0) == (y > 0)).float().mean()), "mae": float((pred - y).abs().mean()),
                 "n": len(rated)}
 

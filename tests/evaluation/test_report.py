@@ -13,8 +13,9 @@ from apa.data import class_names
 FASHION = class_names("fashion")
 
 
-def row(r: int, ratings, ev=None, heldout=None, spent=0):
+def row(r: int, ratings, ev=None, heldout=None, spent=0, liked=None):
     return {"round": r, "feedback_spent": spent, "ratings": ratings, "fit_loss": 0.0, "surrogate_heldout": heldout,
+            "liked_share": liked,
             "shown": list(range(len(ratings))), "guided": r > 0, "ess": [8.0, 3.25], "resampled_steps": 1,
             "unique_origins": 4, "eval": ev or {}}
 
@@ -28,9 +29,9 @@ def test_numbers_read_as_percentages_and_dashes():
 
 
 def test_human_rounds_table_has_no_oracle_columns_and_no_nan():
-    head, body = rp.rounds_table([row(0, [5.0, None, 2.0, 3.0]), row(1, [None, None])], {}, oracle=False)
+    head, body = rp.rounds_table([row(0, [5.0, None, 2.0, 3.0], liked=1 / 3), row(1, [None, None])], {}, oracle=False)
     assert "preferred & confident" not in head and "fit loss" not in head and "surrogate held out" in head
-    assert body[0][:4] == ["1", "0", "5 · 2 3", "3.33"] and body[1][3] == rp.DASH
+    assert body[0][:5] == ["1", "0", "5 · 2 3", "33%", "3.33"] and body[1][3] == rp.DASH and body[1][4] == rp.DASH
     assert not any("nan" in c for line in body for c in line)
 
 
@@ -39,7 +40,7 @@ def test_oracle_table_starts_with_the_prior_baseline_and_shows_held_out_scores()
             row(1, [1.0, 1.0], {"preferred_confident_share": 0.84, "confident_share": 0.9}, {"accuracy": 0.5, "n": 2})]
     head, body = rp.rounds_table(rows, {"preferred_confident_share": 0.3, "confident_share": 0.6}, oracle=True)
     assert body[0][0] == "prior only" and body[0][-2:] == ["30%", "60%"]
-    assert body[1][4] == rp.DASH and body[2][4] == "50% of 2" and body[2][-2] == "84%"
+    assert body[1][5] == rp.DASH and body[2][5] == "50% of 2" and body[2][-2] == "84%"
 
 
 def test_a_final_batch_below_the_last_round_is_explained_and_collapse_names_classes():
@@ -91,3 +92,23 @@ def test_prefer_refuses_unknown_names():
     with pytest.raises(ValueError, match="class indices"):
         parse_classes("sandal")
     assert parse_classes("1,4,7,9") == (1, 4, 7, 9) and not math.isnan(1.0)
+
+
+def test_the_share_of_shown_images_liked_is_given_over_the_session_and_from_round_3_on():
+    rows = [row(0, [1.0], liked=0.25), row(1, [1.0], liked=0.5), row(2, [1.0], liked=1.0), row(3, [None], liked=None),
+            row(4, [1.0], liked=0.5)]
+    text = rp.liked_text(rows)
+    assert "**56%** over the session" in text and "75% from round 3 on" in text
+    assert rp.liked_text([row(0, [None])]) is None
+
+
+def test_novelty_and_target_blocks_show_both_class_mixes_and_say_whose_target_it_is():
+    mix = [0.0] * 11
+    checks = {"near_copy_share": 0.04, "distance_ratio": 0.93, "reference_samples": 1024, "target_tv": 0.06,
+              "target_ess": 180.0, "target_is_own": False, "batch_mix": [0.5] + mix[1:9] + [0.5, 0.0],
+              "target_mix": [0.45] + mix[1:9] + [0.5, 0.05]}
+    text = rp.to_markdown(rp.checks_blocks(checks, class_names("mnist")))
+    assert "**4%** of the preferred final images" in text and "0.93" in text and "**0.06**" in text
+    assert "not its own" in text and "| digit 0 | 50% | 45% |" in text and "| not confident | 0% | 5% |" in text
+    assert "digit 1 |" not in text  # classes absent from both mixes are left out
+    assert rp.checks_blocks({}, ()) == []

@@ -84,13 +84,14 @@ def heldout_text(h: dict | None) -> str:
 
 
 def round_rows(session) -> list[dict[str, Any]]:
-    rows, spent = [], 0
+    rows, spent, liked = [], 0, session.liked_shares()
     for r in session.store.rounds():
         ratings = session.store.ratings(r["round"])
         scores = [x["score"] for x in sorted(ratings, key=lambda x: x["position"])]
         spent += sum(s is not None for s in scores)
         info = r["info"]
         rows.append({"round": r["round"], "feedback_spent": spent, "ratings": scores, "fit_loss": r["fit_loss"],
+                     "liked_share": liked[len(rows)],
                      "surrogate_heldout": info.get("surrogate_heldout"), "shown": list(r["shown"]),
                      "guided": info.get("beta_used", False), "ess": info.get("ess", []),
                      "resampled_steps": int(sum(info.get("resampled", []))),
@@ -112,8 +113,8 @@ def cache_dir() -> Path:
     return data_dir() / "baselines"
 
 
-def baseline_key(session, n: int) -> str | None:
-    """The cache key of the prior-only baseline: prior weights' sha256, the simulated user, n, steps."""
+def prior_sha(session) -> str | None:
+    """The sha256 of the session's prior weights file (None for a prior without one, e.g. a hub model)."""
     weights = getattr(session.cfg.prior, "weights", None)
     if not weights:
         try:
@@ -122,13 +123,19 @@ def baseline_key(session, n: int) -> str | None:
             weights = weights_path(session.cfg.prior.name)
         except Exception:
             return None
-    if not Path(weights).is_file():
+    return data.file_sha256(Path(weights)) if Path(weights).is_file() else None
+
+
+def baseline_key(session, n: int) -> str | None:
+    """The cache key of the prior-only baseline: prior weights' sha256, the simulated user, n, steps."""
+    sha = prior_sha(session)
+    if sha is None:
         return None
     fb = session.cfg.feedback
     user = {k: getattr(fb, k, None) for k in ("name", "prefer", "mode", "confidence", "dataset", "oracle_weights")}
     if user.get("oracle_weights") and Path(user["oracle_weights"]).is_file():
         user["oracle_weights"] = data.file_sha256(Path(user["oracle_weights"]))
-    text = json.dumps({"prior": data.file_sha256(Path(weights)), "user": user, "n": n,
+    text = json.dumps({"prior": sha, "user": user, "n": n,
                        "steps": session.cfg.sampler.steps, "seed": 0}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -293,17 +300,18 @@ def explore_text(s: dict) -> str:
 
 
 def rounds_table(rows: list[dict], baseline: dict, oracle: bool) -> tuple[list[str], list[list[str]]]:
-    head = ["round", "feedback spent", "ratings", "mean rating", "surrogate held out", "min ESS"]
+    head = ["round", "feedback spent", "ratings", "liked", "mean rating", "surrogate held out", "min ESS"]
     if oracle:
         head += ["preferred & confident", "confident"]
     body = []
     if oracle and baseline:
-        body.append(["prior only", "0", DASH, DASH, DASH, DASH, pct(baseline.get("preferred_confident_share")),
+        body.append(["prior only", "0", DASH, DASH, DASH, DASH, DASH, pct(baseline.get("preferred_confident_share")),
                      pct(baseline.get("confident_share"))])
     for r in rows:
         rated = [s for s in r["ratings"] if s is not None]
         ratings = " ".join("·" if s is None else score_text(s) for s in r["ratings"]) or DASH
-        line = [str(r["round"] + 1), str(r["feedback_spent"]), ratings, num(np.mean(rated)) if rated else DASH,
+        line = [str(r["round"] + 1), str(r["feedback_spent"]), ratings, pct(r["liked_share"]),
+                num(np.mean(rated)) if rated else DASH,
                 heldout_text(r["surrogate_heldout"]), num(min(r["ess"]), 1) if r["ess"] else DASH]
         if oracle:
             line += [pct(r["eval"].get("preferred_confident_share")), pct(r["eval"].get("confident_share"))]
@@ -356,7 +364,44 @@ def final_blocks(rows: list[dict], final: dict, names: tuple[str, ...], particle
     return blocks
 
 
-def document(session, rows, final, baseline, figures) -> list[tuple]:
+LATE_ROUND = 2  # "from round 3 on": the rounds after the surrogate has seen two rounds of ratings
+
+
+def liked_text(rows: list[dict]) -> str | None:
+    """What share of the shown images the user liked, over the session and from round 3 on."""
+    done = [r["liked_share"] for r in rows if r["liked_share"] is not None]
+    late = [r["liked_share"] for r in rows[LATE_ROUND:] if r["liked_share"] is not None]
+    if not done:
+        return None
+    return (f"Shown images the user liked: **{pct(sum(done) / len(done))}** over the session"
+            + (f", {pct(sum(late) / len(late))} from round {LATE_ROUND + 1} on." if late else "."))
+
+
+def checks_blocks(checks: dict, names: tuple[str, ...]) -> list[tuple]:
+    """The final batch's novelty and its class mix against the reweighted prior (see evaluation/novelty.py)."""
+    if not checks:
+        return []
+    items = [f"near-copies of the liked rated images: **{pct(checks.get('near_copy_share'))}** of the preferred "
+             f"final images (independent prior samples: 5% by construction); median distance to the nearest liked "
+             f"image {num(checks.get('distance_ratio'))} × the prior samples' (1 = as new as the prior's own)"]
+    blocks: list[tuple] = [("h2", "New images, and the sampler's target"), ("list", items)]
+    if "target_mix" in checks:
+        own = ("the final batch's own target" if checks["target_is_own"] else
+               "the target from the noise end (this final batch restarts from the liked images, so it is not its own)")
+        items.append(f"class mix against {checks['reference_samples']} plain prior samples reweighted by "
+                     f"exp(β_end·r) under the final reward ({own}): total variation **{num(checks['target_tv'])}** "
+                     f"(reweighting ESS {num(checks['target_ess'], 0)})")
+        labels = [class_label(c, names) for c in range(len(checks["batch_mix"]) - 1)] + ["not confident"]
+        body = [[lab, pct(b), pct(t)] for lab, b, t in zip(labels, checks["batch_mix"], checks["target_mix"])
+                if max(b, t) >= 0.005]
+        blocks.append(("table", ["class", "final batch", "reweighted prior"], body))
+        blocks.append(("read", "Where the two columns disagree, the sampler missed its own target (too few particles, "
+                       "a collapsed population); where they agree and the preferred share is low, the surrogate or the "
+                       "tilt is at fault."))
+    return blocks
+
+
+def document(session, rows, final, baseline, figures, checks: dict | None = None) -> list[tuple]:
     cfg = session.cfg.to_dict()
     names = tuple(getattr(session.prior, "class_names", ()) or ())
     human = cfg["feedback"]["name"] == "human"
@@ -371,7 +416,11 @@ def document(session, rows, final, baseline, figures) -> list[tuple]:
                  "the “prior only” row is the same view of plain prior samples, the level feedback has to beat.")
     blocks: list[tuple] = [("h1", "apa alignment report"), ("p", setup_text(cfg, human, names, getattr(session.feedback, "prefer", None))),
                            ("h2", "Rounds"), ("table", head, body), ("read", read)]
+    liked = liked_text(rows)
+    if liked:
+        blocks.append(("p", liked))
     blocks += final_blocks(rows, final, names, session.cfg.sampler.particles)
+    blocks += checks_blocks(checks or {}, names)
     blocks.append(("h2", "Figures"))
     blocks += [("figure", *f) for f in figures]
     return blocks
@@ -484,6 +533,18 @@ def figures(session, rows: list[dict], final: dict, baseline: dict, root: Path) 
     return out
 
 
+def final_checks_of(session) -> dict[str, Any]:
+    """Novelty and target fidelity of the stored final batch ({} before it exists, or for a prior with no
+    weights file to cache a reference on)."""
+    from apa.evaluation.novelty import final_checks, prior_reference
+
+    images = session.store.final_images()
+    if images is None:
+        return {}
+    reference = prior_reference(session)
+    return {} if reference is None else final_checks(session, images, reference)
+
+
 @private  # the report shows a person's ratings and images: 0600 files, 0700 grids/
 def write_report(session) -> Path:
     root = session.store.root
@@ -492,9 +553,10 @@ def write_report(session) -> Path:
     final = final_eval(session)
     baseline = prior_baseline(session)
     names = tuple(getattr(session.prior, "class_names", ()) or ())
+    checks = final_checks_of(session)
     figs = figures(session, rows, final, baseline, root)
-    blocks = document(session, rows, final, baseline, figs)
-    report = {"config": cfg, "rounds": rows, "final": final, "prior_baseline": baseline,
+    blocks = document(session, rows, final, baseline, figs, checks)
+    report = {"config": cfg, "rounds": rows, "final": final, "prior_baseline": baseline, "final_checks": checks,
               "collapse_warning": collapse_warning(final, names), "timings": getattr(session, "timings", {})}
     md = session.store.report_path
     md.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float))

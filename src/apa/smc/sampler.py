@@ -366,11 +366,12 @@ def drive(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig,
 
 
 def sample_prior(prior: Prior, n: int, num_steps: int, generator: torch.Generator | None = None,
-                 batch_size: int = 128) -> torch.Tensor:
-    """n plain samples (β = 0) drawn in batches and decoded: [n, C, H, W] (or [n, *event])."""
+                 batch_size: int = 128, decode: bool = True) -> torch.Tensor:
+    """n plain samples (β = 0) drawn in batches and decoded: [n, C, H, W]; or, with ``decode=False``,
+    the clean particles themselves [n, *event] (what a reward reads)."""
     out = []
     for start in range(0, n, batch_size):
         res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0], device=z.device), particles=min(batch_size, n - start),
                          steps=num_steps, beta=(0.0, 0.0), generator=generator)
-        out.append(prior.decode(res.particles))
+        out.append(prior.decode(res.particles) if decode else res.particles)
     return torch.cat(out)

@@ -1,4 +1,5 @@
-"""Refit the surrogate on all feedback so far (the seed: Adam 1e-3, 200 epochs, batch 32, MSE).
+"""Refit the surrogate on all feedback so far (the seed: Adam 1e-3, 200 epochs, batch 32, MSE; or
+cross-entropy on P(liked | x) for the logistic surrogate, ``Ensemble.loss``).
 
 Deterministic given its generator: a resumed session refits to the same weights.
 """
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from apa.surrogate.model import Ensemble, FeatureSurrogate
 
@@ -22,7 +24,9 @@ class FitConfig:
 
 
 def fit(model: Ensemble, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig, generator: torch.Generator) -> float:
-    """Train every member on (x [n, ...], y [n]) by MSE; returns the final mean training loss.
+    """Train every member on (x [n, ...], y [n] ratings in [-1, 1]) by the ensemble's loss: MSE on the
+    rating, or binary cross-entropy of the member's logit against the probability (y + 1) / 2 (a
+    graded rating is a soft label). Returns the final mean training loss.
 
     Feature surrogates embed x once (the features are frozen), so each epoch costs only the heads.
     """
@@ -32,13 +36,23 @@ def fit(model: Ensemble, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig, gener
     if isinstance(model.members[0], FeatureSurrogate):
         with torch.no_grad():
             feats = model.members[0].embed(x)
-    losses = [_fit_member(m, x if feats is None else feats, y, cfg, generator, feats is not None)
+    loss = _mse if model.loss == "mse" else _cross_entropy
+    losses = [_fit_member(m, x if feats is None else feats, y, cfg, generator, feats is not None, loss)
               for m in model.members]
     return float(sum(losses) / len(losses))
 
 
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out - y).pow(2).mean()
+
+
+def _cross_entropy(logit: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """−[p·log σ(f) + (1 − p)·log(1 − σ(f))] with p = (y + 1) / 2, mean over the batch."""
+    return F.binary_cross_entropy_with_logits(logit, (y + 1.0) / 2.0)
+
+
 def _fit_member(member: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig, gen: torch.Generator,
-                on_features: bool) -> float:
+                on_features: bool, loss_fn=_mse) -> float:
     forward = member.head if on_features else member
     params = [p for p in member.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -48,7 +62,7 @@ def _fit_member(member: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FitCon
         for _ in range(cfg.epochs):
             total = 0.0
             for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-                loss = (forward(x[idx]) - y[idx]).pow(2).mean()
+                loss = loss_fn(forward(x[idx]), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
