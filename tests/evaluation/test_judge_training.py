@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -38,13 +39,18 @@ def test_other_split_is_disjoint():
 
 
 def test_the_split_record_counts_the_oracles_images(mnist_arrays):
-    _, labels = jt.pool(mnist_arrays)
     r = jt.default_recipe("mnist")
-    parts = jt.judge_split(labels, r.held_out_per_class, r.calibration_per_class, r.train_per_class, r.split_seed)
-    overlap = jt.oracle_overlap("mnist", parts, len(mnist_arrays["train_images"]))
     # the MNIST oracle trains on every train image (pool indices below 9,000) and on no test image
-    assert overlap["held_out_in_oracle_train"] == int((parts["held_out"] < 9000).sum())
-    assert 0 < overlap["train_in_oracle_train"] < len(parts["train"])
+    assert np.array_equal(jt.oracle_training_indices("mnist", 9000), np.arange(9000))
+    d = jt.judge_data("mnist", replace(r, other_train=10, other_calibration=10), arrays=mnist_arrays,
+                      other=mnist_arrays)  # the other dataset's images do not matter here
+    _, labels = jt.pool(mnist_arrays)
+    held = jt.judge_split(labels, r.held_out_per_class, r.calibration_per_class, r.train_per_class,
+                          r.split_seed)["held_out"]
+    assert d.split["held_out"]["count"] == len(held) == 1500
+    assert torch.equal(d.held_out_oracle_unseen, torch.from_numpy(held >= 9000))
+    assert d.split["oracle_overlap"]["held_out_in_oracle_train"] == int((held < 9000).sum())
+    assert 0 < d.split["oracle_overlap"]["train_in_oracle_train"] < d.split["train"]["count"]
 
 
 def _tiny(mnist_arrays) -> jt.JudgeData:
@@ -89,7 +95,7 @@ def test_training_resumes_and_export_fits_a_temperature(tmp_path, mnist_arrays):
     for p, q in zip(resumed.parameters(), straight.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
     path, info = jt.export_from_run("mnist", tmp_path / "run", tmp_path / "j.safetensors", prepared=d,
-                                    prior_samples=False)
+                                    compare_oracle=False)
     assert info["steps"] == 6 and info["split"] == {"note": "tiny"} and info["calibration_images"] == 50 + 32
     assert info["calibration_nll"] <= info["calibration_nll_at_1"]
     judge = load_judge("mnist", path)

@@ -6,7 +6,7 @@ held-out set. The 11th output, NONE, learns from real images of the other datase
 the MNIST judge and the reverse, :func:`other_split`) and from the oracle recipe's synthetic
 off-data (``apa.oracle_training.off_data``: noise, blobs, blanks, two-class blends, noisy images).
 `apa train-judge` runs :func:`train_judge` then :func:`export_from_run`, which fits a temperature on
-calibration images and records :func:`judge_report` and :func:`prior_report` in the file's metadata.
+calibration images and records :func:`judge_report` and :func:`oracle_report` in the file's metadata.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ class JudgeData:
     other_calibration: torch.Tensor
     other_test: torch.Tensor  # the other dataset's test split: a probe never trained on
     split: dict  # counts and sha256 of every index part, and the overlap with the oracle's split
+    held_out_oracle_unseen: torch.Tensor | None = None  # [m] bool: held-out images the oracle never trained on
 
 
 def judge_data(dataset: str, recipe: JudgeRecipe, arrays: dict | None = None, other: dict | None = None) -> JudgeData:
@@ -138,24 +139,26 @@ def judge_data(dataset: str, recipe: JudgeRecipe, arrays: dict | None = None, ot
                         recipe.split_seed)
     o = other_split(len(other["train_images"]), recipe.other_train, recipe.other_calibration, recipe.split_seed)
     take = {name: (_unit(images[idx]), torch.from_numpy(labels[idx])) for name, idx in parts.items()}
+    oracle_seen = oracle_training_indices(dataset, len(arrays["train_images"]))
     split = {"pool": f"{dataset} train images then test images ({len(arrays['train_images'])} + "
                      f"{len(arrays['test_images'])})", "seed": recipe.split_seed,
              **{name: {"count": len(idx), "sha256": index_digest(idx)} for name, idx in parts.items()},
              "other_dataset": OTHER_DATASET[dataset],
              **{f"other_{name}": {"count": len(idx), "sha256": index_digest(idx)} for name, idx in o.items()},
-             "oracle_overlap": oracle_overlap(dataset, parts, len(arrays["train_images"]))}
+             "oracle_overlap": {f"{name}_in_oracle_train": int(np.isin(idx, oracle_seen).sum())
+                                for name, idx in parts.items()}}
     return JudgeData(take["train"], take["calibration"], take["held_out"], _unit(other["train_images"][o["train"]]),
-                     _unit(other["train_images"][o["calibration"]]), _unit(other["test_images"]), split)
+                     _unit(other["train_images"][o["calibration"]]), _unit(other["test_images"]), split,
+                     torch.from_numpy(~np.isin(parts["held_out"], oracle_seen)))
 
 
-def oracle_overlap(dataset: str, parts: dict[str, np.ndarray], n_train: int) -> dict[str, int]:
-    """How many images of each judge part the shipped oracle trained on (its recipe's split of the
-    train images; the test images it never saw)."""
+def oracle_training_indices(dataset: str, n_train: int) -> np.ndarray:
+    """The pool indices the shipped oracle trained on: its recipe's split of the train images (the
+    test images it never saw)."""
     from apa.oracle_training import default_recipe as oracle_recipe, validation_split
 
     held = oracle_recipe(dataset).validation
-    seen = validation_split(n_train, held)[0].numpy() if held else np.arange(n_train)
-    return {f"{name}_in_oracle_train": int(np.isin(idx, seen).sum()) for name, idx in parts.items()}
+    return validation_split(n_train, held)[0].numpy() if held else np.arange(n_train)
 
 
 # ---------------------------------------------------------------- training
@@ -268,26 +271,35 @@ def judge_report(judge: Judge, d: JudgeData, n: int = 1000, seed: int = 1234) ->
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}
 
 
-def prior_report(judge: Judge, dataset: str, n: int = 512, steps: int = 25, seed: int = 0, batch_size: int = 64,
-                 confidence: float = 0.9) -> dict:
-    """The judge and the shipped oracle on the shipped prior's plain samples, the same images as
-    ``apa sample --prior <dataset> -n 512 --steps 25 --seed 0`` (batch size 64).
+def oracle_report(judge: Judge, d: JudgeData, dataset: str, n: int = 512, steps: int = 25, seed: int = 0,
+                  batch_size: int = 64, confidence: float = 0.9) -> dict:
+    """The judge beside the shipped oracle.
 
-    agreement_verdict: both say "confidently class c" for the same c, or both say "not confidently
-    any class" (the oracle: max probability < 0.9; the judge: NONE or below 0.9);
+    On the held-out images neither network trained on (``d.held_out_oracle_unseen``): each one's
+    errors and the errors they share. On the shipped prior's plain samples, the same images as
+    ``apa sample --prior <dataset> -n 512 --steps 25 --seed 0`` (batch size 64): confident shares
+    and agreement. agreement_verdict: both say "confidently class c" for the same c, or both say
+    "not confidently any class" (the oracle: max probability < 0.9; the judge: NONE or below 0.9);
     agreement_top_class: the judge's top output is the oracle's top class.
     """
     from apa.feedback.classifier import load_oracle, predict_proba
     from apa.priors.ddpm import load_prior
     from apa.smc.sampler import sample_prior
 
+    oracle = load_oracle(dataset)
+    report = {}
+    if d.held_out_oracle_unseen is not None:
+        x, y = (t[d.held_out_oracle_unseen] for t in d.held_out)
+        j_wrong, o_wrong = judge.classify(x)[0] != y, predict_proba(oracle, x).argmax(1) != y
+        report = {"unseen_images": len(y), "unseen_judge_errors": int(j_wrong.sum()),
+                  "unseen_oracle_errors": int(o_wrong.sum()), "unseen_shared_errors": int((j_wrong & o_wrong).sum())}
     images = sample_prior(load_prior(dataset), n, steps, torch.Generator().manual_seed(seed), batch_size).float()
-    o_conf, o_pred = predict_proba(load_oracle(dataset), images).max(1)
+    o_conf, o_pred = predict_proba(oracle, images).max(1)
     j_pred, j_conf = judge.classify(images)
     o_verdict = torch.where(o_conf >= confidence, o_pred, NONE)
     j_verdict = torch.where(j_conf >= judge.confidence, j_pred, NONE)
     shares = judge.evaluate(images, range(NUM_CLASSES))
-    return {"prior_samples": {"n": n, "steps": steps, "seed": seed, "batch_size": batch_size},
+    return {**report, "prior_samples": {"n": n, "steps": steps, "seed": seed, "batch_size": batch_size},
             "prior_confident_share": shares["confident_share"], "prior_none_share": shares["none_share"],
             "prior_class_shares": shares["class_shares"],
             "prior_oracle_confident_share": round(float((o_conf >= confidence).float().mean()), 4),
@@ -301,10 +313,10 @@ def prior_report(judge: Judge, dataset: str, n: int = 512, steps: int = 25, seed
 
 
 def export_from_run(dataset: str, run_dir: Path, path: Path | None = None, prepared: JudgeData | None = None,
-                    prior_samples: bool = True) -> tuple[Path, dict]:
+                    compare_oracle: bool = True) -> tuple[Path, dict]:
     """Export a run's EMA weights as the dataset's judge, with a temperature fitted on
     :func:`calibration_set` and the measurements of :func:`judge_report` (and, with
-    ``prior_samples``, :func:`prior_report`). Returns (path written, the info in its metadata)."""
+    ``compare_oracle``, :func:`oracle_report`). Returns (path written, the info in its metadata)."""
     run_dir = Path(run_dir)
     if not (run_dir / "ckpt.pt").exists():
         raise FileNotFoundError(f"no checkpoint in {run_dir}; train first with `apa train-judge --dataset {dataset}`")
@@ -323,5 +335,5 @@ def export_from_run(dataset: str, run_dir: Path, path: Path | None = None, prepa
             "params": sum(p.numel() for p in model.parameters()), "temperature": round(t, 4),
             "calibration_images": len(cy), "calibration_nll_at_1": round(float(F.cross_entropy(logits, cy)), 4),
             "calibration_nll": round(float(F.cross_entropy(logits / t, cy)), 4), **judge_report(judge, d),
-            **(prior_report(judge, dataset) if prior_samples else {})}
+            **(oracle_report(judge, d, dataset) if compare_oracle else {})}
     return export_judge(model, path or weights_path(dataset), dataset, info), info
