@@ -272,7 +272,7 @@ def test_a_lost_ledger_commit_is_refused(tmp_path):
     s.add_rating(0, 1, 1.0, "oracle")
     s.close()
     s = SessionStore.open(tmp_path / "s")  # the database ahead of its ledger (a kill between them) is fine
-    s._conn.execute("DELETE FROM ratings WHERE position=1")
+    s._writable().execute("DELETE FROM ratings WHERE position=1")
     s.close()
     with pytest.raises(store_module.StoreError, match="holds 1 ratings"):
         SessionStore.open(tmp_path / "s")

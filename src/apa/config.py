@@ -19,7 +19,7 @@ from apa.registry import ACQUISITIONS, FEEDBACK, PRIORS
 
 NUM_TIMESTEPS = 1000  # training timesteps of every built-in prior (DDPM and SD 1.5): --feature-t is one of them
 MIN_EVAL_SAMPLES = 2  # the final evaluation's statistics need at least two images
-MAX_POPULATION = 2**16  # particles in a round, images in the final batch: past this, memory runs out first
+MAX_POPULATION = 2**16  # a session's particles in a round, images in its final batch: past this, memory runs out
 MAX_SEED = 2**32 - 1  # seeds derive generators as seed·1000003 + ..., which must fit in 64 bits
 DEVICE_RE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")  # what --device may name (torch.device's spelling)
 
@@ -131,8 +131,8 @@ class SamplerConfig:
     clamp: float | None = knob(None, "clamp accumulated log-weights to [-c, c] (seed: 100; none: no clamp)")
 
     def __post_init__(self) -> None:
-        _between("--particles", self.particles, 1, MAX_POPULATION)
-        _between("--steps", self.steps, 1, NUM_TIMESTEPS)
+        _at_least("--particles", self.particles, 1)
+        _at_least("--steps", self.steps, 1)
         for flag, pair in (("--beta", self.beta), ("--gamma", self.gamma)):
             _require(len(pair) == 2 and all(_number(v) and math.isfinite(v) for v in pair),
                      f"{flag} must be two finite numbers like 2,8, got {pair}")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from apa import acquisition
-from apa.config import AlignConfig
+from apa.config import MAX_POPULATION, NUM_TIMESTEPS, AlignConfig
 from apa.feedback.base import FeedbackSource, check_scores, with_label_noise
 from apa.registry import FEEDBACK, PRIORS
 from apa.seeding import generator
@@ -49,6 +49,12 @@ def validate(cfg: AlignConfig) -> None:
     if cfg.sampler.particles < s.per_round:
         raise SessionError(f"--particles {cfg.sampler.particles} is below --per-round {s.per_round}: "
                            "a round cannot show more particles than it samples")
+    if cfg.sampler.particles > MAX_POPULATION:
+        raise SessionError(f"--particles {cfg.sampler.particles} is past {MAX_POPULATION}, more than a session's "
+                           "memory holds; lower it")
+    if cfg.sampler.steps > NUM_TIMESTEPS:
+        raise SessionError(f"--steps {cfg.sampler.steps} is past the prior's {NUM_TIMESTEPS} training timesteps; "
+                           "lower it")
 
 
 def check_device(device: str | None) -> None:
