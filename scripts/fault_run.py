@@ -177,8 +177,10 @@ def swap(a: Path, b: Path) -> None:
 
 
 def drop_a_rating(root: Path) -> None:
+    """The first rating deleted (one the ledger recorded: the last commit may be newer than the ledger,
+    the kill having fallen between the two, and is asked again on resume)."""
     conn = sqlite3.connect(root / "session.sqlite")
-    conn.execute("DELETE FROM ratings WHERE rowid = (SELECT max(rowid) FROM ratings)")
+    conn.execute("DELETE FROM ratings WHERE rowid = (SELECT min(rowid) FROM ratings)")
     conn.commit()
     conn.close()
 
