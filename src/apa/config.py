@@ -105,6 +105,7 @@ REWARD_AT = ("xt", "tweedie")  # where r is read: the particle z_t itself, or it
 JACOBIANS = ("exact", "gaussian", "identity")  # ∂ẑ0/∂z in ∇_z r(ẑ0(z)): through the denoiser, s²/(s²+σ²), none
 WEIGHTS = ("exact", "rate", "none")  # discrete-transition weights, the SPEC's continuous rate, or none (guidance)
 FINAL_STARTS = ("noise", "liked", "balanced")  # where the final batch starts
+BETA_SCHEDULES = ("linear", "signal")  # β over the grid: linear in the step, or with the signal share of ẑ0
 RESAMPLE = ("systematic", "stratified", "residual", "multinomial", "none")
 
 
@@ -116,6 +117,9 @@ class SamplerConfig:
     steps: int = knob(25, "sampling steps from noise to data (seed: 25)")
     beta: tuple[float, float] = knob((2.0, 8.0), "tilt strength β, linear from start to end over the steps "
                                      "(measured on MNIST; seed: 0.5,2)")
+    beta_schedule: str = knob("linear", "how β goes from start to end: linear over the steps (seed), or with the "
+                              "signal share s²/(s²+σ²) of the Tweedie estimate, so the tilt acts once ẑ0 is "
+                              "informative", choices=BETA_SCHEDULES)
     gamma: tuple[float, float] = knob((0.05, 0.0), "diversity weight γ, linear from start to end (seed)")
     beta_dot: float | None = knob(None, "a constant ∂β for the rate weights (seed: 1; none: from the β schedule)")
     diversity: bool = knob(False, "add the diversity term L_div to the potential (seed: off for images)")
@@ -126,6 +130,9 @@ class SamplerConfig:
                          "(measured), or none (the seed's literal reading; breaks a DDPM prior)", choices=JACOBIANS)
     weights: str = knob("exact", "SMC weights: exact for the discrete steps (default), the seed's continuous rate "
                         "(biased at 25 steps), or none (guidance alone)", choices=WEIGHTS)
+    drift: float = knob(1.0, "scale of the FKC drift (g²·ds/2)·∇φ that moves the particles toward the reward; "
+                        "0: the prior's own kernel, steered by resampling alone (no reward gradient). With exact "
+                        "weights any scale has the same target")
     resample: str = knob("systematic", "resampling scheme (seed: none)", choices=RESAMPLE)
     ess_threshold: float = knob(0.5, "resample when the ESS falls below this fraction of the particles")
     clamp: float | None = knob(None, "clamp accumulated log-weights to [-c, c] (seed: 100; none: no clamp)")
@@ -138,10 +145,15 @@ class SamplerConfig:
                      f"{flag} must be two finite numbers like 2,8, got {pair}")
         _require(self.beta_dot is None or (_number(self.beta_dot) and math.isfinite(self.beta_dot)),
                  f"--beta-dot must be a finite number or none, got {self.beta_dot!r}")
+        _choice("--beta-schedule", self.beta_schedule, BETA_SCHEDULES)
         _choice("--reward-at", self.reward_at, REWARD_AT)
         _choice("--jacobian", self.jacobian, JACOBIANS)
         _choice("--weights", self.weights, WEIGHTS)
         _choice("--resample", self.resample, RESAMPLE)
+        _require(_number(self.drift) and math.isfinite(self.drift) and self.drift >= 0,
+                 f"--drift must be a finite number from 0, got {self.drift!r}")
+        _require(self.drift == 1.0 or self.weights == "exact",
+                 f"--drift {self.drift:g} needs --weights exact (the other weights assume the full drift)")
         _require(_number(self.ess_threshold) and 0.0 <= self.ess_threshold <= 1.0,
                  f"--ess-threshold must be in [0, 1], got {self.ess_threshold!r}")
         _require(self.clamp is None or (_number(self.clamp) and self.clamp > 0),
@@ -253,7 +265,7 @@ class SessionConfig:
 
 
 # What a stored config written before a field existed meant, so that an old session resumes to the same result:
-LEGACY = {("sampler", "weights"): "rate", ("session", "final_start"): "noise", ("session", "explore"): 0.0,
+LEGACY = {("sampler", "weights"): "rate", ("sampler", "drift"): 1.0, ("sampler", "beta_schedule"): "linear", ("session", "final_start"): "noise", ("session", "explore"): 0.0,
           ("surrogate", "loss"): "mse", ("session", "explore_rounds"): None}
 
 

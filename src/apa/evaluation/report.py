@@ -381,8 +381,9 @@ def checks_blocks(checks: dict, names: tuple[str, ...]) -> list[tuple]:
     """The final batch's novelty and its class mix against the reweighted prior (see evaluation/novelty.py)."""
     if not checks:
         return []
-    items = [f"near-copies of the liked rated images: **{pct(checks.get('near_copy_share'))}** of the preferred "
-             f"final images (independent prior samples: 5% by construction); median distance to the nearest liked "
+    which = "the preferred final images" if "target_mix" in checks else "the final images"
+    items = [f"near-copies of the liked rated images: **{pct(checks.get('near_copy_share'))}** of {which} "
+             f"(independent prior samples: 5% by construction); median distance to the nearest liked "
              f"image {num(checks.get('distance_ratio'))} × the prior samples' (1 = as new as the prior's own)"]
     blocks: list[tuple] = [("h2", "New images, and the sampler's target"), ("list", items)]
     if "target_mix" in checks:

@@ -57,6 +57,18 @@ def linear_schedule(start: float, end: float, num_steps: int) -> torch.Tensor:
     return torch.linspace(float(start), float(end), num_steps + 1, dtype=torch.float64)
 
 
+def signal_schedule(start: float, end: float, sigmas: torch.Tensor, data_std: float) -> torch.Tensor:
+    """β_i = start + (end − start)·s²/(s² + σ_i²) on the grid σ_i [num_steps + 1] -> [num_steps + 1].
+
+    s²/(s² + σ²) is the share of ẑ0 that is signal for data of per-coordinate std s (the Gaussian
+    Jacobian): the tilt grows as the Tweedie estimate the reward reads becomes informative, so at
+    high noise, where r(ẑ0) of a blur varies across particles without saying which image it will
+    become, the weights do not select (and collapse) the population. It reaches ``end`` at σ = 0."""
+    s2 = float(data_std) ** 2
+    signal = s2 / (s2 + sigmas.double() ** 2)
+    return float(start) + (float(end) - float(start)) * signal
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The time grid of one run, built once: σ_i, β_i, γ_i, each [steps + 1] (index i = point i)."""
@@ -72,7 +84,10 @@ class Schedule:
 
     @classmethod
     def of(cls, prior: Prior, cfg: SamplerConfig) -> "Schedule":
-        return cls(prior.sigmas(cfg.steps), linear_schedule(*cfg.beta, cfg.steps), linear_schedule(*cfg.gamma, cfg.steps))
+        sigmas = prior.sigmas(cfg.steps)
+        betas = (linear_schedule(*cfg.beta, cfg.steps) if cfg.beta_schedule == "linear"
+                 else signal_schedule(*cfg.beta, sigmas, prior.data_std))
+        return cls(sigmas, betas, linear_schedule(*cfg.gamma, cfg.steps))
 
     def at(self, i: int) -> tuple[float, float, float, float]:
         """(σ_i, σ_{i+1}, β_i, γ_i) as Python floats."""

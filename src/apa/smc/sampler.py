@@ -126,7 +126,7 @@ def _evaluate(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerCon
     sig, sig_next, _, gamma = sched.at(i)
     if cfg.guided:
         deterministic = prior.transition_variance(sig, sig_next) == 0.0
-        need_grad = not (cfg.weights == "exact" and deterministic)  # no shift on a deterministic step
+        need_grad = not (cfg.weights == "exact" and (deterministic or cfg.drift == 0.0))  # no shift to compute
         return fkc.evaluate_potential(prior, reward, z, sig, gamma, cfg, historical=historical, step=i,
                                       need_grad=need_grad, deferred=deferred)
     with torch.no_grad():
@@ -181,8 +181,8 @@ def _move(z: Particles, pe: fkc.PotentialEval, prior: Prior, reward: fkc.Reward,
     variance = prior.transition_variance(sig, sig_next)
     exact = cfg.guided and cfg.weights == "exact"
     shift = None
-    if cfg.guided and not (exact and variance == 0.0):  # no shift where the step is deterministic
-        shift = fkc.drift_shift(grad_phi, prior.g2_ds(sig, sig_next))
+    if cfg.guided and grad_phi is not None and not (exact and variance == 0.0):  # none where the step is deterministic
+        shift = fkc.drift_shift(cfg.drift * grad_phi, prior.g2_ds(sig, sig_next))
     with torch.no_grad():
         z_next = prior.transition(z, pe.eps, sig, sig_next, noise, shift=shift)
     if not exact:
