@@ -300,6 +300,24 @@ def test_exact_weights_hit_the_discrete_target(discrete_reference, steps, twist)
     assert z.abs().max() < _disc_critical(len(z)), z
 
 
+@pytest.mark.parametrize("settings", [dict(beta_schedule="signal"), dict(beta_schedule="signal", drift=0.0)],
+                         ids=["signal beta", "signal beta, no drift"])
+def test_the_beta_schedule_and_the_drift_change_the_variance_not_the_target(discrete_reference, settings):
+    """The signal-share β schedule (β_i from s²/(s²+σ_i²)) and the gradient-free move (drift 0, the prior's
+    own kernel) keep the exact weights' target at 25 steps: the same test, the same power, as above."""
+    z = _disc_z(discrete_reference, 25, weights="exact", reward_at="tweedie", jacobian="gaussian", **settings)
+    assert z.abs().max() < _disc_critical(len(z)), z
+
+
+def test_the_signal_schedule_rises_with_the_signal_share_and_ends_at_beta_end():
+    from apa.smc.fkc import signal_schedule
+
+    sigmas = torch.tensor([100.0, 3.0, 1.0, 0.6, 0.1, 0.0], dtype=torch.float64)
+    b = signal_schedule(0.5, 2.0, sigmas, 0.6)
+    assert b[-1] == pytest.approx(2.0, abs=1e-12) and (b[1:] >= b[:-1]).all() and abs(b[0] - 0.5) < 1e-4
+    assert b[3] == pytest.approx(0.5 + 1.5 * 0.5)  # σ = s: half the signal
+
+
 @pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("weights", ["rate", "none"])
 def test_rate_weights_and_guidance_fail_the_same_test(discrete_reference, weights, steps):
