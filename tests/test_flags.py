@@ -57,7 +57,7 @@ def test_help_groups_the_flags_and_sets_the_sd_flags_apart(capsys):
     for title in ("sampler (② FKC-SMC)", "surrogate (", "feedback (", "session (", "Stable Diffusion 1.5 (--prior sd15)"):
         assert title in text, title
     sd = text[text.index("Stable Diffusion 1.5 (--prior sd15)"):]
-    assert "--guidance-scale" in sd and "--prompt" in sd and "(default: 2,8)" in text
+    assert "--guidance-scale" in sd and "--prompt" in sd and "(default: 0,2)" in text
 
 
 def test_version(capsys):

@@ -115,11 +115,11 @@ class SamplerConfig:
 
     particles: int = knob(32, "particles sampled per round (seed: 32)")
     steps: int = knob(25, "sampling steps from noise to data (seed: 25)")
-    beta: tuple[float, float] = knob((2.0, 8.0), "tilt strength β, linear from start to end over the steps "
-                                     "(measured on MNIST; seed: 0.5,2)")
-    beta_schedule: str = knob("linear", "how β goes from start to end: linear over the steps (seed), or with the "
+    beta: tuple[float, float] = knob((0.0, 2.0), "tilt strength β from start to end over the steps (measured on "
+                                     "MNIST with the logistic surrogate; seed: 0.5,2)")
+    beta_schedule: str = knob("signal", "how β goes from start to end: linear over the steps (seed), or with the "
                               "signal share s²/(s²+σ²) of the Tweedie estimate, so the tilt acts once ẑ0 is "
-                              "informative", choices=BETA_SCHEDULES)
+                              "informative (measured)", choices=BETA_SCHEDULES)
     gamma: tuple[float, float] = knob((0.05, 0.0), "diversity weight γ, linear from start to end (seed)")
     beta_dot: float | None = knob(None, "a constant ∂β for the rate weights (seed: 1; none: from the β schedule)")
     diversity: bool = knob(False, "add the diversity term L_div to the potential (seed: off for images)")
@@ -180,8 +180,9 @@ class SurrogateConfig:
     batch_size: int = knob(32, "training batch size (seed: 32)", flag="fit_batch_size")
     lr: float = knob(1e-3, "Adam learning rate (seed: 1e-3)")
     feature_t: int = knob(200, "the training timestep at which the prior's features are read")
-    loss: str = knob("mse", "what the surrogate learns: the rating on [-1, 1] by squared error (the seed's), or "
-                     "P(liked | x) by cross-entropy, tilting by r = log P(liked | x)", flag="surrogate_loss",
+    loss: str = knob("logistic", "what the surrogate learns: P(liked | x) by cross-entropy, tilting by "
+                     "r = log P(liked | x) (measured), or the rating on [-1, 1] by squared error (the seed's)",
+                     flag="surrogate_loss",
                      choices=("mse", "logistic"))
     ceiling: float | None = knob(0.5, "with --surrogate-loss mse: cap r at this value on the [-1, 1] rating scale "
                                  "(measured; none: no cap)")
@@ -236,15 +237,18 @@ class SessionConfig:
 
     budget: int = knob(80, "ratings in all (seed: 80)")
     per_round: int = knob(8, "images rated per round (seed: 8)")
-    acquisition: str = knob("diverse", "which particles a round shows: farthest points (measured), the top weights "
-                            "(seed), random, or UCB", choices=ACQUISITIONS)
+    acquisition: str = knob("random", "which particles a round shows: distinct particles of the weighted population "
+                            "at random (what the sampler produces; measured), farthest points, the top weights "
+                            "(seed), or UCB", choices=ACQUISITIONS)
     seed: int = knob(0, "the seed every random choice of the session derives from")
     eval_samples: int = knob(256, "images in the final batch, resampled to equal weights")
     explore: float = knob(0.5, "the share of each guided round's shown images drawn from the plain prior "
                           "instead of the tilted particles (rated, weight zero in the population; measured)")
-    explore_rounds: int | None = knob(None, "how many guided rounds explore (see --explore); none: every round")
-    final_start: str = knob("liked", "where the final batch starts (measured): the noise end, or the liked rated "
-                            "images noised back (see --restart), drawn uniformly or balanced by their crowding",
+    explore_rounds: int | None = knob(1, "how many guided rounds explore (see --explore; measured); none: every "
+                                      "round")
+    final_start: str = knob("noise", "where the final batch starts: the noise end (new images from the prior tilted "
+                            "toward the preference; measured), or the liked rated images noised back (see --restart; "
+                            "variations of images the user already rated), drawn uniformly or balanced by crowding",
                             choices=FINAL_STARTS)
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
                           "(0.3 of 25: the last 8, from t≈291 of 1000)")
@@ -317,9 +321,11 @@ def preset(name: str, base: AlignConfig | None = None) -> AlignConfig:
     if name == "seed":
         return replace(base,
                        sampler=replace(base.sampler, reward_at="tweedie", jacobian="identity", resample="none", weights="rate",
-                                       clamp=100.0, beta_dot=1.0, beta=(0.5, 2.0), gamma=(0.05, 0.0)),
+                                       clamp=100.0, beta_dot=1.0, beta=(0.5, 2.0), gamma=(0.05, 0.0),
+                                       beta_schedule="linear", drift=1.0),
                        feedback=replace(base.feedback, users=("apple", "grape", "banana"), temperature=10.0),
-                       session=replace(base.session, acquisition="weight", final_start="noise", explore=0.0),
+                       session=replace(base.session, acquisition="weight", final_start="noise", explore=0.0,
+                                       explore_rounds=None),
                        surrogate=replace(base.surrogate, kind="pixels", ensemble=1, epochs=200, batch_size=32,
-                                         lr=1e-3, ceiling=None))
+                                         lr=1e-3, ceiling=None, loss="mse"))
     raise ValueError(f"unknown preset {name!r}; choose 'default' or 'seed'")

@@ -286,14 +286,18 @@ def setup_text(cfg: dict, human: bool, names: tuple[str, ...], prefer: tuple[int
                + ", ".join(class_label(c, names) for c in prefer)) if prefer else f"feedback `{fb['name']}`"
     s, sm = cfg["session"], cfg["sampler"]
     return (f"Prior `{cfg['prior']['name']}`, {who}. Budget {s['budget']} ratings, {s['per_round']} images a round, "
-            f"{sm['particles']} particles × {sm['steps']} steps, β {sm['beta'][0]:g} → {sm['beta'][1]:g}, "
-            f"{sm.get('weights', 'rate')} weights, surrogate {cfg['surrogate']['kind']}, "
+            f"{sm['particles']} particles × {sm['steps']} steps, β {sm['beta'][0]:g} → {sm['beta'][1]:g} "
+            f"({sm.get('beta_schedule', 'linear')}), {sm.get('weights', 'rate')} weights, surrogate "
+            f"{cfg['surrogate']['kind']} ({cfg['surrogate'].get('loss', 'mse')}), "
             f"reward at {sm['reward_at']} ({sm['jacobian']} Jacobian), {explore_text(s)}seed {s['seed']}.")
 
 
 def explore_text(s: dict) -> str:
     """How the session drew its shown images and final batch, for the report's first line."""
-    out = f"{s.get('explore', 0.0):.0%} of each guided round from the plain prior, " if s.get("explore") else ""
+    rounds = s.get("explore_rounds")
+    which = ("each guided round" if rounds is None else "the first guided round" if rounds == 1
+             else f"the first {rounds} guided rounds")
+    out = f"{s.get('explore', 0.0):.0%} of {which} from the plain prior, " if s.get("explore") and rounds != 0 else ""
     start = s.get("final_start", "noise")
     return out + (f"final batch from the {start} rated images, last {s.get('restart', 0.3):g} of the steps, "
                   if start != "noise" else "final batch from the noise end, ")
