@@ -4,15 +4,21 @@ For each preference set, label-noise level and seed it runs one whole `apa align
 command's defaults unless overridden), then draws its final batch once per ``--final`` variant
 from the same session (one thing changed at a time: where the final batch starts), and runs
 the best-of-N baseline (``apa.baselines.best_of_n``, its code and settings unchanged) on the
-same simulated user, seed and budget. Every batch is judged by one evaluator (the oracle and
-real held-out images of the preferred classes): preferred∧confident share, preferred share,
-confident share, the smallest preferred class's share among preferred samples (collapse check),
-Fréchet distance of the oracle's features to real preferred images, and wall time.
+same simulated user, seed and budget. Every batch is judged twice: by the simulated user's oracle
+(with real held-out images of the preferred classes for the Fréchet distance in its features), and
+by the independent judge (``apa.evaluation.judge``: another network, another data split, a "none of
+the classes" output), which never rated anything. Per batch: preferred∧confident share under both,
+the rarest preferred class's share among the preferred (both), near-copies of the liked rated
+images and the distance ratio (``apa.evaluation.novelty``, preferred images by the judge, 4,096
+plain prior samples as the yardstick), the share of shown images the user liked from round 3 on,
+and the total variation between the batch's class mix and the same 4,096 prior samples reweighted
+by exp(β_end·r) under the session's final reward (target fidelity).
 
   python benchmarks/align_results.py --prefer 1,4,7,9 0 3,8 2,5 --seeds 0,1,2 --out runs/results
   python benchmarks/align_results.py --prefer 1,4,7,9 --label-noise 0,0.1 --final noise,liked:0.3
   python benchmarks/align_results.py --prior fashion --prefer 5,7,9 --out runs/fashion
   python benchmarks/align_results.py --prefer 1,4,7,9 --set sampler.weights=rate --no-best-of-n
+  python benchmarks/align_results.py --summarise runs/results     # the table of the jobs finished so far
 
 ``--jobs N`` runs N (set, noise, seed) jobs at once in separate processes, one thread each:
 every session is seeded, so the numbers are those of the sequential run, but the wall times
@@ -231,7 +237,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/results")
     ap.add_argument("--jobs", type=int, default=1, help="jobs at once, in separate processes")
+    ap.add_argument("--summarise", metavar="DIR", help="print the table of the jobs finished so far in DIR and exit")
     args = ap.parse_args()
+    if args.summarise:
+        runs = [json.loads(p.read_text()) for p in sorted(Path(args.summarise, "jobs").glob("*.json"))]
+        print_table(sorted(runs, key=lambda r: (r["noise"], r["prefer"], r["seed"])))
+        return
     torch.set_num_threads(args.threads)
     overrides = parse_set(args.set)
     finals = [parse_final(f) for f in args.final.split(",")]
@@ -243,15 +254,19 @@ def main() -> None:
     reference = reference_particles(root, args.prior, steps)
     jobs = [(root / f"{args.prior}_p{pref.replace(',', '')}_n{noise:g}_s{s}", args.prior,
              tuple(int(c) for c in pref.split(",")), noise, s, overrides, finals, args.best_of_n, reference, threads)
-            for pref in args.prefer for noise in noises for s in seeds]
+            for noise in noises for s in seeds for pref in args.prefer]  # every set at one seed before the next
     print(f"prior {args.prior}, overrides {overrides}, seeds {seeds}\n", flush=True)
-    if args.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            results = pool.map(_job, jobs, chunksize=1)
-    else:
-        results = [_job(j) for j in jobs]
+    done = root / "jobs"  # one JSON per finished job, so a run stopped early still has its results
+    done.mkdir(parents=True, exist_ok=True)
+    results = []
+    with multiprocessing.get_context("spawn").Pool(max(args.jobs, 1)) as pool:
+        for result in pool.imap_unordered(_job, jobs, chunksize=1):
+            name = f"{result['prior']}_p{''.join(map(str, result['prefer']))}_n{result['noise']:g}_s{result['seed']}"
+            (done / f"{name}.json").write_text(json.dumps(result, default=str))
+            results.append(result)
+    results.sort(key=lambda r: [j[0].name for j in jobs].index(
+        f"{r['prior']}_p{''.join(map(str, r['prefer']))}_n{r['noise']:g}_s{r['seed']}"))
     print_table(results)
-    root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps({"overrides": args.set, "runs": results}, indent=2, default=str))
 
 

@@ -57,7 +57,7 @@ def test_reward_at_xt_gradient_of_linear_reward():
 def test_rate_increment_arithmetic():
     """The seed's rate: (β_{i+1}−β_i)·r − ⟨∇φ, f⟩ + (g²ds/2)⟨∇φ, score⟩, plus φ_0 at i = 0 (VE form: f = 0)."""
     prior = _one_gaussian()
-    cfg = SamplerConfig(steps=2, beta=(1.0, 3.0), gamma=(0.0, 0.0), weights="rate")
+    cfg = SamplerConfig(steps=2, beta=(1.0, 3.0), gamma=(0.0, 0.0), weights="rate", beta_schedule="linear")
     sched = fkc.Schedule.of(prior, cfg)
     z = torch.tensor([[0.3, -0.2], [1.0, 2.0]])
     sig, sig_next, b0, _ = sched.at(1)
