@@ -18,17 +18,16 @@ until now, judged the batch the session ends with. The judge is independent of i
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
+
+from apa.shipped import export_network, network_metadata, shipped_path
 
 NUM_CLASSES = 10
 NONE = NUM_CLASSES  # the label of "none of the classes" (not a digit / not a garment)
@@ -158,24 +157,17 @@ class Judge:
 
 def weights_path(dataset: str) -> Path:
     """Where the shipped judge of a dataset lives: ``apa/weights/judge_<dataset>.safetensors``."""
-    return Path(str(resources.files("apa") / "weights" / f"judge_{dataset}.safetensors"))
+    return shipped_path(f"judge_{dataset}.safetensors")
 
 
 def export_judge(model: JudgeNet, path: Path, dataset: str, info: dict) -> Path:
     """Write a judge's weights as safetensors (metadata: judge config, dataset, training info)."""
-    meta = {"judge": json.dumps(model.config.to_dict()), "dataset": dataset, "info": json.dumps(info)}
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
-    return Path(path)
+    return export_network(model, path, "judge", model.config.to_dict(), dataset, info)
 
 
 def judge_metadata(dataset: str = "mnist", path: Path | None = None) -> dict:
     """The metadata of a shipped (or given) judge file: judge config, dataset, info (decoded)."""
-    path = Path(path) if path is not None else weights_path(dataset)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    return {"judge": json.loads(meta["judge"]), "dataset": meta["dataset"], "info": json.loads(meta["info"])}
+    return network_metadata(Path(path) if path is not None else weights_path(dataset), "judge")
 
 
 def load_judge(dataset: str = "mnist", path: Path | None = None, confidence: float = CONFIDENCE) -> Judge:

@@ -7,17 +7,17 @@ It is trained by ``apa.oracle_training`` (the recipe) and turned into a simulate
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
+
+from apa.shipped import export_network, network_metadata, shipped_path
 
 NUM_CLASSES = 10
 
@@ -97,24 +97,17 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def weights_path(dataset: str) -> Path:
     """Where the shipped oracle of a dataset lives: ``apa/weights/oracle_<dataset>.safetensors``."""
-    return Path(str(resources.files("apa") / "weights" / f"oracle_{dataset}.safetensors"))
+    return shipped_path(f"oracle_{dataset}.safetensors")
 
 
 def export_oracle(model: Classifier, path: Path, dataset: str, info: dict) -> Path:
     """Write an oracle's weights as safetensors (metadata: classifier config, dataset, training info)."""
-    meta = {"classifier": json.dumps(model.config.to_dict()), "dataset": dataset, "info": json.dumps(info)}
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
-    return Path(path)
+    return export_network(model, path, "classifier", model.config.to_dict(), dataset, info)
 
 
 def oracle_metadata(dataset: str = "mnist", path: Path | None = None) -> dict:
     """The metadata of a shipped (or given) oracle file: classifier config, dataset, info (decoded)."""
-    path = Path(path) if path is not None else weights_path(dataset)
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    return {"classifier": json.loads(meta["classifier"]), "dataset": meta["dataset"], "info": json.loads(meta["info"])}
+    return network_metadata(Path(path) if path is not None else weights_path(dataset), "classifier")
 
 
 def load_oracle(dataset: str = "mnist", path: Path | None = None) -> Classifier:
