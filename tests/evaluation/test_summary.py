@@ -45,3 +45,13 @@ def test_align_json_prints_only_the_summary(tmp_path, capsys):
     summary = json.loads(out)
     assert summary["ratings"] == 8 and 0.0 <= summary["preferred_confident"] <= 1.0
     assert "round 1/2" not in err
+
+
+def test_the_summary_says_what_share_of_the_shown_images_was_liked_and_how_many_final_images_copy():
+    from apa.evaluation.summary import closing_summary, summary_lines
+
+    report = {"rounds": [{"ratings": [1.0, -1.0], "liked_share": 0.5}, {"ratings": [1.0], "liked_share": 1.0},
+                         {"ratings": [None], "liked_share": None}],
+              "final": {}, "final_checks": {"near_copy_share": 0.04}}
+    lines = summary_lines(closing_summary(report, 12.0, "r/report.md"))
+    assert "shown images liked: 0.75; final images that copy a liked rated one: 4% (the prior's own: 5%)" in lines

@@ -59,7 +59,14 @@ def closing_summary(report: dict[str, Any], wall_s: float, report_path: str) -> 
             "confident": final.get("confident_share"),
             "preferred_class_shares": final.get("preferred_class_shares"),
             "collapse_warning": report.get("collapse_warning"),
+            "liked_shown": _mean([r.get("liked_share") for r in report.get("rounds", [])]),
+            "near_copy_share": (report.get("final_checks") or {}).get("near_copy_share"),
             "wall_s": round(wall_s, 1), "report": report_path}
+
+
+def _mean(values: list) -> float | None:
+    done = [v for v in values if v is not None]
+    return sum(done) / len(done) if done else None
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -73,6 +80,13 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     shares = summary["preferred_class_shares"]
     if shares and len(shares) > 1:
         lines.append("preferred classes: " + ", ".join(f"{c} {v:.0%}" for c, v in shares.items()))
+    seen = []
+    if summary.get("liked_shown") is not None:
+        seen.append(f"shown images liked: {summary['liked_shown']:.2f}")
+    if summary.get("near_copy_share") is not None and summary["near_copy_share"] == summary["near_copy_share"]:
+        seen.append(f"final images that copy a liked rated one: {summary['near_copy_share']:.0%} (the prior's own: 5%)")
+    if seen:
+        lines.append("; ".join(seen))
     if summary["collapse_warning"]:
         lines.append(summary["collapse_warning"])
     lines.append(f"report: {summary['report']}")
