@@ -71,7 +71,7 @@ def effective_sample_size(log_weights: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- one session's final batch
 
-REFERENCE_SAMPLES = 1024  # plain prior samples a report compares the final batch with (cached per prior)
+REFERENCE_SAMPLES = 512  # plain prior samples a report compares the final batch with (drawn once, cached per prior)
 UNSURE = 10  # the class bin of an image the simulated user's classifier is not confident about
 
 
