@@ -262,6 +262,20 @@ def _confident_share(model: nn.Module, x: torch.Tensor, confidence: float) -> fl
     return float((predict_proba(model, x).max(dim=1).values >= confidence).float().mean())
 
 
+
+def off_data_probes(x: torch.Tensor, y: torch.Tensor, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """n images of each kind a classifier must not call a class (seeded by ``gen``), from real images
+    x [m, 1, 28, 28] in [0, 1] with labels y [m]: clip(0.5 + 0.5·N(0, 1)), U[0, 1], blank images, 50/50
+    blends and pixelwise maxima of two images of different classes, and images + N(0, 0.5²)."""
+    i = torch.randint(0, len(x), (n,), generator=gen)
+    j = pair_other_class(y, i, gen)
+    shape = (n, 1, 28, 28)
+    return {"gaussian_noise": (0.5 + 0.5 * torch.randn(shape, generator=gen)).clamp(0, 1),
+            "uniform_noise": torch.rand(shape, generator=gen),
+            "blank": torch.rand(n, 1, 1, 1, generator=gen).expand(shape).contiguous(),
+            "blend_mean": 0.5 * (x[i] + x[j]), "blend_max": torch.maximum(x[i], x[j]),
+            "noisy_sigma_0.5": (x[i] + 0.5 * torch.randn(shape, generator=gen)).clamp(0, 1)}
+
 def oracle_report(model: nn.Module, arrays: dict[str, np.ndarray], n: int = 1000, confidence: float = 0.9,
                   seed: int = 1234) -> dict:
     """What the model card records: held-out accuracy and confident shares on off-data probes.
@@ -275,15 +289,7 @@ def oracle_report(model: nn.Module, arrays: dict[str, np.ndarray], n: int = 1000
     test_x = torch.from_numpy(data_mod.to_unit(arrays["test_images"]))
     test_y = torch.from_numpy(arrays["test_labels"]).long()
     probs = predict_proba(model, test_x)
-    i = torch.randint(0, len(test_x), (n,), generator=gen)
-    j = pair_other_class(test_y, i, gen)
-    shape = (n, 1, 28, 28)
-    probes = {"gaussian_noise": (0.5 + 0.5 * torch.randn(shape, generator=gen)).clamp(0, 1),
-              "uniform_noise": torch.rand(shape, generator=gen),
-              "blank": torch.rand(n, 1, 1, 1, generator=gen).expand(shape).contiguous(),
-              "blend_mean": 0.5 * (test_x[i] + test_x[j]),
-              "blend_max": torch.maximum(test_x[i], test_x[j]),
-              "noisy_sigma_0.5": (test_x[i] + 0.5 * torch.randn(shape, generator=gen)).clamp(0, 1)}
+    probes = off_data_probes(test_x, test_y, n, gen)
     report = {"test_images": len(test_x),
               "test_accuracy": float((probs.argmax(1) == test_y).float().mean()),
               "test_confident_share": float((probs.max(1).values >= confidence).float().mean())}

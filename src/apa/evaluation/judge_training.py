@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from apa import data as data_mod
 from apa.evaluation.judge import NONE, NUM_CLASSES, Judge, JudgeConfig, JudgeNet, export_judge, weights_path
 from apa.feedback.classifier import fit_temperature
-from apa.oracle_training import TRAIN_OFF_KINDS, augment, off_data, pair_other_class
+from apa.oracle_training import TRAIN_OFF_KINDS, augment, off_data, off_data_probes
 from apa.training import TrainConfig, load_checkpoint_model, train
 
 JUDGE_TRAIN = TrainConfig(steps=1200, batch_size=128, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=100,
@@ -246,14 +246,7 @@ def judge_report(judge: Judge, d: JudgeData, n: int = 1000, seed: int = 1234) ->
     conf, pred = probs.max(1)
     confident = (pred != NONE) & (conf >= judge.confidence)
     gen = torch.Generator().manual_seed(seed)
-    i = torch.randint(0, len(x), (n,), generator=gen)
-    j = pair_other_class(y, i, gen)
-    shape = (n, 1, 28, 28)
-    probes = {"gaussian_noise": (0.5 + 0.5 * torch.randn(shape, generator=gen)).clamp(0, 1),
-              "uniform_noise": torch.rand(shape, generator=gen),
-              "blank": torch.rand(n, 1, 1, 1, generator=gen).expand(shape).contiguous(),
-              "blend_mean": 0.5 * (x[i] + x[j]), "blend_max": torch.maximum(x[i], x[j]),
-              "noisy_sigma_0.5": (x[i] + 0.5 * torch.randn(shape, generator=gen)).clamp(0, 1),
+    probes = {**off_data_probes(x, y, n, gen),
               "other_dataset": d.other_test[torch.randperm(len(d.other_test), generator=gen)[:n]]}
     report = {"held_out_images": len(y), "held_out_accuracy": float((pred == y).float().mean()),
               "held_out_confident_share": float(confident.float().mean()),
