@@ -3,8 +3,8 @@
 For each preference set, label-noise level and seed it runs one whole `apa align` session (the
 command's defaults unless overridden), then draws its final batch once per ``--final`` variant
 from the same session (one thing changed at a time: where the final batch starts), and runs
-the best-of-N baseline (``apa.baselines.best_of_n``, its code and settings unchanged) on the
-same simulated user, seed and budget. Every batch is judged twice: by the simulated user's oracle
+each ``--peers`` method (default best-of-N; any of ``apa.baselines``, their code and settings
+unchanged) on the same prior, simulated user, seed, budget, round size and final batch size. Every batch is judged twice: by the simulated user's oracle
 (with real held-out images of the preferred classes for the Fréchet distance in its features), and
 by the independent judge (``apa.evaluation.judge``: another network, another data split, a "none of
 the classes" output), which never rated anything. Per batch: preferred∧confident share under both,
@@ -17,7 +17,9 @@ by exp(β_end·r) under the session's final reward (target fidelity).
   python benchmarks/align_results.py --prefer 1,4,7,9 0 3,8 2,5 --seeds 0,1,2 --out runs/results
   python benchmarks/align_results.py --prefer 1,4,7,9 --label-noise 0,0.1 --final noise,liked:0.3
   python benchmarks/align_results.py --prior fashion --prefer 5,7,9 --out runs/fashion
-  python benchmarks/align_results.py --prefer 1,4,7,9 --set sampler.weights=rate --no-best-of-n
+  python benchmarks/align_results.py --prefer 1,4,7,9 --set sampler.weights=rate --peers ''
+  python benchmarks/align_results.py --prefer 1,4,7,9 0 3,8 2,5 --final noise \
+      --peers best_of_n,papa,fk_steering,das_online,seiko_ucb --out runs/peers     # the field's methods
   python benchmarks/align_results.py --summarise runs/results     # the table of the jobs finished so far
 
 ``--jobs N`` runs N (set, noise, seed) jobs at once in separate processes, one thread each:
@@ -151,10 +153,28 @@ def shown_liked(shares: list) -> dict:
             "liked_shown_late": sum(late) / len(late) if late else float("nan"), "liked_by_round": shares}
 
 
-def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, seed: int, overrides: dict,
-            finals: list[tuple[str, float, tuple[float, float] | None]], best_of_n: bool, reference: Path) -> dict:
-    from apa.baselines import best_of_n as bon
+def peer_row(name: str, session, judges: Judges, workdir: Path) -> dict:
+    """One peer method (``apa.baselines``, its code and default settings unchanged) on the session's
+    prior, simulated user, seed, budget, round size and final batch size: its row of the table."""
+    from apa import baselines
     from apa.seeding import generator
+
+    s = session.cfg.session
+    t0 = time.perf_counter()
+    run = baselines.get(name)(session.prior, session.feedback, s.budget, s.per_round, s.seed,
+                              eval_samples=s.eval_samples, workdir=workdir)
+    images = run.sample(s.eval_samples, generator(s.seed, 0, "eval"))
+    wall = time.perf_counter() - t0
+    rated = torch.cat([rec.images for rec in run.records])
+    scores = torch.cat([torch.tensor(rec.scores) for rec in run.records])
+    return {**judges(images, rated[scores > 0]),
+            **shown_liked([float((torch.tensor(rec.scores) > 0).float().mean()) for rec in run.records]),
+            "target_tv": float("nan"), "wall_s": wall}
+
+
+def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, seed: int, overrides: dict,
+            finals: list[tuple[str, float, tuple[float, float] | None]], peers: tuple[str, ...],
+            reference: Path) -> dict:
 
     cfg = with_overrides(preset("default"), **{**overrides,
                                                "prior": {**overrides.get("prior", {}), "name": prior_name},
@@ -181,16 +201,8 @@ def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, s
     session.cfg = cfg
     path = session.save_final()
     write_report(session)
-    if best_of_n:
-        t1 = time.perf_counter()
-        run = bon.run(session.prior, session.feedback, cfg.session.budget, cfg.session.per_round, seed)
-        images = run.sample(cfg.session.eval_samples, generator(seed, 0, "eval"))
-        rated = torch.cat([rec.images for rec in run.records])
-        scores = torch.cat([torch.tensor(rec.scores) for rec in run.records])
-        rows["best_of_n"] = {**judges(images, rated[scores > 0]),
-                             **shown_liked([float((torch.tensor(rec.scores) > 0).float().mean())
-                                            for rec in run.records]),
-                             "target_tv": float("nan"), "wall_s": time.perf_counter() - t1}
+    for name in peers:
+        rows[name] = peer_row(name, session, judges, out / name)
     with np.load(path) as z:
         assert z["images"].shape[0] == cfg.session.eval_samples
     return {"prior": prior_name, "prefer": list(prefer), "noise": noise, "seed": seed, "rows": rows,
@@ -232,7 +244,9 @@ def main() -> None:
     ap.add_argument("--label-noise", default="0", help="comma list of flip probabilities, e.g. 0,0.1")
     ap.add_argument("--final", default="noise,liked:0.3",
                     help="final-batch variants drawn from each session: noise | liked:FRACTION | balanced:FRACTION, comma list")
-    ap.add_argument("--no-best-of-n", dest="best_of_n", action="store_false")
+    ap.add_argument("--peers", default="best_of_n",
+                    help="comma list of peer methods run beside each session (apa.baselines: best_of_n, papa, "
+                         "epapa, fk_steering, das_online, seiko_ucb, guidance, prior); empty for none")
     ap.add_argument("--set", nargs="*", default=[], help="overrides like sampler.beta=2,8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/results")
@@ -250,10 +264,11 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     noises = [float(p) for p in args.label_noise.split(",")]
     threads = 1 if args.jobs > 1 else args.threads
+    peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
     steps = overrides.get("sampler", {}).get("steps", preset("default").sampler.steps)
     reference = reference_particles(root, args.prior, steps)
     jobs = [(root / f"{args.prior}_p{pref.replace(',', '')}_n{noise:g}_s{s}", args.prior,
-             tuple(int(c) for c in pref.split(",")), noise, s, overrides, finals, args.best_of_n, reference, threads)
+             tuple(int(c) for c in pref.split(",")), noise, s, overrides, finals, peers, reference, threads)
             for noise in noises for s in seeds for pref in args.prefer]  # every set at one seed before the next
     print(f"prior {args.prior}, overrides {overrides}, seeds {seeds}\n", flush=True)
     done = root / "jobs"  # one JSON per finished job, so a run stopped early still has its results
