@@ -21,7 +21,7 @@ import torch
 from apa import acquisition
 from apa.config import MAX_POPULATION, NUM_TIMESTEPS, AlignConfig
 from apa.feedback.base import FeedbackSource, check_scores, with_label_noise
-from apa.registry import FEEDBACK, PRIORS
+from apa.components import shared_feedback, shared_prior
 from apa.seeding import generator
 from apa.smc.sampler import SMCResult, device_of, fkc_sample
 from apa.store import SessionStore, StoreError
@@ -105,11 +105,12 @@ class Session:
 
     @staticmethod
     def components(cfg: AlignConfig) -> tuple[Any, FeedbackSource | None]:
-        """Build the prior and the feedback source (errors here happen before anything is written)."""
+        """The prior and the feedback source, shared with every session of the same configuration
+        (``apa.components``); errors here happen before anything is written."""
         check_device(cfg.prior.device)
-        prior = PRIORS.create(cfg.prior.name, vars(cfg.prior))
+        prior = shared_prior(vars(cfg.prior))
         check_prior(cfg, prior)
-        source = FEEDBACK.create(cfg.feedback.name, vars(cfg.feedback), prior)
+        source = shared_feedback(vars(cfg.feedback), prior, vars(cfg.prior))
         if cfg.feedback.label_noise and cfg.feedback.name == "human":
             raise SessionError("--label-noise simulates a user who errs; a person's own ratings are not flipped")
         return prior, with_label_noise(source, cfg.feedback.label_noise, cfg.session.seed)

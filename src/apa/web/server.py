@@ -332,7 +332,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     check_server_flags(args)
     cfg = serve_config(args)  # every section checked as it is built
     validate(cfg)
-    Session.components(cfg)  # a missing prior fails here, before the server starts or writes anything
+    shared = Session.components(cfg)  # a missing prior fails here, before the server starts or writes anything;
+    # held while the server runs, every session shares this prior (apa.components)
     sock = bind(args.host, args.port)  # a port in use or an unknown host, too
     try:
         manager = sessions.SessionManager(Path(args.data_dir), cfg, workers=args.workers,
@@ -345,6 +346,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         uvicorn.Server(uvicorn_config(app, log_level=args.log_level)).run(sockets=[sock])
     finally:
         sock.close()
+        del shared
 
 
 def register_cli(subparsers: Any) -> None:
