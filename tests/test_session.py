@@ -59,20 +59,24 @@ def test_budget_below_k_is_refused(tmp_path, capsys):
     assert "--budget 2 is below --per-round 4" in capsys.readouterr().err
 
 
-@FEEDBACK.register("nan-source")
-def _nan_source(options, prior):
-    class Src:
-        name = "nan-source"
+class NanSource:
+    """Rates every image 1 except the second, which gets NaN."""
 
-        def __call__(self, images):
-            s = torch.ones(images.shape[0])
-            s[1] = float("nan")
-            return s
+    name = "nan-source"
 
-    return Src()
+    def __call__(self, images):
+        s = torch.ones(images.shape[0])
+        s[1] = float("nan")
+        return s
 
 
-def test_nan_from_feedback_is_refused_and_the_session_survives(tmp_path):
+@pytest.fixture
+def nan_source(monkeypatch):
+    """``--feedback nan-source`` registered for one test only."""
+    monkeypatch.setitem(FEEDBACK._factories, "nan-source", lambda options, prior: NanSource())
+
+
+def test_nan_from_feedback_is_refused_and_the_session_survives(tmp_path, nan_source):
     out = tmp_path / "s"
     with pytest.raises(FeedbackError, match="non-finite"):
         session = Session.start(out, __import__("apa.flags", fromlist=["x"]).config_from_args(

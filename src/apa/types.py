@@ -8,5 +8,4 @@ import torch
 
 Particles: TypeAlias = torch.Tensor  # [N, *event_shape]
 LogWeights: TypeAlias = torch.Tensor  # [N], unnormalised or normalised log-weights
-Rewards: TypeAlias = torch.Tensor  # [N]
 Indices: TypeAlias = torch.Tensor  # [M] int64 ancestor indices into the N particles

@@ -1,5 +1,6 @@
 """`apa compare` end to end on a tiny prior, budget and evaluation batch."""
 
+import argparse
 import json
 
 import pytest
@@ -17,7 +18,7 @@ def test_budget_lists_and_progressions():
     assert parse_budgets("4, 8,16") == (4, 8, 16)
     assert budgets_text(list(range(8, 81, 8))) == "8,16,...,80"
     for bad in ("8,...,80", "0,8", "a,b", "16,8,...,80"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError, match="budgets"):
             parse_budgets(bad)
 
 

@@ -31,6 +31,7 @@ from apa.atomic import write_file
 from apa.baselines import METHODS  # names only: the methods' modules load when they run
 from apa.config import NUM_TIMESTEPS
 
+DEFAULT_METHODS = ("fkc", "papa", "epapa", "best_of_n", "guidance", "prior")  # the peers are chosen with --methods
 REFERENCE = "papa@300"  # PAPA at its own budget: 300 labels, 10 per round
 REFERENCE_BUDGET, REFERENCE_PER_ROUND = 300, 10
 SCALARS = ("preferred_confident_share", "preferred_share", "confident_share", "coverage_entropy",
@@ -45,7 +46,7 @@ class CompareConfig:
     prefer: tuple[int, ...] = (1, 4, 7, 9)
     budgets: tuple[int, ...] = tuple(range(8, 81, 8))
     seeds: int = 3
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     per_round: int = 8
     eval_samples: int = 128
     particles: int = 32
@@ -361,7 +362,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--budgets", type=parse_budgets, default=tuple(range(8, 81, 8)),
                    help="feedback totals to evaluate at, e.g. 8,16,...,80 (the largest is the budget)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every method")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated methods from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
     p.add_argument("--per-round", type=int, default=8, help="ratings per round")
     p.add_argument("--eval-samples", type=int, default=128, help="images per evaluation batch")
     p.add_argument("--particles", type=int, default=32, help="FKC / guidance particles per round")

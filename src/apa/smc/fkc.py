@@ -112,10 +112,6 @@ class PotentialEval:
         """φ = β·(r + γ·L_div) at these particles: [N] float64."""
         return potential(beta, gamma, self.reward, self.div)
 
-    def select(self, idx: torch.Tensor) -> "PotentialEval":
-        """The same quantities for the particles ``idx`` [M] (after resampling)."""
-        return self.apply(lambda t: t[idx])
-
     def apply(self, take: Callable[[torch.Tensor], torch.Tensor]) -> "PotentialEval":
         """``take`` ([N, ...] -> [M, ...], e.g. the ancestors' rows) applied to every quantity."""
         return PotentialEval(take(self.eps), take(self.reward), take(self.div),
