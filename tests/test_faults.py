@@ -294,12 +294,18 @@ BAD_FLAGS = [["--epochs", "0"], ["--ensemble", "0"], ["--feature-t", "5000"], ["
              ["--steps", "1000000000000"], ["--eval-samples", "1000000000000"], ["--prior-weights", __file__],
              ["--device", "bogus"], ["--prefer", "1,1"],
              # type errors: one line, not the usage block
-             ["--budget", "nan"], ["--steps", "ten"], ["--prefer", ""], ["--gamma", "a,b"], ["--beta", "1"]]
+             ["--budget", "nan"], ["--steps", "ten"], ["--prefer", ""], ["--gamma", "a,b"], ["--beta", "1"],
+             # a taste that changes: half a drift, a switch past the budget, an unknown class, a bad span
+             ["--drift-to", "2,3"], ["--drift-at", "3"], ["--drift-to", "2,3", "--drift-at", "8"],
+             ["--drift-to", "2,12", "--drift-at", "4"], ["--drift-to", "2,2", "--drift-at", "4"],
+             ["--drift-to", "2", "--drift-at", "4", "--drift-span", "-1"]]
 if not __import__("torch").cuda.is_available():
     BAD_FLAGS.append(["--device", "cuda"])
 ALL_BAD = [pytest.param(f, id=" ".join(f)) for f in BAD_FLAGS]
 ALIGN_ONLY = [["--prefer", "1,12"], ["--feedback", "human"], ["--oracle-weights", __file__]]
-EXPECTED = {"--prefer 1,12": "unknown class(es) [12]"}  # what the line must name where it is not the flag itself
+EXPECTED = {"--prefer 1,12": "unknown class(es) [12]", "--drift-to 2,3 --drift-at 8": "--drift-at 8",
+            "--drift-to 2,12 --drift-at 4": "unknown class(es) [12]",
+            "--drift-to 2 --drift-at 4 --drift-span -1": "--drift-span"}  # what the line must name where it is not the flag itself
 
 
 @pytest.mark.parametrize("flags", ALL_BAD + [pytest.param(f, id=" ".join(f)) for f in ALIGN_ONLY])

@@ -20,6 +20,7 @@ from typing import Any
 
 from apa.registry import FEEDBACK, PRIORS
 
+PER_SESSION = ("label_noise", "drift_to", "drift_at", "drift_span")  # feedback options a session wraps on its own
 _LOCK = threading.Lock()  # held while a component is built, so two sessions never build the same one twice
 _PRIORS: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 _SOURCES: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
@@ -42,9 +43,9 @@ def shared_prior(options: dict[str, Any]) -> Any:
 
 
 def shared_feedback(options: dict[str, Any], prior: Any, prior_options: dict[str, Any]) -> Any:
-    """The feedback source of ``options`` (``vars(cfg.feedback)``, label noise aside) on ``prior``:
+    """The feedback source of ``options`` (``vars(cfg.feedback)``, PER_SESSION options aside) on ``prior``:
     built on first use, then shared by every session with the same feedback and prior options."""
-    own = {k: v for k, v in options.items() if k != "label_noise"}
+    own = {k: v for k, v in options.items() if k not in PER_SESSION}
     key = options_key({"feedback": own, "prior": prior_options})
     with _LOCK:
         source = _SOURCES.get(key)

@@ -215,6 +215,10 @@ class FeedbackConfig:
                                          "apple,grape,banana)")
     temperature: float = knob(10.0, "CLIP softmax temperature over the prompt bank (seed: 10)")
     label_noise: float = knob(0.0, "simulated users only: flip each answer on its scale with this probability")
+    drift_to: tuple[int | str, ...] | None = knob(None, "a simulated user whose taste changes: the oracle's preferred "
+                                                  "classes from rating --drift-at on (none: a fixed taste)")
+    drift_at: int | None = knob(None, "the number of ratings after which the taste changes to --drift-to")
+    drift_span: int = knob(0, "ratings over which the change is gradual, the two tastes mixed (0: abrupt)")
     clip_model: str = knob("ViT-L-14", "the OpenCLIP architecture")
     clip_weights: str | None = knob(None, "an OpenCLIP weights file (none: the OpenCLIP cache)")
 
@@ -229,6 +233,15 @@ class FeedbackConfig:
                  f"--temperature must be a positive finite number, got {self.temperature!r}")
         _require(_number(self.label_noise) and 0.0 <= self.label_noise < 0.5,
                  f"--label-noise must be a probability in [0, 0.5), got {self.label_noise!r}")
+        _require((self.drift_to is None) == (self.drift_at is None),
+                 "--drift-to and --drift-at go together: give the new preferred classes and the rating count "
+                 "at which the taste changes, e.g. --drift-to 2,3,5 --drift-at 40")
+        _require(self.drift_at is None or (_whole(self.drift_at) and self.drift_at >= 0),
+                 f"--drift-at must be a whole number of ratings from 0, got {self.drift_at!r}")
+        _require(_whole(self.drift_span) and self.drift_span >= 0,
+                 f"--drift-span must be a whole number of ratings from 0, got {self.drift_span!r}")
+        _require(self.drift_to is None or len(set(self.drift_to)) == len(self.drift_to),
+                 f"--drift-to lists a class twice ({','.join(map(str, self.drift_to or ()))}); list each class once")
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def shown_type(annotation: str) -> str:
     """What a flag's value looks like: "tuple[float, float]" -> A,B; "int" -> N."""
     return {"int": "N", "float": "X", "float | None": "X|none", "int | None": "N|none", "bool": "true|false",
             "tuple[float, float]": "A,B", "tuple[int | str, ...]": "CLASS,CLASS,...",
-            "tuple[str, ...] | None": "NAME,NAME,..."}.get(annotation, "TEXT")
+            "tuple[str, ...] | None": "NAME,NAME,...", "tuple[int | str, ...] | None": "CLASS,...|none"}.get(annotation, "TEXT")
 
 
 # ---------------------------------------------------------------- parsing the typed text
@@ -135,7 +135,7 @@ def _optional_int(text: str) -> int | None:
 
 PARSERS: dict[str, Callable[[str], Any]] = {  # a field's annotation -> how its flag's text is read
     "int": _int, "float": _float, "str": str, "bool": _bool, "tuple[float, float]": _pair,
-    "tuple[int | str, ...]": _classes, "tuple[str, ...] | None": _words, "float | None": _optional_float,
+    "tuple[int | str, ...]": _classes, "tuple[int | str, ...] | None": lambda t: None if t.lower() == "none" else _classes(t), "tuple[str, ...] | None": _words, "float | None": _optional_float,
     "str | None": _optional_str, "int | None": _optional_int}
 
 

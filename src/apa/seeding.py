@@ -15,6 +15,8 @@ PURPOSES = {  # purpose -> (stride of the index, offset)
     "explore": (101, 7),
     # a comparison's baselines: per round, or per feedback spent for evaluation batches
     "round": (131, 7_788), "finetune": (131, 7_789), "eval": (131, 7_790),
+    # a simulated user whose taste changes: per rating (clear of the per-round ones up to 3,600 ratings)
+    "drift": (137, 500_000),
 }
 
 

@@ -21,6 +21,7 @@ import torch
 from apa import acquisition
 from apa.config import MAX_POPULATION, NUM_TIMESTEPS, AlignConfig
 from apa.feedback.base import FeedbackSource, check_scores, with_label_noise
+from apa.feedback.drift import DriftingUser
 from apa.components import shared_feedback, shared_prior
 from apa.seeding import generator
 from apa.smc.sampler import SMCResult, device_of, fkc_sample
@@ -52,6 +53,13 @@ def validate(cfg: AlignConfig) -> None:
     if cfg.sampler.particles > MAX_POPULATION:
         raise SessionError(f"--particles {cfg.sampler.particles} is past {MAX_POPULATION}, more than a session's "
                            "memory holds; lower it")
+    f = cfg.feedback
+    if f.drift_at is not None and f.name != "oracle":
+        raise SessionError(f"--drift-to simulates an oracle user whose taste changes; it needs --feedback oracle, "
+                           f"not {f.name}")
+    if f.drift_at is not None and f.drift_at >= s.budget:
+        raise SessionError(f"--drift-at {f.drift_at} is not before the end of the budget ({s.budget} ratings): "
+                           "the taste would never change; lower --drift-at or raise --budget")
     if cfg.sampler.steps > NUM_TIMESTEPS:
         raise SessionError(f"--steps {cfg.sampler.steps} is past the prior's {NUM_TIMESTEPS} training timesteps; "
                            "lower it")
@@ -113,7 +121,12 @@ class Session:
         source = shared_feedback(vars(cfg.feedback), prior, vars(cfg.prior))
         if cfg.feedback.label_noise and cfg.feedback.name == "human":
             raise SessionError("--label-noise simulates a user who errs; a person's own ratings are not flipped")
-        return prior, with_label_noise(source, cfg.feedback.label_noise, cfg.session.seed)
+        noise, seed = cfg.feedback.label_noise, cfg.session.seed
+        if cfg.feedback.drift_to is None:
+            return prior, with_label_noise(source, noise, seed)
+        after = shared_feedback({**vars(cfg.feedback), "prefer": cfg.feedback.drift_to}, prior, vars(cfg.prior))
+        return prior, DriftingUser(with_label_noise(source, noise, seed), with_label_noise(after, noise, seed),
+                                   cfg.feedback.drift_at, cfg.feedback.drift_span, seed)
 
     @classmethod
     def start(cls, out: Path, cfg: AlignConfig, progress: bool = True, kind: str = "fkc",
@@ -384,6 +397,8 @@ class Session:
         if not todo:
             return
         images = self.shown_images(r)[todo]
+        if isinstance(self.feedback, DriftingUser):  # its taste follows the count of ratings given
+            self.feedback.at(self.store.spent())
         with self.timer("feedback"), torch.no_grad():
             scores = check_scores(self.feedback(images), len(todo), self.feedback.name)
         for p, s in zip(todo, scores.tolist()):

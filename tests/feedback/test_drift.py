@@ -1,0 +1,69 @@
+"""A user whose taste changes: which taste answers each rating, and a session resumed across the switch.
+
+The stubs answer +1 (the old taste) and -1 (the new one), so every score says which taste gave it.
+An off-by-one in the switch, a coin that depends on the call rather than the rating index, or a
+session that does not tell the user its count on resume, each changes the answers checked here.
+"""
+
+import math
+
+import torch
+
+from apa.config import AlignConfig
+from apa.feedback.drift import DriftingUser
+from apa.session import Session, with_overrides
+
+
+class Constant:
+    def __init__(self, value: float, name: str):
+        self.value, self.name, self.prefer = value, name, (int(value > 0),)
+
+    def __call__(self, images):
+        return torch.full((images.shape[0],), self.value)
+
+    def evaluate(self, images):
+        return {"taste": self.name}
+
+
+def user(at: int, span: int = 0, seed: int = 0) -> DriftingUser:
+    return DriftingUser(Constant(1.0, "old"), Constant(-1.0, "new"), at, span, seed)
+
+
+def test_an_abrupt_switch_answers_by_the_old_taste_up_to_the_switch_and_by_the_new_after():
+    u = user(at=5)
+    scores = torch.cat([u(torch.zeros(3, 1, 2, 2)) for _ in range(3)])  # ratings 0..8 in three questions
+    assert scores.tolist() == [1.0] * 5 + [-1.0] * 4
+    assert u.evaluate(None) == {"taste": "new"} and u.prefer == (0,)
+
+
+def test_a_gradual_change_follows_its_ramp_within_binomial_error_and_only_the_rating_index_decides():
+    at, span, n = 10, 400, 2000
+    u = user(at, span, seed=3)
+    new = (u(torch.zeros(n, 1, 1, 1)) < 0).float()
+    assert new[:at].sum() == 0 and bool((new[at + span:] == 1).all())
+    ramp = new[at:at + span]
+    p = torch.tensor([u.p_after(at + i) for i in range(span)])
+    sd = math.sqrt(float((p * (1 - p)).sum()))
+    assert abs(float(ramp.sum() - p.sum())) < 4 * sd  # the mean of the ramp: 0.5 + 1/(2·span)
+    again = user(at, span, seed=3).at(at + 100)  # asked again from rating 110 on, in one call of 50
+    assert torch.equal(again(torch.zeros(50, 1, 1, 1)) < 0, new[at + 100:at + 150].bool())
+
+
+def test_a_session_resumed_across_the_switch_hears_the_same_answers(tmp_path):
+    cfg = with_overrides(AlignConfig(), feedback={"prefer": (1, 4, 7, 9), "drift_to": (2, 3, 5), "drift_at": 8},
+                         session={"budget": 16, "per_round": 4, "eval_samples": 8, "seed": 2},
+                         sampler={"particles": 8, "steps": 4}, surrogate={"epochs": 5})
+    whole = Session.start(tmp_path / "whole", cfg, progress=False)
+    whole.run()
+    split = Session.start(tmp_path / "split", cfg, progress=False)
+    for _ in range(2):  # two rounds (8 ratings, up to the switch), then the process ends
+        r = split.next_round()
+        split.answer_with_source(r)
+        split.finish_round(r)
+    split.store.close()
+    resumed = Session.resume(tmp_path / "split", progress=False)
+    assert resumed.feedback is not whole.feedback  # a drifting user is the session's own, never shared
+    resumed.run()
+    scores = lambda s: [x["score"] for x in s.store.ratings()]  # noqa: E731
+    assert scores(resumed) == scores(whole) and len(scores(whole)) == 16
+    assert whole.feedback.prefer == (2, 3, 5)
