@@ -148,3 +148,78 @@ def test_exploration_stops_after_explore_rounds_and_a_logistic_surrogate_runs_th
     with torch.no_grad():
         assert model.loss == "logistic" and (model(x) <= 0).all() and model.rating(x).abs().max() <= 1.0
     session.store.close()
+
+
+class Constant:
+    """A user who gives every image the same score."""
+
+    def __init__(self, value: float):
+        self.value, self.name = value, f"constant{value:+g}"
+
+    def __call__(self, images):
+        return torch.full((images.shape[0],), self.value)
+
+    def evaluate(self, images):
+        return {"n": int(images.shape[0])}
+
+
+def drifting_session(tmp_path, **session):
+    """A session whose user likes everything for 8 ratings and nothing after (rounds of 4)."""
+    from apa.config import preset
+    from apa.feedback.drift import DriftingUser
+    from apa.session import with_overrides
+
+    cfg = with_overrides(preset("default"), sampler={"particles": 8, "steps": 6}, surrogate={"epochs": 30},
+                         session={"budget": 20, "per_round": 4, "eval_samples": 8, "seed": 3, **session})
+    prior = Session.components(cfg)[0]
+    return Session.start(tmp_path / "s", cfg, progress=False,
+                         components=(prior, DriftingUser(Constant(1.0), Constant(-1.0), 8)))
+
+
+def test_a_detected_change_forgets_the_rounds_before_it_and_explores_again(tmp_path):
+    """--detect-change 0.5: round 3 (index 2) is the first the new taste rates; the surrogate fitted on
+    rounds 1-2 (all liked) calls it liked, so its held-out accuracy is 0 and the change is read
+    there. The refit then uses round 3 alone, and round 4 explores as the first guided round did.
+    Without detection nothing is forgotten and only round 2 explores."""
+    session = drifting_session(tmp_path, detect_change=0.5, explore=0.5, explore_rounds=1)
+    session.run()
+    rows = session.store.rounds()
+    assert [r["round"] for r in rows if r["info"].get("change_detected")] == [2] and session.changes() == [2]
+    assert rows[2]["info"]["surrogate_heldout"]["accuracy"] == 0.0
+    assert [r["info"]["explored"] for r in rows] == [0, 2, 0, 2, 0]
+    x, y, w = session.training_set()
+    assert len(y) == 12 and (y < 0).all() and w is None  # rounds 3-5, all disliked
+    session.store.close()
+
+
+def test_discount_and_window_weigh_and_cut_the_ratings_the_refit_sees(tmp_path):
+    """--discount γ weighs a rating γ^(rounds of age); --window N keeps the last N ratings."""
+    from apa.session import with_overrides
+
+    session = drifting_session(tmp_path)
+    session.run()
+    x, y, w = session.training_set()
+    assert len(y) == 20 and w is None and session.changes() == []  # no handling: everything, weight 1
+    session.cfg = with_overrides(session.cfg, surrogate={"discount": 0.5, "window": 10})
+    x, y, w = session.training_set()
+    rounds = session.rated_rounds()  # a round of 8 particles may show fewer than 4 distinct ones
+    last = rounds[-1][0]
+    weights = [0.5 ** (last - r) for r, _, ry in rounds for _ in range(len(ry))][-10:]
+    assert len(y) == 10 and y.tolist() == [-1.0] * 10 and w.tolist() == weights
+    assert torch.equal(x, torch.cat([rx for _, rx, _ in rounds])[-10:])
+    session.store.close()
+
+
+def test_forget_before_on_resume_is_checked_stored_and_used(tmp_path, capsys):
+    """`apa align --resume DIR --forget-before N`: a round past the session's is refused in one line with
+    the store unchanged; a valid one is stored in the configuration and the refit forgets rounds 1..N-1."""
+    out = tmp_path / "s"
+    assert main(["align", "--out", str(out), *TINY]) == 0
+    before = (out / "config.json").read_bytes()
+    assert main(["align", "--resume", str(out), "--forget-before", "9"]) == 2
+    assert "--forget-before 9" in capsys.readouterr().err and (out / "config.json").read_bytes() == before
+    assert main(["align", "--resume", str(out), "--forget-before", "2", "--budget", "12"]) == 0
+    session = Session.resume(out, progress=False)
+    assert session.cfg.session.forget_before == 2 and session.forget_point() == 1
+    assert [r for r, _, _ in session.rated_rounds()] == [0, 1, 2] and len(session.training_data()[1]) == 8
+    session.store.close()

@@ -111,14 +111,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"{len(imgs)} samples -> {args.out}")
 
 
-RESUME_FLAGS = ("budget",)  # the flags --resume accepts: --budget raises a session's budget
+RESUME_FLAGS = ("budget", "forget_before")  # the flags --resume accepts: a higher budget, a change of taste
 
 
 def refused_on_resume(args: argparse.Namespace) -> list[str]:
     """The flags given with --resume that would change the stored session (all but RESUME_FLAGS)."""
     given = vars(args)
     names = (["out"] if args.out else []) + (["preset"] if given.get("preset") else [])
-    return ["--" + f for f in names] + [f for f in given_flags(args) if f.lstrip("-") not in RESUME_FLAGS]
+    return ["--" + f for f in names] + [f for f in given_flags(args)
+                                                if f.lstrip("-").replace("-", "_") not in RESUME_FLAGS]
 
 
 def open_session(args: argparse.Namespace, progress: bool = True, check=None):
@@ -131,8 +132,10 @@ def open_session(args: argparse.Namespace, progress: bool = True, check=None):
         refused = refused_on_resume(args)
         if refused:
             raise ValueError(f"--resume continues a session with the settings it was made with; drop {', '.join(refused)} "
-                             "(only --budget may be given, to raise its budget)")
-        session = Session.resume(Path(args.resume), budget=getattr(args, "budget", None), progress=progress)
+                             "(only --budget may be given, to raise its budget, and --forget-before ROUND, when "
+                             "your taste changed at that round)")
+        session = Session.resume(Path(args.resume), budget=getattr(args, "budget", None), progress=progress,
+                                 forget_before=getattr(args, "forget_before", None))
         try:
             if check is not None:
                 check(session.cfg, session.prior)

@@ -184,6 +184,9 @@ class SurrogateConfig:
                      "r = log P(liked | x) (measured), or the rating on [-1, 1] by squared error (the seed's)",
                      flag="surrogate_loss",
                      choices=("mse", "logistic"))
+    discount: float = knob(1.0, "each round of age multiplies a rating's weight in the refit by this (1: every "
+                           "rating counts forever; below 1 follows a taste that changes)")
+    window: int | None = knob(None, "refit on the last N ratings only (none: all of them)")
     ceiling: float | None = knob(0.5, "with --surrogate-loss mse: cap r at this value on the [-1, 1] rating scale "
                                  "(measured; none: no cap)")
 
@@ -193,6 +196,10 @@ class SurrogateConfig:
         _at_least("--ensemble", self.ensemble, 1)
         _at_least("--epochs", self.epochs, 1)
         _at_least("--fit-batch-size", self.batch_size, 1)
+        _require(_number(self.discount) and 0.0 < self.discount <= 1.0,
+                 f"--discount must be in (0, 1], got {self.discount!r}")
+        _require(self.window is None or (_whole(self.window) and self.window >= 1),
+                 f"--window must be a whole number of ratings from 1, or none; got {self.window!r}")
         _require(_number(self.lr) and math.isfinite(self.lr) and self.lr > 0,
                  f"--lr must be a positive finite number, got {self.lr!r}")
         _require(_whole(self.feature_t) and 0 <= self.feature_t < NUM_TIMESTEPS,
@@ -265,6 +272,11 @@ class SessionConfig:
                             choices=FINAL_STARTS)
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
                           "(0.3 of 25: the last 8, from t≈291 of 1000)")
+    detect_change: float | None = knob(None, "read a round as a change of taste when the surrogate fitted before "
+                                       "it agrees with at most this share of its ratings: earlier rounds are "
+                                       "forgotten and the next round explores (none: never)")
+    forget_before: int | None = knob(None, "forget the ratings of the rounds before this one (rounds numbered from "
+                                     "1, as the report shows them): the user's taste changed there")
 
     def __post_init__(self) -> None:
         _at_least("--budget", self.budget, 1)
@@ -279,11 +291,16 @@ class SessionConfig:
                  f"--explore-rounds must be a whole number from 0 or none, got {self.explore_rounds!r}")
         _require(_number(self.restart) and 0.0 < self.restart <= 1.0,
                  f"--restart must be a fraction of the steps in (0, 1], got {self.restart!r}")
+        _require(self.detect_change is None or (_number(self.detect_change) and 0.0 <= self.detect_change < 1.0),
+                 f"--detect-change must be a share in [0, 1) or none, got {self.detect_change!r}")
+        _require(self.forget_before is None or (_whole(self.forget_before) and self.forget_before >= 1),
+                 f"--forget-before must be a round number from 1, or none; got {self.forget_before!r}")
 
 
 # What a stored config written before a field existed meant, so that an old session resumes to the same result:
 LEGACY = {("sampler", "weights"): "rate", ("sampler", "drift"): 1.0, ("sampler", "beta_schedule"): "linear", ("session", "final_start"): "noise", ("session", "explore"): 0.0,
-          ("surrogate", "loss"): "mse", ("session", "explore_rounds"): None}
+          ("surrogate", "loss"): "mse", ("session", "explore_rounds"): None, ("surrogate", "discount"): 1.0,
+          ("surrogate", "window"): None, ("session", "detect_change"): None, ("session", "forget_before"): None}
 
 
 @dataclass(frozen=True)

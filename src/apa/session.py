@@ -139,20 +139,37 @@ class Session:
         return cls(store, cfg, prior, source, progress)
 
     @classmethod
-    def resume(cls, out: Path, progress: bool = True, budget: int | None = None, kind: str = "fkc") -> "Session":
-        """Reopen the session in ``out`` (holding its lock); ``budget``: raise its budget to this first."""
+    def resume(cls, out: Path, progress: bool = True, budget: int | None = None, kind: str = "fkc",
+               forget_before: int | None = None) -> "Session":
+        """Reopen the session in ``out`` (holding its lock); ``budget``: raise its budget to this first;
+        ``forget_before``: the person's taste changed at this round (numbered from 1): forget the earlier ones."""
         store = SessionStore.open(out)
         try:
             cfg = cls.stored_config(store, out, kind)
-            if budget is not None and budget != cfg.session.budget:
-                cfg = with_overrides(cfg, session={"budget": budget})
-                validate(cfg)
-                store.extend_budget(budget)
             prior, source = cls.components(cfg)
+            cfg = cls.changed_on_resume(store, cfg, budget, forget_before)
         except BaseException:
             store.close()
             raise
         return cls(store, cfg, prior, source, progress)
+
+    @staticmethod
+    def changed_on_resume(store: SessionStore, cfg: AlignConfig, budget: int | None,
+                          forget_before: int | None) -> AlignConfig:
+        """Raise the budget and record the round the person's taste changed at (numbered from 1: the
+        ratings of earlier rounds no longer hold), each checked before either is written."""
+        changes = {k: v for k, v in (("budget", budget), ("forget_before", forget_before)) if v is not None}
+        new = with_overrides(cfg, session=changes)  # checks each value
+        validate(new)
+        held = len(store.rounds())
+        if forget_before is not None and forget_before > held + 1:
+            raise SessionError(f"--forget-before {forget_before}: this session has {held} round(s); forget the "
+                               f"rounds before one of rounds 1 to {held + 1}")
+        if budget is not None and budget != cfg.session.budget:
+            store.extend_budget(budget)
+        if forget_before is not None:
+            store.set_session_option("forget_before", forget_before, "forget the ratings before a change of taste")
+        return new
 
     @staticmethod
     def stored_config(store: SessionStore, out: Path, kind: str = "fkc") -> AlignConfig:
@@ -267,9 +284,10 @@ class Session:
 
     def explore_share(self, r: int) -> float:
         """The share of round r's shown images drawn from the plain prior: ``explore`` in the first
-        ``explore_rounds`` guided rounds (every one when none), 0 after."""
+        ``explore_rounds`` guided rounds (every one when none) and in as many after a detected change
+        of taste, 0 otherwise."""
         sc = self.cfg.session
-        guided = r - self.first_guided_round()
+        guided = r - max([self.first_guided_round(), *[c + 1 for c in self.changes()]])
         return sc.explore if sc.explore_rounds is None or guided < sc.explore_rounds else 0.0
 
     def first_guided_round(self) -> int:
@@ -300,20 +318,56 @@ class Session:
         parts = [t["particles"][t["shown"].long()] for t in xs]
         return torch.cat(parts) if parts else None
 
-    def training_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every rated particle so far and its target in [-1, 1]: ([n, *event], [n])."""
-        xs, ys = [], []
+    def rated_rounds(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per round with ratings: (round, its rated particles [m, *event], their targets in [-1, 1] [m])."""
+        out = []
         scale = getattr(self.feedback, "scale", (-1.0, 1.0))
         for row in self.store.rounds():
             rated = [x for x in self.store.ratings(row["round"]) if x["score"] is not None]
-            if not rated:
-                continue
-            parts = self.store.round_tensors(row["round"])["particles"]
-            xs.append(parts[torch.tensor([x["particle"] for x in rated])])
-            ys.append(torch.tensor([x["score"] for x in rated], dtype=torch.float32))
-        if not xs:
-            return torch.zeros(0, *self.prior.event_shape), torch.zeros(0)
-        return torch.cat(xs), normalise_scores(torch.cat(ys), scale)
+            if rated:
+                parts = self.store.round_tensors(row["round"])["particles"]
+                out.append((row["round"], parts[torch.tensor([x["particle"] for x in rated])],
+                            normalise_scores(torch.tensor([x["score"] for x in rated], dtype=torch.float32), scale)))
+        return out
+
+    def training_set(self, since: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What the surrogate is refit on: the rated particles of the rounds remembered (from
+        ``forget_point()``, or ``since`` if later), the last ``--window`` of them, with the weight
+        ``--discount`` ** (rounds of age) each: ([n, *event], targets [n], weights [n] or None when
+        every weight is 1)."""
+        start = max(self.forget_point(), since)
+        rounds = [(r, x, y) for r, x, y in self.rated_rounds() if r >= start]
+        if not rounds:
+            return torch.zeros(0, *self.prior.event_shape), torch.zeros(0), None
+        x, y = torch.cat([x for _, x, _ in rounds]), torch.cat([y for _, _, y in rounds])
+        age = torch.cat([torch.full((len(y),), rounds[-1][0] - r, dtype=torch.float32) for r, _, y in rounds])
+        sc = self.cfg.surrogate
+        keep = slice(-sc.window, None) if sc.window is not None else slice(None)
+        w = None if sc.discount == 1.0 else sc.discount ** age[keep]
+        return x[keep], y[keep], w
+
+    def training_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The surrogate's training particles and targets in [-1, 1]: ([n, *event], [n])."""
+        x, y, _ = self.training_set()
+        return x, y
+
+    def changes(self) -> list[int]:
+        """The rounds where the taste changed, in order: each detected one (``--detect-change``) and the
+        one the person named (``--forget-before``, numbered from 1; stored here from 0)."""
+        detected = [row["round"] for row in self.store.rounds() if row["info"].get("change_detected")]
+        said = self.cfg.session.forget_before
+        return sorted(set(detected + ([said - 1] if said is not None else [])))
+
+    def forget_point(self) -> int:
+        """The first round whose ratings are remembered: the last change of taste (0: every round)."""
+        return max([0, *self.changes()])
+
+    def detects_change(self, r: int, heldout: dict[str, float] | None) -> bool:
+        """Round r reads as a change of taste: the surrogate fitted before it agreed with at most
+        ``--detect-change`` of its ratings (and r is not already where the memory starts)."""
+        threshold = self.cfg.session.detect_change
+        return (threshold is not None and heldout is not None and heldout["accuracy"] <= threshold
+                and r > self.forget_point())
 
     def liked_shares(self) -> list[float | None]:
         """Per round, the share of its rated shown images the user liked (a rating above the scale's
@@ -326,18 +380,20 @@ class Session:
         return out
 
     def finish_round(self, r: int) -> float | None:
-        """Refit the surrogate on all feedback and mark round r complete. Returns the fit loss."""
-        x, y = self.training_data()
-        if x.shape[0] == 0:  # every image so far skipped: nothing to fit, the next round samples the prior
-            self.store.complete_round(r, None, None, self.evaluate_round(r))
-            return None
+        """Refit the surrogate on the feedback remembered and mark round r complete. Returns the fit loss."""
         heldout = self.heldout_score(r)
+        change = {"change_detected": True} if self.detects_change(r, heldout) else {}
+        x, y, w = self.training_set(since=r if change else 0)
+        if x.shape[0] == 0:  # every image so far skipped: nothing to fit, the next round samples the prior
+            self.store.complete_round(r, None, None, {**self.evaluate_round(r), **change})
+            return None
         model = self.new_surrogate(r)
         sc = self.cfg.surrogate
         with self.timer("surrogate_fit"):
-            loss = fit(model, x, y, FitConfig(sc.epochs, sc.batch_size, sc.lr), generator(self.cfg.session.seed, r, "fit"))
+            loss = fit(model, x, y, FitConfig(sc.epochs, sc.batch_size, sc.lr), generator(self.cfg.session.seed, r, "fit"),
+                       w)
         with self.timer("evaluation"):
-            info = {**self.evaluate_round(r), **({"surrogate_heldout": heldout} if heldout else {})}
+            info = {**self.evaluate_round(r), **({"surrogate_heldout": heldout} if heldout else {}), **change}
         with self.timer("io"):
             self.store.complete_round(r, loss, {k: v for k, v in model.state_dict().items()}, info)
         return loss

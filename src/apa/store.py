@@ -554,13 +554,17 @@ class SessionStore:
         old = config["session"]["budget"]
         if budget < old:
             raise StoreError(f"--budget {budget} is below this session's budget {old}; a budget can only be raised")
-        if budget == old:
-            return
+        if budget != old:
+            self.set_session_option("budget", budget, "raise the budget")
+
+    def set_session_option(self, name: str, value: Any, what: str) -> None:
+        """Change one option of the session's stored configuration (``session.<name>``), all or nothing."""
+        config = self.config()
         previous = json.dumps(config, indent=2).encode()
-        config["session"]["budget"] = budget
+        config["session"][name] = value
         written = False
         try:  # all or nothing: config.json is written inside the transaction, and put back if the commit fails
-            with self._commit("raise the budget"):
+            with self._commit(what):
                 self._conn.execute("UPDATE meta SET value=? WHERE key='config'", (json.dumps(config),))
                 write_file(self.root / CONFIG_NAME, json.dumps(config, indent=2).encode())
                 written = True

@@ -23,10 +23,12 @@ class FitConfig:
     weight_decay: float = 0.0
 
 
-def fit(model: Ensemble, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig, generator: torch.Generator) -> float:
+def fit(model: Ensemble, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig, generator: torch.Generator,
+        weights: torch.Tensor | None = None) -> float:
     """Train every member on (x [n, ...], y [n] ratings in [-1, 1]) by the ensemble's loss: MSE on the
     rating, or binary cross-entropy of the member's logit against the probability (y + 1) / 2 (a
-    graded rating is a soft label). Returns the final mean training loss.
+    graded rating is a soft label). ``weights`` [n] (default all 1) weigh each rating's loss, e.g.
+    older ratings less after a change of taste. Returns the final mean training loss.
 
     Feature surrogates embed x once (the features are frozen), so each epoch costs only the heads.
     """
@@ -37,22 +39,29 @@ def fit(model: Ensemble, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig, gener
         with torch.no_grad():
             feats = model.members[0].embed(x)
     loss = _mse if model.loss == "mse" else _cross_entropy
-    losses = [_fit_member(m, x if feats is None else feats, y, cfg, generator, feats is not None, loss)
+    w = None if weights is None else weights.to(y)
+    losses = [_fit_member(m, x if feats is None else feats, y, w, cfg, generator, feats is not None, loss)
               for m in model.members]
     return float(sum(losses) / len(losses))
 
 
-def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (out - y).pow(2).mean()
+def _weighted_mean(values: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """Σ w·v / Σ w over the batch; the plain mean when there are no weights. [b] -> scalar."""
+    return values.mean() if w is None else (w * values).sum() / w.sum()
 
 
-def _cross_entropy(logit: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """−[p·log σ(f) + (1 − p)·log(1 − σ(f))] with p = (y + 1) / 2, mean over the batch."""
-    return F.binary_cross_entropy_with_logits(logit, (y + 1.0) / 2.0)
+def _mse(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """(f − y)², weighted mean over the batch."""
+    return _weighted_mean((out - y).pow(2), w)
 
 
-def _fit_member(member: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FitConfig, gen: torch.Generator,
-                on_features: bool, loss_fn=_mse) -> float:
+def _cross_entropy(logit: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """−[p·log σ(f) + (1 − p)·log(1 − σ(f))] with p = (y + 1) / 2, weighted mean over the batch."""
+    return _weighted_mean(F.binary_cross_entropy_with_logits(logit, (y + 1.0) / 2.0, reduction="none"), w)
+
+
+def _fit_member(member: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, cfg: FitConfig,
+                gen: torch.Generator, on_features: bool, loss_fn=_mse) -> float:
     forward = member.head if on_features else member
     params = [p for p in member.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -62,7 +71,7 @@ def _fit_member(member: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FitCon
         for _ in range(cfg.epochs):
             total = 0.0
             for idx in torch.randperm(n, generator=gen).split(cfg.batch_size):
-                loss = loss_fn(forward(x[idx]), y[idx])
+                loss = loss_fn(forward(x[idx]), y[idx], None if w is None else w[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
