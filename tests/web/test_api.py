@@ -177,3 +177,23 @@ def test_idle_sessions_are_closed_and_reopen_on_demand(client, manager, monkeypa
     assert token not in manager.handles
     state = rate(client, token, 0, [3, 3, 3, 3])  # ... which reopens from disk on its next request
     assert state["spent"] == 4 and token in manager.handles
+
+
+def test_a_person_says_their_taste_changed(client, manager):
+    """"My taste changed" while round 2 waits: stored at once (the session reopened from disk holds it),
+    the refit after round 2 forgets round 1, and it is refused once no round waits."""
+    token = start(client)
+    wait_phase(client, token, "ready")
+    rate(client, token, 0, [5, 5, 1, 1])
+    state = wait_phase(client, token, "ready")
+    assert state["round"] == 1 and state["taste_changed_at"] is None
+    r = client.post(f"/api/sessions/{token}/taste-changed")
+    assert r.status_code == 200 and r.json()["taste_changed_at"] == 2
+    assert Session.stored_config(manager.handles[token].session.store, manager.data_dir / token).session.forget_before == 2
+    state = rate(client, token, 1, [1, 1, 1, 5])
+    wait_phase(client, token, "done")
+    refused = client.post(f"/api/sessions/{token}/taste-changed")
+    assert refused.status_code == 409 and "waiting for your ratings" in refused.text
+    session = manager.handles[token].session
+    assert session.forget_point() == 1 and [len(y) for _, _, y in session.rated_rounds()][0] == 4
+    assert session.training_data()[1].tolist() == [-1.0, -1.0, -1.0, 1.0]

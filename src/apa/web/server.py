@@ -169,6 +169,10 @@ def api_routes(app: Any, manager: Any) -> None:
         body = await read_json(request)
         return await run_in_threadpool(manager.submit, token, number(r, "round"), body)
 
+    @app.post("/api/sessions/{token}/taste-changed")
+    def taste_changed(token: str):
+        return manager.taste_changed(token)
+
     @app.post("/api/sessions/{token}/retry")
     def retry(token: str):
         return manager.retry(token)

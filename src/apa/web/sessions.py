@@ -359,6 +359,17 @@ class SessionManager:
         raise WebError(409, f"round {r} is not waiting for ratings (the session is {handle.phase}); "
                             "wait for the next round to appear")
 
+    def taste_changed(self, token: str) -> dict[str, Any]:
+        """The person says their taste changed: the round waiting for their ratings and every later one
+        are what the surrogate learns from; the earlier rounds are forgotten (stored before returning)."""
+        handle = self.get(token)
+        with handle.lock:
+            if handle.phase != "ready":
+                raise WebError(409, f"say it while a round is waiting for your ratings (the session is {handle.phase})")
+            s = handle.session
+            s.cfg = Session.changed_on_resume(s.store, s.cfg, None, handle.round + 1)
+        return self.state(token)
+
     def retry(self, token: str) -> dict[str, Any]:
         """Run the failed background step again."""
         handle = self.get(token)
@@ -389,6 +400,7 @@ class SessionManager:
                 "rated": {str(p): v for p, v in by_round.get(current, {}).items()} if phase == "ready" else {},
                 "spent": s.store.spent(), "budget": s.cfg.session.budget, "per_round": s.cfg.session.per_round,
                 "scale": list(SCALE), "choices": list(RATINGS), "progress": progress,
+                "taste_changed_at": s.cfg.session.forget_before,
                 "history": history, "final": phase == "done" and s.store.final_path.exists(),
                 "report": phase == "done" and s.store.report_path.with_suffix(".html").is_file()}
 

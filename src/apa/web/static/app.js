@@ -134,6 +134,10 @@ function renderPanel(state) {
   for (const id of ["spent", "bar-spent"]) $(id).textContent = state.spent;
   for (const id of ["budget", "bar-budget"]) $(id).textContent = state.budget;
   for (const id of ["spent-fill", "bar-fill"]) $(id).style.width = `${Math.min(100, (100 * state.spent) / state.budget)}%`;
+  $("taste-changed").hidden = state.phase !== "ready";
+  const changed = state.taste_changed_at;
+  $("taste-note").hidden = !changed;
+  $("taste-note").textContent = changed ? `Learning from round ${changed} on; earlier rounds are forgotten.` : "";
   const rated = state.history.filter((h) => h.status === "complete");
   $("history-empty").hidden = rated.length > 0;
   const list = $("history");
@@ -411,6 +415,12 @@ function startView(note) {
   $("start-note").hidden = !note;
 }
 
+async function tasteChanged() {
+  if (!confirm("Your taste changed? From this round on the model learns only from what you rate now; " +
+               "your earlier ratings are forgotten.")) return;
+  try { render(await api("POST", sessionPath("/taste-changed"))); } catch (e) { showError(e.message); }
+}
+
 async function retry() {
   try { render(await api("POST", sessionPath("/retry"))); schedulePoll(POLL_MS); } catch (e) { showError(e.message); }
 }
@@ -419,6 +429,7 @@ function init() {
   $("start-button").addEventListener("click", startSession);
   $("submit").addEventListener("click", submitRatings);
   $("retry").addEventListener("click", retry);
+  $("taste-changed").addEventListener("click", tasteChanged);
   document.addEventListener("keydown", onKey);
   $("new-session").addEventListener("click", () => {
     if (!confirm("Start another session? To come back to this one later, keep its link first.")) return;
