@@ -13,9 +13,9 @@ from apa.data import class_names
 FASHION = class_names("fashion")
 
 
-def row(r: int, ratings, ev=None, heldout=None, spent=0, liked=None):
+def row(r: int, ratings, ev=None, heldout=None, spent=0, liked=None, changed=False, detected=False):
     return {"round": r, "feedback_spent": spent, "ratings": ratings, "fit_loss": 0.0, "surrogate_heldout": heldout,
-            "liked_share": liked,
+            "liked_share": liked, "taste_changed": changed, "change_detected": detected,
             "shown": list(range(len(ratings))), "guided": r > 0, "ess": [8.0, 3.25], "resampled_steps": 1,
             "unique_origins": 4, "eval": ev or {}}
 
@@ -41,6 +41,19 @@ def test_oracle_table_starts_with_the_prior_baseline_and_shows_held_out_scores()
     head, body = rp.rounds_table(rows, {"preferred_confident_share": 0.3, "confident_share": 0.6}, oracle=True)
     assert body[0][0] == "prior only" and body[0][-2:] == ["30%", "60%"]
     assert body[1][5] == rp.DASH and body[2][5] == "50% of 2" and body[2][-2] == "84%"
+
+
+def test_a_change_of_taste_is_marked_in_the_table_and_on_the_plot(tmp_path, monkeypatch):
+    ev = lambda p: {"preferred_confident_share": p, "preferred_share": p, "confident_share": 0.9}  # noqa: E731
+    rows = [row(0, [1.0, 1.0], ev(0.5), spent=2),
+            row(1, [-1.0, -1.0], ev(0.1), {"accuracy": 0.0, "n": 2}, spent=4, changed=True, detected=True),
+            row(2, [1.0, -1.0], ev(0.3), spent=6, changed=True)]
+    _, body = rp.rounds_table(rows, {}, oracle=True)
+    assert [line[0] for line in body] == ["1", "2 (taste changed: detected)", "3 (taste changed)"]
+    lines = []
+    monkeypatch.setattr(rp.plt.Axes, "axvline", lambda self, x, **kw: lines.append((x, kw.get("label"))))
+    rp.plot_share(rows, {}, {}, tmp_path / "share.png")
+    assert lines == [(2, "taste changed"), (4, None)]  # before the first rating of each such round
 
 
 def test_a_final_batch_below_the_last_round_is_explained_and_collapse_names_classes():

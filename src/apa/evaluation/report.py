@@ -84,7 +84,7 @@ def heldout_text(h: dict | None) -> str:
 
 
 def round_rows(session) -> list[dict[str, Any]]:
-    rows, spent, liked = [], 0, session.liked_shares()
+    rows, spent, liked, changes = [], 0, session.liked_shares(), set(session.changes())
     for r in session.store.rounds():
         ratings = session.store.ratings(r["round"])
         scores = [x["score"] for x in sorted(ratings, key=lambda x: x["position"])]
@@ -95,7 +95,9 @@ def round_rows(session) -> list[dict[str, Any]]:
                      "surrogate_heldout": info.get("surrogate_heldout"), "shown": list(r["shown"]),
                      "guided": info.get("beta_used", False), "ess": info.get("ess", []),
                      "resampled_steps": int(sum(info.get("resampled", []))),
-                     "unique_origins": info.get("unique_origins"), "eval": info.get("eval", {})})
+                     "unique_origins": info.get("unique_origins"), "eval": info.get("eval", {}),
+                     "taste_changed": r["round"] in changes,
+                     "change_detected": bool(info.get("change_detected"))})
     return rows
 
 
@@ -197,6 +199,9 @@ def plot_share(rows: list[dict], final: dict, baseline: dict, path: Path) -> Non
     for key, label in (("preferred_confident_share", "preferred and confident"), ("preferred_share", "preferred"),
                        ("confident_share", "confident (quality)")):
         ax.plot(spent, [r["eval"][key] for r in rows if r["eval"]], marker="o", label=label)
+    for i, r in enumerate(row for row in rows if row["taste_changed"]):  # before this round's ratings
+        ax.axvline(r["feedback_spent"] - sum(s is not None for s in r["ratings"]), c="tab:red", lw=1, ls="-.",
+                   label="taste changed" if i == 0 else None)
     if final:
         ax.axhline(final.get("preferred_confident_share", np.nan), ls="--", c="k", lw=1, label="final batch")
     if baseline:
@@ -314,7 +319,8 @@ def rounds_table(rows: list[dict], baseline: dict, oracle: bool) -> tuple[list[s
     for r in rows:
         rated = [s for s in r["ratings"] if s is not None]
         ratings = " ".join("·" if s is None else score_text(s) for s in r["ratings"]) or DASH
-        line = [str(r["round"] + 1), str(r["feedback_spent"]), ratings, pct(r["liked_share"]),
+        mark = (" (taste changed: detected)" if r["change_detected"] else " (taste changed)") if r["taste_changed"] else ""
+        line = [str(r["round"] + 1) + mark, str(r["feedback_spent"]), ratings, pct(r["liked_share"]),
                 num(np.mean(rated)) if rated else DASH,
                 heldout_text(r["surrogate_heldout"]), num(min(r["ess"]), 1) if r["ess"] else DASH]
         if oracle:
