@@ -273,8 +273,9 @@ class SessionConfig:
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
                           "(0.3 of 25: the last 8, from t≈291 of 1000)")
     detect_change: float | None = knob(None, "read a round as a change of taste when the surrogate fitted before "
-                                       "it agrees with at most this share of its ratings: earlier rounds are "
-                                       "forgotten and the next round explores (none: never)")
+                                       "it agrees with at most this share of its ratings, after agreeing with at "
+                                       "least 1 minus it on the two rounds before: earlier rounds are forgotten and "
+                                       "the next round explores (none: never)")
     forget_before: int | None = knob(None, "forget the ratings of the rounds before this one (rounds numbered from "
                                      "1, as the report shows them): the user's taste changed there")
 

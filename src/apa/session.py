@@ -364,10 +364,16 @@ class Session:
 
     def detects_change(self, r: int, heldout: dict[str, float] | None) -> bool:
         """Round r reads as a change of taste: the surrogate fitted before it agreed with at most
-        ``--detect-change`` of its ratings (and r is not already where the memory starts)."""
+        ``--detect-change`` of its ratings, after agreeing with at least 1 − that share of the two
+        rounds before it (since the last change): a surrogate that was right and is now wrong, not
+        one still learning."""
         threshold = self.cfg.session.detect_change
-        return (threshold is not None and heldout is not None and heldout["accuracy"] <= threshold
-                and r > self.forget_point())
+        if threshold is None or heldout is None or heldout["accuracy"] > threshold:
+            return False
+        start = self.forget_point()
+        before = [row["info"]["surrogate_heldout"]["accuracy"] for row in self.store.rounds()
+                  if start <= row["round"] < r and row["info"].get("surrogate_heldout")][-2:]
+        return len(before) == 2 and sum(before) / 2 >= 1.0 - threshold
 
     def liked_shares(self) -> list[float | None]:
         """Per round, the share of its rated shown images the user liked (a rating above the scale's
