@@ -153,20 +153,20 @@ def shown_liked(shares: list) -> dict:
             "liked_shown_late": sum(late) / len(late) if late else float("nan"), "liked_by_round": shares}
 
 
-def peer_row(name: str, session, judges: Judges, workdir: Path) -> dict:
+def peer_row(name: str, cfg, prior, user, judges: Judges, workdir: Path) -> dict:
     """One peer method (``apa.baselines``, its code and default settings unchanged) on the session's
     prior, simulated user, seed, budget, round size and final batch size: its row of the table."""
     from apa import baselines
     from apa.seeding import generator
 
-    s = session.cfg.session
+    s = cfg.session
     t0 = time.perf_counter()
-    run = baselines.get(name)(session.prior, session.feedback, s.budget, s.per_round, s.seed,
-                              eval_samples=s.eval_samples, workdir=workdir)
+    run = baselines.get(name)(prior, user, s.budget, s.per_round, s.seed, eval_samples=s.eval_samples,
+                              workdir=workdir)
     images = run.sample(s.eval_samples, generator(s.seed, 0, "eval"))
     wall = time.perf_counter() - t0
-    rated = torch.cat([rec.images for rec in run.records])
-    scores = torch.cat([torch.tensor(rec.scores) for rec in run.records])
+    rated = torch.cat([images[:0]] + [rec.images for rec in run.records])
+    scores = torch.cat([torch.zeros(0)] + [torch.tensor(rec.scores) for rec in run.records])
     return {**judges(images, rated[scores > 0]),
             **shown_liked([float((torch.tensor(rec.scores) > 0).float().mean()) for rec in run.records]),
             "target_tv": float("nan"), "wall_s": wall}
@@ -182,11 +182,27 @@ def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, s
                                                             "label_noise": noise},
                                                "session": {**overrides.get("session", {}), "seed": seed}})
     shutil.rmtree(out, ignore_errors=True)
+    rows, timings = {}, {}
+    if finals:  # an apa session, its final batch drawn once per variant
+        session = Session.start(out, cfg, progress=False)
+        rows, timings = session_rows(session, finals, reference), dict(session.timings)
+        prior, user = session.prior, session.feedback
+    else:  # the peers alone, on the same components
+        prior, user = Session.components(cfg)
+    judges = Judges(user, prior_name, cfg.session.eval_samples, torch.load(reference), prior.decode)
+    for name in peers:
+        rows[name] = peer_row(name, cfg, prior, user, judges, out / name)
+    return {"prior": prior_name, "prefer": list(prefer), "noise": noise, "seed": seed, "rows": rows,
+            "timings": timings}
+
+
+def session_rows(session, finals: list[tuple[str, float, tuple[float, float] | None]], reference: Path) -> dict:
+    """Run the session, then one row per final-batch variant drawn from it; saves its final batch and report."""
+    cfg = session.cfg
     t0 = time.perf_counter()
-    session = Session.start(out, cfg, progress=False)
     session.run()
     rounds_s = time.perf_counter() - t0
-    judges = Judges(session.feedback, prior_name, cfg.session.eval_samples, torch.load(reference),
+    judges = Judges(session.feedback, cfg.prior.name, cfg.session.eval_samples, torch.load(reference),
                     session.prior.decode)
     liked, seen = liked_images(session), shown_liked(session.liked_shares())
     rows = {}
@@ -201,12 +217,9 @@ def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, s
     session.cfg = cfg
     path = session.save_final()
     write_report(session)
-    for name in peers:
-        rows[name] = peer_row(name, session, judges, out / name)
     with np.load(path) as z:
         assert z["images"].shape[0] == cfg.session.eval_samples
-    return {"prior": prior_name, "prefer": list(prefer), "noise": noise, "seed": seed, "rows": rows,
-            "timings": dict(session.timings)}
+    return rows
 
 
 def _job(job: tuple) -> dict:
@@ -243,7 +256,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--label-noise", default="0", help="comma list of flip probabilities, e.g. 0,0.1")
     ap.add_argument("--final", default="noise,liked:0.3",
-                    help="final-batch variants drawn from each session: noise | liked:FRACTION | balanced:FRACTION, comma list")
+                    help="final-batch variants drawn from each session: noise | liked:FRACTION | balanced:FRACTION, "
+                         "comma list; empty: no apa session, the --peers alone")
     ap.add_argument("--peers", default="best_of_n",
                     help="comma list of peer methods run beside each session (apa.baselines: best_of_n, papa, "
                          "epapa, fk_steering, das_online, seiko_ucb, guidance, prior); empty for none")
@@ -259,7 +273,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     overrides = parse_set(args.set)
-    finals = [parse_final(f) for f in args.final.split(",")]
+    finals = [parse_final(f) for f in args.final.split(",") if f]  # --final '': the peers alone
     root = Path(args.out)
     seeds = [int(s) for s in args.seeds.split(",")]
     noises = [float(p) for p in args.label_noise.split(",")]

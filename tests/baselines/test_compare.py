@@ -44,3 +44,27 @@ def test_compare_runs_every_method_and_writes_its_outputs(tmp_path, mnist_arrays
     capsys.readouterr()
     assert main(args) == 0  # the second call loads every cached run
     assert json.loads((out / "compare.json").read_text())["runs"] == summary["runs"]
+
+
+def test_compare_runs_the_fields_methods_beside_apa(tmp_path, mnist_arrays):
+    """`apa compare --methods fkc,fk_steering,das_online,seiko_ucb,best_of_n,papa`: each peer spends the
+    same budget in the same rounds and gets its own settings at the comparison's step count."""
+    from apa.baselines.das_online import DASOnlineConfig
+    from apa.baselines.fk_steering import FKSteeringConfig
+    from apa.baselines.seiko_ucb import SEIKOConfig
+    from apa.evaluation.compare import CompareConfig, method_config
+
+    cc = CompareConfig(out=str(tmp_path), steps=3)
+    assert method_config(cc, "fk_steering") == FKSteeringConfig(steps=3)
+    assert method_config(cc, "das_online") == DASOnlineConfig(steps=3)
+    assert method_config(cc, "seiko_ucb") == SEIKOConfig(steps=3)
+    weights = export_prior(tiny_unet(), tmp_path / "tiny.safetensors", "mnist", 0.6, {})
+    out = tmp_path / "cmp"
+    methods = "fkc,fk_steering,das_online,seiko_ucb,best_of_n,papa"
+    assert main(["compare", "--prior-weights", str(weights), "--budgets", "2,4", "--seeds", "1", "--per-round", "2",
+                 "--eval-samples", "4", "--particles", "4", "--steps", "3", "--papa-timesteps", "2", "--epochs", "5",
+                 "--threads", "1", "--methods", methods, "--out", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert set(summary["methods"]) == set(methods.split(","))
+    for name, s in summary["methods"].items():
+        assert s["oracle_ratings"]["mean"] == 4 and set(s["by_budget"]) == {"2", "4"}, name

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import json
 import math
 import shutil
@@ -31,6 +32,9 @@ from apa.atomic import write_file
 from apa.baselines import METHODS  # names only: the methods' modules load when they run
 from apa.config import NUM_TIMESTEPS
 
+PEER_CONFIGS = {"fk_steering": ("apa.baselines.fk_steering", "FKSteeringConfig"),
+                "das_online": ("apa.baselines.das_online", "DASOnlineConfig"),
+                "seiko_ucb": ("apa.baselines.seiko_ucb", "SEIKOConfig")}
 DEFAULT_METHODS = ("fkc", "papa", "epapa", "best_of_n", "guidance", "prior")  # the peers are chosen with --methods
 REFERENCE = "papa@300"  # PAPA at its own budget: 300 labels, 10 per round
 REFERENCE_BUDGET, REFERENCE_PER_ROUND = 300, 10
@@ -167,6 +171,9 @@ def method_config(cc: CompareConfig, method: str) -> Any:
         return replace(base, lr=cc.papa_lr, timesteps_per_image=cc.papa_timesteps, sample_steps=cc.steps)
     if name == "best_of_n":
         return BestOfNConfig(steps=cc.steps, refine_t=cc.refine_t)
+    if name in PEER_CONFIGS:  # the field's methods, at their own defaults on this comparison's step count
+        module, cls = PEER_CONFIGS[name]
+        return getattr(importlib.import_module(module), cls)(steps=cc.steps)
     return PriorConfig(steps=cc.steps)
 
 

@@ -1,0 +1,302 @@
+"""FK steering (Singhal et al., ICML 2025): the prior's own kernel, particles resampled by reward potentials.
+
+Feynman-Kac steering runs P independent populations of N particles through the prior's ancestral
+sampler, unchanged (no reward gradient). At the potential steps i ∈ I (every ``resample_every``
+steps from ``resample_start`` to ``resample_end``, and the last step) each particle's intermediate
+reward r_i = r(ẑ0(z_i)) is read at its Tweedie estimate and its log-weight gains log G_i with
+
+    difference:  log G_i = λ·(r_i − r_prev)                   (r_prev: the lineage's last reward)
+    max:         log G_i = λ·max(r_i, M_prev),  M = running max of the lineage's rewards
+    sum:         log G_i = λ·(r_i + S_prev),    S = running sum of the lineage's rewards
+
+(the lineage's statistic starts at ``reward_min``, 0 as in the code). At the last step, max and sum
+take G = exp(λ·r_final) / Π_{earlier} G along the lineage, so for every potential the product of
+the potentials along a path is exp(λ·r(z_0)) and the target is p(z_0)·exp(λ·r(z_0)); with
+"difference" every intermediate target is the prior tilted by the current reward. After each
+intermediate potential step the population is resampled (always, as the paper's text-to-image runs
+do, or only when ESS < ``ess_threshold``·N with ``adaptive``); the weights are carried forward when
+it is not. Each population yields one image: the particle with the highest final reward (the
+paper's text-to-image evaluation keeps the best of the k particles, the code's ``best_of_n``
+samples), or with ``output="weighted"`` one drawn by the final weights.
+
+The online loop (:func:`run_online`, shared with ``das_online``): round 0 rates plain prior samples; after
+every round the reward network of ``baselines.online`` is refit on all ratings so far (particles =
+images·2 − 1), and the next round's ``per_round`` images come from ``per_round`` populations steered
+by it; the final sampler steers by the network fitted on the whole budget.
+
+Settings (``FKSteeringConfig``) and departures from the paper and its code (``launch.sh``: SDXL at
+100 DDIM steps, λ = 10, the max potential, resampling every 20 steps from step 20 to 80,
+multinomial resampling, not adaptive; k = 4 particles, the paper's headline setting):
+- the resampling grid is scaled from 100 steps to our 25: every 5 steps from 5 to 20, and the last;
+- the potentials are evaluated on z_i and the population resampled *before* the move, so copies of
+  an ancestor diverge at once (the code resamples the already-moved latents by the potentials of
+  their parents; both are valid Feynman-Kac samplers, ours costs the same network calls);
+- weights are carried forward when adaptive resampling skips a step (the code drops them, its
+  issue #12), and the max/sum potentials end with exp(λ·r_0)/Π G, so that every potential targets
+  p·exp(λ·r) (the code ends max with exp(λ·max of the lineage's rewards, r_0 included)/Π G, whose
+  target is p·exp(λ·max_s r_s));
+- systematic resampling (the house default) instead of multinomial; no resampling at the last step,
+  whose weights only choose the output;
+- the reward is the learned network of the online loop, read on the clipped image of ẑ0 (the code
+  reads ImageReward on the decoded ẑ0, also clipped to the image range).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints,
+                                  plain_samples, round_sizes, to_targets)
+from apa.baselines.online import refit
+from apa.registry import METHODS
+from apa.seeding import generator
+from apa.smc import resampling
+from apa.types import Particles
+
+POTENTIALS = ("max", "difference", "sum")
+OUTPUTS = ("best", "weighted")
+Reward = Callable[[Particles], torch.Tensor]  # particles [M, *event] -> rewards [M]
+
+
+@dataclass(frozen=True)
+class FKSteeringConfig:
+    """FK steering's settings: the code's ``launch.sh`` defaults, the grid scaled from 100 to 25 steps."""
+
+    steps: int = 25  # ancestral steps (paper: 100 DDIM steps)
+    particles: int = 4  # particles per population, one image each (paper: k = 4)
+    lam: float = 10.0  # λ, the potentials' inverse temperature (code: 10)
+    potential: str = "max"  # max | difference | sum (launch.sh: max)
+    resample_every: int = 5  # steps between potential steps (code: 20 of 100)
+    resample_start: int = 5  # first potential step (code: 20 of 100)
+    resample_end: int = 20  # last intermediate potential step, inclusive (code: 80 of 100); the last step always
+    adaptive: bool = False  # resample only when ESS < ess_threshold·N (launch.sh: off, always resample)
+    ess_threshold: float = 0.5  # the code's adaptive threshold
+    reward_min: float = 0.0  # the lineage statistic's start value (code: reward_min_value = 0)
+    resample: str = "systematic"  # scheme (code: multinomial)
+    output: str = "best"  # best: highest final reward per population (paper); weighted: one drawn by weight
+    populations_per_call: int = 32  # populations run together (memory and speed; the random draws follow the chunks)
+
+    def __post_init__(self) -> None:
+        if self.potential not in POTENTIALS:
+            raise ValueError(f"potential must be one of {POTENTIALS}, got {self.potential!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        if min(self.steps, self.particles, self.resample_every, self.populations_per_call) < 1:
+            raise ValueError(f"steps, particles, resample_every and populations_per_call must be >= 1: {self}")
+        if not (0.0 <= self.ess_threshold <= 1.0 and math.isfinite(self.lam)):
+            raise ValueError(f"ess_threshold in [0, 1] and a finite lam are required: {self}")
+        resampling.get_resampler(self.resample)
+
+    def potential_steps(self) -> frozenset[int]:
+        """Step indices whose potentials are evaluated: the resampling grid and the last step."""
+        grid = range(self.resample_start, self.resample_end + 1, self.resample_every)
+        return frozenset(i for i in grid if 0 <= i < self.steps) | {self.steps - 1}
+
+
+# ---------------------------------------------------------------- populations (shared with das_online)
+
+
+def population_ess(log_weights: torch.Tensor) -> torch.Tensor:
+    """ESS 1/Σw² of each population's normalised weights: log-weights [P, N] -> [P] float64."""
+    lw = log_weights.double() - torch.logsumexp(log_weights.double(), dim=1, keepdim=True)
+    return torch.exp(-torch.logsumexp(2.0 * lw, dim=1))
+
+
+def resample_populations(log_weights: torch.Tensor, chosen: torch.Tensor, scheme: str,
+                         gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample the ``chosen`` populations [P] bool within themselves, by log-weights [P, N].
+
+    Returns (ancestors [P·N] into the flattened particles, log-weights [P, N] float64): uniform −log N
+    where resampled, the normalised weights carried forward elsewhere.
+    """
+    p, n = log_weights.shape
+    lw = log_weights.double() - torch.logsumexp(log_weights.double(), dim=1, keepdim=True)
+    ancestors = torch.arange(p * n).view(p, n)
+    draw = resampling.get_resampler(scheme)
+    for k in torch.nonzero(chosen).flatten().tolist():
+        ancestors[k] = k * n + draw(gen, lw[k], n)
+    lw = torch.where(chosen[:, None], torch.full_like(lw, -math.log(n)), lw)
+    return ancestors.flatten(), lw
+
+
+def pick_per_population(scores: torch.Tensor, log_weights: torch.Tensor, how: str,
+                        gen: torch.Generator | None) -> torch.Tensor:
+    """One particle per population: argmax of ``scores`` [P, N] ("best") or one drawn by the
+    log-weights [P, N] ("weighted"). -> indices [P] into the flattened [P·N] particles."""
+    p, n = scores.shape
+    if how == "best":
+        local = scores.argmax(dim=1)
+    else:
+        probs = torch.exp(log_weights.double() - torch.logsumexp(log_weights.double(), dim=1, keepdim=True))
+        local = torch.multinomial(probs, 1, generator=gen).flatten()
+    return torch.arange(p) * n + local
+
+
+# ---------------------------------------------------------------- one FK-steering run
+
+
+@dataclass(frozen=True)
+class FKState:
+    """P populations of N particles at step ``step``. Shapes: particles [P·N, *event], the rest [P, N]."""
+
+    particles: Particles
+    log_weights: torch.Tensor  # float64, carried forward between resamplings
+    stat: torch.Tensor  # the lineage's reward statistic: last r (difference), running max (max) or sum (sum)
+    log_product: torch.Tensor  # Σ log G along the lineage so far (the max/sum final correction)
+    step: int
+
+
+@dataclass(frozen=True)
+class FKResult:
+    particles: Particles  # clean particles z_0 [P·N, *event]
+    log_weights: torch.Tensor  # [P, N] normalised per population
+    rewards: torch.Tensor  # [P, N] final rewards r(z_0)
+    ess: list[float]  # minimum ESS over populations at each potential step (before resampling)
+    resampled: int  # populations resampled, summed over steps
+
+
+def potential(kind: str, lam: float, r: torch.Tensor, state: FKState, final: bool
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log G_i and the updated lineage statistic for rewards r [P, N] (module docstring). -> ([P, N], [P, N])."""
+    if kind == "difference":
+        return lam * (r - state.stat), r
+    stat = torch.maximum(state.stat, r) if kind == "max" else state.stat + r
+    if final:
+        return lam * r - state.log_product, stat  # Π G = exp(λ·r_0)
+    return lam * stat, stat
+
+
+def init_fk(prior, populations: int, cfg: FKSteeringConfig, gen: torch.Generator | None) -> FKState:
+    """P·N draws from the noise end, equal weights, statistics at ``reward_min``."""
+    sigma0 = float(prior.sigmas(cfg.steps)[0])
+    z = prior.sample_initial(populations * cfg.particles, sigma0, gen)
+    zeros = torch.zeros(populations, cfg.particles, dtype=torch.float64)
+    return FKState(z, zeros - math.log(cfg.particles), zeros + cfg.reward_min, zeros.clone(), 0)
+
+
+def fk_step(state: FKState, prior, reward: Reward, cfg: FKSteeringConfig, sigmas: torch.Tensor,
+            gen: torch.Generator | None) -> tuple[FKState, dict]:
+    """Step i: ε at z_i; at a potential step reweight by G_i(r(ẑ0)) and resample; then the prior's move.
+
+    Returns the state at step i + 1 and {"ess": min ESS [float] or None, "resampled": count,
+    "rewards": r_i [P, N] or None}.
+    """
+    i, z = state.step, state.particles
+    s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    p, n = state.log_weights.shape
+    with torch.no_grad():
+        eps = prior.eps(z, s)
+    info = {"ess": None, "resampled": 0, "rewards": None}
+    if i in cfg.potential_steps():
+        with torch.no_grad():
+            r = reward(prior.tweedie(z, s, eps)).double().view(p, n)
+        log_g, stat = potential(cfg.potential, cfg.lam, r, state, final=i == cfg.steps - 1)
+        state = FKState(z, state.log_weights + log_g, stat, state.log_product + log_g, i)
+        ess = population_ess(state.log_weights)
+        info.update(ess=float(ess.min()), rewards=r)
+        if i < cfg.steps - 1:
+            chosen = ess < cfg.ess_threshold * n if cfg.adaptive else torch.ones(p, dtype=torch.bool)
+            idx, lw = resample_populations(state.log_weights, chosen, cfg.resample, gen)
+            flat = lambda t: t.reshape(-1)[idx].view(p, n)  # noqa: E731
+            state = FKState(z[idx], lw, flat(state.stat), flat(state.log_product), i)
+            z, eps = state.particles, eps[idx]
+            info["resampled"] = int(chosen.sum())
+    noise = torch.randn(z.shape, generator=gen)
+    z_next = prior.transition(z, eps, s, s_next, noise)
+    return FKState(z_next, state.log_weights, state.stat, state.log_product, i + 1), info
+
+
+def fk_steer(prior, reward: Reward, populations: int, cfg: FKSteeringConfig,
+             gen: torch.Generator | None) -> FKResult:
+    """One FK-steering run of P populations × N particles over ``cfg.steps`` steps."""
+    sigmas = prior.sigmas(cfg.steps)
+    state = init_fk(prior, populations, cfg, gen)
+    ess, resampled, rewards = [], 0, None
+    while state.step < cfg.steps:
+        state, info = fk_step(state, prior, reward, cfg, sigmas, gen)
+        if info["ess"] is not None:
+            ess.append(info["ess"])
+            rewards = info["rewards"]
+        resampled += info["resampled"]
+    lw = state.log_weights - torch.logsumexp(state.log_weights, dim=1, keepdim=True)
+    return FKResult(state.particles, lw, rewards, ess, resampled)
+
+
+# ---------------------------------------------------------------- samplers and the online loop
+
+
+def image_reward(prior, model: torch.nn.Module) -> Reward:
+    """The learned reward on particles [M, *event]: the network on the clipped image, particles = images·2 − 1."""
+    return lambda z: model(prior.decode(z) * 2.0 - 1.0)
+
+
+def fk_images(prior, reward: Reward, n: int, cfg: FKSteeringConfig, gen: torch.Generator,
+              log: list | None = None) -> torch.Tensor:
+    """n images [n, C, H, W] in [0, 1], one per population, in chunks of ``populations_per_call``."""
+    out = []
+    for start in range(0, n, cfg.populations_per_call):
+        res = fk_steer(prior, reward, min(cfg.populations_per_call, n - start), cfg, gen)
+        idx = pick_per_population(res.rewards, res.log_weights, cfg.output, gen)
+        out.append(prior.decode(res.particles[idx]))
+        if log is not None:
+            log.append({"min_ess": min(res.ess), "resampled": res.resampled})
+    return torch.cat(out) if out else torch.zeros(0, *prior.event_shape)
+
+
+Draw = Callable[[int, torch.Generator, "list | None"], torch.Tensor]  # (n, generator, log) -> images [n, C, H, W]
+
+
+def run_online(method: str, prior, user, budget: int, per_round: int, seed: int,
+               steer: Callable[[torch.nn.Module, torch.Tensor], tuple[Draw, Draw]], steps: int, *,
+               checkpoints: Sequence[int], eval_samples: int, info: dict) -> MethodRun:
+    """The online loop of the learned-reward peers (module docstring).
+
+    ``steer(model, x)`` turns the reward network fitted on the rated particles x [n, *event] into
+    two samplers (n, generator, log) -> images [n, C, H, W] that append their per-call summaries to
+    ``log`` (when not None): one draws the next round's images, the other the evaluation batches
+    and the final images (the same one, or one without an exploration bonus). Round 0 draws plain
+    prior samples over ``steps`` steps. ``info`` gains "round_sampling": per round, the summaries
+    of the calls that drew its images.
+    """
+    checks = check_checkpoints(checkpoints, budget, per_round)
+    user = CountingUser(user)
+    clock, records, batches, spent, logs = Clock(), [], {}, 0, []
+    xs, ys = [], []
+    draw: Draw = lambda n, gen, log=None: plain_samples(prior, n, steps, gen)  # noqa: E731
+    final = draw
+    for r, k in enumerate(round_sizes(budget, per_round)):
+        t0, log = clock.seconds(), []
+        images = draw(k, generator(seed, r, "round"), log)
+        scores = user(images).float()
+        xs.append(images * 2.0 - 1.0)
+        ys.append(to_targets(scores, user))
+        x = torch.cat(xs)
+        draw, final = steer(refit(prior, x, torch.cat(ys), seed, r), x)
+        spent += k
+        records.append(RoundRecord(r, spent, tuple(scores.tolist()), images, clock.seconds() - t0))
+        logs.append(log)
+        if spent in checks:
+            batches[spent] = clock.evaluate(spent, lambda: final(eval_samples, generator(seed, spent, "eval"), None))
+    return MethodRun(method, tuple(records), batches, lambda n, gen: final(n, gen, None), clock.seconds(),
+                     clock.eval_seconds, user.rated, {**info, "round_sampling": logs})
+
+
+@METHODS.register("fk_steering")
+def run(prior, user, budget: int, per_round: int, seed: int, *, config: FKSteeringConfig | None = None,
+        checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
+    """FK steering online: ``budget`` ratings in rounds of ``per_round``, each round's images steered
+    by the reward network refit on all ratings so far. ``workdir`` is unused (the common signature)."""
+    cfg = config or FKSteeringConfig()
+
+    def steer(model: torch.nn.Module, x: torch.Tensor) -> tuple[Draw, Draw]:
+        reward = image_reward(prior, model)
+        draw: Draw = lambda n, gen, log=None: fk_images(prior, reward, n, cfg, gen, log)  # noqa: E731
+        return draw, draw
+
+    return run_online("fk_steering", prior, user, budget, per_round, seed, steer, cfg.steps,
+                      checkpoints=checkpoints, eval_samples=eval_samples, info={"config": asdict(cfg)})
