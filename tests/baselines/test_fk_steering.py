@@ -12,8 +12,8 @@ import pytest
 import torch
 from scipy import stats
 
-from apa.baselines.fk_steering import (FKState, FKSteeringConfig, fk_steer, fk_step, pick_per_population,
-                                       population_ess, potential, resample_populations, run)
+from apa.baselines.fk_steering import FKState, FKSteeringConfig, fk_steer, fk_step, potential, run
+from apa.baselines.online import pick_per_population, population_ess, resample_populations
 from apa.priors.gmm import make_gmm
 from apa.smc.sampler import sample_prior
 

@@ -54,9 +54,8 @@ from typing import Callable, Sequence
 import torch
 
 from apa.baselines.common import MethodRun
-from apa.baselines.fk_steering import (Draw, pick_per_population, population_ess, resample_populations,
-                                       run_online)
-from apa.baselines.online import last_hidden, rated_covariance
+from apa.baselines.online import (Draw, last_hidden, pick_per_population, population_ess, rated_covariance,
+                                  resample_populations, run_online)
 from apa.registry import METHODS
 from apa.smc import resampling
 from apa.smc.fkc import proposal_log_ratio

@@ -50,11 +50,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints,
-                                  plain_samples, round_sizes, to_targets)
-from apa.baselines.online import refit
+from apa.baselines.common import MethodRun
+from apa.baselines.online import Draw, pick_per_population, population_ess, resample_populations, run_online
 from apa.registry import METHODS
-from apa.seeding import generator
 from apa.smc import resampling
 from apa.types import Particles
 
@@ -96,45 +94,6 @@ class FKSteeringConfig:
         """Step indices whose potentials are evaluated: the resampling grid and the last step."""
         grid = range(self.resample_start, self.resample_end + 1, self.resample_every)
         return frozenset(i for i in grid if 0 <= i < self.steps) | {self.steps - 1}
-
-
-# ---------------------------------------------------------------- populations (shared with das_online)
-
-
-def population_ess(log_weights: torch.Tensor) -> torch.Tensor:
-    """ESS 1/Σw² of each population's normalised weights: log-weights [P, N] -> [P] float64."""
-    lw = log_weights.double() - torch.logsumexp(log_weights.double(), dim=1, keepdim=True)
-    return torch.exp(-torch.logsumexp(2.0 * lw, dim=1))
-
-
-def resample_populations(log_weights: torch.Tensor, chosen: torch.Tensor, scheme: str,
-                         gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resample the ``chosen`` populations [P] bool within themselves, by log-weights [P, N].
-
-    Returns (ancestors [P·N] into the flattened particles, log-weights [P, N] float64): uniform −log N
-    where resampled, the normalised weights carried forward elsewhere.
-    """
-    p, n = log_weights.shape
-    lw = log_weights.double() - torch.logsumexp(log_weights.double(), dim=1, keepdim=True)
-    ancestors = torch.arange(p * n).view(p, n)
-    draw = resampling.get_resampler(scheme)
-    for k in torch.nonzero(chosen).flatten().tolist():
-        ancestors[k] = k * n + draw(gen, lw[k], n)
-    lw = torch.where(chosen[:, None], torch.full_like(lw, -math.log(n)), lw)
-    return ancestors.flatten(), lw
-
-
-def pick_per_population(scores: torch.Tensor, log_weights: torch.Tensor, how: str,
-                        gen: torch.Generator | None) -> torch.Tensor:
-    """One particle per population: argmax of ``scores`` [P, N] ("best") or one drawn by the
-    log-weights [P, N] ("weighted"). -> indices [P] into the flattened [P·N] particles."""
-    p, n = scores.shape
-    if how == "best":
-        local = scores.argmax(dim=1)
-    else:
-        probs = torch.exp(log_weights.double() - torch.logsumexp(log_weights.double(), dim=1, keepdim=True))
-        local = torch.multinomial(probs, 1, generator=gen).flatten()
-    return torch.arange(p) * n + local
 
 
 # ---------------------------------------------------------------- one FK-steering run
@@ -246,44 +205,6 @@ def fk_images(prior, reward: Reward, n: int, cfg: FKSteeringConfig, gen: torch.G
         if log is not None:
             log.append({"min_ess": min(res.ess), "resampled": res.resampled})
     return torch.cat(out) if out else torch.zeros(0, *prior.event_shape)
-
-
-Draw = Callable[[int, torch.Generator, "list | None"], torch.Tensor]  # (n, generator, log) -> images [n, C, H, W]
-
-
-def run_online(method: str, prior, user, budget: int, per_round: int, seed: int,
-               steer: Callable[[torch.nn.Module, torch.Tensor], tuple[Draw, Draw]], steps: int, *,
-               checkpoints: Sequence[int], eval_samples: int, info: dict) -> MethodRun:
-    """The online loop of the learned-reward peers (module docstring).
-
-    ``steer(model, x)`` turns the reward network fitted on the rated particles x [n, *event] into
-    two samplers (n, generator, log) -> images [n, C, H, W] that append their per-call summaries to
-    ``log`` (when not None): one draws the next round's images, the other the evaluation batches
-    and the final images (the same one, or one without an exploration bonus). Round 0 draws plain
-    prior samples over ``steps`` steps. ``info`` gains "round_sampling": per round, the summaries
-    of the calls that drew its images.
-    """
-    checks = check_checkpoints(checkpoints, budget, per_round)
-    user = CountingUser(user)
-    clock, records, batches, spent, logs = Clock(), [], {}, 0, []
-    xs, ys = [], []
-    draw: Draw = lambda n, gen, log=None: plain_samples(prior, n, steps, gen)  # noqa: E731
-    final = draw
-    for r, k in enumerate(round_sizes(budget, per_round)):
-        t0, log = clock.seconds(), []
-        images = draw(k, generator(seed, r, "round"), log)
-        scores = user(images).float()
-        xs.append(images * 2.0 - 1.0)
-        ys.append(to_targets(scores, user))
-        x = torch.cat(xs)
-        draw, final = steer(refit(prior, x, torch.cat(ys), seed, r), x)
-        spent += k
-        records.append(RoundRecord(r, spent, tuple(scores.tolist()), images, clock.seconds() - t0))
-        logs.append(log)
-        if spent in checks:
-            batches[spent] = clock.evaluate(spent, lambda: final(eval_samples, generator(seed, spent, "eval"), None))
-    return MethodRun(method, tuple(records), batches, lambda n, gen: final(n, gen, None), clock.seconds(),
-                     clock.eval_seconds, user.rated, {**info, "round_sampling": logs})
 
 
 @METHODS.register("fk_steering")
