@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scipy import stats
 
 from apa.feedback.classifier import load_oracle
 from apa.feedback.oracle import OracleUser
@@ -55,3 +56,21 @@ class AlternatingUser:
 def assert_images(images: torch.Tensor, n: int) -> None:
     assert images.shape == (n, 1, 28, 28) and images.dtype == torch.float32
     assert torch.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0
+
+
+# ---------------------------------------------------------------- closed-form checks on the Gaussian mixture
+
+A = torch.tensor([0.8, 0.5])  # a linear reward r(z) = z·A on the 2-D mixture prior
+SEEDS = 12  # independent runs whose mean a test compares
+LEVEL = 1e-3  # family-wise false-alarm rate of a test's comparisons
+
+
+def critical(num_stats: int, df: int) -> float:
+    """The two-sided t quantile for num_stats comparisons at family-wise LEVEL (Bonferroni)."""
+    return float(stats.t.ppf(1 - LEVEL / (2 * num_stats), df=df))
+
+
+def mixture_shares(target, particles: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of the target mixture's component responsibilities at σ = 0: [K]."""
+    w = torch.exp(log_w.double().flatten() - torch.logsumexp(log_w.double().flatten(), 0))
+    return (w[:, None] * target.responsibilities(particles, 0.0).double()).sum(0)

@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 
 from apa.baselines.common import to_targets
 from apa.baselines.das_online import (DASOnlineConfig, das_sample, plain_reward, run, tempering, ucb_reward)
@@ -18,21 +17,8 @@ from apa.baselines.online import last_hidden, refit
 from apa.priors.gmm import make_gmm
 from apa.smc.sampler import sample_prior
 
-from .conftest import assert_images
+from .conftest import A, SEEDS, assert_images, critical, mixture_shares
 
-A = torch.tensor([0.8, 0.5])
-SEEDS = 12
-LEVEL = 1e-3
-
-
-def _critical(num_stats: int, df: int) -> float:
-    return float(stats.t.ppf(1 - LEVEL / (2 * num_stats), df=df))
-
-
-def _shares(target, particles: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-    """Weighted mean of the target mixture's component responsibilities at σ = 0: [K]."""
-    w = torch.exp(log_w.double().flatten() - torch.logsumexp(log_w.double().flatten(), 0))
-    return (w[:, None] * target.responsibilities(particles, 0.0).double()).sum(0)
 
 
 def test_tempering_is_the_codes_exponential_schedule_rescaled_to_25_steps():
@@ -58,15 +44,15 @@ def test_das_targets_the_prior_tilted_by_exp_r_over_alpha():
     for alpha in (1.0, 0.5):
         target = prior.tilted(A, 1.0 / alpha)
         cfg = DASOnlineConfig(particles=1024, alpha=alpha)
-        est = torch.stack([_shares(target, res.particles, res.log_weights) for res in
+        est = torch.stack([mixture_shares(target, res.particles, res.log_weights) for res in
                            (das_sample(prior, lambda z: z @ A, 1, cfg, torch.Generator().manual_seed(s))
                             for s in range(SEEDS))])
-        ref = torch.stack([_shares(target, z, (z @ A) / alpha) for z in
+        ref = torch.stack([mixture_shares(target, z, (z @ A) / alpha) for z in
                            (sample_prior(prior, 8192, cfg.steps, torch.Generator().manual_seed(100 + s),
                                          batch_size=8192, decode=False) for s in range(SEEDS))])
         se = (est.var(0) / SEEDS + ref.var(0) / SEEDS).sqrt()
         z = (est.mean(0) - ref.mean(0)) / se
-        assert z.abs().max() < _critical(len(z), SEEDS - 1), (alpha, est.mean(0), ref.mean(0), z)
+        assert z.abs().max() < critical(len(z), SEEDS - 1), (alpha, est.mean(0), ref.mean(0), z)
 
 
 @pytest.mark.parametrize("jacobian", ["exact", "gaussian"])

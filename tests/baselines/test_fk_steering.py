@@ -10,34 +10,20 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 
 from apa.baselines.fk_steering import FKState, FKSteeringConfig, fk_steer, fk_step, potential, run
 from apa.baselines.online import pick_per_population, population_ess, resample_populations
 from apa.priors.gmm import make_gmm
 from apa.smc.sampler import sample_prior
 
-from .conftest import assert_images
+from .conftest import A, SEEDS, assert_images, critical, mixture_shares
 
-A = torch.tensor([0.8, 0.5])
-SEEDS = 12
-LEVEL = 1e-3
-
-
-def _critical(num_stats: int, df: int) -> float:
-    return float(stats.t.ppf(1 - LEVEL / (2 * num_stats), df=df))
-
-
-def _shares(target, particles: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
-    """Weighted mean of the target mixture's component responsibilities at σ = 0: [K]."""
-    w = torch.exp(log_w.double().flatten() - torch.logsumexp(log_w.double().flatten(), 0))
-    return (w[:, None] * target.responsibilities(particles, 0.0).double()).sum(0)
 
 
 def tilted_reference(prior, target, lam: float, steps: int, n: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """The discrete sampler's law tilted by exp(λ·r): plain ancestral samples over ``steps`` steps,
     self-normalised by exp(λ·⟨a, z⟩). Component shares under ``target`` (mean [K], standard error [K])."""
-    est = [_shares(target, z, lam * (z @ A)) for z in
+    est = [mixture_shares(target, z, lam * (z @ A)) for z in
            (sample_prior(prior, n, steps, torch.Generator().manual_seed(100 + s), batch_size=n, decode=False)
             for s in range(SEEDS))]
     e = torch.stack(est)
@@ -90,13 +76,13 @@ def test_difference_potential_targets_the_tilted_prior():
     prior, lam, steps = make_gmm({}), 1.0, 25
     target = prior.tilted(A, lam)
     cfg = FKSteeringConfig(steps=steps, particles=1024, lam=lam, potential="difference")
-    est = torch.stack([_shares(target, res.particles, res.log_weights) for res in
+    est = torch.stack([mixture_shares(target, res.particles, res.log_weights) for res in
                        (fk_steer(prior, lambda z: z @ A, 1, cfg, torch.Generator().manual_seed(s))
                         for s in range(SEEDS))])
     ref, ref_se = tilted_reference(prior, target, lam, steps)
     assert (ref - target.weights.double()).abs().max() < 0.03
     z = (est.mean(0) - ref) / (est.var(0) / SEEDS + ref_se**2).sqrt()
-    assert z.abs().max() < _critical(len(z), SEEDS - 1), (est.mean(0), ref, z)
+    assert z.abs().max() < critical(len(z), SEEDS - 1), (est.mean(0), ref, z)
 
 
 def test_max_potential_puts_more_mass_on_high_reward_than_the_prior():
