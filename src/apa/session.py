@@ -20,7 +20,7 @@ import torch
 
 from apa import acquisition
 from apa.config import MAX_POPULATION, NUM_TIMESTEPS, AlignConfig
-from apa.feedback.base import FeedbackSource, check_scores, with_label_noise
+from apa.feedback.base import FeedbackSource, check_scores, scale_of, with_label_noise
 from apa.feedback.drift import DriftingUser
 from apa.components import shared_feedback, shared_prior
 from apa.seeding import generator
@@ -321,7 +321,7 @@ class Session:
     def rated_rounds(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Per round with ratings: (round, its rated particles [m, *event], their targets in [-1, 1] [m])."""
         out = []
-        scale = getattr(self.feedback, "scale", (-1.0, 1.0))
+        scale = scale_of(self.feedback)
         for row in self.store.rounds():
             rated = [x for x in self.store.ratings(row["round"]) if x["score"] is not None]
             if rated:
@@ -378,7 +378,7 @@ class Session:
     def liked_shares(self) -> list[float | None]:
         """Per round, the share of its rated shown images the user liked (a rating above the scale's
         midpoint); None for a round with no rating. What a person saw, round by round."""
-        lo, hi = getattr(self.feedback, "scale", (-1.0, 1.0))
+        lo, hi = scale_of(self.feedback)
         out = []
         for row in self.store.rounds():
             scores = [x["score"] for x in self.store.ratings(row["round"]) if x["score"] is not None]
@@ -414,7 +414,7 @@ class Session:
             return None
         x = self.store.round_tensors(r)["particles"][torch.tensor([x["particle"] for x in rated])]
         y = normalise_scores(torch.tensor([x["score"] for x in rated], dtype=torch.float32),
-                             getattr(self.feedback, "scale", (-1.0, 1.0)))
+                             scale_of(self.feedback))
         with torch.no_grad():
             pred = surrogate.rating(x).reshape(-1).float().cpu()
         return {"accuracy": float(((pred > 0) == (y > 0)).float().mean()), "mae": float((pred - y).abs().mean()),

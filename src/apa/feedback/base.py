@@ -25,6 +25,14 @@ class FeedbackSource(Protocol):
         """images [k, C, H, W] in [0, 1] -> scores [k] (finite floats)."""
 
 
+BINARY_SCALE = (-1.0, 1.0)  # the scale of a source that declares none: +1 liked, -1 not
+
+
+def scale_of(source) -> tuple[float, float]:
+    """The [lo, hi] a source's answers lie on: its ``scale``, else BINARY_SCALE."""
+    return tuple(getattr(source, "scale", BINARY_SCALE))
+
+
 def check_scores(scores: torch.Tensor, k: int, source: str) -> torch.Tensor:
     """Refuse an answer that cannot be stored: wrong shape or non-finite values."""
     scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
@@ -49,7 +57,7 @@ class ErringUser:
             raise ValueError(f"--label-noise must be in [0, 0.5), got {p}")
         self.source, self.p, self.seed = source, float(p), int(seed)
         self.name = f"{source.name}+noise{p:g}"
-        self.scale = getattr(source, "scale", (-1.0, 1.0))
+        self.scale = scale_of(source)
 
     def flips(self, images: torch.Tensor) -> torch.Tensor:
         """Which answers this user gets wrong: images [k, ...] -> bool [k]."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from apa.feedback.base import FeedbackSource
+from apa.feedback.base import FeedbackSource, scale_of
 from apa.seeding import generator
 
 
@@ -30,7 +30,7 @@ class DriftingUser:
             raise ValueError(f"--drift-at and --drift-span must be at least 0, got {at} and {span}")
         self.before, self.after, self.at_rating, self.span, self.seed = before, after, int(at), int(span), int(seed)
         self.name = f"{before.name}->{after.name}@{at}" + (f"+{span}" if span else "")
-        self.scale = getattr(before, "scale", (-1.0, 1.0))
+        self.scale = scale_of(before)
         self.seen = 0  # ratings given so far
 
     def at(self, n: int) -> "DriftingUser":
