@@ -24,7 +24,7 @@ from apa.feedback.base import FeedbackSource, check_scores, scale_of, with_label
 from apa.feedback.drift import DriftingUser
 from apa.components import shared_feedback, shared_prior
 from apa.seeding import generator
-from apa.smc.sampler import SMCResult, device_of, fkc_sample
+from apa.smc.sampler import SMCResult, device_of, fkc_sample, sample_prior, zero_reward
 from apa.store import SessionStore, StoreError
 from apa.surrogate.fit import FitConfig, fit
 from apa.surrogate.model import Ensemble, FeatureSurrogate, LatentSurrogate
@@ -252,7 +252,7 @@ class Session:
         keeps the surrogate's noise among images it already rates as liked from being amplified by
         exp(β·r) into a collapse onto one class; log P(liked | x) saturates at 0 by itself."""
         if surrogate is None:
-            return lambda z: torch.zeros(z.shape[0], device=z.device)
+            return zero_reward
         ceiling = self.cfg.surrogate.ceiling
         if surrogate.loss != "mse" or ceiling is None:
             return surrogate
@@ -299,10 +299,10 @@ class Session:
         """``res`` with m plain prior samples appended, weight zero (log −inf: no part of the weighted
         population), to be shown beside the tilted particles: particles [N+m, *event], log-weights [N+m]."""
         with self.timer("sampling"):
-            plain = fkc_sample(self.prior, lambda z: torch.zeros(z.shape[0], device=z.device), self.cfg.sampler,
-                               particles=m, beta=(0.0, 0.0), generator=generator(self.cfg.session.seed, r, "explore"))
+            plain = sample_prior(self.prior, m, self.cfg.sampler.steps, generator(self.cfg.session.seed, r, "explore"),
+                                 batch_size=m, decode=False, config=self.cfg.sampler)
         lw = res.log_weights
-        return SMCResult(torch.cat([res.particles, plain.particles.to(res.particles)]),
+        return SMCResult(torch.cat([res.particles, plain.to(res.particles)]),
                          torch.cat([lw, torch.full((m,), float("-inf"), dtype=lw.dtype, device=lw.device)]),
                          res.trace, res.log_normalizer)
 

@@ -147,7 +147,7 @@ def prior_baseline(session) -> dict[str, Any]:
     evaluate = getattr(session.feedback, "evaluate", None)
     if evaluate is None:
         return {}
-    from apa.smc.sampler import fkc_sample
+    from apa.smc.sampler import sample_prior
 
     n = session.cfg.session.eval_samples
     key = baseline_key(session, n)
@@ -159,12 +159,10 @@ def prior_baseline(session) -> dict[str, Any]:
             return json.loads(path.read_text())
         except ValueError:
             pass  # a damaged cache entry is recomputed
-    cfg = replace(session.cfg.sampler, particles=n, beta=(0.0, 0.0), weights="none", diversity=False)
-    gen = torch.Generator().manual_seed(0)
-    res = fkc_sample(session.prior, lambda x: torch.zeros(x.shape[0], device=x.device), cfg, generator=gen,
-                     progress=False)
+    cfg = replace(session.cfg.sampler, weights="none", diversity=False)
+    images = sample_prior(session.prior, n, cfg.steps, torch.Generator().manual_seed(0), batch_size=n, config=cfg)
     with torch.no_grad():
-        out = {**evaluate(session.prior.decode(res.particles).cpu()), "n": n}
+        out = {**evaluate(images.cpu()), "n": n}
     out = json.loads(json.dumps(out, default=float))  # the same types as a cached copy (str class keys)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

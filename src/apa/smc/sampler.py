@@ -365,13 +365,19 @@ def drive(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig,
     return state, trace, log_z
 
 
+def zero_reward(z: Particles) -> torch.Tensor:
+    """The reward before any feedback: 0 for every particle. [N, *event] -> [N]."""
+    return torch.zeros(z.shape[0], device=z.device)
+
+
 def sample_prior(prior: Prior, n: int, num_steps: int, generator: torch.Generator | None = None,
-                 batch_size: int = 128, decode: bool = True) -> torch.Tensor:
+                 batch_size: int = 128, decode: bool = True, config: SamplerConfig | None = None) -> torch.Tensor:
     """n plain samples (β = 0) drawn in batches and decoded: [n, C, H, W]; or, with ``decode=False``,
-    the clean particles themselves [n, *event] (what a reward reads)."""
+    the clean particles themselves [n, *event] (what a reward reads). ``config``: the sampler's
+    other settings (a session's; default ``SamplerConfig()``). The one plain-prior sampler."""
     out = []
     for start in range(0, n, batch_size):
-        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0], device=z.device), particles=min(batch_size, n - start),
-                         steps=num_steps, beta=(0.0, 0.0), generator=generator)
+        res = fkc_sample(prior, zero_reward, config, particles=min(batch_size, n - start), steps=num_steps,
+                         beta=(0.0, 0.0), generator=generator)
         out.append(prior.decode(res.particles) if decode else res.particles)
     return torch.cat(out)
