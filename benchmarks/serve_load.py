@@ -1,0 +1,141 @@
+"""Many people on one `apa serve`: throughput, round latency and memory with K people at once.
+
+Each row starts a fresh `apa serve` process (its own data directory, the MNIST prior) and K
+simulated people, each a thread that starts a session and rates every round as soon as it is
+ready (fetching the round's images first, as the page does; ratings 1-5 from a seeded generator),
+until its budget is spent. K = 1 is the anchor row: the same work by one person alone.
+
+Per row: rated images per second over all people (throughput), its ratio to K = 1, the median and
+95th percentile of a round's latency (from sending a round's ratings to the next round being ready,
+or the first round from the session's start), and the server's resident memory at the end (RSS,
+with K sessions open). Run:
+
+  python benchmarks/serve_load.py --people 1,4,8,16
+  python benchmarks/serve_load.py --people 1,8 --workers 2 --budget 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(base: str, method: str, path: str, body: dict | None = None) -> dict | bytes:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        raw = r.read()
+        return json.loads(raw) if r.headers.get("content-type", "").startswith("application/json") else raw
+
+
+def wait_ready(base: str, token: str, poll: float = 0.05) -> dict:
+    """Poll the session until a round waits for ratings, or it is done."""
+    while True:
+        state = call(base, "GET", f"/api/sessions/{token}")
+        if state["phase"] in ("ready", "done", "error"):
+            return state
+        time.sleep(poll)
+
+
+def person(base: str, seed: int, latencies: list[float], rated: list[int]) -> None:
+    """One simulated person: a whole session, rating every round as soon as it is ready."""
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    token = call(base, "POST", "/api/sessions")["token"]
+    while True:
+        state = wait_ready(base, token)
+        latencies.append(time.perf_counter() - t0)
+        if state["phase"] != "ready":
+            if state["phase"] == "error":
+                raise RuntimeError(state["message"])
+            return
+        r, k = state["round"], state["images"]
+        for p in range(k):  # the page loads every image before the person can rate
+            call(base, "GET", f"/api/sessions/{token}/rounds/{r}/images/{p}.png")
+        t0 = time.perf_counter()
+        call(base, "POST", f"/api/sessions/{token}/rounds/{r}/ratings", {"ratings": [rng.randint(1, 5) for _ in range(k)]})
+        rated.append(k)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_row(people: int, args: argparse.Namespace) -> dict:
+    """Start a server, run ``people`` people at once, stop it; the row's numbers."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as data:
+        cmd = [sys.executable, "-m", "apa.cli", "serve", "--port", str(port), "--data-dir", data, "--prior", "mnist",
+               "--particles", str(args.particles), "--budget", str(args.budget), "--per-round", str(args.per_round),
+               "--eval-samples", str(args.eval_samples), "--workers", str(args.workers), "--log-level", "warning"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(600):
+                try:
+                    call(base, "GET", "/")
+                    break
+                except OSError:
+                    time.sleep(0.2)
+            latencies: list[float] = []
+            rated: list[int] = []
+            threads = [threading.Thread(target=person, args=(base, 1000 + i, latencies, rated)) for i in range(people)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            memory = rss_mb(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    return {"people": people, "rated": sum(rated), "wall_s": wall, "per_s": sum(rated) / wall,
+            "p50_s": statistics.median(latencies), "p95_s": statistics.quantiles(latencies, n=20)[-1],
+            "rss_mb": memory}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--people", default="1,4,8,16", help="K simulated people at once, one row each")
+    ap.add_argument("--particles", type=int, default=32)
+    ap.add_argument("--budget", type=int, default=24)
+    ap.add_argument("--per-round", type=int, default=8)
+    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=1, help="the server's --workers")
+    ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    args = ap.parse_args()
+    rows = [one_row(int(k), args) for k in args.people.split(",")]
+    alone = next((r for r in rows if r["people"] == 1), rows[0])
+    print("| people | rated images | wall s | rated per s | x one alone | round latency p50 s | p95 s | "
+          "p95 / one alone's | server RSS MB |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['people']} | {r['rated']} | {r['wall_s']:.1f} | {r['per_s']:.2f} | {r['per_s'] / alone['per_s']:.2f} | "
+              f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p95_s'] / alone['p95_s']:.2f} | {r['rss_mb']:.0f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
