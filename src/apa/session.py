@@ -22,6 +22,7 @@ from apa import acquisition
 from apa.config import MAX_POPULATION, NUM_TIMESTEPS, AlignConfig
 from apa.feedback.base import FeedbackSource, check_scores, scale_of, with_label_noise
 from apa.feedback.drift import DriftingUser
+from apa.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, next_action
 from apa.components import shared_feedback, shared_prior
 from apa.seeding import generator
 from apa.smc.sampler import SMCResult, device_of, fkc_sample, sample_prior, zero_reward
@@ -435,14 +436,10 @@ class Session:
 
     def next_round(self) -> int | None:
         """The round waiting for ratings (sampling it first if needed); None when the budget is spent."""
-        waiting = self.store.open_round()
-        if waiting is not None:
-            return waiting
-        if self.store.spent() >= self.cfg.session.budget:
-            return None
-        r = len(self.store.rounds())
-        self.sample_round(r)
-        return r
+        action = next_action(self.store, self.cfg.session.budget)
+        if action.kind == SAMPLE:
+            self.sample_round(action.round)
+        return action.round if action.kind in (SAMPLE, RATE, FIT) else None
 
     def record(self, r: int, position: int, score: float | None, source: str) -> None:
         self.record_all(r, [(position, score)], source)
@@ -467,17 +464,19 @@ class Session:
             self.record(r, p, float(s), self.feedback.name)
 
     def run(self, on_round: Callable[[int, "Session"], None] | None = None) -> None:
-        """Rounds until the budget is spent (simulated feedback)."""
+        """Rounds until the budget is spent (simulated feedback), each step the one ``next_action``
+        names; ``on_round(r, session)`` after every refit."""
         if self.cfg.feedback.name == "human":
             raise SessionError("feedback 'human' is given through `apa serve`, not `apa align`")
-        while (r := self.next_round()) is not None:
-            self.answer_with_source(r)
-            self.finish_round(r)
-            if on_round is not None:
-                on_round(r, self)
-        waiting = self.store.open_round()
-        if waiting is not None:
-            self.finish_round(waiting)
+        while (action := next_action(self.store, self.cfg.session.budget)).kind not in (FINAL, DONE):
+            if action.kind == SAMPLE:
+                self.sample_round(action.round)
+            elif action.kind == RATE:
+                self.answer_with_source(action.round)
+            else:
+                self.finish_round(action.round)
+                if on_round is not None:
+                    on_round(action.round, self)
 
     def final_samples(self, n: int | None = None) -> torch.Tensor:
         """The aligned sampler's evaluation batch, resampled to equal weights: images [n, C, H, W]."""

@@ -29,7 +29,8 @@ from typing import Any, Callable
 from apa.config import AlignConfig
 from apa.feedback.human import RATINGS, SCALE
 from apa.session import Session, with_overrides
-from apa.store import FITTED, RATED, SAMPLED, RatingRefused, SessionBusy, StoreError
+from apa.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, next_action
+from apa.store import FITTED, RatingRefused, SessionBusy, StoreError
 from apa.web import render
 
 log = logging.getLogger("apa.web")
@@ -139,32 +140,34 @@ class SessionHandle:
 
 def waiting_round(session: Session) -> int | None:
     """The round shown to the person and not yet fully rated, if any."""
-    r = session.store.open_round()
-    return r if r is not None and session.store.stage(r) == SAMPLED else None
+    action = next_action(session.store, session.cfg.session.budget)
+    return action.round if action.kind == RATE else None
 
 
 def finished(session: Session) -> bool:
-    return (bool(session.store.rounds()) and session.store.open_round() is None
-            and session.store.spent() >= session.cfg.session.budget and session.store.final_path.exists())
+    return next_action(session.store, session.cfg.session.budget).kind == DONE
+
+
+PHASES = {FIT: "fitting", SAMPLE: "sampling", FINAL: "final"}  # the page's name for each background step
 
 
 def advance(handle: SessionHandle, report_lock: threading.Lock) -> None:
-    """Background job: refit after a rated round, sample the next one, or finish the session."""
+    """Background job: the steps ``next_action`` names (refit a rated round, sample the next one,
+    draw the final batch) until the session waits for the person, or is done."""
     s = handle.session
     try:
-        r = s.store.open_round()
-        if r is not None and s.store.stage(r) == RATED:
-            handle.enter("fitting", r)
-            s.finish_round(r)
-        handle.enter("sampling", len(s.store.rounds()))
-        r = s.next_round()
-        if r is not None:
-            handle.enter("ready", r)
-            return
-        handle.enter("final")
-        if not s.store.final_path.exists():
-            s.save_final()
-        handle.enter("done", message=write_report(s, report_lock))
+        while (action := next_action(s.store, s.cfg.session.budget)).kind in PHASES:
+            handle.enter(PHASES[action.kind], action.round)
+            if action.kind == FIT:
+                s.finish_round(action.round)
+            elif action.kind == SAMPLE:
+                s.sample_round(action.round)
+            else:
+                s.save_final()
+        if action.kind == RATE:
+            handle.enter("ready", action.round)
+        else:
+            handle.enter("done", message=write_report(s, report_lock))
     except Exception as e:  # shown on the page; the store still holds everything up to the failure
         log.exception("session %s…: background step failed", handle.token[:6])
         handle.enter("error", message=f"{type(e).__name__}: {public(str(e))}. Everything rated so far is saved; "
