@@ -85,7 +85,18 @@ def test_open_refuses_foreign_and_damaged_directories(tmp_path, store):
 def test_damaged_round_tensors_name_the_file(store):
     store.round_path(0).write_bytes(b"garbage")
     with pytest.raises(StoreError, match="round_0000"):
-        store.round_tensors(0)
+        SessionStore.read(store.root).round_tensors(0)  # any process that reads the file
+
+
+def test_a_round_written_in_this_process_is_served_from_memory(store):
+    """Round tensors are the channel between a round's steps without a read back from disk: the
+    store that wrote them returns equal tensors, in a fresh dict each call."""
+    first = store.round_tensors(0)
+    store.round_path(0).write_bytes(b"garbage")  # not read again by this store
+    again = store.round_tensors(0)
+    assert torch.equal(first["particles"], again["particles"]) and again["shown"].tolist() == [2, 0]
+    first["particles"] = torch.zeros(1)
+    assert store.round_tensors(0)["particles"].shape == (4, 2)
 
 
 def test_one_writer_at_a_time_and_readers_meanwhile(store):

@@ -317,6 +317,7 @@ class SessionStore:
         self._held = held  # the session lock (None: opened read-only, see ``read``)
         self._writer = conn if writable else None  # ``open`` reads read-only until the first write
         self._reader = None if writable else conn
+        self._rounds: dict[int, dict[str, torch.Tensor]] = {}  # round tensors written or read (they never change)
 
     # ------------------------------------------------------------ opening
 
@@ -523,9 +524,14 @@ class SessionStore:
             self._record_file(self.round_path(r), digest)
             self._conn.execute("INSERT INTO rounds (round, status, shown, info, created) VALUES (?, ?, ?, ?, ?)",
                                (r, SAMPLED, json.dumps(shown), json.dumps(info), time.time()))
+        self._rounds[r] = {k: v.detach().cpu().clone() for k, v in tensors.items()}
 
     def round_tensors(self, r: int) -> dict[str, torch.Tensor]:
-        return self._load_tensors(self.round_path(r), f"round {r}'s tensors")
+        """Round r's particles, log-weights and shown indices: from memory once written or read in this
+        process (a round never changes once sampled), else from its file, checked."""
+        if r not in self._rounds:
+            self._rounds[r] = self._load_tensors(self.round_path(r), f"round {r}'s tensors")
+        return dict(self._rounds[r])
 
     def rounds(self) -> list[dict[str, Any]]:
         rows = self._conn.execute("SELECT round, status, shown, fit_loss, info FROM rounds ORDER BY round").fetchall()
