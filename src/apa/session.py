@@ -23,6 +23,7 @@ from apa.config import MAX_POPULATION, NUM_TIMESTEPS, AlignConfig
 from apa.feedback.base import FeedbackSource, check_scores, scale_of, with_label_noise
 from apa.feedback.drift import DriftingUser
 from apa.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, next_action
+from apa.priors.base import HasFeatures
 from apa.components import shared_feedback, shared_prior
 from apa.seeding import generator
 from apa.smc.sampler import SMCResult, device_of, fkc_sample, sample_prior, zero_reward
@@ -89,7 +90,7 @@ def check_prior(cfg: AlignConfig, prior: Any) -> None:
         raise SessionError(f"--prior {cfg.prior.name} draws points of shape {tuple(prior.event_shape)}, not images, "
                            "so no feedback source can rate them (it serves the sampler's exactness tests); choose an "
                            "image prior such as mnist")
-    if cfg.surrogate.kind == "features" and getattr(prior, "features", None) is None:
+    if cfg.surrogate.kind == "features" and not isinstance(prior, HasFeatures):
         raise SessionError(f"--prior {cfg.prior.name} has no denoiser features; use --surrogate pixels")
 
 
@@ -191,10 +192,9 @@ class Session:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(generator(self.cfg.session.seed, r, "init").initial_seed()))
             if sc.kind == "features":
-                feats = getattr(self.prior, "features", None)
-                if feats is None:
+                if not isinstance(self.prior, HasFeatures):
                     raise SessionError(f"prior {self.cfg.prior.name!r} has no denoiser features; use --surrogate pixels")
-                fn = lambda x: feats(x, sc.feature_t)  # noqa: E731
+                fn = lambda x: self.prior.features(x, sc.feature_t)  # noqa: E731
                 dim = int(fn(torch.zeros(1, *self.prior.event_shape)).shape[1])
                 members = [FeatureSurrogate(fn, dim) for _ in range(sc.ensemble)]
             else:
@@ -517,9 +517,10 @@ class Session:
     def start_features(self, x: torch.Tensor) -> torch.Tensor:
         """What the balanced restart measures crowding in: the prior's denoiser features where it has
         them (the surrogate's input), else the particles themselves. [m, *event] -> [m, d]."""
-        feats = getattr(self.prior, "features", None)
         with torch.no_grad():
-            return feats(x, self.cfg.surrogate.feature_t) if feats is not None else x.reshape(x.shape[0], -1)
+            if isinstance(self.prior, HasFeatures):
+                return self.prior.features(x, self.cfg.surrogate.feature_t)
+            return x.reshape(x.shape[0], -1)
 
     def save_final(self, n: int | None = None, images: torch.Tensor | None = None) -> Path:
         """Draw the final batch (or take ``images`` already drawn) and store it; returns its path."""

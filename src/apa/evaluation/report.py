@@ -31,6 +31,7 @@ from apa.atomic import private, write_file  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from apa.evaluation.images import save_grid  # noqa: E402
+from apa.priors.base import class_names  # noqa: E402
 
 DASH = "–"  # shown where a number does not exist (no rating, no held-out score yet)
 GRID_MAX = 64  # particles drawn per round grid (the heaviest, plus every shown one)
@@ -412,7 +413,7 @@ def checks_blocks(checks: dict, names: tuple[str, ...]) -> list[tuple]:
 
 def document(session, rows, final, baseline, figures, checks: dict | None = None) -> list[tuple]:
     cfg = session.cfg.to_dict()
-    names = tuple(getattr(session.prior, "class_names", ()) or ())
+    names = class_names(session.prior)
     human = cfg["feedback"]["name"] == "human"
     oracle = any(r["eval"] for r in rows) or bool(final)
     head, body = rounds_table(rows, baseline, oracle)
@@ -561,7 +562,7 @@ def write_report(session) -> Path:
     rows = round_rows(session)
     final = final_eval(session)
     baseline = prior_baseline(session)
-    names = tuple(getattr(session.prior, "class_names", ()) or ())
+    names = class_names(session.prior)
     checks = final_checks_of(session)
     figs = figures(session, rows, final, baseline, root)
     blocks = document(session, rows, final, baseline, figs, checks)

@@ -61,6 +61,19 @@ class Prior(Protocol):
         """Per-coordinate variance v of :meth:`transition`'s noise (0 for a deterministic step)."""
 
 
+@runtime_checkable
+class HasFeatures(Protocol):
+    """A prior whose denoiser gives features of clean images (the features surrogate reads them)."""
+
+    def features(self, z0: Particles, t: int = 200) -> torch.Tensor:
+        """Clean particles [N, *event] -> features [N, D], differentiable in z0."""
+
+
+def class_names(prior) -> tuple[str, ...]:
+    """The names of a prior's data classes (``class_names``), empty for a prior without classes."""
+    return tuple(getattr(prior, "class_names", ()) or ())
+
+
 class VEPrior:
     """Shared VE-form numerics; subclasses provide event_shape, data_std, sigmas, sample_initial, eps, decode."""
 
