@@ -56,7 +56,10 @@ def _mse(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Te
 
 
 def _cross_entropy(logit: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """−[p·log σ(f) + (1 − p)·log(1 − σ(f))] with p = (y + 1) / 2, weighted mean over the batch."""
+    """−[p·log σ(f) + (1 − p)·log(1 − σ(f))] with p = (y + 1) / 2, weighted mean over the batch
+    (without weights, torch's own mean reduction: the same numbers, to the last bit, as before weights)."""
+    if w is None:
+        return F.binary_cross_entropy_with_logits(logit, (y + 1.0) / 2.0)
     return _weighted_mean(F.binary_cross_entropy_with_logits(logit, (y + 1.0) / 2.0, reduction="none"), w)
 
 
