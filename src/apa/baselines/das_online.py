@@ -54,8 +54,8 @@ from typing import Callable, Sequence
 import torch
 
 from apa.baselines.common import MethodRun
-from apa.baselines.online import (Draw, last_hidden, pick_per_population, population_ess, rated_covariance,
-                                  resample_populations, run_online)
+from apa.baselines.online import (Draw, last_hidden, pick_per_population, population_ess, population_images,
+                                  rated_covariance, resample_populations, run_online)
 from apa.registry import METHODS
 from apa.smc import resampling
 from apa.smc.fkc import proposal_log_ratio
@@ -220,13 +220,11 @@ def das_sample(prior, reward: Reward, populations: int, cfg: DASOnlineConfig,
 def das_images(prior, reward: Reward, n: int, cfg: DASOnlineConfig, gen: torch.Generator,
                log: list | None = None) -> torch.Tensor:
     """n images [n, C, H, W] in [0, 1]: each population's highest-weight particle, in chunks."""
-    out = []
-    for start in range(0, n, cfg.populations_per_call):
-        res = das_sample(prior, reward, min(cfg.populations_per_call, n - start), cfg, gen)
-        out.append(prior.decode(res.particles[pick_per_population(res.log_weights, res.log_weights, "best", None)]))
-        if log is not None:
-            log.append({"min_ess": min(res.ess), "resampled": res.resampled})
-    return torch.cat(out) if out else torch.zeros(0, *prior.event_shape)
+    def chosen(k: int) -> tuple[torch.Tensor, DASResult]:
+        res = das_sample(prior, reward, k, cfg, gen)
+        return res.particles[pick_per_population(res.log_weights, res.log_weights, "best", None)], res
+
+    return population_images(prior, n, cfg.populations_per_call, chosen, log)
 
 
 @METHODS.register("das_online")

@@ -51,7 +51,8 @@ from typing import Callable, Sequence
 import torch
 
 from apa.baselines.common import MethodRun
-from apa.baselines.online import Draw, pick_per_population, population_ess, resample_populations, run_online
+from apa.baselines.online import (Draw, pick_per_population, population_ess, population_images,
+                                  resample_populations, run_online)
 from apa.registry import METHODS
 from apa.smc import resampling
 from apa.types import Particles
@@ -197,14 +198,11 @@ def image_reward(prior, model: torch.nn.Module) -> Reward:
 def fk_images(prior, reward: Reward, n: int, cfg: FKSteeringConfig, gen: torch.Generator,
               log: list | None = None) -> torch.Tensor:
     """n images [n, C, H, W] in [0, 1], one per population, in chunks of ``populations_per_call``."""
-    out = []
-    for start in range(0, n, cfg.populations_per_call):
-        res = fk_steer(prior, reward, min(cfg.populations_per_call, n - start), cfg, gen)
-        idx = pick_per_population(res.rewards, res.log_weights, cfg.output, gen)
-        out.append(prior.decode(res.particles[idx]))
-        if log is not None:
-            log.append({"min_ess": min(res.ess), "resampled": res.resampled})
-    return torch.cat(out) if out else torch.zeros(0, *prior.event_shape)
+    def chosen(k: int) -> tuple[torch.Tensor, FKResult]:
+        res = fk_steer(prior, reward, k, cfg, gen)
+        return res.particles[pick_per_population(res.rewards, res.log_weights, cfg.output, gen)], res
+
+    return population_images(prior, n, cfg.populations_per_call, chosen, log)
 
 
 @METHODS.register("fk_steering")

@@ -124,6 +124,21 @@ def pick_per_population(scores: torch.Tensor, log_weights: torch.Tensor, how: st
     return torch.arange(p) * n + local
 
 
+def population_images(prior, n: int, per_call: int, chosen: Callable[[int], tuple[torch.Tensor, object]],
+                      log: list | None = None) -> torch.Tensor:
+    """n images [n, C, H, W] in [0, 1], one per population, run ``per_call`` populations at a time.
+
+    ``chosen(k)`` runs k populations and returns (the chosen particle of each [k, *event], the run's
+    result, whose ``ess`` and ``resampled`` are appended to ``log`` when it is not None)."""
+    out = []
+    for start in range(0, n, per_call):
+        particles, res = chosen(min(per_call, n - start))
+        out.append(prior.decode(particles))
+        if log is not None:
+            log.append({"min_ess": min(res.ess), "resampled": res.resampled})
+    return torch.cat(out) if out else torch.zeros(0, *prior.event_shape)
+
+
 # ---------------------------------------------------------------- the online loop of the learned-reward peers
 
 
