@@ -1,17 +1,20 @@
 """Many people on one `apa serve`: throughput, round latency and memory with K people at once.
 
-Each row starts a fresh `apa serve` process (its own data directory, the MNIST prior) and K
-simulated people, each a thread that starts a session and rates every round as soon as it is
-ready (fetching the round's images first, as the page does; ratings 1-5 from a seeded generator),
-until its budget is spent. K = 1 is the anchor row: the same work by one person alone.
+Each row starts a fresh `apa serve` process (its own data directory, the MNIST prior, ``--workers
+K``) and K simulated people, each a thread that starts a session and rates every round as soon as
+it is ready (fetching the round's images first, as the page does; ratings 1-5 from a seeded
+generator), until its budget is spent. Rows marked "shared" batch the sessions' network calls
+(``--batch-window 0.01``, the default); "own" rows serve the same sessions with one network call
+per session (``--batch-window 0``). K = 1 is the anchor row: the same work by one person alone.
 
-Per row: rated images per second over all people (throughput), its ratio to K = 1, the median and
-95th percentile of a round's latency (from sending a round's ratings to the next round being ready,
-or the first round from the session's start), and the server's resident memory at the end (RSS,
-with K sessions open). Run:
+Per row: rated images per second over all people (throughput), its ratio to K = 1 and to the
+"own" row of the same K, the median and 95th percentile of a round's latency (from sending a
+round's ratings to the next round being ready, or the first round from the session's start), the
+server's resident memory before any session and at the end with K sessions open (RSS), and the
+network calls' mean rows (from the server's log). Run:
 
-  python benchmarks/serve_load.py --people 1,4,8,16
-  python benchmarks/serve_load.py --people 1,8 --workers 2 --budget 16
+  python benchmarks/serve_load.py --people 1,4,8,16 --own 8
+  python benchmarks/serve_load.py --people 1,8 --own 8 --budget 16
 """
 
 from __future__ import annotations
@@ -82,13 +85,15 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def one_row(people: int, args: argparse.Namespace) -> dict:
-    """Start a server, run ``people`` people at once, stop it; the row's numbers."""
+def one_row(people: int, own: bool, args: argparse.Namespace) -> dict:
+    """Start a server, run ``people`` people at once (``own``: each session calls the network alone), stop
+    it; the row's numbers."""
     port = free_port()
     with tempfile.TemporaryDirectory() as data:
         cmd = [sys.executable, "-m", "apa.cli", "serve", "--port", str(port), "--data-dir", data, "--prior", "mnist",
                "--particles", str(args.particles), "--budget", str(args.budget), "--per-round", str(args.per_round),
-               "--eval-samples", str(args.eval_samples), "--workers", str(args.workers), "--log-level", "warning"]
+               "--eval-samples", str(args.eval_samples), "--workers", str(people),
+               "--batch-window", str(0.0 if own else args.window), "--log-level", "warning"]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         base = f"http://127.0.0.1:{port}"
@@ -99,6 +104,7 @@ def one_row(people: int, args: argparse.Namespace) -> dict:
                     break
                 except OSError:
                     time.sleep(0.2)
+            idle = rss_mb(server.pid)
             latencies: list[float] = []
             rated: list[int] = []
             threads = [threading.Thread(target=person, args=(base, 1000 + i, latencies, rated)) for i in range(people)]
@@ -112,9 +118,9 @@ def one_row(people: int, args: argparse.Namespace) -> dict:
         finally:
             server.terminate()
             server.wait(timeout=60)
-    return {"people": people, "rated": sum(rated), "wall_s": wall, "per_s": sum(rated) / wall,
+    return {"people": people, "own": own, "rated": sum(rated), "wall_s": wall, "per_s": sum(rated) / wall,
             "p50_s": statistics.median(latencies), "p95_s": statistics.quantiles(latencies, n=20)[-1],
-            "rss_mb": memory}
+            "rss_mb": memory, "idle_mb": idle}
 
 
 def main() -> None:
@@ -124,17 +130,27 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=24)
     ap.add_argument("--per-round", type=int, default=8)
     ap.add_argument("--eval-samples", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=1, help="the server's --workers")
+    ap.add_argument("--own", default="8", help="K for the rows served one network call per session")
+    ap.add_argument("--window", type=float, default=0.01, help="the shared rows' --batch-window")
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     args = ap.parse_args()
-    rows = [one_row(int(k), args) for k in args.people.split(",")]
-    alone = next((r for r in rows if r["people"] == 1), rows[0])
-    print("| people | rated images | wall s | rated per s | x one alone | round latency p50 s | p95 s | "
-          "p95 / one alone's | server RSS MB |\n|---|---|---|---|---|---|---|---|---|")
+    plan = [(int(k), False) for k in args.people.split(",")] + [(int(k), True) for k in args.own.split(",") if k]
+    rows = [one_row(k, own, args) for k, own in plan]
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    alone = next((r for r in rows if r["people"] == 1 and not r["own"]), rows[0])
+    own = {r["people"]: r for r in rows if r["own"]}
+    print("| people | network calls | rated images | wall s | rated per s | x one alone (goal at 8: ≥ 3) | "
+          "x own calls (goal at 8: ≥ 2) | round latency p50 s | p95 s | p95 / one alone's (goal at 8: ≤ 3) | "
+          "server RSS MB, idle -> end | MB per session (goal ≤ 30) |\n|" + "---|" * 12)
     for r in rows:
-        print(f"| {r['people']} | {r['rated']} | {r['wall_s']:.1f} | {r['per_s']:.2f} | {r['per_s'] / alone['per_s']:.2f} | "
-              f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p95_s'] / alone['p95_s']:.2f} | {r['rss_mb']:.0f} |",
-              flush=True)
+        vs_own = f"{r['per_s'] / own[r['people']]['per_s']:.2f}" if r["people"] in own and not r["own"] else "–"
+        print(f"| {r['people']} | {'own' if r['own'] else 'shared'} | {r['rated']} | {r['wall_s']:.1f} | "
+              f"{r['per_s']:.2f} | {r['per_s'] / alone['per_s']:.2f} | {vs_own} | {r['p50_s']:.2f} | "
+              f"{r['p95_s']:.2f} | {r['p95_s'] / alone['p95_s']:.2f} | {r['idle_mb']:.0f} -> {r['rss_mb']:.0f} | "
+              f"{(r['rss_mb'] - r['idle_mb']) / r['people']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

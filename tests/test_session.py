@@ -192,6 +192,26 @@ def test_a_detected_change_forgets_the_rounds_before_it_and_explores_again(tmp_p
     session.store.close()
 
 
+def test_detection_that_finds_no_change_leaves_the_session_bit_for_bit_as_without_it(tmp_path):
+    """--detect-change on a user whose taste never changes (likes everything): no change is read,
+    and every round's particles and log-weights and the final batch are those of the same session
+    with no handling. This is why benchmarks/drift.py --steady counts a lever's cost only where it fired."""
+    def fingerprint(session):
+        session.run()
+        rounds = [session.store.round_tensors(row["round"]) for row in session.store.rounds()]
+        out = ([t["particles"] for t in rounds], [t["log_weights"] for t in rounds], session.final_samples(),
+               session.changes())
+        session.store.close()
+        return out
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    on = fingerprint(drifting_session(tmp_path / "a", at=100, detect_change=0.5))
+    off = fingerprint(drifting_session(tmp_path / "b", at=100, detect_change=None))
+    assert on[3] == off[3] == []
+    assert all(torch.equal(a, b) for a, b in zip(on[0] + on[1], off[0] + off[1])) and len(on[0]) == 5
+    assert torch.equal(on[2], off[2])
+
+
 def test_discount_and_window_weigh_and_cut_the_ratings_the_refit_sees(tmp_path):
     """--discount γ weighs a rating γ^(rounds of age); --window N keeps the last N ratings."""
     from apa.session import with_overrides

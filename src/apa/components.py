@@ -23,6 +23,7 @@ from apa.registry import FEEDBACK, PRIORS
 PER_SESSION = ("label_noise", "drift_to", "drift_at", "drift_span")  # feedback options a session wraps on its own
 _LOCK = threading.Lock()  # held while a component is built, so two sessions never build the same one twice
 _PRIORS: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+_BATCHING: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 _SOURCES: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
 
 
@@ -31,15 +32,25 @@ def options_key(options: dict[str, Any]) -> str:
     return json.dumps(options, sort_keys=True, default=str)
 
 
-def shared_prior(options: dict[str, Any]) -> Any:
-    """The prior of ``options`` (``vars(cfg.prior)``): built on first use, then shared."""
+def shared_prior(options: dict[str, Any], batch_window: float | None = None) -> Any:
+    """The prior of ``options`` (``vars(cfg.prior)``): built on first use, then shared. With
+    ``batch_window`` (seconds), the one :class:`~apa.priors.batching.BatchingPrior` around it that
+    every session of this server shares, so their network calls are batched."""
     key = options_key(options)
     with _LOCK:
         prior = _PRIORS.get(key)
         if prior is None:
             prior = PRIORS.create(options["name"], options)
             _PRIORS[key] = prior
-        return prior
+        if batch_window is None:
+            return prior
+        from apa.priors.batching import BatchingPrior
+
+        batching = _BATCHING.get(f"{key}|{batch_window}")
+        if batching is None:
+            batching = BatchingPrior(prior, batch_window)
+            _BATCHING[f"{key}|{batch_window}"] = batching
+        return batching
 
 
 def shared_feedback(options: dict[str, Any], prior: Any, prior_options: dict[str, Any]) -> Any:

@@ -275,7 +275,7 @@ class SessionConfig:
     detect_change: float | None = knob(None, "read a round as a change of taste when the surrogate fitted before "
                                        "it agrees with at most this share of its ratings, after agreeing with at "
                                        "least 1 minus it on the two rounds before: earlier rounds are forgotten and "
-                                       "the next round explores (none: never)")
+                                       "the next round explores (none: never; off by default: measured in docs/results.md)")
     forget_before: int | None = knob(None, "forget the ratings of the rounds before this one (rounds numbered from "
                                      "1, as the report shows them): the user's taste changed there")
 

@@ -9,6 +9,7 @@ any point ends with the same result as an uninterrupted one.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ from apa.smc.sampler import SMCResult, device_of, fkc_sample, sample_prior, zero
 from apa.store import SessionStore, StoreError
 from apa.surrogate.fit import FitConfig, fit
 from apa.surrogate.model import Ensemble, FeatureSurrogate, LatentSurrogate
+
+_GLOBAL_RNG = threading.Lock()  # held while a session seeds torch's global generator (sessions share a process in serve)
 
 
 
@@ -114,11 +117,12 @@ class Session:
     # ------------------------------------------------------------ construction
 
     @staticmethod
-    def components(cfg: AlignConfig) -> tuple[Any, FeedbackSource | None]:
+    def components(cfg: AlignConfig, batch_window: float | None = None) -> tuple[Any, FeedbackSource | None]:
         """The prior and the feedback source, shared with every session of the same configuration
-        (``apa.components``); errors here happen before anything is written."""
+        (``apa.components``; ``batch_window``: the prior's network calls batched across sessions);
+        errors here happen before anything is written."""
         check_device(cfg.prior.device)
-        prior = shared_prior(vars(cfg.prior))
+        prior = shared_prior(vars(cfg.prior), batch_window)
         check_prior(cfg, prior)
         source = shared_feedback(vars(cfg.feedback), prior, vars(cfg.prior))
         if cfg.feedback.label_noise and cfg.feedback.name == "human":
@@ -142,13 +146,14 @@ class Session:
 
     @classmethod
     def resume(cls, out: Path, progress: bool = True, budget: int | None = None, kind: str = "fkc",
-               forget_before: int | None = None) -> "Session":
+               forget_before: int | None = None, batch_window: float | None = None) -> "Session":
         """Reopen the session in ``out`` (holding its lock); ``budget``: raise its budget to this first;
-        ``forget_before``: the person's taste changed at this round (numbered from 1): forget the earlier ones."""
+        ``forget_before``: the person's taste changed at this round (numbered from 1): forget the earlier ones;
+        ``batch_window``: see :meth:`components`."""
         store = SessionStore.open(out)
         try:
             cfg = cls.stored_config(store, out, kind)
-            prior, source = cls.components(cfg)
+            prior, source = cls.components(cfg, batch_window)
             cfg = cls.changed_on_resume(store, cfg, budget, forget_before)
         except BaseException:
             store.close()
@@ -189,13 +194,14 @@ class Session:
     def new_surrogate(self, r: int) -> Ensemble:
         """Fresh members, initialised from (seed, round): [M] surrogates of the configured kind."""
         sc = self.cfg.surrogate
-        with torch.random.fork_rng(devices=[]):
+        if sc.kind == "features":
+            if not isinstance(self.prior, HasFeatures):
+                raise SessionError(f"prior {self.cfg.prior.name!r} has no denoiser features; use --surrogate pixels")
+            fn = lambda x: self.prior.features(x, sc.feature_t)  # noqa: E731
+            dim = int(fn(torch.zeros(1, *self.prior.event_shape)).shape[1])
+        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):  # torch's global generator: one session at a time
             torch.manual_seed(int(generator(self.cfg.session.seed, r, "init").initial_seed()))
             if sc.kind == "features":
-                if not isinstance(self.prior, HasFeatures):
-                    raise SessionError(f"prior {self.cfg.prior.name!r} has no denoiser features; use --surrogate pixels")
-                fn = lambda x: self.prior.features(x, sc.feature_t)  # noqa: E731
-                dim = int(fn(torch.zeros(1, *self.prior.event_shape)).shape[1])
                 members = [FeatureSurrogate(fn, dim) for _ in range(sc.ensemble)]
             else:
                 members = [LatentSurrogate(self.prior.event_shape[0]) for _ in range(sc.ensemble)]

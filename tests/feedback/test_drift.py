@@ -67,3 +67,4 @@ def test_a_session_resumed_across_the_switch_hears_the_same_answers(tmp_path):
     scores = lambda s: [x["score"] for x in s.store.ratings()]  # noqa: E731
     assert scores(resumed) == scores(whole) and len(scores(whole)) == 16
     assert whole.feedback.prefer == (2, 3, 5)
+    assert torch.equal(resumed.final_samples(), whole.final_samples())  # the same result, to the bit

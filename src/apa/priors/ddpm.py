@@ -79,17 +79,36 @@ class DDPMPrior(VEPrior):
         return next(self.model.parameters()).device
 
     def eps(self, z: Particles, sigma: float) -> Particles:
+        return self.eps_network(*self.eps_input(z, sigma)).to(z.device)
+
+    def eps_input(self, z: Particles, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the network reads for ε at z, σ: x = z/√(1+σ²) [N, *event] and the timestep per row [N]."""
         t = torch.full((z.shape[0],), self.timestep_of_sigma(sigma), dtype=torch.float32, device=self.device)
-        return self.model((z / (1.0 + sigma**2) ** 0.5).to(self.device), t).to(z.device)
+        return (z / (1.0 + sigma**2) ** 0.5).to(self.device), t
+
+    def eps_network(self, x: torch.Tensor, t: torch.Tensor, segments: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The ε-network on network inputs x [B, *event] at per-row timesteps t [B]; ``segments``: the
+        row counts of the callers sharing the call, each given the bits of its own call."""
+        return self.model(x, t, segments)
 
     def features(self, z0: Particles, t: int = 200) -> torch.Tensor:
         """The denoiser's pooled mid-block activations of clean images noised-free at timestep t.
 
         The input is x = √ᾱ_t·z0 (the mean of x_t given z0), as measured in FINDINGS. [N,1,28,28] -> [N, C].
         """
+        return self.features_network(*self.features_input(z0, t)).to(z0.device)
+
+    def features_input(self, z0: Particles, t: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the network reads for the features of z0: x = √ᾱ_t·z0 [N, *event], differentiable, and t [N]."""
         acp = float(alphas_cumprod()[t])
         tt = torch.full((z0.shape[0],), float(t), device=self.device)
-        return self.model.features((z0 * acp**0.5).to(self.device), tt).to(z0.device)
+        return (z0 * acp**0.5).to(self.device), tt
+
+    def features_network(self, x: torch.Tensor, t: torch.Tensor, segments: tuple[int, ...] | None = None
+                         ) -> torch.Tensor:
+        """The pooled mid-block activations at network inputs x [B, *event], timesteps t [B]: [B, C]
+        (``segments`` as in :meth:`eps_network`)."""
+        return self.model.features(x, t, segments)
 
     def decode(self, z0: Particles) -> torch.Tensor:
         """[-1, 1] -> images [N, 1, 28, 28] in [0, 1]."""

@@ -40,6 +40,19 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
+Segments = "tuple[int, ...] | None"  # row counts of the callers sharing one batched call (None: one caller)
+
+
+def per_segment(layer: nn.Module, x: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """``layer`` on x [B, ...], one call per caller's rows. The bits of a matrix product and of a
+    GroupNorm depend on how many rows the call holds (their reductions are split by size), so
+    these run per caller, which gets exactly the bits of its own call; the convolutions, the
+    network's cost, are row by row and run on the whole batch (priors/batching.py)."""
+    if segments is None or len(segments) == 1:
+        return layer(x)
+    return torch.cat([layer(part) for part in x.split(list(segments))])
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, time_dim: int, groups: int):
         super().__init__()
@@ -50,10 +63,10 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb(temb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, segments: Segments = None) -> torch.Tensor:
+        h = self.conv1(F.silu(per_segment(self.norm1, x, segments)))
+        h = h + per_segment(self.temb, temb, segments)[:, :, None, None]
+        h = self.conv2(F.silu(per_segment(self.norm2, h, segments)))
         return h + self.skip(x)
 
 
@@ -64,9 +77,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: Segments = None) -> torch.Tensor:
         n, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, c, h * w).unbind(1)
+        q, k, v = self.qkv(per_segment(self.norm, x, segments)).reshape(n, 3, c, h * w).unbind(1)
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return x + self.out(a.transpose(1, 2).reshape(n, c, h, w))
 
@@ -95,25 +108,27 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(g, c1)
         self.conv_out = nn.Conv2d(c1, config.in_channels, 3, padding=1)
 
-    def encode(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def encode(self, x: torch.Tensor, t: torch.Tensor, segments: Segments = None
+               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """The down path and middle. Returns (mid [N, c3, 7, 7], skips, time embedding)."""
-        temb = self.time_mlp(timestep_embedding(t, self.config.time_dim))
-        h1 = self.down1(self.conv_in(x), temb)
-        h2 = self.down2(self.pool1(h1), temb)
-        h3 = self.down3(self.pool2(h2), temb)
-        mid = self.mid2(self.attn(self.mid1(h3, temb)), temb)
+        temb = per_segment(self.time_mlp, timestep_embedding(t, self.config.time_dim), segments)
+        h1 = self.down1(self.conv_in(x), temb, segments)
+        h2 = self.down2(self.pool1(h1), temb, segments)
+        h3 = self.down3(self.pool2(h2), temb, segments)
+        mid = self.mid2(self.attn(self.mid1(h3, temb, segments), segments), temb, segments)
         return mid, [h1, h2, h3], temb
 
-    def features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, t: torch.Tensor, segments: Segments = None) -> torch.Tensor:
         """Pooled middle-block activations, the surrogate's input. x [N,C,28,28] -> [N, c3]."""
-        mid, _, _ = self.encode(x, t)
+        mid, _, _ = self.encode(x, t, segments)
         return mid.mean(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        h, (h1, h2, h3), temb = self.encode(x, t)
-        h = self.up3(torch.cat([h, h3], 1), temb)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, segments: Segments = None) -> torch.Tensor:
+        """``segments``: the row counts of the callers sharing this call (see :func:`per_segment`)."""
+        h, (h1, h2, h3), temb = self.encode(x, t, segments)
+        h = self.up3(torch.cat([h, h3], 1), temb, segments)
         h = F.interpolate(h, size=h2.shape[-2:], mode="nearest")
-        h = self.up2(torch.cat([h, h2], 1), temb)
+        h = self.up2(torch.cat([h, h2], 1), temb, segments)
         h = F.interpolate(h, size=h1.shape[-2:], mode="nearest")
-        h = self.up1(torch.cat([h, h1], 1), temb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.up1(torch.cat([h, h1], 1), temb, segments)
+        return self.conv_out(F.silu(per_segment(self.norm_out, h, segments)))

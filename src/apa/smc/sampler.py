@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from apa.config import SamplerConfig
 from apa.priors.base import Prior
+from apa.priors.batching import running
 from apa.smc import fkc, resampling
 from apa.smc.weights import ess as ess_of
 from apa.smc.weights import ess_tensor, normalize, uniform
@@ -354,10 +355,11 @@ def drive(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig,
           ) -> tuple[SMCState, list[StepInfo], float]:
     """:func:`run` to the end of the grid: (last state, trace, log Z), the deferred checks raised."""
     trace = []
-    for state, info in tqdm(run(state, prior, reward, cfg, sched, generator=generator, historical=historical,
-                                noise_fn=noise_fn, deferred=deferred, comm=comm), total=cfg.steps - state.step,
-                            disable=not progress, desc=desc, leave=False):
-        trace.append(info)
+    with running(prior):  # a batching prior's leader waits for this run's calls too
+        for state, info in tqdm(run(state, prior, reward, cfg, sched, generator=generator, historical=historical,
+                                    noise_fn=noise_fn, deferred=deferred, comm=comm), total=cfg.steps - state.step,
+                                disable=not progress, desc=desc, leave=False):
+            trace.append(info)
     log_z = state.log_normalizer
     if deferred is not None:  # the run's one read back of its checks and trace
         deferred.raise_first()

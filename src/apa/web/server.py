@@ -244,6 +244,9 @@ def check_server_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     if args.max_sessions < 1:
         raise ValueError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    window = getattr(args, "batch_window", 0.0)
+    if not (window == window and 0.0 <= window <= 10.0):
+        raise ValueError(f"--batch-window must be from 0 to 10 seconds, got {window}")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -342,7 +345,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         manager = sessions.SessionManager(Path(args.data_dir), cfg, workers=args.workers,
                                           fixed_seed=getattr(args, "seed", None) is not None,
-                                          max_sessions=args.max_sessions)
+                                          max_sessions=args.max_sessions,
+                                          batch_window=args.batch_window or None)
         app = create_app(manager, loopback_hosts(args.host))
         threading.Thread(target=warm_up, name="apa-web-warm-up", daemon=True).start()
         shown_host = f"[{args.host}]" if ":" in args.host else args.host
@@ -362,8 +366,12 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--data-dir", default="runs/web-sessions",
                    help="where sessions live, one directory per session (default: runs/web-sessions)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="rounds refitted and sampled at the same time, across all sessions (default: 1)")
+    p.add_argument("--workers", type=int, default=8,
+                   help="rounds refitted and sampled at the same time, across all sessions; their network calls "
+                        "are batched (default: 8)")
+    p.add_argument("--batch-window", type=float, default=0.01,
+                   help="seconds a network call waits for other sessions' calls to join it (default: 0.01; "
+                        "0: every session calls the network alone)")
     p.add_argument("--max-sessions", type=int, default=1000, help="refuse new sessions past this many (default: 1000)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--preset", choices=["default", "seed"], default="default",

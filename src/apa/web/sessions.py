@@ -216,7 +216,7 @@ class SessionManager:
     """Creates, reopens and serves every session under ``data_dir`` (all with the server's settings)."""
 
     def __init__(self, data_dir: Path, cfg: AlignConfig, workers: int = 1, fixed_seed: bool = False,
-                 max_sessions: int = 1000):
+                 max_sessions: int = 1000, batch_window: float | None = None):
         if cfg.feedback.name != "human":
             raise ValueError(f"apa serve collects a person's ratings; feedback must be 'human', not {cfg.feedback.name!r}")
         if workers < 1 or max_sessions < 1:  # before the data directory is made
@@ -227,6 +227,7 @@ class SessionManager:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.data_dir.chmod(0o700)  # the directory names are the tokens: no other local user may list them
         self.cfg, self.fixed_seed, self.max_sessions = cfg, fixed_seed, max_sessions
+        self.batch_window = batch_window  # seconds; None: every session calls the network alone
         self.workers = Workers(workers)
         self.handles: dict[str, SessionHandle] = {}
         self.lock = threading.Lock()  # guards ``handles`` and the creation of sessions
@@ -253,7 +254,7 @@ class SessionManager:
             if path is None:
                 raise WebError(404, "no session has this token; check the link, or start a new session")
             try:
-                handle = SessionHandle(token, Session.resume(path, progress=False))
+                handle = SessionHandle(token, Session.resume(path, progress=False, batch_window=self.batch_window))
             except SessionBusy as e:
                 raise WebError(503, "this session is open in another process; try again once it is closed") from e
             except StoreError as e:  # damaged, or its ledger lost: refused before it could take a rating
@@ -316,7 +317,8 @@ class SessionManager:
             if self.count() >= self.max_sessions:
                 raise WebError(503, f"this server already holds {self.max_sessions} sessions; "
                                     "ask its operator to raise --max-sessions or use another --data-dir")
-            handle = SessionHandle(token, Session.start(self.data_dir / token, cfg, progress=False))
+            handle = SessionHandle(token, Session.start(self.data_dir / token, cfg, progress=False,
+                                                        components=Session.components(cfg, self.batch_window)))
         with self.lock:
             self.handles[token] = handle
             self.schedule(handle)
