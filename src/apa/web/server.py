@@ -367,11 +367,11 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--data-dir", default="runs/web-sessions",
                    help="where sessions live, one directory per session (default: runs/web-sessions)")
     p.add_argument("--workers", type=int, default=8,
-                   help="rounds refitted and sampled at the same time, across all sessions; their network calls "
-                        "are batched (default: 8)")
-    p.add_argument("--batch-window", type=float, default=0.01,
-                   help="seconds a network call waits for other sessions' calls to join it (default: 0.01; "
-                        "0: every session calls the network alone)")
+                   help="rounds refitted and sampled at the same time, across all sessions (default: 8)")
+    p.add_argument("--batch-window", type=float, default=0.0,
+                   help="seconds a network call waits for other sessions' calls to join it in one batched call "
+                        "(0, the default: every session calls the network on its own, which measured faster on "
+                        "a 2-core CPU; see benchmarks/serve_load.py)")
     p.add_argument("--max-sessions", type=int, default=1000, help="refuse new sessions past this many (default: 1000)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--preset", choices=["default", "seed"], default="default",
