@@ -144,14 +144,17 @@ def recovery(shares: list[float], reference: list[float], per_round: int, at: in
     return float("inf")
 
 
-def summarise(values: list[float]) -> str:
+def summarise(values: list[float], counts: bool = False) -> str:
+    """Mean ± sd over seeds; ``counts`` (ratings to recover): the mean and the worst, or how many never did."""
     values = [v for v in values if v == v]
     if not values:
         return "–"
     if any(v == float("inf") for v in values):
         return f"never in {sum(v == float('inf') for v in values)} of {len(values)}"
+    if counts:
+        return f"{statistics.mean(values):.0f} (worst {max(values):.0f})"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}" if max(values) <= 1.5 else f"{statistics.mean(values):.0f} (worst {max(values):.0f})"
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
 def print_table(results: list[dict], at: int) -> None:
@@ -171,7 +174,7 @@ def print_table(results: list[dict], at: int) -> None:
         at16 = [r["round_new_share"][k] / max(ref["round_new_share"][k], 1e-9) for r, ref in pairs
                 if k < len(r["round_new_share"]) and k < len(ref["round_new_share"])]
         ratio = [r["final_new"] / max(ref["final_new"], 1e-9) for r, ref in pairs]
-        cells = [summarise(rec), summarise(at16), summarise([r["final_new"] for r in runs]), summarise(ratio),
+        cells = [summarise(rec, counts=True), summarise(at16), summarise([r["final_new"] for r in runs]), summarise(ratio),
                  summarise([r["final_new_judge"] for r in runs]), summarise([r["final_old"] for r in runs]),
                  f"{statistics.mean(r['wall_s'] for r in runs):.0f}"]
         label = "none (the default)" if row == "none" else row

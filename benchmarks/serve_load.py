@@ -90,10 +90,10 @@ def one_row(people: int, own: bool, args: argparse.Namespace) -> dict:
     it; the row's numbers."""
     port = free_port()
     with tempfile.TemporaryDirectory() as data:
-        cmd = [sys.executable, "-m", "apa.cli", "serve", "--port", str(port), "--data-dir", data, "--prior", "mnist",
+        cmd = [sys.executable, "-m", "apa.cli", "serve", "--port", str(port), "--data-dir", data, "--prior", args.prior,
                "--particles", str(args.particles), "--budget", str(args.budget), "--per-round", str(args.per_round),
                "--eval-samples", str(args.eval_samples), "--workers", str(people),
-               "--batch-window", str(0.0 if own else args.window), "--log-level", "warning"]
+               "--batch-window", str(0.0 if own else args.window), "--log-level", "warning", *args.serve_args]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         base = f"http://127.0.0.1:{port}"
@@ -130,6 +130,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=24)
     ap.add_argument("--per-round", type=int, default=8)
     ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--prior", default="mnist")
+    ap.add_argument("--serve-args", nargs="*", default=[], help="more `apa serve` flags, e.g. --device cuda")
     ap.add_argument("--own", default="8", help="K for the rows served one network call per session")
     ap.add_argument("--window", type=float, default=0.01, help="the shared rows' --batch-window")
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
