@@ -345,12 +345,14 @@ def _port_in_use() -> list[str]:
 
 _HELD: list = []  # sockets held open for the duration of the tests
 SERVE_ONLY = [["--port", "-1"], ["--port", "70000"], ["--port", "0"], ["--workers", "0"], ["--max-sessions", "0"],
-              ["--max-sessions", "-5"], ["--host", "nosuch.invalid"], ["--port", "in-use"], ["--port", "x"]]
+              ["--max-sessions", "-5"], ["--host", "nosuch.invalid"], ["--port", "in-use"], ["--port", "x"],
+              ["--batch-window", "-0.1"], ["--batch-window", "nan"], ["--batch-window", "60"]]
 
 
 @pytest.mark.parametrize("flags", [pytest.param(f, id=" ".join(f)) for f in SERVE_ONLY])
 def test_a_bad_serve_setting_is_one_line_before_anything_is_written(tmp_path, flags, capsys, monkeypatch):
-    """Port, host, workers and session limit: refused before the data directory is made or the server starts."""
+    """Port, host, workers, batch window and session limit: refused before the data directory is made or the
+    server starts."""
     pytest.importorskip("uvicorn")
     import uvicorn
 
