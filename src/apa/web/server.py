@@ -325,6 +325,23 @@ def warm_up() -> None:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def return_freed_memory(arenas: int = 2) -> bool:
+    """Let the worker threads share ``arenas`` malloc arenas. glibc otherwise gives each thread its
+    own (up to 8 per core), and each keeps the round-sized tensors its thread touched after they
+    are freed (measured: docs/results.md). False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
@@ -337,6 +354,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from apa.session import Session, validate
 
     check_server_flags(args)
+    return_freed_memory()
     cfg = serve_config(args)  # every section checked as it is built
     validate(cfg)
     shared = Session.components(cfg)  # a missing prior fails here, before the server starts or writes anything;
