@@ -144,6 +144,11 @@ def recovery(shares: list[float], reference: list[float], per_round: int, at: in
     return float("inf")
 
 
+def braces(classes) -> str:
+    """(1, 4, 7, 9) -> "{1,4,7,9}"."""
+    return "{" + ",".join(map(str, classes)) + "}"
+
+
 def summarise(values: list[float], counts: bool = False) -> str:
     """Mean ± sd over seeds; ``counts`` (ratings to recover): the mean and the worst, or how many never did."""
     values = [v for v in values if v == v]
@@ -178,7 +183,7 @@ def print_table(results: list[dict], at: int) -> None:
                  summarise([r["final_new_judge"] for r in runs]), summarise([r["final_old"] for r in runs]),
                  f"{statistics.mean(r['wall_s'] for r in runs):.0f}"]
         label = "none (the default)" if row == "none" else row
-        print(f"| {prior} | {{{','.join(map(str, old))}}} -> {{{','.join(map(str, new))}}} | {scenario} | {label} | "
+        print(f"| {prior} | {braces(old)} -> {braces(new)} | {scenario} | {label} | "
               + " | ".join(cells) + " |", flush=True)
     for (prior, new, seed), ref in sorted(refs.items()):
         print(f"reference {prior} {set(new)} seed {seed}: final P∧C {ref['final_new']:.3f} (judge "
@@ -197,7 +202,7 @@ def steady_table(results: list[dict]) -> None:
                 continue
             runs, base = [by[(prefer, s, row)] for s in seeds], [by[(prefer, s, "none")] for s in seeds]
             loss = max(b["final_new"] - r["final_new"] for r, b in zip(runs, base))
-            print(f"| {{{','.join(map(str, prefer))}}} | {row} | {len(seeds)} | {summarise([r['final_new'] for r in runs])} "
+            print(f"| {braces(prefer)} | {row} | {len(seeds)} | {summarise([r['final_new'] for r in runs])} "
                   f"| {summarise([b['final_new'] for b in base])} | {loss:+.3f} | "
                   f"{sum(bool(r['changes']) for r in runs)} of {len(runs)} |", flush=True)
 

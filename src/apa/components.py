@@ -46,10 +46,11 @@ def shared_prior(options: dict[str, Any], batch_window: float | None = None) -> 
             return prior
         from apa.priors.batching import BatchingPrior
 
-        batching = _BATCHING.get(f"{key}|{batch_window}")
+        batching_key = f"{key}|{batch_window}"
+        batching = _BATCHING.get(batching_key)
         if batching is None:
             batching = BatchingPrior(prior, batch_window)
-            _BATCHING[f"{key}|{batch_window}"] = batching
+            _BATCHING[batching_key] = batching
         return batching
 
 

@@ -7,7 +7,13 @@ resumed after a crash draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from typing import Iterator
+
 import torch
+
+_GLOBAL = threading.Lock()  # torch's global generator is one per process: one seeded use at a time
 
 PURPOSES = {  # purpose -> (stride of the index, offset)
     # a session's choices, per round
@@ -24,3 +30,13 @@ def generator(seed: int, index: int, purpose: str) -> torch.Generator:
     """A CPU generator for (seed, index, purpose), independent of every other (seed, index, purpose)."""
     stride, offset = PURPOSES[purpose]
     return torch.Generator().manual_seed(seed * 1_000_003 + index * stride + offset)
+
+
+@contextlib.contextmanager
+def seeded_global(seed: int, index: int, purpose: str) -> Iterator[None]:
+    """torch's global generator seeded for (seed, index, purpose) inside the block and restored after,
+    for what draws from it alone (a module's weight initialisation). Threads take turns: sessions
+    served in one process would otherwise race on it."""
+    with _GLOBAL, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(generator(seed, index, purpose).initial_seed()))
+        yield

@@ -9,7 +9,6 @@ any point ends with the same result as an uninterrupted one.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -26,13 +25,11 @@ from apa.feedback.drift import DriftingUser
 from apa.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, next_action
 from apa.priors.base import HasFeatures
 from apa.components import shared_feedback, shared_prior
-from apa.seeding import generator
+from apa.seeding import generator, seeded_global
 from apa.smc.sampler import SMCResult, device_of, fkc_sample, sample_prior, zero_reward
 from apa.store import SessionStore, StoreError
 from apa.surrogate.fit import FitConfig, fit
 from apa.surrogate.model import Ensemble, FeatureSurrogate, LatentSurrogate
-
-_GLOBAL_RNG = threading.Lock()  # held while a session seeds torch's global generator (sessions share a process in serve)
 
 
 
@@ -199,8 +196,7 @@ class Session:
                 raise SessionError(f"prior {self.cfg.prior.name!r} has no denoiser features; use --surrogate pixels")
             fn = lambda x: self.prior.features(x, sc.feature_t)  # noqa: E731
             dim = int(fn(torch.zeros(1, *self.prior.event_shape)).shape[1])
-        with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):  # torch's global generator: one session at a time
-            torch.manual_seed(int(generator(self.cfg.session.seed, r, "init").initial_seed()))
+        with seeded_global(self.cfg.session.seed, r, "init"):
             if sc.kind == "features":
                 members = [FeatureSurrogate(fn, dim) for _ in range(sc.ensemble)]
             else:

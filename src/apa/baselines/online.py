@@ -25,7 +25,7 @@ import torch
 
 from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, plain_samples,
                                   round_sizes, to_targets)
-from apa.seeding import generator
+from apa.seeding import generator, seeded_global
 from apa.smc import resampling
 from apa.surrogate.fit import FitConfig, fit
 from apa.surrogate.model import Ensemble, FeatureSurrogate
@@ -37,8 +37,7 @@ def feature_reward(prior, seed: int, r: int, loss: str = "mse", members: int = 1
     """A fresh reward network on the prior's denoiser features, initialised from (seed, r)."""
     fn = lambda x: prior.features(x, FEATURE_T)  # noqa: E731
     dim = int(fn(torch.zeros(1, *prior.event_shape)).shape[1])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(generator(seed, r, "init").initial_seed()))
+    with seeded_global(seed, r, "init"):
         return Ensemble([FeatureSurrogate(fn, dim) for _ in range(members)], loss).eval()
 
 

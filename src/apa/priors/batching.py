@@ -54,7 +54,7 @@ class _Call:
     x: torch.Tensor  # network inputs [n, *event] (grad: the output gradient [n, C])
     t: torch.Tensor | None = None  # per-row timesteps [n]
     graph: _Graph | None = None  # grad: the features call whose rows these are
-    rows: slice | None = None
+    rows: slice | None = None  # grad: the caller's rows in that call
     needs_grad: bool = False
     arrived: float = field(default_factory=time.perf_counter)
     result: Any = None
@@ -106,15 +106,18 @@ class Batcher:
             raise call.error
         return call.result
 
+    def _age(self) -> float:
+        """How long the oldest waiting call has waited (seconds)."""
+        return time.perf_counter() - min(c.arrived for c in self.waiting)
+
     def _ready(self) -> bool:
         """Every member is waiting, or the oldest call has waited out the window."""
-        age = time.perf_counter() - min(c.arrived for c in self.waiting)
-        return len(self.waiting) >= self.members or age >= self.window_s
+        return len(self.waiting) >= self.members or self._age() >= self.window_s
 
     def _timeout(self) -> float:
         if self.busy or not self.waiting:
             return self.window_s
-        return max(self.window_s - (time.perf_counter() - min(c.arrived for c in self.waiting)), 1e-4)
+        return max(self.window_s - self._age(), 1e-4)
 
     def _run(self, batch: list[_Call]) -> None:
         """One network call per kind (and per features graph, for gradients); every call answered."""
@@ -153,9 +156,9 @@ class Batcher:
         graph = _Graph(x, out, sum(c.needs_grad for c in calls)) if grad else None
         start = 0
         for c in calls:
-            c.rows = slice(start, start + c.x.shape[0])
-            start = c.rows.stop
-            c.result = (out[c.rows].detach(), graph if c.needs_grad else None, c.rows)
+            rows = slice(start, start + c.x.shape[0])
+            start = rows.stop
+            c.result = (out[rows].detach(), graph if c.needs_grad else None, rows)
 
     def _grad(self, calls: list[_Call]) -> None:
         """Input gradients of one features call's rows: one backward pass for every caller waiting."""

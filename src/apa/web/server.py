@@ -357,14 +357,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     return_freed_memory()
     cfg = serve_config(args)  # every section checked as it is built
     validate(cfg)
-    shared = Session.components(cfg)  # a missing prior fails here, before the server starts or writes anything;
+    window = args.batch_window or None  # 0: no batching
+    shared = Session.components(cfg, window)  # a missing prior fails here, before the server starts or writes anything;
     # held while the server runs, every session shares this prior (apa.components)
     sock = bind(args.host, args.port)  # a port in use or an unknown host, too
     try:
         manager = sessions.SessionManager(Path(args.data_dir), cfg, workers=args.workers,
                                           fixed_seed=getattr(args, "seed", None) is not None,
                                           max_sessions=args.max_sessions,
-                                          batch_window=args.batch_window or None)
+                                          batch_window=window)
         app = create_app(manager, loopback_hosts(args.host))
         threading.Thread(target=warm_up, name="apa-web-warm-up", daemon=True).start()
         shown_host = f"[{args.host}]" if ":" in args.host else args.host
