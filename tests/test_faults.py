@@ -389,7 +389,9 @@ def test_resume_refuses_flags_but_raises_the_budget(finished, capsys, one_thread
     assert "--prefer" in line and "--steps" in line and "--budget 40" not in line, line
     assert main(["align", "--resume", str(finished), "--budget", "4"]) == 2
     assert "only be raised" in one_line_error(capsys.readouterr().err)
-    assert digests(finished) == before
+    assert main(["align", "--resume", str(finished), "--forget-before", "9"]) == 2  # past the session's rounds
+    assert "--forget-before 9" in one_line_error(capsys.readouterr().err)
+    assert digests(finished) == before  # every file of the session, byte for byte
     old = stored(finished)
     assert main(["align", "--resume", str(finished), "--budget", "12"]) == 0
     new = stored(finished)
