@@ -1,0 +1,54 @@
+"""A default `apa align` session's fingerprint, to show two builds run the same session.
+
+Per (preferred classes, seed): the SHA-256 of the final batch, the oracle's preferred-and-confident
+share of it and the liked ratings. Run it with two builds side by side; equal lines mean the
+change did not move the default session (and so no result measured on the older build):
+
+  git worktree add /tmp/old a25810e
+  python benchmarks/same_session.py 3,8:1 0:2 2,5:0
+  PYTHONPATH=/tmp/old/src python benchmarks/same_session.py 3,8:1 0:2 2,5:0
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apa.config import preset
+from apa.session import Session, with_overrides
+
+
+def fingerprint(prefer: tuple[int, ...], seed: int, out: Path) -> dict:
+    cfg = with_overrides(preset("default"), prior={"name": "mnist"}, feedback={"prefer": prefer},
+                         session={"seed": seed})
+    session = Session.start(out, cfg, progress=False)
+    session.run()
+    session.save_final()
+    with np.load(session.store.final_path) as z:
+        images = z["images"]
+    share = session.feedback.evaluate(torch.from_numpy(images))["preferred_confident_share"]
+    liked = sum(x["score"] > 0 for x in session.store.ratings())
+    session.store.close()
+    return {"prefer": list(prefer), "seed": seed, "final_sha256": hashlib.sha256(images.tobytes()).hexdigest()[:16],
+            "preferred_confident": share, "liked_ratings": liked}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("jobs", nargs="+", metavar="CLASSES:SEED", help='e.g. "3,8:1"')
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as root:
+        for k, job in enumerate(args.jobs):
+            classes, seed = job.split(":")
+            prefer = tuple(int(c) for c in classes.split(","))
+            print(json.dumps(fingerprint(prefer, int(seed), Path(root) / str(k))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
