@@ -1,6 +1,6 @@
 """`apa align` launched like torchrun (RANK, WORLD_SIZE, ...; gloo on the CPU): 2 processes give the same
-session as 1, bit for bit (ratings, rounds, final images); a rank that dies ends the run with a one-line
-error and --resume continues the session."""
+session as plain `apa align` in one process from the same seed, bit for bit (ratings, rounds, final
+images); a rank that dies ends the run with a one-line error and --resume continues the session."""
 
 import os
 import signal
@@ -54,10 +54,15 @@ def record(out: Path) -> tuple:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> tuple:
-    """The session of one process launched like torchrun (the sharded path with K = 1)."""
-    out = tmp_path_factory.mktemp("k1") / "s"
-    for rc, err in finish(launch(1, ["--out", str(out), *FLAGS])):
-        assert rc == 0, err
+    """The session of plain `apa align` (no torchrun), with one thread as torchrun gives each rank: the
+    CPU's 1x1 convolutions round differently with another thread count (by ~1e-6, which the sampler
+    carries to ~1e-5 in the images), so the threads are held equal to compare bits."""
+    out = tmp_path_factory.mktemp("plain") / "s"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "apa", "align", "--out", str(out), *FLAGS],
+                          env={**env, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}, text=True, capture_output=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
     return record(out)
 
 
@@ -66,11 +71,13 @@ def same_session(a: tuple, b: tuple) -> None:
     assert len(r1) == 16 and r1 == r2
     assert len(t1) == len(t2)
     for x, y in zip(t1, t2):
-        assert x.keys() == y.keys() and all(torch.equal(x[key], y[key]) for key in x)
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), (key, (x[key].double() - y[key].double()).abs().max())
     assert f1 is not None and torch.equal(f1, f2)
 
 
-def test_two_processes_give_the_session_of_one(tmp_path, one_process):
+def test_two_processes_give_the_session_of_plain_align(tmp_path, one_process):
     for rc, err in finish(launch(2, ["--out", str(tmp_path / "k2"), *FLAGS])):
         assert rc == 0, err
     same_session(one_process, record(tmp_path / "k2"))

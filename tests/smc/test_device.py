@@ -76,10 +76,10 @@ def steps_recorded(monkeypatch):
     real_step = sampler.step
     monkeypatch.setattr(weights, "reads_freely", lambda t: False)  # as on a GPU: no check may read back
 
-    def recorded_step(state, prior, *args, **kwargs):
-        rec = Recorder(torch.device(prior.device))
+    def recorded_step(state, kernel):
+        rec = Recorder(torch.device(kernel.prior.device))
         with torch.device("meta"), rec:
-            out = real_step(state, prior, *args, **kwargs)
+            out = real_step(state, kernel)
         records.append(rec)
         return out
 

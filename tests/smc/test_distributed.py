@@ -1,4 +1,4 @@
-"""A sharded population (gloo on the CPU, 2 processes) gives the same run as one process, bit for bit."""
+"""A sharded population (gloo on the CPU, 2 processes) gives the same run as the plain one-process sampler, bit for bit."""
 
 import os
 import socket
@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 from apa.priors.gmm import make_gmm
 from apa.smc import distributed as D
-from apa.smc import fkc, sampler
+from apa.smc import sampler
+from apa.smc.sampler import fkc_sample
 
 A = torch.tensor([0.8, 0.5])
 N, STEPS = 8, 6
@@ -55,7 +56,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_two_processes_equal_one_bitwise(tmp_path):
-    one = _run(D.LocalComm())
+    prior = make_gmm({})
+    plain = fkc_sample(prior, _reward, generator=torch.Generator().manual_seed(5), **SETTINGS)
+    one = (plain.particles, plain.log_weights, plain.origins, [s.resampled for s in plain.trace],
+           [s.ess for s in plain.trace])
     assert any(one[3]), "the test needs a run that resamples"
     out = str(tmp_path / "two.pt")
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
@@ -69,27 +73,15 @@ def test_two_processes_equal_one_bitwise(tmp_path):
     assert saved["all_to_all"][1].exchange < saved["all_gather"][1].exchange  # only rows that change rank travel
 
 
-def test_sharded_noise_does_not_depend_on_the_split():
-    noise = D.particle_noise(123, 0)(3, (8, 2), None)
-    halves = torch.cat([D.particle_noise(123, 0)(3, (4, 2), None), D.particle_noise(123, 4)(3, (4, 2), None)])
-    assert torch.equal(noise, halves)
-    assert not torch.equal(noise, D.particle_noise(123, 0)(4, (8, 2), None))
-
-
-def test_a_local_comm_step_is_the_single_process_step():
-    """The comm hook changes nothing in one process: the same step, bit for bit."""
-    prior, cfg = make_gmm({}), sampler.sampler_config(None, **SETTINGS)
-    sched = fkc.Schedule.of(prior, cfg)
-    noise = torch.randn(STEPS, N, 2, generator=torch.Generator().manual_seed(1))
-    runs = []
-    for comm in (None, D.LocalComm()):
-        state = sampler.init_state(prior, N, sched, torch.Generator().manual_seed(2))
-        g = torch.Generator().manual_seed(3)
-        states = list(sampler.run(state, prior, _reward, cfg, sched, generator=g, comm=comm,
-                                  noise_fn=lambda i, shape, g: noise[i]))
-        runs.append(states[-1][0])
+def test_a_one_rank_population_is_the_single_process_run():
+    """A population sharded over one rank (LocalComm, micro-batched) is the plain run, bit for bit."""
+    prior = make_gmm({})
+    runs = [fkc_sample(prior, _reward, generator=torch.Generator().manual_seed(3), **SETTINGS),
+            D.sharded_sample(prior, _reward, None, D.LocalComm(), generator=torch.Generator().manual_seed(3),
+                             micro_batch=4, **SETTINGS)]
     assert torch.equal(runs[0].particles, runs[1].particles)
     assert torch.equal(runs[0].log_weights, runs[1].log_weights)
+    assert [s.resampled for s in runs[0].trace] == [s.resampled for s in runs[1].trace]
 
 
 def test_exchange_plan_sends_each_needed_row_once():

@@ -19,6 +19,7 @@ from apa import GaussianMixturePrior, fkc_sample
 from apa.config import SamplerConfig
 from apa.priors.gmm import make_gmm
 from apa.smc import fkc, sampler
+from apa.smc.weighting import ExactWeights
 
 A = torch.tensor([0.8, 0.5])
 SEEDS, N, STEPS = 8, 1024, 1000
@@ -99,7 +100,8 @@ def _trajectory(cfg: SamplerConfig, n: int = 16, seed: int = 0):
     sched = fkc.Schedule.of(prior, cfg)
     noise = torch.randn(cfg.steps, n, 2, generator=torch.Generator().manual_seed(seed))
     states = [sampler.init_state(prior, n, sched, torch.Generator().manual_seed(seed + 1))]
-    for state, _ in sampler.run(states[0], prior, lambda z: z @ A, cfg, sched, noise_fn=lambda i, shape, g: noise[i]):
+    kernel = sampler.kernel_of(prior, lambda z: z @ A, cfg, sched, noise_fn=lambda i, shape, g: noise[i])
+    for state, _ in sampler.run(states[0], kernel):
         states.append(state)
     return prior, sched, states, noise
 
@@ -135,7 +137,8 @@ def test_resampling_resets_the_weights():
     sched = fkc.Schedule.of(prior, cfg)
     state = sampler.init_state(prior, 64, sched, torch.Generator().manual_seed(0))
     seen = set()
-    for state, info in sampler.run(state, prior, lambda z: z @ A, cfg, sched, generator=torch.Generator().manual_seed(1)):
+    for state, info in sampler.run(state, sampler.kernel_of(prior, lambda z: z @ A, cfg, sched,
+                                                                  generator=torch.Generator().manual_seed(1))):
         uniform = torch.allclose(state.log_weights, torch.full((64,), -math.log(64), dtype=torch.float64))
         assert uniform == info.resampled, info
         seen.add(info.resampled)
@@ -182,8 +185,9 @@ def test_final_potential_reuse_equals_a_fresh_reward_call():
     weights equal the previous state's plus β_end·r called afresh on the clean sample."""
     cfg = SamplerConfig(steps=5, beta=(0.5, 2.0), reward_at="tweedie", jacobian="gaussian", resample="none")
     prior, sched, states, _ = _trajectory(cfg)
-    before, last = states[-2], states[-1]  # the last step adds +φ_{N-1} (reweight), −φ_{N-1} and +φ_N (move)
-    fresh = before.log_weights + sched.betas[-1] * (last.particles.double() @ A.double())
+    before, last = states[-2], states[-1]  # the last step adds its move's increment and the last move's
+    phi_end = sched.betas[-1] * (last.particles.double() @ A.double())  # φ_N called afresh on the clean sample
+    fresh = before.log_weights + ExactWeights.completed(phi_end, before.move)  # φ_{N−1} cancels
     assert torch.allclose(last.log_weights, fresh - torch.logsumexp(fresh, 0), atol=1e-6)
 
 
@@ -208,7 +212,8 @@ def test_seed_clamp_bounds_the_accumulated_log_weights():
     state = sampler.init_state(prior, 32, sched, torch.Generator().manual_seed(0))
     steep = lambda z: 50 * z @ A  # noqa: E731
     hit = False
-    for state, _ in sampler.run(state, prior, steep, cfg, sched, generator=torch.Generator().manual_seed(1)):
+    kernel = sampler.kernel_of(prior, steep, cfg, sched, generator=torch.Generator().manual_seed(1))
+    for state, _ in sampler.run(state, kernel):
         assert state.log_weights.abs().max() <= 100.0
         hit = hit or bool((state.log_weights.abs() == 100.0).any())
     assert hit

@@ -1,7 +1,7 @@
 """② One FKC-SMC population sharded across K processes (torch.distributed, launched by torchrun).
 
-Each rank holds N/K particles; :func:`apa.smc.sampler.step` is the same step as in one process, given
-a :class:`Comm`:
+Each rank holds N/K particles; :func:`apa.smc.sampler.step` is the same step as in one process, with
+this rank's :class:`Sharded` population over a :class:`Comm`:
   - reweight: the per-particle increments [N/K] are all-gathered into [N], so the log-weights, the
     ESS, the resampling decision and the trace are computed on the whole population, the same
     numbers on every rank as in one process;
@@ -10,15 +10,15 @@ a :class:`Comm`:
     every rank computes the same ancestors; each rank then receives the rows of its new ancestors
     (particles and the potential's pieces) from the ranks that hold them: only rows that change
     rank travel, once each, with one all_to_all per tensor (:meth:`TorchComm.take`);
-  - move: the noise of particle j at step i is drawn from a generator seeded by (run, i, j) alone
-    (:func:`particle_noise`), never by the rank count.
-So a sharded run gives the same particles and weights for K = 1, 2, 4, ... bit for bit on the CPU,
-as long as the networks' results do not depend on how many particles share a call: that is what
-``micro_batch`` fixes (every network call takes ``micro_batch`` particles; it must divide N/K).
-The sharded noise stream is not the single-process default's (:func:`apa.smc.sampler.fkc_sample`
-draws the whole [N, *event] noise from the run's generator), so a sharded run with K = 1 repeats
-K = 2 or 4, not a plain run. The diversity term L_div couples every particle to the population and
-is not sharded: a sharded run refuses it.
+  - move: the noise of step i is drawn for the whole population [N, *event] from that same generator,
+    and each rank keeps its block: the noise of one process's run (:class:`Sharded` is the
+    population these steps see; ``smc/population`` has the one-process one).
+So a sharded run gives the same particles and weights as one process, for K = 1, 2, 4, ... bit for
+bit on the CPU, as long as the networks' results do not depend on how many particles share a call:
+``micro_batch`` makes every network call of a rank take ``micro_batch`` particles (it must divide
+N/K), and the built-in networks give the same rows whether called on 4 particles or on all of
+them (tests/test_ranks.py runs `apa align` both ways). The diversity term L_div couples every
+particle to the population and is not sharded: a sharded run refuses it.
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from apa.config import SamplerConfig
 from apa.priors.base import Prior
 from apa.smc import fkc
-from apa.smc.sampler import NoiseFn, SMCResult, drive, prepare, sampler_config
-from apa.smc.weights import normalize
+from apa.smc.sampler import SMCResult, fkc_sample, sampler_config
 from apa.types import Indices, Particles
 
 DEFAULT_TIMEOUT_S = 300.0  # how long a collective may wait for a rank before the run ends with an error
@@ -183,17 +181,20 @@ def _collective(fn, *args, **kwargs) -> None:
                                "--resume DIR to continue the session") from e
 
 
-def particle_noise(base: int, offset: int) -> NoiseFn:
-    """Noise for rows ``offset`` .. of the population: row j at step i is drawn from a generator keyed
-    by (base, i, j) alone (numpy's SeedSequence hashes the whole key; torch's CPU generator would keep
-    only 32 bits of a seed), so it does not depend on how the population is split. -> [n, *event]."""
+class Sharded:
+    """This rank's share of a population split over ``comm``'s ranks (a ``smc/population.Population``)."""
 
-    def noise(i: int, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-        rows = [np.random.default_rng((base, i, offset + j)).standard_normal(shape[1:], dtype=np.float32)
-                for j in range(shape[0])]
-        return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(shape)
+    def __init__(self, comm: Comm) -> None:
+        self.comm, self.leads = comm, comm.rank == 0
 
-    return noise
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_gather(x)
+
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comm.local(x)
+
+    def take(self, x: torch.Tensor, ancestors: Indices) -> torch.Tensor:
+        return self.comm.take(x, ancestors)
 
 
 class _Chunked:
@@ -237,17 +238,12 @@ def sharded_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | Non
     population's (each rank keeps its block)."""
     cfg = sampler_config(config, **overrides)
     check_shardable(cfg, comm.world_size, micro_batch)
-    sched, generator, deferred, historical, state = prepare(  # the same [N] on every rank
-        prior, cfg, generator, host_sync, historical, initial, start_step)
-    base = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    n = cfg.particles // comm.world_size
-    state = replace(state, particles=comm.local(state.particles))
     if micro_batch is not None:
         prior, reward = _Chunked(prior, micro_batch), _chunked_reward(reward, micro_batch)
-    state, trace, log_z = drive(state, prior, reward, cfg, sched, generator=generator, historical=historical,
-                                noise_fn=particle_noise(base, comm.rank * n), deferred=deferred,
-                                progress=progress and comm.rank == 0, desc=desc, comm=comm)
-    return SMCResult(comm.all_gather(state.particles, "collect"), normalize(state.log_weights), trace, log_z, state.origins)
+    res = fkc_sample(prior, reward, cfg, generator=generator, historical=historical, initial=initial,
+                     start_step=start_step, progress=progress, desc=desc, host_sync=host_sync,
+                     population=Sharded(comm))
+    return replace(res, particles=comm.all_gather(res.particles, "collect"))
 
 
 def launched() -> bool:

@@ -1,16 +1,19 @@
 """② The FKC-SMC sampler: a pure ``step`` function, a ``run`` generator and ``fkc_sample``.
 
 Per step i (σ_i -> σ_{i+1}), with particles z_i and their log-weights (``fkc`` has the formulas):
-  1. reweight: evaluate the potential at z_i (one network call: ε, ẑ0, r, L_div, ∇_z φ_i) and
-     complete the weight: + φ_i(z_i) for exact weights (the rest of the increment was added by
-     the previous move), or the rate increment; normalise, measure the ESS
+  1. reweight: evaluate the potential at z_i (one network call: ε, ẑ0, r, L_div, ∇_z φ_i) and add
+     the weighting's increment (``weighting``: for exact weights the whole increment of the move
+     that brought the particles to z_i, φ_i(z_i) − φ_{i−1}(z_{i−1}) + its proposal log-ratio);
+     normalise, measure the ESS
   2. resample: if ESS < threshold·N, draw ancestors with the chosen scheme and reset the weights
      to 1/N; otherwise carry them forward
-  3. move: the prior's ancestral transition shifted by the FKC drift δ_i; exact weights add
-     −φ_i(z_i) and the proposal log-ratio now, and at the last step φ_N at the clean sample
+  3. move: the prior's ancestral transition shifted by the FKC drift δ_i, recorded for the next
+     reweight; after the last move exact weights add the last increment, φ_N at the clean sample
 The network's output at z_i serves all three, so a step costs one network call; the exact
 weights add one reward call at the very end (none when r is read at ẑ0, which the last
-deterministic step lands on).
+deterministic step lands on). A :class:`Kernel` holds what a run fixes; a ``population``
+(``smc/population``) says which rows of the whole population this process holds, so the same
+step runs one process or one of K, drawing the same noise for the whole population.
 
 Devices: a run lives where the prior's networks live (``prior.device``; the CPU for priors
 without one): particles, log-weights, the reward and its gradient, resampling indices and the
@@ -25,7 +28,7 @@ read once after the last step. On the CPU every check is made at once, as it alw
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -34,12 +37,11 @@ from apa.config import SamplerConfig
 from apa.priors.base import Prior
 from apa.priors.batching import running
 from apa.smc import fkc, resampling
+from apa.smc.population import WHOLE, Population
+from apa.smc.weighting import Move, Weighting, weighting_of
 from apa.smc.weights import ess as ess_of
 from apa.smc.weights import ess_tensor, normalize, uniform
 from apa.types import Indices, LogWeights, Particles
-
-if TYPE_CHECKING:
-    from apa.smc.distributed import Comm
 
 NoiseFn = Callable[[int, tuple[int, ...], torch.Generator | None], torch.Tensor]
 
@@ -47,11 +49,11 @@ NoiseFn = Callable[[int, tuple[int, ...], torch.Generator | None], torch.Tensor]
 @dataclass(frozen=True)
 class SMCState:
     particles: Particles  # z_i [N, *event]
-    log_weights: LogWeights  # [N] float64; after a move with exact weights they hold −φ_i and the
-    #                          proposal log-ratio, completed by +φ_{i+1} at the next reweight
+    log_weights: LogWeights  # [N] float64: the weights as of the last reweight (``move`` is still to add)
     step: int  # i: the next step to take
     log_normalizer: float = 0.0  # running estimate of log Z_i (Z_N = E_p_disc[exp φ_N] with exact weights)
     origins: Indices | None = None  # [N] index of each particle's initial ancestor
+    move: Move | None = None  # the move that brought the particles here, its weight still to complete
 
 
 @dataclass(frozen=True)
@@ -120,18 +122,38 @@ def device_generator(generator: torch.Generator | None, device: torch.device) ->
     return out.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)))
 
 
-def _evaluate(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule,
-              historical: Particles | None, deferred: fkc.Deferred | None) -> fkc.PotentialEval:
-    """The network call of step i at z_i; the reward terms only when the run is guided."""
-    i, z = state.step, state.particles
-    sig, sig_next, _, gamma = sched.at(i)
-    if cfg.guided:
-        deterministic = prior.transition_variance(sig, sig_next) == 0.0
-        need_grad = not (cfg.weights == "exact" and (deterministic or cfg.drift == 0.0))  # no shift to compute
-        return fkc.evaluate_potential(prior, reward, z, sig, gamma, cfg, historical=historical, step=i,
-                                      need_grad=need_grad, deferred=deferred)
+@dataclass(frozen=True)
+class Kernel:
+    """The fixed pieces of one run: what every step reads and none changes."""
+
+    prior: Prior
+    reward: fkc.Reward
+    cfg: SamplerConfig
+    sched: fkc.Schedule
+    weighting: Weighting
+    generator: torch.Generator | None = None  # resampling uniforms and the noise (the same state everywhere)
+    historical: Particles | None = None  # earlier particles the diversity term compares against
+    noise_fn: NoiseFn = _default_noise  # the whole population's noise of step i: (i, [N, *event], generator)
+    deferred: fkc.Deferred | None = None  # None: check every value at once; else read back at the run's end
+    population: Population = WHOLE  # how this process's rows relate to the whole population
+
+
+def kernel_of(prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule | None = None,
+              **fields) -> Kernel:
+    """The run's kernel, its weighting as ``cfg`` names it (``fields``: the other :class:`Kernel` fields)."""
+    return Kernel(prior, reward, cfg, sched or fkc.Schedule.of(prior, cfg), weighting_of(cfg), **fields)
+
+
+def _evaluate(z: Particles, i: int, k: Kernel) -> fkc.PotentialEval:
+    """The network call of step i at z_i [n, *event]; the reward terms only when the run is guided."""
+    sig, sig_next, _, gamma = k.sched.at(i)
+    if k.cfg.guided:
+        deterministic = k.prior.transition_variance(sig, sig_next) == 0.0
+        return fkc.evaluate_potential(k.prior, k.reward, z, sig, gamma, k.cfg, historical=k.historical, step=i,
+                                      need_grad=k.weighting.needs_gradient(deterministic, k.cfg.drift),
+                                      deferred=k.deferred)
     with torch.no_grad():
-        eps = prior.eps(z, sig)
+        eps = k.prior.eps(z, sig)
     zero = torch.zeros(z.shape[0], device=z.device)
     return fkc.PotentialEval(eps, zero, zero, None)
 
@@ -147,109 +169,82 @@ def _scalar(x: torch.Tensor, deferred: fkc.Deferred | None) -> float | torch.Ten
     return x if deferred is not None else float(x)
 
 
-def _accumulate(cfg: SamplerConfig, log_w: LogWeights, log_z: float, inc: torch.Tensor,
-                step: int, deferred: fkc.Deferred | None = None) -> tuple[LogWeights, float]:
-    """log w + inc, normalised (or clamped, the seed's way), and the normaliser's increment."""
-    fkc.check_finite(inc, "the log-weight increment", step, deferred)
+def _accumulate(log_w: LogWeights, log_z: float, inc: torch.Tensor | None, step: int, k: Kernel
+                ) -> tuple[LogWeights, float]:
+    """log w + inc (the whole population's increment [N]), normalised (or clamped, the seed's way),
+    and the normaliser's increment; unchanged without an increment."""
+    if inc is None:
+        return log_w, log_z
+    fkc.check_finite(inc, "the log-weight increment", step, k.deferred)
     total = log_w + inc
-    if cfg.clamp is not None:
-        return total.clamp(-cfg.clamp, cfg.clamp), log_z
-    return normalize(total, _check(deferred)), log_z + _scalar(torch.logsumexp(total, 0), deferred)
+    if k.cfg.clamp is not None:
+        return total.clamp(-k.cfg.clamp, k.cfg.clamp), log_z
+    return normalize(total, _check(k.deferred)), log_z + _scalar(torch.logsumexp(total, 0), k.deferred)
 
 
-def _reweight(state: SMCState, pe: fkc.PotentialEval, prior: Prior, cfg: SamplerConfig,
-              sched: fkc.Schedule, grad_phi: Particles | None,
-              deferred: fkc.Deferred | None, comm: "Comm | None" = None) -> tuple[LogWeights, float]:
-    """Step 1: complete the log-weights of the particles z_i. -> (log-weights [N], log Z).
-    A sharded run's increments [N/K] are gathered into the whole population's [N] first."""
-    if not (cfg.guided and cfg.weights != "none"):
-        return state.log_weights, state.log_normalizer
-    i = state.step
-    _, _, beta, gamma = sched.at(i)
-    if cfg.weights == "exact":
-        inc = pe.potential(beta, gamma)  # + φ_i(z_i)
-    else:
-        inc = fkc.rate_increment(cfg, pe, prior, state.particles, i, sched, grad_phi)
-    return _accumulate(cfg, state.log_weights, state.log_normalizer, _gather(comm, inc), i, deferred)
+def _gathered(k: Kernel, inc: torch.Tensor | None) -> torch.Tensor | None:
+    return None if inc is None else k.population.gather(inc)
 
 
-def _move(z: Particles, pe: fkc.PotentialEval, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig,
-          sched: fkc.Schedule, i: int, noise: Particles, grad_phi: Particles | None,
-          historical: Particles | None, deferred: fkc.Deferred | None) -> tuple[Particles, torch.Tensor | None]:
-    """Step 3: z_{i+1} from the shifted ancestral kernel, and the exact weights' share of the
-    increment (−φ_i(z_i) + proposal log-ratio, + φ_N(z_N) on the last step): ([N, *event], [N] | None)."""
-    sig, sig_next, beta, gamma = sched.at(i)
-    variance = prior.transition_variance(sig, sig_next)
-    exact = cfg.guided and cfg.weights == "exact"
+def _move(z: Particles, pe: fkc.PotentialEval, i: int, noise: Particles, grad_phi: Particles | None,
+          k: Kernel) -> tuple[Particles, Move]:
+    """Step 3: z_{i+1} [n, *event] from the prior's ancestral kernel, shifted by the FKC drift where
+    the weighting shifts, and the move's record for the weights."""
+    sig, sig_next, beta, gamma = k.sched.at(i)
+    variance = k.prior.transition_variance(sig, sig_next)
     shift = None
-    if cfg.guided and grad_phi is not None and not (exact and variance == 0.0):  # none where the step is deterministic
-        shift = fkc.drift_shift(cfg.drift * grad_phi, prior.g2_ds(sig, sig_next))
+    if k.cfg.guided and grad_phi is not None and k.weighting.shifts(variance == 0.0):
+        shift = fkc.drift_shift(k.cfg.drift * grad_phi, k.prior.g2_ds(sig, sig_next))
     with torch.no_grad():
-        z_next = prior.transition(z, pe.eps, sig, sig_next, noise, shift=shift)
-    if not exact:
-        return z_next, None
-    part = -pe.potential(beta, gamma)
-    if shift is not None:
-        part = part + fkc.proposal_log_ratio(noise, shift, variance)
-    if i == cfg.steps - 1:
-        beta_n, gamma_n = sched.beta_gamma(-1)
-        if variance == 0.0 and cfg.reward_at == "tweedie":
-            part = part + pe.potential(beta_n, gamma_n)  # z_N = ẑ0(z_{N-1}): r(z_N) is already known
-        else:
-            part = part + fkc.clean_potential(reward, z_next, beta_n, gamma_n, cfg, historical, i, deferred)
-    return z_next, part
+        z_next = k.prior.transition(z, pe.eps, sig, sig_next, noise, shift=shift)
+    return z_next, Move(pe.potential(beta, gamma), noise, shift, variance)
 
 
-def step(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule, *,
-         generator: torch.Generator | None = None, historical: Particles | None = None,
-         noise_fn: NoiseFn = _default_noise, deferred: fkc.Deferred | None = None,
-         comm: "Comm | None" = None) -> tuple[SMCState, StepInfo]:
+def _phi_end(z_end: Particles, pe: fkc.PotentialEval, move: Move, i: int, k: Kernel) -> torch.Tensor:
+    """φ_N at the clean particles z_N [n]: read off the last step's r(ẑ0) where the deterministic last
+    step landed on ẑ0, else one reward call."""
+    beta_n, gamma_n = k.sched.beta_gamma(-1)
+    if move.variance == 0.0 and k.cfg.reward_at == "tweedie":
+        return pe.potential(beta_n, gamma_n)  # z_N = ẑ0(z_{N-1}): r(z_N) is already known
+    return fkc.clean_potential(k.reward, z_end, beta_n, gamma_n, k.cfg, k.historical, i, k.deferred)
+
+
+def step(state: SMCState, k: Kernel) -> tuple[SMCState, StepInfo]:
     """One FKC-SMC step σ_i -> σ_{i+1}: reweight -> resample -> move. Pure: returns a new state and info.
 
-    ``deferred``: None checks every value at once and returns Python numbers in the info (the CPU
-    way); a collector records the checks and leaves the info's numbers as device tensors, so the
-    step reads back only the resampling decision.
-
-    ``comm`` (:mod:`apa.smc.distributed`): None for one process. A sharded run's state holds this
-    rank's particles [N/K] and the whole population's log-weights and origins [N]; the per-particle
-    values of the weights are gathered, so every weight formula below runs on all N, identically on
-    every rank, and resampling exchanges the ancestors' particles between ranks.
+    The state holds this process's particles [n] and the whole population's log-weights and origins
+    [N] (n = N in one process; ``k.population`` says how they relate). ``k.deferred``: None checks
+    every value at once and returns Python numbers in the info; a collector records the checks and
+    leaves the info's numbers as device tensors, so the step reads back only the resampling decision.
     """
-    i, z, origins = state.step, state.particles, state.origins
-    pe = _evaluate(state, prior, reward, cfg, sched, historical, deferred)
-    beta = sched.at(i)[2]
+    i, z, origins, pop = state.step, state.particles, state.origins, k.population
+    pe = _evaluate(z, i, k)
+    beta = k.sched.at(i)[2]
     grad_phi = beta * pe.grad if pe.grad is not None else None
-    log_w, log_z = _reweight(state, pe, prior, cfg, sched, grad_phi, deferred, comm)
-    n = log_w.shape[0]  # the whole population (z holds N/K of it in a sharded run)
-    ess = _scalar(ess_tensor(log_w, _check(deferred)), deferred)
-    reward_mean = (_scalar((torch.exp(normalize(log_w, _check(deferred))) * _gather(comm, pe.reward).double()).sum(),
-                           deferred)
-                   if cfg.guided
-                   else float("nan"))
-    resampled = (cfg.guided and cfg.weights != "none" and cfg.resample != "none"
-                 and resampling.should_resample(ess, n, cfg.ess_threshold))
+    inc = _gathered(k, k.weighting.increment(i, pe, z, grad_phi, state.move, k))
+    log_w, log_z = _accumulate(state.log_weights, state.log_normalizer, inc, i, k)
+    n = log_w.shape[0]  # the whole population
+    ess = _scalar(ess_tensor(log_w, _check(k.deferred)), k.deferred)
+    reward_mean = (_scalar((torch.exp(normalize(log_w, _check(k.deferred))) * pop.gather(pe.reward).double()).sum(),
+                           k.deferred)
+                   if k.cfg.guided else float("nan"))
+    resampled = (k.weighting.weighs and k.cfg.resample != "none"
+                 and resampling.should_resample(ess, n, k.cfg.ess_threshold))
     if resampled:
-        idx = resampling.get_resampler(cfg.resample)(generator, log_w, n)  # ancestors [N], the same on every rank
-        take = (lambda t: t[idx]) if comm is None else (lambda t: comm.take(t, idx))  # noqa: E731
+        idx = resampling.get_resampler(k.cfg.resample)(k.generator, log_w, n)  # ancestors [N], the same everywhere
+        take = lambda t: pop.take(t, idx)  # noqa: E731
         z, pe, log_w = take(z), pe.apply(take), uniform(n, device=log_w.device)
         grad_phi = beta * pe.grad if pe.grad is not None else None  # the ancestors' (elementwise: the same bits)
         origins = origins[idx] if origins is not None else None
-    noise = noise_fn(i, tuple(z.shape), generator).to(z)
-    z_next, part = _move(z, pe, prior, reward, cfg, sched, i, noise, grad_phi, historical, deferred)
-    if part is not None and i == cfg.steps - 1:
-        log_w, log_z = _accumulate(cfg, log_w, log_z, _gather(comm, part), i, deferred)  # the last increment completes the weights
-    elif part is not None:
-        log_w = log_w + _gather(comm, part)
-    grad_norm = (_scalar(_gather(comm, grad_phi.reshape(z.shape[0], -1).norm(dim=1)).mean(), deferred)
+    noise = pop.local(k.noise_fn(i, (n, *z.shape[1:]), k.generator)).to(z)
+    z_next, move = _move(z, pe, i, noise, grad_phi, k)
+    if i == k.cfg.steps - 1 and k.weighting.needs_end:  # the last move's increment completes the weights
+        log_w, log_z = _accumulate(log_w, log_z, _gathered(k, k.weighting.final(move, _phi_end(z_next, pe, move, i, k))),
+                                   i, k)
+    grad_norm = (_scalar(pop.gather(grad_phi.reshape(z.shape[0], -1).norm(dim=1)).mean(), k.deferred)
                  if grad_phi is not None else 0.0)
-    info = StepInfo(i, sched.at(i)[0], ess, resampled, reward_mean, grad_norm, _unique(origins, deferred))
-    return SMCState(z_next.detach(), log_w, i + 1, log_z, origins), info
-
-
-def _gather(comm: "Comm | None", x: torch.Tensor) -> torch.Tensor:
-    """This rank's per-particle values [N/K, ...] gathered into the population's [N, ...] (x itself
-    in one process)."""
-    return x if comm is None else comm.all_gather(x)
+    info = StepInfo(i, k.sched.at(i)[0], ess, resampled, reward_mean, grad_norm, _unique(origins, k.deferred))
+    return SMCState(z_next.detach(), log_w, i + 1, log_z, origins, move), info
 
 
 def _unique(origins: Indices | None, deferred: fkc.Deferred | None) -> int | torch.Tensor:
@@ -274,8 +269,9 @@ def host_trace(trace: list[StepInfo]) -> list[StepInfo]:
 
 
 def init_state(prior: Prior, num_particles: int, sched: fkc.Schedule, generator: torch.Generator | None,
-               initial: Particles | None = None, start_step: int = 0) -> SMCState:
-    """Particles from the noise-end marginal (or given ones at grid point ``start_step``), equal weights."""
+               initial: Particles | None = None, start_step: int = 0, population: Population = WHOLE) -> SMCState:
+    """Particles from the noise-end marginal (or given ones at grid point ``start_step``), equal weights:
+    the whole population's draw [N, *event], of which this process keeps its rows."""
     if not 0 <= start_step < len(sched.sigmas) - 1:
         raise ValueError(f"start_step must be in [0, {len(sched.sigmas) - 2}], got {start_step}")
     if initial is None and start_step:
@@ -284,18 +280,14 @@ def init_state(prior: Prior, num_particles: int, sched: fkc.Schedule, generator:
     if z.shape[0] != num_particles:
         raise ValueError(f"initial particles have {z.shape[0]} rows, expected particles={num_particles}")
     dev = device_of(prior)
-    z = z.to(dev)  # once per run (a no-op where the particles were drawn on the prior's device)
+    z = population.local(z).to(dev)  # once per run (a no-op where the particles were drawn on the prior's device)
     return SMCState(z, uniform(num_particles, device=dev), start_step, 0.0, torch.arange(num_particles, device=dev))
 
 
-def run(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule, *,
-        generator: torch.Generator | None = None, historical: Particles | None = None,
-        noise_fn: NoiseFn = _default_noise, deferred: fkc.Deferred | None = None, comm: "Comm | None" = None
-        ) -> Iterator[tuple[SMCState, StepInfo]]:
-    """Yield (state, info) after every step until the grid is exhausted (``deferred``, ``comm``: see :func:`step`)."""
-    while state.step < cfg.steps:
-        state, info = step(state, prior, reward, cfg, sched, generator=generator, historical=historical,
-                           noise_fn=noise_fn, deferred=deferred, comm=comm)
+def run(state: SMCState, k: Kernel) -> Iterator[tuple[SMCState, StepInfo]]:
+    """Yield (state, info) after every step until the grid is exhausted."""
+    while state.step < k.cfg.steps:
+        state, info = step(state, k)
         yield state, info
 
 
@@ -312,7 +304,8 @@ def sampler_config(config: SamplerConfig | None = None, **overrides) -> SamplerC
 def fkc_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None = None, *,
                generator: torch.Generator | None = None, historical: Particles | None = None,
                initial: Particles | None = None, start_step: int = 0, noise_fn: NoiseFn = _default_noise,
-               progress: bool = False, desc: str = "fkc", host_sync: bool | None = None, **overrides) -> SMCResult:
+               progress: bool = False, desc: str = "fkc", host_sync: bool | None = None,
+               population: Population = WHOLE, **overrides) -> SMCResult:
     """Sample p_disc·exp(β_end·r) with FKC-SMC. ``reward``: [N, *event] -> [N], differentiable.
 
     ``config`` is the whole sampler configuration; keywords named like its fields override it
@@ -325,44 +318,31 @@ def fkc_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None = 
     The run lives on the prior's device (module docstring); the result's tensors are there too.
     ``host_sync``: True checks every value at once and reads the trace back at every step, False
     defers both to the end of the run; None (the default): True on the CPU, False elsewhere. Both
-    give the same numbers.
+    give the same numbers. ``population``: this process's share of a population split over several
+    (``smc/distributed``); the result then holds this process's particles [n].
     """
     cfg = sampler_config(config, **overrides)
-    sched, generator, deferred, historical, state = prepare(prior, cfg, generator, host_sync, historical, initial,
-                                                            start_step)
-    state, trace, log_z = drive(state, prior, reward, cfg, sched, generator=generator, historical=historical,
-                                noise_fn=noise_fn, deferred=deferred, progress=progress, desc=desc)
+    dev = device_of(prior)
+    kernel = kernel_of(prior, reward, cfg, generator=device_generator(generator, dev),
+                       historical=historical.to(dev) if historical is not None else None, noise_fn=noise_fn,
+                       deferred=fkc.Deferred() if (dev.type != "cpu" if host_sync is None else not host_sync) else None,
+                       population=population)
+    state = init_state(prior, cfg.particles, kernel.sched, kernel.generator, initial, start_step, population)
+    state, trace, log_z = drive(state, kernel, progress=progress and population.leads, desc=desc)
     return SMCResult(state.particles, normalize(state.log_weights), trace, log_z, state.origins)
 
 
-def prepare(prior: Prior, cfg: SamplerConfig, generator: torch.Generator | None, host_sync: bool | None,
-            historical: Particles | None, initial: Particles | None, start_step: int
-            ) -> tuple[fkc.Schedule, torch.Generator | None, fkc.Deferred | None, Particles | None, SMCState]:
-    """What a run needs on the prior's device before its first step: the schedule, the generator,
-    the deferred checks (off the CPU unless ``host_sync``), the historical particles, the first state."""
-    sched = fkc.Schedule.of(prior, cfg)
-    dev = device_of(prior)
-    generator = device_generator(generator, dev)
-    deferred = fkc.Deferred() if (dev.type != "cpu" if host_sync is None else not host_sync) else None
-    historical = historical.to(dev) if historical is not None else None
-    state = init_state(prior, cfg.particles, sched, generator, initial, start_step)
-    return sched, generator, deferred, historical, state
-
-
-def drive(state: SMCState, prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule, *,
-          generator: torch.Generator | None, historical: Particles | None, noise_fn: NoiseFn,
-          deferred: fkc.Deferred | None, progress: bool, desc: str, comm: "Comm | None" = None
+def drive(state: SMCState, k: Kernel, *, progress: bool = False, desc: str = "fkc"
           ) -> tuple[SMCState, list[StepInfo], float]:
     """:func:`run` to the end of the grid: (last state, trace, log Z), the deferred checks raised."""
     trace = []
-    with running(prior):  # a batching prior's leader waits for this run's calls too
-        for state, info in tqdm(run(state, prior, reward, cfg, sched, generator=generator, historical=historical,
-                                    noise_fn=noise_fn, deferred=deferred, comm=comm), total=cfg.steps - state.step,
-                                disable=not progress, desc=desc, leave=False):
+    with running(k.prior):  # a batching prior's leader waits for this run's calls too
+        for state, info in tqdm(run(state, k), total=k.cfg.steps - state.step, disable=not progress, desc=desc,
+                                leave=False):
             trace.append(info)
     log_z = state.log_normalizer
-    if deferred is not None:  # the run's one read back of its checks and trace
-        deferred.raise_first()
+    if k.deferred is not None:  # the run's one read back of its checks and trace
+        k.deferred.raise_first()
         trace, log_z = host_trace(trace), float(log_z)
     return state, trace, log_z
 
