@@ -4,7 +4,7 @@
 that is how a launch is detected (no flag). Rank 0 opens (or resumes) the session, asks the feedback
 source, refits the surrogate and writes the store, exactly as one process would; before each
 population it broadcasts a request (the sampler's configuration, the surrogate's parameters and the
-generator's state: :func:`apa.session.sharding_request`) and every rank runs its N/K particles of the
+generator's state: :func:`apa.rounds.sampling.sharding_request`) and every rank runs its N/K particles of the
 same sharded run (:mod:`apa.smc.distributed`); rank 0 receives the whole population. The other ranks
 hold no store and write nothing. A collective that fails or waits longer than APA_DIST_TIMEOUT
 seconds (default 300) ends every rank with a one-line error; what was stored is kept, and the same
@@ -56,7 +56,7 @@ def check_session(cfg: Any, prior: Any, world_size: int) -> None:
     batch) do not shard over ``world_size`` processes."""
     from dataclasses import replace
 
-    from apa.session import MICRO_BATCH
+    from apa.rounds.sampling import MICRO_BATCH
     from apa.smc.distributed import check_shardable
     from apa.smc.sampler import device_of
 
