@@ -176,7 +176,7 @@ def cmd_align(args: argparse.Namespace) -> None:
                 session.run(on_round=bar.update)
             finally:
                 bar.close()
-            session.save_final()
+            session.finish()
             with disk_errors(session.store.root, "write the report"):
                 report = write_report(session)
         finally:

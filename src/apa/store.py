@@ -652,6 +652,16 @@ class SessionStore:
         with np.load(self.final_path) as z:
             return torch.from_numpy(z["images"])
 
+    def save_record(self, name: str, value: dict[str, Any]) -> None:
+        """Store a number the session measured (JSON), replacing an earlier one of that name, durably."""
+        with self._commit(f"store the {name} record"):
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"record:{name}", json.dumps(value)))
+
+    def record(self, name: str) -> dict[str, Any] | None:
+        """A record :meth:`save_record` stored, or None."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (f"record:{name}",)).fetchone()
+        return None if row is None else json.loads(row[0])
+
     def spent(self) -> int:
         """Feedback spent: ratings with a score (skips cost nothing)."""
         return int(self._conn.execute("SELECT count(*) FROM ratings WHERE score IS NOT NULL").fetchone()[0])

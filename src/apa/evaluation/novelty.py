@@ -87,7 +87,7 @@ def prior_reference(session: Any, n: int = REFERENCE_SAMPLES) -> torch.Tensor | 
     from safetensors.torch import load_file, save
 
     from apa.atomic import write_file
-    from apa.evaluation.report import cache_dir, prior_sha
+    from apa.evaluation.records import cache_dir, prior_sha
     from apa.smc.sampler import sample_prior
 
     sha = prior_sha(session)

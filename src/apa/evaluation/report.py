@@ -10,11 +10,9 @@ the images that were rated.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +24,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from apa import data  # noqa: E402
-from apa.atomic import private, write_file  # noqa: E402
+from apa.atomic import private  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from apa.evaluation.images import save_grid  # noqa: E402
+from apa.evaluation.records import final_records  # noqa: E402
 from apa.priors.base import class_names  # noqa: E402
 
 DASH = "–"  # shown where a number does not exist (no rating, no held-out score yet)
@@ -100,77 +98,6 @@ def round_rows(session) -> list[dict[str, Any]]:
                      "taste_changed": r["round"] in changes,
                      "change_detected": bool(info.get("change_detected"))})
     return rows
-
-
-def final_eval(session) -> dict[str, Any]:
-    """The simulated user's view of the stored final batch ({} for a person, or before the batch exists)."""
-    evaluate = getattr(session.feedback, "evaluate", None)
-    images = session.store.final_images()
-    return {} if evaluate is None or images is None else evaluate(images)
-
-
-def cache_dir() -> Path:
-    """Where prior-only baselines are cached: ``$APA_DATA/baselines`` (default ``~/.cache/apa/baselines``)."""
-    from apa.data import data_dir
-
-    return data_dir() / "baselines"
-
-
-def prior_sha(session) -> str | None:
-    """The sha256 of the session's prior weights file (None for a prior without one, e.g. a hub model)."""
-    weights = getattr(session.cfg.prior, "weights", None)
-    if not weights:
-        try:
-            from apa.priors.ddpm import weights_path
-
-            weights = weights_path(session.cfg.prior.name)
-        except Exception:
-            return None
-    return data.file_sha256(Path(weights)) if Path(weights).is_file() else None
-
-
-def baseline_key(session, n: int) -> str | None:
-    """The cache key of the prior-only baseline: prior weights' sha256, the simulated user, n, steps."""
-    sha = prior_sha(session)
-    if sha is None:
-        return None
-    fb = session.cfg.feedback
-    user = {k: getattr(fb, k, None) for k in ("name", "prefer", "mode", "confidence", "dataset", "oracle_weights")}
-    if user.get("oracle_weights") and Path(user["oracle_weights"]).is_file():
-        user["oracle_weights"] = data.file_sha256(Path(user["oracle_weights"]))
-    text = json.dumps({"prior": sha, "user": user, "n": n,
-                       "steps": session.cfg.sampler.steps, "seed": 0}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def prior_baseline(session) -> dict[str, Any]:
-    """The simulated user's view of n plain samples of the prior (no feedback), cached per prior and user."""
-    evaluate = getattr(session.feedback, "evaluate", None)
-    if evaluate is None:
-        return {}
-    from apa.smc.sampler import sample_prior
-
-    n = session.cfg.session.eval_samples
-    key = baseline_key(session, n)
-    if key is None:  # no weights file to key the cache on (e.g. a hub model): not recomputed per report
-        return {}
-    path = cache_dir() / f"{key}.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            pass  # a damaged cache entry is recomputed
-    cfg = replace(session.cfg.sampler, weights="none", diversity=False)
-    images = sample_prior(session.prior, n, cfg.steps, torch.Generator().manual_seed(0), batch_size=n, config=cfg)
-    with torch.no_grad():
-        out = {**evaluate(images.cpu()), "n": n}
-    out = json.loads(json.dumps(out, default=float))  # the same types as a cached copy (str class keys)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_file(path, json.dumps(out).encode(), mode=0o644, shared=True)
-    except OSError:
-        pass  # no cache: the next report recomputes it
-    return out
 
 
 COLLAPSE_SHARE = 0.10  # a preferred class under this share of the preferred samples counts as collapsed
@@ -543,27 +470,14 @@ def figures(session, rows: list[dict], final: dict, baseline: dict, root: Path) 
     return out
 
 
-def final_checks_of(session) -> dict[str, Any]:
-    """Novelty and target fidelity of the stored final batch ({} before it exists, or for a prior with no
-    weights file to cache a reference on)."""
-    from apa.evaluation.novelty import final_checks, prior_reference
-
-    images = session.store.final_images()
-    if images is None:
-        return {}
-    reference = prior_reference(session)
-    return {} if reference is None else final_checks(session, images, reference)
-
-
 @private  # the report shows a person's ratings and images: 0600 files, 0700 grids/
 def write_report(session) -> Path:
     root = session.store.root
     cfg = session.cfg.to_dict()
     rows = round_rows(session)
-    final = final_eval(session)
-    baseline = prior_baseline(session)
+    recorded = final_records(session)
+    final, baseline, checks = recorded["final_eval"], recorded["prior_baseline"], recorded["final_checks"]
     names = class_names(session.prior)
-    checks = final_checks_of(session)
     figs = figures(session, rows, final, baseline, root)
     blocks = document(session, rows, final, baseline, figs, checks)
     report = {"config": cfg, "rounds": rows, "final": final, "prior_baseline": baseline, "final_checks": checks,

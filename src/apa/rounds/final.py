@@ -62,3 +62,13 @@ class FinalBatch:
     def save_final(self, n: int | None = None, images: torch.Tensor | None = None) -> Path:
         """Draw the final batch (or take ``images`` already drawn) and store it; returns its path."""
         return self.store.save_final(self.final_samples(n) if images is None else images)
+
+    def finish(self) -> Path:
+        """The lifecycle's FINAL step for a person's session: store the final batch, then measure and
+        record what the report shows of it (``evaluation/records``); returns the batch's path."""
+        from apa.evaluation.records import record_final
+
+        path = self.save_final()
+        with self.timer("evaluation"):
+            record_final(self)
+        return path

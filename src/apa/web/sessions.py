@@ -163,7 +163,7 @@ def advance(handle: SessionHandle, report_lock: threading.Lock) -> None:
             elif action.kind == SAMPLE:
                 s.sample_round(action.round)
             else:
-                s.save_final()
+                s.finish()
         if action.kind == RATE:
             handle.enter("ready", action.round)
         else:
