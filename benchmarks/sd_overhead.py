@@ -217,12 +217,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per row; the median is shown")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="particles per UNet / VAE call (SDOptions.batch_size; default: 8 on a CPU, all on a GPU)")
+                   help="particles per UNet / VAE call (SD15Options.batch_size; default: 8 on a CPU, all on a GPU)")
     p.add_argument("--anchor-batch", type=int, default=None, help="images per diffusers pipeline call (default: all)")
     p.add_argument("--dtype", default=None, help="float16 | bf16 | float32 (default: fp16 on CUDA, fp32 on CPU)")
-    p.add_argument("--channels-last", action="store_true", help="SDOptions.channels_last")
-    p.add_argument("--compile", action="store_true", help="SDOptions.compile (compile time reported separately)")
-    p.add_argument("--cuda-graphs", action="store_true", help="SDOptions.cuda_graphs (implies --compile)")
+    p.add_argument("--channels-last", action="store_true", help="SD15Options.channels_last")
+    p.add_argument("--compile", action="store_true", help="SD15Options.compile (compile time reported separately)")
+    p.add_argument("--cuda-graphs", action="store_true", help="SD15Options.cuda_graphs (implies --compile)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak for the FLOP limit (CUDA: 790, the H200's dense fp16; CPU: measured)")
     p.add_argument("--profile", action="store_true", help="count one FKC round's reads back to the host")
@@ -242,13 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    from apa.priors.stable_diffusion import SDOptions, StableDiffusionPrior, resolve_device
+    from apa.priors.sd_options import SD15Options
+    from apa.priors.stable_diffusion import StableDiffusionPrior, resolve_device
 
-    _, dtype = resolve_device(str(device), SDOptions.from_dict({"dtype": args.dtype}).dtype)
+    _, dtype = resolve_device(str(device), SD15Options.from_dict({"dtype": args.dtype}).dtype)
     t0 = time.perf_counter()
-    opts = SDOptions(height=size, width=size, device=str(device), prompt="a photo of fruit", batch_size=args.batch_size,
-                     channels_last=args.channels_last, compile=args.compile or args.cuda_graphs,
-                     cuda_graphs=args.cuda_graphs)
+    opts = SD15Options(height=size, width=size, prompt="a photo of fruit", batch_size=args.batch_size,
+                       channels_last=args.channels_last, compile=args.compile or args.cuda_graphs,
+                       cuda_graphs=args.cuda_graphs)
     prior = StableDiffusionPrior(sd15_random_components(device, dtype), opts)
     # the surrogates live on the prior's device, as in a session
     rewards = {"seed": SeedSurrogate(prior.event_shape[0]).to(device).requires_grad_(False),

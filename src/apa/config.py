@@ -15,6 +15,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from apa.knobs import at_least as _at_least
+from apa.knobs import between as _between
+from apa.knobs import choice as _choice
+from apa.knobs import finite as _finite
+from apa.knobs import knob
+from apa.knobs import number as _number
+from apa.knobs import require as _require
+from apa.knobs import whole as _whole
+from apa.priors.sd_options import SD15Options
 from apa.registry import ACQUISITIONS, FEEDBACK, PRIORS
 
 NUM_TIMESTEPS = 1000  # training timesteps of every built-in prior (DDPM and SD 1.5): --feature-t is one of them
@@ -24,79 +33,18 @@ MAX_SEED = 2**32 - 1  # seeds derive generators as seed·1000003 + ..., which mu
 DEVICE_RE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")  # what --device may name (torch.device's spelling)
 
 
-def _require(ok: bool, message: str) -> None:
-    """Refuse a setting: ``message`` says which flag was wrong and what it must be."""
-    if not ok:
-        raise ValueError(message)
-
-
-def _whole(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _at_least(flag: str, v: Any, low: int) -> None:
-    _require(_whole(v) and v >= low, f"{flag} must be a whole number of at least {low}, got {v!r}")
-
-
-def _between(flag: str, v: Any, low: int, high: int) -> None:
-    _require(_whole(v) and low <= v <= high, f"{flag} must be a whole number from {low} to {high}, got {v!r}")
-
-
-def _finite(flag: str, v: Any) -> None:
-    _require(_number(v) and math.isfinite(v), f"{flag} must be a finite number, got {v!r}")
-
-
-def _choice(flag: str, v: Any, choices: tuple[str, ...]) -> None:
-    _require(v in choices, f"unknown {flag} {v!r}; choose one of {', '.join(choices)}")
-
-
-def knob(default: Any, help: str, *, flag: str | None = None, choices: Any = None, group: str | None = None) -> Any:
-    """A config field with its help sentence; ``flag`` where the command-line name differs from the
-    field's, ``choices`` (a tuple, or a registry whose names are the choices), ``group`` where the flag
-    belongs with another backend's (e.g. "sd15") rather than with its section."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "group": group})
-
-
 @dataclass(frozen=True)
-class PriorConfig:
-    """① The frozen diffusion model."""
+class PriorConfig(SD15Options):
+    """① The frozen diffusion model: the fields every prior reads, and each backend's own options,
+    declared by the backend (``priors/sd_options.SD15Options``) and kept flat, one flag a field."""
 
     name: str = knob("mnist", "the frozen diffusion model", flag="prior", choices=PRIORS)
     weights: str | None = knob(None, "a DDPM safetensors file (none: the shipped one)", flag="prior_weights")
-    model: str | None = knob(None, "a local diffusers folder of SD 1.5 (none: the Hugging Face cache)", group="sd15")
-    prompt: str = knob("a photo of fruit", "the text the model is conditioned on", group="sd15")
-    negative_prompt: str = knob("", "the text classifier-free guidance steers away from", group="sd15")
-    guidance_scale: float = knob(7.5, "classifier-free guidance scale", group="sd15")
-    height: int = knob(512, "image height in pixels (a multiple of 8)", group="sd15")
-    width: int = knob(512, "image width in pixels (a multiple of 8)", group="sd15")
     device: str | None = knob(None, "where the networks run, e.g. cuda or cpu (none: cuda when available)")
-    init: str = knob("noise", "where sampling starts: pure noise, or the seed's prompt start (plain samples "
-                     "noised back)", choices=("noise", "prompt"), group="sd15")
-    dtype: str | None = knob(None, "network precision (none: fp16 on CUDA, fp32 on the CPU)",
-                             choices=("fp16", "bf16", "fp32"), group="sd15")
-    batch_size: int | None = knob(None, "particles per UNet / VAE call (none: 8 on the CPU, all on a GPU)",
-                                  flag="sd_batch_size", group="sd15")
-    channels_last: bool = knob(False, "UNet and VAE in channels-last memory format", group="sd15")
-    compile: bool = knob(False, "torch.compile the UNet (the first round pays the compile time)", group="sd15")
-    cuda_graphs: bool = knob(False, "with --compile: CUDA graphs replayed for each static batch shape",
-                             group="sd15")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and bool(self.name), f"--prior must name a prior, got {self.name!r}")
-        _finite("--guidance-scale", self.guidance_scale)
-        for flag, v in (("--height", self.height), ("--width", self.width)):
-            _require(_whole(v) and v >= 8 and v % 8 == 0,
-                     f"{flag} must be a positive multiple of 8 (pixels), got {v!r}")
-        _choice("--init", self.init, ("noise", "prompt"))
-        _require(self.dtype is None or self.dtype in ("fp16", "bf16", "fp32"),
-                 f"unknown --dtype {self.dtype!r}; choose one of fp16, bf16, fp32")
-        _require(self.batch_size is None or (_whole(self.batch_size) and self.batch_size >= 1),
-                 f"--sd-batch-size must be a whole number of at least 1, got {self.batch_size!r}")
-        _require(not self.cuda_graphs or self.compile, "--cuda-graphs captures the compiled UNet: add --compile true")
+        super().__post_init__()
         _require(self.device is None or (isinstance(self.device, str) and DEVICE_RE.fullmatch(self.device) is not None),
                  f"--device must be cpu, cuda, cuda:N, mps or none, got {self.device!r}")
 

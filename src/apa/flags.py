@@ -68,7 +68,7 @@ def shown(value: Any) -> str:
 
 def shown_type(annotation: str) -> str:
     """What a flag's value looks like: "tuple[float, float]" -> A,B; "int" -> N."""
-    return {"int": "N", "float": "X", "float | None": "X|none", "int | None": "N|none", "bool": "true|false",
+    return {"int": "N", "float": "X", "float | None": "X|none", "int | None": "N|none", "bool": "true|false", "bool | None": "true|false|none",
             "tuple[float, float]": "A,B", "tuple[int | str, ...]": "CLASS,CLASS,...",
             "tuple[str, ...] | None": "NAME,NAME,...", "tuple[int | str, ...] | None": "CLASS,...|none"}.get(annotation, "TEXT")
 
@@ -129,6 +129,10 @@ def _optional_str(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
 
+def _optional_bool(text: str) -> bool | None:
+    return None if text.lower() == "none" else _bool(text)
+
+
 def _optional_int(text: str) -> int | None:
     return None if text.lower() == "none" else _int(text)
 
@@ -136,7 +140,7 @@ def _optional_int(text: str) -> int | None:
 PARSERS: dict[str, Callable[[str], Any]] = {  # a field's annotation -> how its flag's text is read
     "int": _int, "float": _float, "str": str, "bool": _bool, "tuple[float, float]": _pair,
     "tuple[int | str, ...]": _classes, "tuple[int | str, ...] | None": lambda t: None if t.lower() == "none" else _classes(t), "tuple[str, ...] | None": _words, "float | None": _optional_float,
-    "str | None": _optional_str, "int | None": _optional_int}
+    "str | None": _optional_str, "int | None": _optional_int, "bool | None": _optional_bool}
 
 
 def add_align_flags(p: argparse.ArgumentParser) -> None:

@@ -21,6 +21,8 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 from tiny_models import make_tiny_sd  # noqa: E402
 
+from apa.priors.sd_options import DEFAULT_PROMPT, SD15Options  # noqa: E402
+
 from apa.errors import WeightsNotFoundError  # noqa: E402
 from apa.priors import stable_diffusion as sd  # noqa: E402
 from apa.registry import PRIORS  # noqa: E402
@@ -108,7 +110,7 @@ def test_stable_diffusion_eps_chunks_and_classifier_free_guidance(prior):
 
 def test_stable_diffusion_without_guidance_uses_the_prompt_branch_only(tiny_sd):
     plain = sd.StableDiffusionPrior(
-        sd.load_components(tiny_sd, torch.device("cpu"), torch.float32), sd.SDOptions(guidance_scale=1.0))
+        sd.load_components(tiny_sd, torch.device("cpu"), torch.float32), SD15Options(guidance_scale=1.0))
     z = torch.randn(2, *plain.event_shape, generator=torch.Generator().manual_seed(3))
     t = torch.full((2,), plain.timestep_of_sigma(2.0))
     with torch.no_grad():
@@ -181,16 +183,16 @@ def test_stable_diffusion_prompt_init(tiny_sd):
 
 
 def test_stable_diffusion_options(tiny_sd):
-    opts = sd.SDOptions.from_dict({"name": "sd15", "weights": None, "model": str(tiny_sd), "prompt": None})
-    assert opts.prompt == sd.DEFAULT_PROMPT and opts.guidance_scale == 7.5 and opts.model == str(tiny_sd)
-    with pytest.raises(ValueError, match="dtype must be"):
-        sd.SDOptions.from_dict({"dtype": "float64"})
-    with pytest.raises(ValueError, match="init must be one of"):
-        sd.SDOptions.from_dict({"init": "image"})
+    opts = SD15Options.from_dict({"name": "sd15", "weights": None, "model": str(tiny_sd), "prompt": None})
+    assert opts.prompt == DEFAULT_PROMPT and opts.guidance_scale == 7.5 and opts.model == str(tiny_sd)
+    with pytest.raises(ValueError, match="unknown --dtype"):
+        SD15Options.from_dict({"dtype": "float64"})
+    with pytest.raises(ValueError, match="unknown --init"):
+        SD15Options.from_dict({"init": "image"})
     comps = sd.load_components(tiny_sd, torch.device("cpu"), torch.float32)
-    assert sd.StableDiffusionPrior(comps, sd.SDOptions(height=32, width=24)).event_shape == (4, 16, 12)
-    with pytest.raises(ValueError, match="multiples of 2"):
-        sd.StableDiffusionPrior(comps, sd.SDOptions(height=15))
+    assert sd.StableDiffusionPrior(comps, SD15Options(height=32, width=24)).event_shape == (4, 16, 12)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        SD15Options(height=15)
 
 
 def test_stable_diffusion_found_in_hf_cache(tiny_sd, tmp_path, monkeypatch):
@@ -255,9 +257,9 @@ def test_stable_diffusion_speed_options_run_on_the_cpu(tiny_sd, options):
 
 
 def test_stable_diffusion_speed_option_checks():
-    assert sd.SDOptions.from_dict({"dtype": "bf16"}).dtype == "bfloat16"
-    assert sd.SDOptions.from_dict({}).batch_size is None  # 8 on the CPU, every particle at once on a GPU
-    with pytest.raises(ValueError, match="cuda_graphs"):
-        sd.SDOptions.from_dict({"cuda_graphs": True})
-    with pytest.raises(ValueError, match="batch_size"):
-        sd.SDOptions.from_dict({"batch_size": 0})
+    assert SD15Options.from_dict({"dtype": "bfloat16"}).dtype == "bf16"  # torch's name, read as the flag's
+    assert SD15Options.from_dict({}).batch_size is None  # 8 on the CPU, every particle at once on a GPU
+    with pytest.raises(ValueError, match="--cuda-graphs"):
+        SD15Options.from_dict({"cuda_graphs": True})
+    with pytest.raises(ValueError, match="--sd-batch-size"):
+        SD15Options.from_dict({"batch_size": 0})

@@ -18,7 +18,6 @@ them, :class:`apa.errors.WeightsNotFoundError` names every place searched.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch
 from apa.compat import ensure_torchvision
 from apa.errors import WeightsNotFoundError
 from apa.priors.base import VEPrior
+from apa.priors.sd_options import SD15Options
 from apa.registry import PRIORS
 from apa.types import Particles
 
@@ -39,55 +39,8 @@ COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # SD's VAE scale 0.18215 was chosen as 1/std of the first-stage latents (Rombach et al. 2022,
 # LDM configs' ``scale_factor``), so the scaled latents have per-coordinate std ≈ 1.
 SD_LATENT_STD = 1.0
-DEFAULT_PROMPT = "a photo of fruit"  # suits the default CLIP users (apple, grape, banana)
-INIT_MODES = ("noise", "prompt")
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32"}
 CPU_BATCH = 8  # particles per call on the CPU (the default batch_size there)
-
-
-@dataclass(frozen=True)
-class SDOptions:
-    """Options of the ``sd15`` prior; the defaults are the seed's unless marked."""
-
-    model: str | None = None  # folder in diffusers layout; None: the HF cache (SD15_REPOS), offline
-    prompt: str = DEFAULT_PROMPT  # (not fixed by the seed)
-    negative_prompt: str = ""  # the unconditional branch of classifier-free guidance
-    guidance_scale: float = 7.5  # w in ε_u + w·(ε_c − ε_u); 1: the prompt branch alone (one UNet pass)
-    height: int | None = None  # pixels; None: unet.sample_size·8 = 512
-    width: int | None = None
-    device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: float16 on CUDA, float32 on CPU; "bfloat16" (or "bf16"): bf16 weights and activations
-    # "noise" (not the seed's): z_T ~ N(0, (1+σ²)I), the marginal the FKC start weights assume;
-    # "prompt" (the seed's): latents sampled from the prompt-conditioned model, noised to σ_T
-    init: str = "noise"
-    init_steps: int = 10  # ancestral steps that make the "prompt" start's latents (not fixed by the seed)
-    batch_size: int | None = None  # particles per UNet / VAE call; None: 8 on the CPU, all of them on a GPU
-    # (the CFG pair of every particle then goes through the UNet in one call)
-    attention_slicing: bool | None = None  # None: on the CPU only (on CUDA the fused attention is faster
-    # and, under the exact Jacobian's backward pass, far lighter: sliced attention keeps every score matrix)
-    vae_slicing: bool | None = None  # decode one image at a time; None: on the CPU only (a GPU decodes the batch)
-    vae_tiling: bool = True
-    channels_last: bool = False  # UNet and VAE in channels-last memory format (faster convolutions on tensor cores)
-    compile: bool = False  # torch.compile the UNet's noise prediction (the first round pays the compile time)
-    cuda_graphs: bool = False  # with compile: mode "reduce-overhead", CUDA graphs replayed for each static
-    # batch shape (one graph per particle count per call); needs CUDA
-
-    @classmethod
-    def from_dict(cls, options: dict[str, Any] | None) -> "SDOptions":
-        """Build from the prior options (``config.PriorConfig`` as a dict). None means "the default";
-        keys of other priors (``name``, ``weights``, ...) are ignored."""
-        valid = {f.name for f in dataclasses.fields(cls)}
-        opts = cls(**{k: v for k, v in (options or {}).items() if v is not None and k in valid})
-        opts = dataclasses.replace(opts, dtype=DTYPE_ALIASES.get(opts.dtype, opts.dtype))
-        if opts.dtype not in (None, "float16", "bfloat16", "float32"):
-            raise ValueError(f"sd15 option dtype must be float16, bfloat16 or float32, got {opts.dtype!r}")
-        if opts.init not in INIT_MODES:
-            raise ValueError(f"sd15 option init must be one of {INIT_MODES}, got {opts.init!r}")
-        if opts.batch_size is not None and opts.batch_size < 1:
-            raise ValueError(f"sd15 option batch_size must be a positive number of particles, got {opts.batch_size!r}")
-        if opts.cuda_graphs and not opts.compile:
-            raise ValueError("sd15 option cuda_graphs captures the compiled UNet: set compile as well")
-        return opts
 
 
 @dataclass(frozen=True)
@@ -206,7 +159,7 @@ class StableDiffusionPrior(VEPrior):
     moved per call and returned where they came from; :meth:`decode` returns images on the CPU.
     """
 
-    def __init__(self, components: SDComponents, options: SDOptions = SDOptions()):
+    def __init__(self, components: SDComponents, options: SD15Options = SD15Options()):
         self.components, self.options = components, options
         self.unet, self.vae = components.unet, components.vae
         self.device, self.dtype = self.unet.device, self.unet.dtype
@@ -225,14 +178,14 @@ class StableDiffusionPrior(VEPrior):
         self.batch_size = options.batch_size or (CPU_BATCH if self.device.type == "cpu" else None)
         self._denoiser = self._speed_ups(options)
 
-    def _latent_shape(self, options: SDOptions) -> tuple[int, int, int]:
+    def _latent_shape(self, options: SD15Options) -> tuple[int, int, int]:
         default = int(np.atleast_1d(self.unet.config.sample_size)[0]) * self.vae_factor
         height, width = options.height or default, options.width or default
         if height % self.vae_factor or width % self.vae_factor:
             raise ValueError(f"height and width must be multiples of {self.vae_factor}, got {height}x{width}")
         return (int(self.unet.config.in_channels), height // self.vae_factor, width // self.vae_factor)
 
-    def _enable_memory_savers(self, options: SDOptions) -> None:
+    def _enable_memory_savers(self, options: SD15Options) -> None:
         slicing = options.attention_slicing
         if slicing or (slicing is None and self.unet.device.type == "cpu"):
             self.unet.set_attention_slice("auto")
@@ -241,7 +194,7 @@ class StableDiffusionPrior(VEPrior):
         if options.vae_tiling:
             self.vae.enable_tiling()
 
-    def _speed_ups(self, options: SDOptions):
+    def _speed_ups(self, options: SD15Options):
         """channels_last for UNet and VAE; the UNet callable used by :meth:`eps` (compiled or not).
         :meth:`features` keeps the plain UNet: its forward hook ends the pass at the mid block."""
         if options.channels_last:
@@ -380,16 +333,16 @@ class StableDiffusionPrior(VEPrior):
         return torch.cat(images)
 
 
-def load_sd15(options: SDOptions = SDOptions()) -> StableDiffusionPrior:
-    """Find the weights (folder or HF cache), load them and wrap them as a prior."""
+def load_sd15(options: SD15Options = SD15Options(), device: str | None = None) -> StableDiffusionPrior:
+    """Find the weights (folder or HF cache), load them on ``device`` (none: cuda when available) and
+    wrap them as a prior."""
     folder = find_weights(options.model)
-    device, dtype = resolve_device(options.device, options.dtype)
-    return StableDiffusionPrior(load_components(folder, device, dtype), options)
+    dev, dtype = resolve_device(device, options.dtype)
+    return StableDiffusionPrior(load_components(folder, dev, dtype), options)
 
 
 @PRIORS.register("sd15")
 def make_sd15(options: dict) -> StableDiffusionPrior:
-    """The ``--prior sd15`` factory. Options: model, prompt, negative_prompt, guidance_scale, height,
-    width, device, dtype, init, init_steps, batch_size, channels_last, compile, cuda_graphs (see
-    :class:`SDOptions`)."""
-    return load_sd15(SDOptions.from_dict(options))
+    """The ``--prior sd15`` factory: the prior options (``config.PriorConfig`` as a dict) read once
+    into this backend's own :class:`SD15Options`, and ``device``."""
+    return load_sd15(SD15Options.from_dict(options), options.get("device"))
