@@ -15,6 +15,10 @@ network calls' mean rows (from the server's log). Run:
 
   python benchmarks/serve_load.py --people 1,4,8,16 --own 8
   python benchmarks/serve_load.py --people 1,8 --own 8 --budget 16
+
+``--make-sd DIR`` writes a random-weight Stable Diffusion 1.5 folder (diffusers layout, the real
+classes, block widths ``--sd-widths``) and serves ``--prior sd15`` from it: the rows then show that
+every session shares one UNet in memory (the model's own megabytes are printed beside the table).
 """
 
 from __future__ import annotations
@@ -123,6 +127,37 @@ def one_row(people: int, own: bool, args: argparse.Namespace) -> dict:
             "rss_mb": memory, "idle_mb": idle}
 
 
+def write_sd(folder: Path, widths: tuple[int, ...], seed: int = 0) -> float:
+    """A random-weight SD 1.5 in diffusers layout (UNet2DConditionModel with ``widths``, a 4-level
+    AutoencoderKL, a 2-layer CLIPTextModel, EulerAncestral with SD's schedule) -> its parameters' MB."""
+    import torch
+
+    from apa.compat import ensure_torchvision
+
+    ensure_torchvision()
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    down = ("CrossAttnDownBlock2D",) * (len(widths) - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(widths) - 1)
+    unet = UNet2DConditionModel(sample_size=8, cross_attention_dim=256, attention_head_dim=8, layers_per_block=1,
+                                block_out_channels=widths, down_block_types=down, up_block_types=up)
+    vae = AutoencoderKL(block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=4, sample_size=64,
+                        norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=2,
+                                        pad_token_id=1))
+    vocab = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny_clip_tokenizer"
+    tokenizer = CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77)
+    for name, part in (("unet", unet), ("vae", vae), ("text_encoder", text), ("tokenizer", tokenizer)):
+        part.save_pretrained(folder / name)
+    EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    num_train_timesteps=1000, steps_offset=1).save_pretrained(folder / "scheduler")
+    return sum(p.numel() * 4 for m in (unet, vae, text) for p in m.parameters()) / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--people", default="1,4,8,16", help="K simulated people at once, one row each")
@@ -131,11 +166,20 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=8)
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--prior", default="mnist")
-    ap.add_argument("--serve-args", nargs="*", default=[], help="more `apa serve` flags, e.g. --device cuda")
+    ap.add_argument("--serve-args", default="", help="more `apa serve` flags in one string, e.g. \"--device cuda\"")
     ap.add_argument("--own", default="8", help="K for the rows served one network call per session")
     ap.add_argument("--window", type=float, default=0.01, help="the shared rows' --batch-window")
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    ap.add_argument("--make-sd", type=Path, help="write a random-weight SD 1.5 here and serve --prior sd15 from it")
+    ap.add_argument("--sd-widths", default="64,128,256,256", help="its UNet's block widths")
     args = ap.parse_args()
+    args.serve_args = args.serve_args.split()
+    if args.make_sd:
+        widths = tuple(int(w) for w in args.sd_widths.split(","))
+        mb = write_sd(args.make_sd, widths)
+        print(f"random SD 1.5 (UNet widths {widths}) in {args.make_sd}: {mb:.0f} MB of fp32 parameters", flush=True)
+        args.prior = "sd15"
+        args.serve_args = ["--model", str(args.make_sd), "--height", "64", "--width", "64", *args.serve_args]
     plan = [(int(k), False) for k in args.people.split(",")] + [(int(k), True) for k in args.own.split(",") if k]
     rows = [one_row(k, own, args) for k, own in plan]
     print_table(rows)

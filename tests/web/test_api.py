@@ -145,6 +145,9 @@ def test_each_session_sees_only_its_own(make_manager):
         img_a = client.get(f"/api/sessions/{a}/rounds/0/images/0.png").content
         img_b = client.get(f"/api/sessions/{b}/rounds/0/images/0.png").content
         assert img_a != img_b  # each session has its own seed, and each token reads its own directory
+        sessions = [client.app.state.manager.get(t).session for t in (a, b)]
+        assert sessions[0].prior is sessions[1].prior  # one model in memory for every session
+        assert sessions[0].store is not sessions[1].store
 
 
 def test_skipping_every_image_before_any_rating_is_refused(client, manager):
