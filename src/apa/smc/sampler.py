@@ -139,9 +139,9 @@ class Kernel:
 
 
 def kernel_of(prior: Prior, reward: fkc.Reward, cfg: SamplerConfig, sched: fkc.Schedule | None = None,
-              **fields) -> Kernel:
-    """The run's kernel, its weighting as ``cfg`` names it (``fields``: the other :class:`Kernel` fields)."""
-    return Kernel(prior, reward, cfg, sched or fkc.Schedule.of(prior, cfg), weighting_of(cfg), **fields)
+              **rest) -> Kernel:
+    """The run's kernel, its weighting as ``cfg`` names it (``rest``: the other :class:`Kernel` fields)."""
+    return Kernel(prior, reward, cfg, sched or fkc.Schedule.of(prior, cfg), weighting_of(cfg), **rest)
 
 
 def _evaluate(z: Particles, i: int, k: Kernel) -> fkc.PotentialEval:
