@@ -21,7 +21,8 @@ MICRO_BATCH = 4  # particles per network call in a sharded run on the CPU: any r
 
 
 class RoundSampling:
-    """Sampling a round: a part of :class:`apa.session.Session` (reads its store, cfg, prior, timer)."""
+    """Sampling a round: a part of :class:`apa.session.Session` (reads its store, cfg, prior, comm,
+    progress and timer)."""
 
     def sample(self, surrogate: Ensemble | None, n: int, gen: torch.Generator, initial: torch.Tensor | None = None,
                start_step: int = 0, desc: str = "sampling") -> SMCResult:
