@@ -68,8 +68,8 @@ def shown(value: Any) -> str:
 
 def shown_type(annotation: str) -> str:
     """What a flag's value looks like: "tuple[float, float]" -> A,B; "int" -> N."""
-    return {"int": "N", "float": "X", "float | None": "X|none", "int | None": "N|none", "bool": "true|false", "bool | None": "true|false|none",
-            "tuple[float, float]": "A,B", "tuple[int | str, ...]": "CLASS,CLASS,...",
+    return {"int": "N", "float": "X", "float | None": "X|none", "int | None": "N|none", "bool": "true|false",
+            "bool | None": "true|false|none", "tuple[float, float]": "A,B", "tuple[int | str, ...]": "CLASS,CLASS,...",
             "tuple[str, ...] | None": "NAME,NAME,...", "tuple[int | str, ...] | None": "CLASS,...|none"}.get(annotation, "TEXT")
 
 

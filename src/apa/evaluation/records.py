@@ -24,11 +24,10 @@ from apa.atomic import write_file
 RECORDS = ("final_eval", "prior_baseline", "final_checks")
 
 
-def final_eval(session) -> dict[str, Any]:
-    """The simulated user's view of the stored final batch ({} for a person, or before the batch exists)."""
+def final_eval(session, images: torch.Tensor) -> dict[str, Any]:
+    """The simulated user's view of the final batch, images [n, C, H, W] ({} for a person)."""
     evaluate = getattr(session.feedback, "evaluate", None)
-    images = session.store.final_images()
-    return {} if evaluate is None or images is None else evaluate(images)
+    return {} if evaluate is None else evaluate(images)
 
 
 def cache_dir() -> Path:
@@ -95,37 +94,36 @@ def prior_baseline(session) -> dict[str, Any]:
     return out
 
 
-def final_checks_of(session) -> dict[str, Any]:
-    """Novelty and target fidelity of the stored final batch ({} before it exists, or for a prior with no
+def final_checks_of(session, images: torch.Tensor) -> dict[str, Any]:
+    """Novelty and target fidelity of the final batch, images [n, C, H, W] ({} for a prior with no
     weights file to cache a reference on)."""
     from apa.evaluation.novelty import final_checks, prior_reference
 
-    images = session.store.final_images()
-    if images is None:
-        return {}
     reference = prior_reference(session)
     return {} if reference is None else final_checks(session, images, reference)
 
 
-def measure_final(session) -> dict[str, dict[str, Any]]:
-    """The end's records, measured now (the final batch must be stored): {name: record}."""
-    return {"final_eval": final_eval(session), "prior_baseline": prior_baseline(session),
-            "final_checks": final_checks_of(session)}
+def measure_final(session, images: torch.Tensor) -> dict[str, dict[str, Any]]:
+    """The end's records of the final batch, images [n, C, H, W], measured now: {name: record}."""
+    return {"final_eval": final_eval(session, images), "prior_baseline": prior_baseline(session),
+            "final_checks": final_checks_of(session, images)}
 
 
-def record_final(session) -> dict[str, dict[str, Any]]:
-    """Measure the end's records and store them with the session (durably, one by one)."""
-    measured = measure_final(session)
-    for name, value in measured.items():
-        session.store.save_record(name, json.loads(json.dumps(value, default=float)))
-    return measured
+def record_final(session, images: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
+    """Measure the end's records of the final batch (``images``, else the stored batch) and store them
+    with the session (durably, one by one); returns them as stored (JSON types: str class keys)."""
+    measured = measure_final(session, session.store.final_images() if images is None else images)
+    stored = {name: json.loads(json.dumps(value, default=float)) for name, value in measured.items()}
+    for name, value in stored.items():
+        session.store.save_record(name, value)
+    return stored
 
 
 def final_records(session) -> dict[str, dict[str, Any]]:
     """The end's records as stored; a session whose final batch has none yet (it stopped between
     the two, or was finished by an older version) has them measured and stored first. Before the
     final batch exists every record is {}."""
-    if session.store.final_images() is None:
+    if not session.store.final_path.exists():
         return {name: {} for name in RECORDS}
     stored = {name: session.store.record(name) for name in RECORDS}
     if any(value is None for value in stored.values()):

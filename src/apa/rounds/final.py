@@ -68,7 +68,8 @@ class FinalBatch:
         record what the report shows of it (``evaluation/records``); returns the batch's path."""
         from apa.evaluation.records import record_final
 
-        path = self.save_final()
+        images = self.final_samples()
+        path = self.save_final(images=images)
         with self.timer("evaluation"):
-            record_final(self)
+            record_final(self, images)
         return path
