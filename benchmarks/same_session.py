@@ -24,8 +24,8 @@ from apa.config import preset
 from apa.session import Session, with_overrides
 
 
-def fingerprint(prefer: tuple[int, ...], seed: int, out: Path) -> dict:
-    cfg = with_overrides(preset("default"), prior={"name": "mnist"}, feedback={"prefer": prefer},
+def fingerprint(prefer: tuple[int, ...], seed: int, out: Path, prior: str = "mnist") -> dict:
+    cfg = with_overrides(preset("default"), prior={"name": prior}, feedback={"prefer": prefer},
                          session={"seed": seed})
     session = Session.start(out, cfg, progress=False)
     session.run()
@@ -42,12 +42,14 @@ def fingerprint(prefer: tuple[int, ...], seed: int, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("jobs", nargs="+", metavar="CLASSES:SEED", help='e.g. "3,8:1"')
+    ap.add_argument("--prior", default="mnist", choices=("mnist", "fashion"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as root:
         for k, job in enumerate(args.jobs):
             classes, seed = job.split(":")
             prefer = tuple(int(c) for c in classes.split(","))
-            print(json.dumps(fingerprint(prefer, int(seed), Path(root) / str(k))), flush=True)
+            print(json.dumps({"prior": args.prior, **fingerprint(prefer, int(seed), Path(root) / str(k), args.prior)}),
+                  flush=True)
 
 
 if __name__ == "__main__":
