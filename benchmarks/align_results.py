@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import shutil
 import statistics
 import time
@@ -44,11 +45,14 @@ from apa.config import preset
 from apa.evaluation.report import write_report
 from apa.session import Session, with_overrides
 
-KEYS = ("preferred_confident_share", "judge_preferred_confident_share", "min_class_share", "judge_min_class_share",
-        "near_copy_share", "distance_ratio", "fd_preferred", "liked_shown_late", "target_tv", "wall_s")
-HEADS = ("preferred & confident (oracle)", "preferred & confident (judge)", "rarest preferred (oracle)",
-         "rarest preferred (judge)", "near-copies", "distance ratio", "FD to real preferred",
-         "shown liked, round 3 on", "TV to reweighted prior", "wall s")
+KEYS = ("yield", "judge_yield", "yield_per_kcall", "judge_yield_per_kcall", "preferred_confident_share",
+        "judge_preferred_confident_share", "distinct", "near_copy_share", "judge_min_class_share",
+        "liked_shown_late", "first_liked", "calls", "target_tv", "wall_s")
+HEADS = ("yield of 256 (oracle)", "yield of 256 (judge)", "yield / 1k call rows (oracle)",
+         "yield / 1k call rows (judge)", "P∧C (oracle)", "P∧C (judge)", "distinct of 256", "near-copies",
+         "rarest liked class (judge)", "shown liked, round 3 on", "first liked rating", "call rows",
+         "TV to reweighted prior", "wall s")
+WORST = ("judge_min_class_share", "yield", "judge_yield")  # also the worst run, in brackets
 REFERENCE_SAMPLES = 4096  # plain prior samples: the target-fidelity reference and the near-copy yardstick
 LATE_ROUND = 2  # "round 3 on": rounds from this 0-based index count in the late share of shown images liked
 
@@ -96,37 +100,65 @@ def reference_particles(root: Path, prior_name: str, steps: int, n: int = REFERE
 
 class Judges:
     """Every batch judged twice: by the simulated user's oracle (with real held-out images of the
-    preferred classes for FD) and by the independent judge, which never rated anything."""
+    preferred classes for FD) and by the independent judge, which never rated anything. A taste no
+    class names (``--taste``) is scored by each from its own view: the oracle's taste as the user
+    holds it, the judge's the same taste fitted to the judge's network on the reference samples."""
 
     def __init__(self, user, prior_name: str, n_real: int, reference: torch.Tensor, decode):
         from apa.evaluation.compare import Evaluator
         from apa.evaluation.judge import load_judge
+        from apa.feedback.tastes import Taste, judge_view
 
         self.user, self.oracle, self.judge = user, Evaluator(user, prior_name, n_real), load_judge(prior_name)
         self.prefer = tuple(user.prefer)
         self.reference = reference  # [M, *event] plain prior particles
         images = decode(reference)
-        self.prior_preferred = images[self.preferred_mask(images)]
+        taste = getattr(user, "taste", None)  # a TasteUser (perhaps inside an ErringUser)
+        self.judge_taste = None if taste is None else Taste.fit(taste.spec, judge_view(self.judge), images,
+                                                                taste.examples)
+        self.prior_liked = {"oracle": images[self.liked(images, "oracle")], "judge": images[self.liked(images, "judge")]}
+        self.prior_preferred = self.prior_liked["judge"]
 
-    def preferred_mask(self, images: torch.Tensor) -> torch.Tensor:
-        """[n] bool: the judge puts the image in a preferred class, confidently."""
+    def liked(self, images: torch.Tensor, by: str) -> torch.Tensor:
+        """[n] bool: the evaluator ``by`` ("oracle" | "judge") likes the image: a confident preferred
+        class, or the taste as it sees it."""
+        if by == "oracle":
+            taste = getattr(self.user, "taste", None)
+            if taste is not None:
+                return taste.liked(images)
+            top, pred = self.user.probabilities(images).max(dim=1)
+            return torch.isin(pred, torch.tensor(self.prefer)) & (top >= self.user.confidence)
+        if self.judge_taste is not None:
+            return self.judge_taste.liked(images)
         labels, conf = self.judge.classify(images)
         return torch.isin(labels, torch.tensor(self.prefer)) & (conf >= self.judge.confidence)
 
-    def __call__(self, images: torch.Tensor, liked: torch.Tensor) -> dict:
+    def __call__(self, images: torch.Tensor, liked: torch.Tensor, rated: torch.Tensor | None = None,
+                 calls: int | None = None, seconds: float | None = None) -> dict:
         """Every number of a row for one batch of images [n, 1, 28, 28] in [0, 1], given the images
-        the user liked during the session [m, 1, 28, 28]."""
+        the user liked during the session [m, 1, 28, 28], every image rated [r, ...], and the network
+        call rows and seconds the method spent (for the yield per call and per second)."""
         from apa.evaluation.novelty import near_copies
+        from apa.evaluation.yields import take_home
 
+        rated = liked if rated is None else rated
         ev = self.oracle(images)
         shares = self.user.evaluate(images)["preferred_class_shares"]
         jv = self.judge.evaluate(images, self.prefer)
-        return {**{k: ev[k] for k in ("preferred_confident_share", "preferred_share", "confident_share",
-                                      "fd_preferred")},
-                "min_class_share": min(shares.values()) if shares else 0.0, "class_shares": shares,
-                "judge_preferred_confident_share": jv["preferred_confident_share"],
-                "judge_min_class_share": jv["min_class_share"], "judge_class_shares": jv["class_shares_preferred"],
-                **near_copies(images[self.preferred_mask(images)], liked, self.prior_preferred)}
+        masks = {by: self.liked(images, by) for by in ("oracle", "judge")}
+        homes = {by: take_home(images, masks[by], rated, self.prior_liked[by], calls, seconds) for by in masks}
+        row = {"fd_preferred": ev["fd_preferred"], "confident_share": ev["confident_share"],
+               "preferred_confident_share": float(masks["oracle"].double().mean()),
+               "judge_preferred_confident_share": float(masks["judge"].double().mean()),
+               "min_class_share": min(shares.values()) if shares and self.judge_taste is None else float("nan"),
+               "class_shares": shares,
+               "judge_min_class_share": jv["min_class_share"] if self.judge_taste is None else float("nan"),
+               "judge_class_shares": jv["class_shares_preferred"], "distinct": homes["judge"]["distinct"],
+               "calls": calls, **near_copies(images[masks["judge"]], liked, self.prior_liked["judge"])}
+        for by, home in homes.items():
+            prefix = "" if by == "oracle" else "judge_"
+            row.update({prefix + k: v for k, v in home.items() if k != "distinct"})
+        return row
 
 
 def target_fidelity(session, judges: Judges, images: torch.Tensor) -> dict:
@@ -138,11 +170,17 @@ def target_fidelity(session, judges: Judges, images: torch.Tensor) -> dict:
     return {k: checks[k] for k in ("target_tv", "target_ess", "target_mix", "batch_mix")}
 
 
-def liked_images(session) -> torch.Tensor:
-    """Every rated image the user liked in the session, decoded: [m, C, H, W]."""
+def rated_images(session) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image rated in the session and those the user liked, decoded: ([r, C, H, W], [m, C, H, W])."""
     x, y = session.training_data()
     with torch.no_grad():
-        return session.prior.decode(x[y > 0])
+        images = session.prior.decode(x)
+    return images, images[y > 0]
+
+
+def first_liked(scores: list[float]) -> int | None:
+    """The rating (1-based) that first liked an image; None when none did."""
+    return next((i + 1 for i, v in enumerate(scores) if v > 0), None)
 
 
 def shown_liked(shares: list) -> dict:
@@ -153,73 +191,109 @@ def shown_liked(shares: list) -> dict:
             "liked_shown_late": sum(late) / len(late) if late else float("nan"), "liked_by_round": shares}
 
 
-def peer_row(name: str, cfg, prior, user, judges: Judges, workdir: Path) -> dict:
+def peer_config(name: str, equal_calls: dict[str, float], steps: int):
+    """A peer's settings: its defaults, except learned-reward best-of-M's pool, set to the network calls
+    of this job's ``apa`` final batch when one was drawn (``equal_calls``: rows per final image), its
+    samples at the session's step count."""
+    if not name.startswith("best_of_m") or not equal_calls:
+        return None
+    from apa.baselines.best_of_m import BestOfMConfig
+
+    return BestOfMConfig(steps=steps, pool_per_image=equal_calls["rows_per_image"] / (steps + 1))
+
+
+def peer_row(name: str, cfg, prior, user, judges: Judges, workdir: Path, equal_calls: dict[str, float]) -> dict:
     """One peer method (``apa.baselines``, its code and default settings unchanged) on the session's
     prior, simulated user, seed, budget, round size and final batch size: its row of the table."""
     from apa import baselines
+    from apa.priors.calls import counting
     from apa.seeding import generator
 
     s = cfg.session
     t0 = time.perf_counter()
-    run = baselines.get(name)(prior, user, s.budget, s.per_round, s.seed, eval_samples=s.eval_samples,
-                              workdir=workdir)
-    images = run.sample(s.eval_samples, generator(s.seed, 0, "eval"))
+    with counting(prior) as calls:
+        run = baselines.get(name)(prior, user, s.budget, s.per_round, s.seed, eval_samples=s.eval_samples,
+                                  workdir=workdir, **({"config": c} if (c := peer_config(name, equal_calls, cfg.sampler.steps)) else {}))
+        before = calls.total
+        images = run.sample(s.eval_samples, generator(s.seed, 0, "eval"))
     wall = time.perf_counter() - t0
     rated = torch.cat([images[:0]] + [rec.images for rec in run.records])
     scores = torch.cat([torch.zeros(0)] + [torch.tensor(rec.scores) for rec in run.records])
-    return {**judges(images, rated[scores > 0]),
+    return {**judges(images, rated[scores > 0], rated, calls.total, wall),
             **shown_liked([float((torch.tensor(rec.scores) > 0).float().mean()) for rec in run.records]),
+            "first_liked": first_liked(scores.tolist()), "final_calls": calls.total - before,
             "target_tv": float("nan"), "wall_s": wall}
 
 
-def one_job(out: Path, prior_name: str, prefer: tuple[int, ...], noise: float, seed: int, overrides: dict,
+def job_config(prior_name: str, prefer: tuple[int, ...] | str, noise: float, seed: int, overrides: dict):
+    """The session's configuration: the defaults, ``overrides``, and the job's set (classes, or a
+    taste no class names) and seed."""
+    taste = prefer if isinstance(prefer, str) else None
+    feedback = {**overrides.get("feedback", {}), "label_noise": noise,
+                **({"taste": taste} if taste else {"prefer": prefer})}
+    return with_overrides(preset("default"), **{**overrides,
+                                                "prior": {**overrides.get("prior", {}), "name": prior_name},
+                                                "feedback": feedback,
+                                                "session": {**overrides.get("session", {}), "seed": seed}})
+
+
+def one_job(out: Path, prior_name: str, prefer: tuple[int, ...] | str, noise: float, seed: int, overrides: dict,
             finals: list[tuple[str, float, tuple[float, float] | None]], peers: tuple[str, ...],
             reference: Path) -> dict:
-
-    cfg = with_overrides(preset("default"), **{**overrides,
-                                               "prior": {**overrides.get("prior", {}), "name": prior_name},
-                                               "feedback": {**overrides.get("feedback", {}), "prefer": prefer,
-                                                            "label_noise": noise},
-                                               "session": {**overrides.get("session", {}), "seed": seed}})
+    cfg = job_config(prior_name, prefer, noise, seed, overrides)
     shutil.rmtree(out, ignore_errors=True)
-    rows, timings = {}, {}
+    rows, timings, equal_calls = {}, {}, {}
     if finals:  # an apa session, its final batch drawn once per variant
         session = Session.start(out, cfg, progress=False)
-        rows, timings = session_rows(session, finals, reference), dict(session.timings)
+        rows, equal_calls = session_rows(session, finals, reference)
+        timings = dict(session.timings)
         prior, user = session.prior, session.feedback
     else:  # the peers alone, on the same components
         prior, user = Session.components(cfg)
     judges = Judges(user, prior_name, cfg.session.eval_samples, torch.load(reference), prior.decode)
     for name in peers:
-        rows[name] = peer_row(name, cfg, prior, user, judges, out / name)
-    return {"prior": prior_name, "prefer": list(prefer), "noise": noise, "seed": seed, "rows": rows,
-            "timings": timings}
+        rows[name] = peer_row(name, cfg, prior, user, judges, out / name, equal_calls)
+    return {"prior": prior_name, "prefer": prefer if isinstance(prefer, str) else list(prefer), "noise": noise,
+            "seed": seed, "prior_liked_share": {by: judges.prior_liked[by].shape[0] / judges.reference.shape[0]
+                                                for by in judges.prior_liked},
+            "rows": rows, "timings": timings}
 
 
-def session_rows(session, finals: list[tuple[str, float, tuple[float, float] | None]], reference: Path) -> dict:
-    """Run the session, then one row per final-batch variant drawn from it; saves its final batch and report."""
+def session_rows(session, finals: list[tuple[str, float, tuple[float, float] | None]],
+                 reference: Path) -> tuple[dict, dict[str, float]]:
+    """Run the session, then one row per final-batch variant drawn from it; saves its (first variant's)
+    final batch and report. Also returns the first variant's network-call rows per final image."""
+    from apa.priors.calls import counting
+
     cfg = session.cfg
     t0 = time.perf_counter()
-    session.run()
+    with counting(session.prior) as round_calls:
+        session.run()
     rounds_s = time.perf_counter() - t0
     judges = Judges(session.feedback, cfg.prior.name, cfg.session.eval_samples, torch.load(reference),
                     session.prior.decode)
-    liked, seen = liked_images(session), shown_liked(session.liked_shares())
-    rows = {}
+    (rated, liked), seen = rated_images(session), shown_liked(session.liked_shares())
+    first = first_liked([x["score"] for x in session.store.ratings() if x["score"] is not None])
+    rows, kept, equal = {}, None, {}
     for name, frac, beta in finals:
         session.cfg = with_overrides(cfg, session={"final_start": name, "restart": frac},
                                      sampler={"beta": beta or cfg.sampler.beta})
         t1 = time.perf_counter()
-        images = session.final_samples()
+        with counting(session.prior) as final_calls:
+            images = session.final_samples()
+        wall = rounds_s + time.perf_counter() - t1
         rows[final_label(name, frac, beta)] = {
-            **judges(images, liked), **seen, **target_fidelity(session, judges, images),
-            "wall_s": rounds_s + time.perf_counter() - t1}
+            **judges(images, liked, rated, round_calls.total + final_calls.total, wall), **seen,
+            **target_fidelity(session, judges, images), "first_liked": first, "final_calls": final_calls.total,
+            "wall_s": wall}
+        if kept is None:
+            kept, equal = images, {"rows_per_image": final_calls.total / images.shape[0]}
     session.cfg = cfg
-    path = session.save_final()
+    path = session.save_final(images=kept)
     write_report(session)
     with np.load(path) as z:
         assert z["images"].shape[0] == cfg.session.eval_samples
-    return rows
+    return rows, equal
 
 
 def _job(job: tuple) -> dict:
@@ -237,29 +311,49 @@ def summarise(values: list[float], worst: bool = False) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}" + (f" ({min(values):.2f})" if worst else "")
 
 
+def job_name(prior: str, prefer: tuple[int, ...] | str, noise: float, seed: int) -> str:
+    """A job's file name: mnist_p1479_n0_s0, or mnist_tstyle-7-thick_n0_s0 for a taste."""
+    body = "t" + re.sub(r"[^A-Za-z0-9]+", "-", prefer) if isinstance(prefer, str) else "p" + "".join(map(str, prefer))
+    return f"{prior}_{body}_n{noise:g}_s{seed}"
+
+
+def set_label(prefer) -> str:
+    return prefer if isinstance(prefer, str) else "{" + ",".join(map(str, prefer)) + "}"
+
+
 def print_table(results: list[dict]) -> None:
-    print("| prior | prefer | label noise | method | " + " | ".join(HEADS) + " |\n|" + "---|" * (4 + len(HEADS)))
+    print("| prior | set (prior share, judge) | label noise | method | " + " | ".join(HEADS) + " |\n|"
+          + "---|" * (4 + len(HEADS)))
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["prior"], ",".join(map(str, r["prefer"])), r["noise"]), []).append(r)
-    for (prior, pref, noise), runs in groups.items():
+        groups.setdefault((r["prior"], set_label(r["prefer"]), r["noise"]), []).append(r)
+    for (prior, label, noise), runs in groups.items():
+        share = statistics.mean(r.get("prior_liked_share", {}).get("judge", float("nan")) for r in runs)
         for method in runs[0]["rows"]:
-            cells = [summarise([r["rows"][method].get(k, float("nan")) for r in runs], worst="min_class" in k)
+            cells = [summarise([_num(r["rows"].get(method, {}).get(k)) for r in runs], worst=k in WORST)
                      for k in KEYS]
-            print(f"| {prior} | {{{pref}}} | {noise:g} | {method} | " + " | ".join(cells) + " |", flush=True)
+            found = [r["rows"][method].get("first_liked") for r in runs if method in r["rows"]]
+            cells[KEYS.index("first_liked")] += f" [≤ 40: {sum(f is not None and f <= 40 for f in found)}/{len(found)}]"
+            print(f"| {prior} | {label} ({share:.3f}) | {noise:g} | {method} | " + " | ".join(cells) + " |", flush=True)
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (int, float)) and v is not None else float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prior", default="mnist", choices=("mnist", "fashion"))
     ap.add_argument("--prefer", nargs="+", default=["1,4,7,9"])
+    ap.add_argument("--taste", nargs="*", default=[],
+                    help="tastes no class names, run beside the --prefer sets: style:CLASS:MEASURE or like:I,J,...")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--label-noise", default="0", help="comma list of flip probabilities, e.g. 0,0.1")
     ap.add_argument("--final", default="noise,liked:0.3",
                     help="final-batch variants drawn from each session: noise | liked:FRACTION | balanced:FRACTION, "
                          "comma list; empty: no apa session, the --peers alone")
-    ap.add_argument("--peers", default="best_of_n",
-                    help="comma list of peer methods run beside each session (apa.baselines: best_of_n, papa, "
+    ap.add_argument("--peers", default="best_of_n,best_of_m,best_of_m_is",
+                    help="comma list of peer methods run beside each session (apa.baselines: best_of_n, best_of_m, best_of_m_is, papa, "
                          "epapa, fk_steering, das_online, seiko_ucb, guidance, prior); empty for none")
     ap.add_argument("--set", nargs="*", default=[], help="overrides like sampler.beta=2,8")
     ap.add_argument("--threads", type=int, default=2)
@@ -269,7 +363,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.summarise:
         runs = [json.loads(p.read_text()) for p in sorted(Path(args.summarise, "jobs").glob("*.json"))]
-        print_table(sorted(runs, key=lambda r: (r["noise"], r["prefer"], r["seed"])))
+        print_table(sorted(runs, key=lambda r: (r["noise"], set_label(r["prefer"]), r["seed"])))
         return
     torch.set_num_threads(args.threads)
     overrides = parse_set(args.set)
@@ -281,20 +375,25 @@ def main() -> None:
     peers = tuple(p.strip() for p in args.peers.split(",") if p.strip())
     steps = overrides.get("sampler", {}).get("steps", preset("default").sampler.steps)
     reference = reference_particles(root, args.prior, steps)
-    jobs = [(root / f"{args.prior}_p{pref.replace(',', '')}_n{noise:g}_s{s}", args.prior,
-             tuple(int(c) for c in pref.split(",")), noise, s, overrides, finals, peers, reference, threads)
-            for noise in noises for s in seeds for pref in args.prefer]  # every set at one seed before the next
+    sets = [tuple(int(c) for c in pref.split(",")) for pref in args.prefer] + list(args.taste)
+    jobs = [(root / job_name(args.prior, pref, noise, s), args.prior, pref, noise, s, overrides, finals, peers,
+             reference, threads)
+            for noise in noises for s in seeds for pref in sets]  # every set at one seed before the next
     print(f"prior {args.prior}, overrides {overrides}, seeds {seeds}\n", flush=True)
-    done = root / "jobs"  # one JSON per finished job, so a run stopped early still has its results
+    done = root / "jobs"  # one JSON per finished job: a run stopped early keeps them, and a rerun skips them
     done.mkdir(parents=True, exist_ok=True)
-    results = []
+    results = [json.loads((done / f"{j[0].name}.json").read_text()) for j in jobs if (done / f"{j[0].name}.json").exists()]
+    todo = [j for j in jobs if not (done / f"{j[0].name}.json").exists()]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done in {done}", flush=True)
     with multiprocessing.get_context("spawn").Pool(max(args.jobs, 1)) as pool:
-        for result in pool.imap_unordered(_job, jobs, chunksize=1):
-            name = f"{result['prior']}_p{''.join(map(str, result['prefer']))}_n{result['noise']:g}_s{result['seed']}"
+        for result in pool.imap_unordered(_job, todo, chunksize=1):
+            name = job_name(result["prior"], result["prefer"] if isinstance(result["prefer"], str)
+                            else tuple(result["prefer"]), result["noise"], result["seed"])
             (done / f"{name}.json").write_text(json.dumps(result, default=str))
             results.append(result)
-    results.sort(key=lambda r: [j[0].name for j in jobs].index(
-        f"{r['prior']}_p{''.join(map(str, r['prefer']))}_n{r['noise']:g}_s{r['seed']}"))
+    order = [j[0].name for j in jobs]
+    results.sort(key=lambda r: order.index(job_name(r["prior"], r["prefer"] if isinstance(r["prefer"], str)
+                                                    else tuple(r["prefer"]), r["noise"], r["seed"])))
     print_table(results)
     (root / "results.json").write_text(json.dumps({"overrides": args.set, "runs": results}, indent=2, default=str))
 

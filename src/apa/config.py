@@ -26,6 +26,8 @@ from apa.knobs import whole as _whole
 from apa.priors.sd_options import SD15Options
 from apa.registry import ACQUISITIONS, FEEDBACK, PRIORS
 
+TASTE_RE = re.compile(r"style:[^:,]+:(thick|thin|slant-right|slant-left|large|small)|like:\d+(,\d+)*")
+
 NUM_TIMESTEPS = 1000  # training timesteps of every built-in prior (DDPM and SD 1.5): --feature-t is one of them
 MIN_EVAL_SAMPLES = 2  # the final evaluation's statistics need at least two images
 MAX_POPULATION = 2**16  # a session's particles in a round, images in its final batch: past this, memory runs out
@@ -174,6 +176,10 @@ class FeedbackConfig:
                                                   "classes from rating --drift-at on (none: a fixed taste)")
     drift_at: int | None = knob(None, "the number of ratings after which the taste changes to --drift-to")
     drift_span: int = knob(0, "ratings over which the change is gradual, the two tastes mixed (0: abrupt)")
+    taste: str | None = knob(None, "a simulated taste no class names, instead of --prefer: style:CLASS:MEASURE "
+                             "(thick, thin, slant-right, slant-left, large, small) or like:I,J,... (held-out images)")
+    taste_share: float = knob(0.02, "the share of the prior's samples the --taste holds (its threshold)")
+    taste_pool: int = knob(2048, "prior samples the --taste's threshold is set on (drawn once per machine)")
     clip_model: str = knob("ViT-L-14", "the OpenCLIP architecture")
     clip_weights: str | None = knob(None, "an OpenCLIP weights file (none: the OpenCLIP cache)")
 
@@ -188,6 +194,12 @@ class FeedbackConfig:
                  f"--temperature must be a positive finite number, got {self.temperature!r}")
         _require(_number(self.label_noise) and 0.0 <= self.label_noise < 0.5,
                  f"--label-noise must be a probability in [0, 0.5), got {self.label_noise!r}")
+        _require(self.taste is None or TASTE_RE.fullmatch(str(self.taste)) is not None,
+                 "--taste must be style:CLASS:MEASURE (MEASURE one of thick, thin, slant-right, slant-left, large, "
+                 f"small) or like:I,J,... (held-out image indices), got {self.taste!r}")
+        _require(_number(self.taste_share) and 0.0 < self.taste_share < 0.5,
+                 f"--taste-share must be a share of the prior in (0, 0.5), got {self.taste_share!r}")
+        _at_least("--taste-pool", self.taste_pool, 16)
         _require((self.drift_to is None) == (self.drift_at is None),
                  "--drift-to and --drift-at go together: give the new preferred classes and the rating count "
                  "at which the taste changes, e.g. --drift-to 2,3,5 --drift-at 40")

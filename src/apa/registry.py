@@ -60,6 +60,7 @@ ACQUISITIONS = Registry("acquisition", {name: "apa.acquisition" for name in ("di
 RESAMPLERS = Registry("resampling scheme", {name: "apa.smc.resampling"
                                             for name in ("systematic", "stratified", "residual", "multinomial")})
 METHODS = Registry("method", {"fkc": "apa.baselines.fkc", "papa": "apa.baselines.papa", "epapa": "apa.baselines.papa",
-                              "best_of_n": "apa.baselines.best_of_n", "guidance": "apa.baselines.guidance",
+                              "best_of_n": "apa.baselines.best_of_n", "best_of_m": "apa.baselines.best_of_m",
+                              "best_of_m_is": "apa.baselines.best_of_m", "guidance": "apa.baselines.guidance",
                               "prior": "apa.baselines.prior", "fk_steering": "apa.baselines.fk_steering",
                               "das_online": "apa.baselines.das_online", "seiko_ucb": "apa.baselines.seiko_ucb"})

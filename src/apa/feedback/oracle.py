@@ -178,5 +178,11 @@ def make_oracle(options: dict, prior) -> OracleUser:
     weights = options.get("oracle_weights")
     classifier = load_oracle(dataset, Path(weights) if weights else None)
     prefer = parse_classes(options["prefer"], data_mod.class_names(dataset))
-    return OracleUser(classifier, prefer, mode=options.get("mode", "binary"),
+    user = OracleUser(classifier, prefer, mode=options.get("mode", "binary"),
                       confidence=float(options.get("confidence", 0.9)))
+    if not options.get("taste"):
+        return user
+    from apa.feedback.tastes import parse_taste, taste_user
+
+    spec = parse_taste(options["taste"], float(options.get("taste_share", 0.02)), data_mod.class_names(dataset))
+    return taste_user(user, spec, prior, dataset, int(options.get("taste_pool", 2048)))
