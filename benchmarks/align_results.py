@@ -211,7 +211,7 @@ def peer_row(name: str, cfg, prior, user, judges: Judges, workdir: Path, equal_c
 
     s = cfg.session
     t0 = time.perf_counter()
-    with counting(prior) as calls:
+    with counting() as calls:
         run = baselines.get(name)(prior, user, s.budget, s.per_round, s.seed, eval_samples=s.eval_samples,
                                   workdir=workdir, **({"config": c} if (c := peer_config(name, equal_calls, cfg.sampler.steps)) else {}))
         before = calls.total
@@ -267,7 +267,7 @@ def session_rows(session, finals: list[tuple[str, float, tuple[float, float] | N
 
     cfg = session.cfg
     t0 = time.perf_counter()
-    with counting(session.prior) as round_calls:
+    with counting() as round_calls:
         session.run()
     rounds_s = time.perf_counter() - t0
     judges = Judges(session.feedback, cfg.prior.name, cfg.session.eval_samples, torch.load(reference),
@@ -279,7 +279,7 @@ def session_rows(session, finals: list[tuple[str, float, tuple[float, float] | N
         session.cfg = with_overrides(cfg, session={"final_start": name, "restart": frac},
                                      sampler={"beta": beta or cfg.sampler.beta})
         t1 = time.perf_counter()
-        with counting(session.prior) as final_calls:
+        with counting() as final_calls:
             images = session.final_samples()
         wall = rounds_s + time.perf_counter() - t1
         rows[final_label(name, frac, beta)] = {

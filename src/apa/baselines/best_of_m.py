@@ -11,7 +11,7 @@ samples and keep what the learned reward ranks best:
 
 M defaults to the pool whose network calls equal the default final batch's: 256 images of FKC-SMC
 cost 18,945 call rows (ε, features and the reward's gradient, ``apa.priors.calls``); a plain sample
-costs 25 ε rows and one features row to score, so M = 18,945 / 26 ≈ 728 for 256 images, scaled with n.
+costs 25 ε rows and one features row to score, so M = 18,945 / 26 ≈ 729 for 256 images, scaled with n.
 """
 
 from __future__ import annotations

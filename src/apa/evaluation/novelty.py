@@ -81,6 +81,13 @@ def oracle_classes(user: Any, images: torch.Tensor) -> torch.Tensor:
     return torch.where(top >= user.confidence, pred, torch.full_like(pred, UNSURE))
 
 
+def users_liked(user: Any, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """bool [n]: the simulated user likes the image [n, C, H, W]: its taste holds (a taste no class
+    names), else its class (``oracle_classes``, [n]) is a preferred one."""
+    taste = getattr(user, "taste", None)
+    return taste.liked(images) if taste is not None else torch.isin(classes, torch.tensor(list(user.prefer)))
+
+
 def prior_reference(session: Any, n: int = REFERENCE_SAMPLES) -> torch.Tensor | None:
     """n plain samples of the session's prior at its step count, clean particles [n, *event], drawn
     once (seed 0) and cached per prior weights; None for a prior without a weights file to key on."""
@@ -121,17 +128,26 @@ def final_checks(session: Any, images: torch.Tensor, reference: torch.Tensor) ->
       exp(β_end·r(x0)) under the final reward, their total variation, and the reweighting's ESS. The
       reweighted reference is the final batch's own target only from the noise end.
     """
+    from apa.evaluation.yields import take_home
+
     x, y = session.training_data()
     prior_images = session.prior.decode(reference)
     with torch.no_grad():
-        liked = session.prior.decode(x[y > 0])
+        rated = session.prior.decode(x)
+    liked = rated[y > 0]
     user = session.feedback
     out: dict[str, Any] = {"reference_samples": int(reference.shape[0])}
-    if getattr(user, "probabilities", None) is None:
-        return {**out, **near_copies(images, liked, prior_images)}
+    if getattr(user, "probabilities", None) is None:  # a person: no view of what they like in the batch
+        every = torch.ones(images.shape[0], dtype=torch.bool)
+        home = take_home(images, every, rated, prior_images)
+        return {**out, **near_copies(images, liked, prior_images), "distinct": home["distinct"],
+                "new": home["new_liked"]}
     prefer = torch.tensor(list(user.prefer))
     final_cls, prior_cls = oracle_classes(user, images), oracle_classes(user, prior_images)
     out.update(near_copies(images[torch.isin(final_cls, prefer)], liked, prior_images[torch.isin(prior_cls, prefer)]))
+    final_liked, prior_liked = users_liked(user, images, final_cls), users_liked(user, prior_images, prior_cls)
+    home = take_home(images, final_liked, rated, prior_images[prior_liked])
+    out.update({k: home[k] for k in ("distinct", "distinct_liked", "new_liked", "yield")})
     last = len(session.store.rounds()) - 1
     reward = session.reward(session.surrogate_after(last))
     with torch.no_grad():

@@ -109,10 +109,14 @@ def measure_final(session, images: torch.Tensor) -> dict[str, dict[str, Any]]:
             "final_checks": final_checks_of(session, images)}
 
 
-def record_final(session, images: torch.Tensor | None = None) -> dict[str, dict[str, Any]]:
+def record_final(session, images: torch.Tensor | None = None, final_calls: int | None = None
+                 ) -> dict[str, dict[str, Any]]:
     """Measure the end's records of the final batch (``images``, else the stored batch) and store them
-    with the session (durably, one by one); returns them as stored (JSON types: str class keys)."""
+    with the session (durably, one by one); returns them as stored (JSON types: str class keys).
+    ``final_calls``: the network-call rows the batch cost, when it was just drawn."""
     measured = measure_final(session, session.store.final_images() if images is None else images)
+    if final_calls is not None:
+        measured["final_checks"]["final_calls"] = final_calls
     stored = {name: json.loads(json.dumps(value, default=float)) for name, value in measured.items()}
     for name, value in stored.items():
         session.store.save_record(name, value)

@@ -96,8 +96,37 @@ def round_rows(session) -> list[dict[str, Any]]:
                      "resampled_steps": int(sum(info.get("resampled", []))),
                      "unique_origins": info.get("unique_origins"), "eval": info.get("eval", {}),
                      "taste_changed": r["round"] in changes,
-                     "change_detected": bool(info.get("change_detected"))})
+                     "change_detected": bool(info.get("change_detected")),
+                     "calls": (info.get("calls") or 0) + (info.get("fit_calls") or 0) if "calls" in info else None})
     return rows
+
+
+def call_rows(rows: list[dict[str, Any]], checks: dict[str, Any]) -> dict[str, int | None]:
+    """Network-call rows the session spent (``apa.priors.calls``): its rounds' (sampling and fitting),
+    the final batch's, and both; None where a part was not counted (an older session)."""
+    rounds = None if any(r.get("calls") is None for r in rows) else sum(r["calls"] for r in rows)
+    final = checks.get("final_calls")
+    return {"rounds": rounds, "final": final,
+            "total": None if rounds is None or final is None else rounds + final}
+
+
+def take_home_block(checks: dict[str, Any], calls: dict[str, int | None]) -> list[tuple]:
+    """What the person takes home: distinct, new, liked images of the final batch and their network calls."""
+    if "distinct" not in checks:
+        return []
+    items = [f"distinct images (no two the same to within the closest 1% of independent prior samples): "
+             f"**{checks['distinct']}**"]
+    if "yield" in checks:
+        items.append(f"liked, new (no near-copy of a rated image) and distinct: **{checks['yield']}** "
+                     f"(liked and distinct: {checks['distinct_liked']}; liked and new: {checks['new_liked']})")
+    else:
+        items.append(f"new (no near-copy of a rated image): **{checks['new']}**")
+    if calls["total"]:
+        per = f"; {1000 * checks['yield'] / calls['total']:.2f} liked new distinct images per 1,000" \
+            if "yield" in checks else ""
+        items.append(f"network-call rows (ε, features and gradients, per image): rounds {calls['rounds']:,}, "
+                     f"final batch {calls['final']:,}, total **{calls['total']:,}**{per}")
+    return [("h2", "What you take home"), ("list", items)]
 
 
 COLLAPSE_SHARE = 0.10  # a preferred class under this share of the preferred samples counts as collapsed
@@ -357,6 +386,7 @@ def document(session, rows, final, baseline, figures, checks: dict | None = None
     if liked:
         blocks.append(("p", liked))
     blocks += final_blocks(rows, final, names, session.cfg.sampler.particles)
+    blocks += take_home_block(checks or {}, call_rows(rows, checks or {}))
     blocks += checks_blocks(checks or {}, names)
     blocks.append(("h2", "Figures"))
     blocks += [("figure", *f) for f in figures]
@@ -481,6 +511,7 @@ def write_report(session) -> Path:
     figs = figures(session, rows, final, baseline, root)
     blocks = document(session, rows, final, baseline, figs, checks)
     report = {"config": cfg, "rounds": rows, "final": final, "prior_baseline": baseline, "final_checks": checks,
+              "calls": call_rows(rows, checks),
               "collapse_warning": collapse_warning(final, names), "timings": getattr(session, "timings", {})}
     md = session.store.report_path
     md.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float))

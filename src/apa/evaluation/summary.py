@@ -61,6 +61,8 @@ def closing_summary(report: dict[str, Any], wall_s: float, report_path: str) -> 
             "collapse_warning": report.get("collapse_warning"),
             "liked_shown": _mean([r.get("liked_share") for r in report.get("rounds", [])]),
             "near_copy_share": (report.get("final_checks") or {}).get("near_copy_share"),
+            "take_home": {k: (report.get("final_checks") or {}).get(k) for k in ("distinct", "yield")},
+            "calls": (report.get("calls") or {}).get("total"),
             "wall_s": round(wall_s, 1), "report": report_path}
 
 
@@ -87,6 +89,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         seen.append(f"final images that copy a liked rated one: {summary['near_copy_share']:.0%} (the prior's own: 5%)")
     if seen:
         lines.append("; ".join(seen))
+    home, calls = summary.get("take_home") or {}, summary.get("calls")
+    if home.get("yield") is not None:
+        lines.append(f"take home: {home['yield']} distinct new images liked ({home['distinct']} distinct in all)"
+                     + (f"; {calls:,} network-call rows, {1000 * home['yield'] / calls:.2f} per 1,000" if calls else ""))
     if summary["collapse_warning"]:
         lines.append(summary["collapse_warning"])
     lines.append(f"report: {summary['report']}")

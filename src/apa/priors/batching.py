@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
+from apa.priors.calls import counted
 from apa.types import Particles
 
 
@@ -222,7 +223,7 @@ class BatchingPrior:
         if not self.batches:
             return self.inner.eps(z, sigma)
         x, t = self.inner.eps_input(z, sigma)
-        return self.batcher.submit(_Call("eps", x, t)).to(z.device)
+        return counted("eps", self.batcher.submit(_Call("eps", x, t)).to(z.device))
 
     def features(self, z0: Particles, t: int = 200) -> torch.Tensor:
         """The prior's features of z0 [N, *event]: [N, C], differentiable in z0, computed in a shared call."""
@@ -230,7 +231,7 @@ class BatchingPrior:
             return self.inner.features(z0, t)
         x, tt = self.inner.features_input(z0, t)
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        return _SharedFeatures.apply(x, tt, self.batcher, needs_grad).to(z0.device)
+        return counted("features", _SharedFeatures.apply(x, tt, self.batcher, needs_grad).to(z0.device))
 
 
 def running(prior: Any) -> contextlib.AbstractContextManager:

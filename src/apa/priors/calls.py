@@ -5,23 +5,25 @@ denoiser's features (the surrogate's input), or a row of a backward pass through
 reward's gradient). A batch of 32 images at one step of a sampler whose reward reads features and
 takes their gradient spends 32 + 32 + 32 rows. Methods compare at equal compute by these counts.
 
-    with counting(prior) as calls:
-        ...                      # sample, fit, score: every eps / features row is counted
+Each network prior notes its rows (:func:`counted`); a count is open in one thread at a time, so
+sessions sharing one prior in a server each count their own rows:
+
+    with counting() as calls:
+        ...                      # sample, fit, score: every eps / features row of this thread
     calls.total, calls.as_dict() # {"eps": ..., "features": ..., "backward": ..., "total": ...}
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import torch
 
-from apa.priors.base import HasFeatures
 
-
-@dataclass
+@dataclass(eq=False)  # a count is itself: two open counts with equal values are two
 class CallRows:
     """Image rows through a prior's networks: forward ε, forward features, and backward through either."""
 
@@ -36,53 +38,49 @@ class CallRows:
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
 
-    def __sub__(self, other: "CallRows") -> "CallRows":
-        return CallRows(self.eps - other.eps, self.features - other.features, self.backward - other.backward)
 
-    def copy(self) -> "CallRows":
-        return CallRows(self.eps, self.features, self.backward)
+_OPEN = threading.local()  # .counts: the CallRows open in this thread, outermost first
+
+
+def _open() -> list[CallRows]:
+    if not hasattr(_OPEN, "counts"):  # a thread's first use
+        _OPEN.counts = []
+    return _OPEN.counts
 
 
 class _CountBackward(torch.autograd.Function):
     """Identity whose backward counts the rows a gradient flows back through (out [N, ...])."""
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, rows: CallRows) -> torch.Tensor:  # type: ignore[override]
-        ctx.rows = rows
+    def forward(ctx, out: torch.Tensor, counts: list[CallRows]) -> torch.Tensor:  # type: ignore[override]
+        ctx.counts = counts
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        ctx.rows.backward += int(grad.shape[0])
+        for rows in ctx.counts:
+            rows.backward += int(grad.shape[0])
         return grad, None
 
 
-def _counted(fn: Callable[..., torch.Tensor], rows: CallRows, field: str) -> Callable[..., torch.Tensor]:
-    """``fn`` (a network pass whose first argument holds the rows [N, ...]) counting its rows into ``rows``."""
-
-    def call(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        setattr(rows, field, getattr(rows, field) + int(x.shape[0]))
-        out = fn(x, *args, **kwargs)
-        return _CountBackward.apply(out, rows) if out.requires_grad else out
-
-    return call
+def counted(kind: str, out: torch.Tensor) -> torch.Tensor:
+    """A network pass's output [N, ...] of ``kind`` ("eps" | "features"), its N rows added to every
+    count open in this thread (and its gradient's rows, when one flows back through it)."""
+    counts = list(_open())
+    if not counts:
+        return out
+    for rows in counts:
+        setattr(rows, kind, getattr(rows, kind) + int(out.shape[0]))
+    return _CountBackward.apply(out, counts) if out.requires_grad else out
 
 
 @contextlib.contextmanager
-def counting(prior: Any, rows: CallRows | None = None) -> Iterator[CallRows]:
-    """Count every row through ``prior.eps`` and ``prior.features`` (and the gradients through them)
-    while the block runs; the prior is restored after. Nested blocks on one prior add to the outer
-    count too. Yields the :class:`CallRows` being filled (``rows`` when given: counts accumulate)."""
-    rows = rows if rows is not None else CallRows()
-    names = ("eps", "features") if isinstance(prior, HasFeatures) else ("eps",)
-    patched = {name: prior.__dict__.get(name) for name in names}
-    for name in patched:  # an instance attribute shadows the class's method for every caller
-        setattr(prior, name, _counted(getattr(prior, name), rows, name))
+def counting() -> Iterator[CallRows]:
+    """Count the rows of every prior network pass made in this thread while the block runs (nested
+    counts each see them). Yields the :class:`CallRows` being filled."""
+    rows = CallRows()
+    _open().append(rows)
     try:
         yield rows
     finally:
-        for name, own in patched.items():
-            if own is None:
-                delattr(prior, name)
-            else:
-                setattr(prior, name, own)
+        _open().remove(rows)

@@ -30,6 +30,7 @@ import torch
 from apa.compat import ensure_torchvision
 from apa.errors import WeightsNotFoundError
 from apa.priors.base import VEPrior
+from apa.priors.calls import counted
 from apa.priors.sd_options import SD15Options
 from apa.registry import PRIORS
 from apa.types import Particles
@@ -275,7 +276,7 @@ class StableDiffusionPrior(VEPrior):
         t = self.timestep_of_sigma(sigma)
         x = z / (1.0 + sigma**2) ** 0.5
         out = [self._eps_chunk(c, t) for c in self._chunks(x)]
-        return torch.cat(out).to(device=z.device, dtype=z.dtype)
+        return counted("eps", torch.cat(out).to(device=z.device, dtype=z.dtype))
 
     def _eps_chunk(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """One generation batch: x [b, *event] -> ε [b, *event] in the model dtype."""
@@ -301,7 +302,7 @@ class StableDiffusionPrior(VEPrior):
         """
         scale = self._acp[int(t)] ** 0.5
         out = [self._mid_block(c * scale, float(t)) for c in self._chunks(z0)]
-        return torch.cat(out).to(device=z0.device, dtype=torch.float32)
+        return counted("features", torch.cat(out).to(device=z0.device, dtype=torch.float32))
 
     def _mid_block(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """Spatially averaged mid-block output for one batch x [b, *event] -> [b, C_mid] (float32)."""

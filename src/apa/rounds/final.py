@@ -8,6 +8,7 @@ import torch
 
 from apa import acquisition
 from apa.priors.base import HasFeatures
+from apa.priors.calls import counting
 from apa.seeding import generator
 from apa.smc.sampler import device_of
 
@@ -68,8 +69,9 @@ class FinalBatch:
         record what the report shows of it (``evaluation/records``); returns the batch's path."""
         from apa.evaluation.records import record_final
 
-        images = self.final_samples()
+        with counting() as calls:
+            images = self.final_samples()
         path = self.save_final(images=images)
         with self.timer("evaluation"):
-            record_final(self, images)
+            record_final(self, images, calls.total)
         return path

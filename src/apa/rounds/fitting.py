@@ -12,6 +12,7 @@ import torch
 
 from apa.feedback.base import scale_of
 from apa.priors.base import HasFeatures
+from apa.priors.calls import counting
 from apa.rounds.checks import SessionError
 from apa.seeding import generator, seeded_global
 from apa.smc.sampler import SMCResult
@@ -131,11 +132,12 @@ class Fitting:
             return None
         model = self.new_surrogate(r)
         sc = self.cfg.surrogate
-        with self.timer("surrogate_fit"):
+        with counting() as calls, self.timer("surrogate_fit"):
             loss = fit(model, x, y, FitConfig(sc.epochs, sc.batch_size, sc.lr), generator(self.cfg.session.seed, r, "fit"),
                        w)
         with self.timer("evaluation"):
-            info = {**self.evaluate_round(r), **({"surrogate_heldout": heldout} if heldout else {}), **change}
+            info = {**self.evaluate_round(r), **({"surrogate_heldout": heldout} if heldout else {}), **change,
+                    "fit_calls": calls.total}
         with self.timer("io"):
             self.store.complete_round(r, loss, {k: v for k, v in model.state_dict().items()}, info)
         return loss

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from apa import acquisition
+from apa.priors.calls import counting
 from apa.seeding import generator
 from apa.smc.sampler import SMCResult, device_of, fkc_sample, sample_prior, zero_reward
 from apa.surrogate.model import Ensemble
@@ -75,12 +76,13 @@ class RoundSampling:
         seed, dev = self.cfg.session.seed, device_of(self.prior)
         surrogate = self.surrogate_after(r - 1, dev)
         n = self.cfg.sampler.particles
-        with self.timer("sampling"):
-            res = self.sample(surrogate, n, generator(seed, r, "sample"), desc=f"sampling round {r + 1}")
         k = min(self.cfg.session.per_round, self.cfg.session.budget - self.store.spent())
         m = round(self.explore_share(r) * k) if surrogate is not None else 0
-        if m:
-            res = self.explored(r, m, res)
+        with counting() as calls:
+            with self.timer("sampling"):
+                res = self.sample(surrogate, n, generator(seed, r, "sample"), desc=f"sampling round {r + 1}")
+            if m:
+                res = self.explored(r, m, res)
         res = res.cpu()
         cand = acquisition.Candidates(res.particles[:n], res.log_weights[:n],
                                       _on_host(surrogate.rating if surrogate is not None else None, dev),
@@ -89,7 +91,7 @@ class RoundSampling:
         shown = torch.cat([shown, torch.arange(n, n + m, dtype=shown.dtype)])
         info = {"ess": [s.ess for s in res.trace], "resampled": [s.resampled for s in res.trace],
                 "unique_origins": res.trace[-1].unique_origins, "beta_used": surrogate is not None,
-                "explored": m}
+                "explored": m, "calls": calls.total}
         with self.timer("io"):
             self.store.save_round(r, {"particles": res.particles, "log_weights": res.log_weights, "shown": shown},
                                   shown.tolist(), info)
