@@ -27,7 +27,7 @@ def test_compare_runs_every_method_and_writes_its_outputs(tmp_path, mnist_arrays
     out = tmp_path / "cmp"
     args = ["compare", "--prior-weights", str(weights), "--prefer", "1,4,7,9", "--budgets", "2,4", "--seeds", "2",
             "--per-round", "2", "--eval-samples", "4", "--particles", "4", "--steps", "2", "--papa-timesteps", "2",
-            "--epochs", "5", "--threads", "1", "--out", str(out)]
+            "--epochs", "5", "--threads", "1", "--yardstick", "64", "--out", str(out)]
     assert main(args) == 0
     summary = json.loads((out / "compare.json").read_text())
     assert set(summary["methods"]) == {"fkc", "papa", "epapa", "best_of_n", "guidance", "prior"}
@@ -36,9 +36,15 @@ def test_compare_runs_every_method_and_writes_its_outputs(tmp_path, mnist_arrays
         assert s["oracle_ratings"]["mean"] == (0 if name == "prior" else 4), name
         share = s["by_budget"]["4"]["preferred_confident_share"]
         assert 0.0 <= share["min"] <= share["mean"] <= share["max"] <= 1.0
+        home = s["by_budget"]["4"]
+        assert 0 <= home["yield"]["max"] <= home["distinct"]["max"] <= 4, name
+        assert home["calls"]["min"] > 0 and home["calls"]["min"] == home["calls"]["max"], name  # seeds cost alike
+    calls = {name: s["by_budget"]["4"]["calls"]["mean"] for name, s in summary["methods"].items()}
+    assert calls["prior"] == 4 * 2  # 4 plain samples of 2 steps: one ε row each per step
+    assert calls["fkc"] > calls["best_of_n"]  # steering reads features and their gradient beside ε
     assert summary["real"]["preferred_share"] > 0.9
     md = (out / "compare.md").read_text()
-    assert "| fkc | 4 |" in md and "apa compare --prior mnist" in md
+    assert "| fkc | 4 |" in md and "apa compare --prior mnist" in md and "yield per 1,000 rows" in md
     for png in ("share_vs_feedback.png", "diversity.png", "fd_vs_feedback.png", "cost.png", "grids/fkc.png"):
         assert (out / png).stat().st_size > 0, png
     capsys.readouterr()
@@ -63,7 +69,7 @@ def test_compare_runs_the_fields_methods_beside_apa(tmp_path, mnist_arrays):
     methods = "fkc,fk_steering,das_online,seiko_ucb,best_of_n,papa"
     assert main(["compare", "--prior-weights", str(weights), "--budgets", "2,4", "--seeds", "1", "--per-round", "2",
                  "--eval-samples", "4", "--particles", "4", "--steps", "3", "--papa-timesteps", "2", "--epochs", "5",
-                 "--threads", "1", "--methods", methods, "--out", str(out)]) == 0
+                 "--threads", "1", "--yardstick", "64", "--methods", methods, "--out", str(out)]) == 0
     summary = json.loads((out / "compare.json").read_text())
     assert set(summary["methods"]) == set(methods.split(","))
     for name, s in summary["methods"].items():

@@ -90,7 +90,8 @@ def _run(how: str, prior, user, budget: int, per_round: int, seed: int, config: 
     final = reward
     return MethodRun(f"best_of_m{'_is' if how == 'resample' else ''}", tuple(records), batches,
                      lambda n, gen: draw(prior, final, n, cfg, how, gen), clock.seconds(), clock.eval_seconds,
-                     user.rated, {"config": asdict(cfg), "pool": cfg.pool(eval_samples)})
+                     user.rated, eval_calls=clock.eval_calls,
+                     info={"config": asdict(cfg), "pool": cfg.pool(eval_samples)})
 
 
 def draw(prior, reward, n: int, cfg: BestOfMConfig, how: str, gen: torch.Generator) -> torch.Tensor:

@@ -93,5 +93,5 @@ def run(prior, user, budget: int, per_round: int, seed: int, *, config: BestOfNC
     x, y = torch.cat(pool), torch.cat(scores)
     best = best_indices(y, cfg.top)
     return MethodRun("best_of_n", tuple(records), batches, lambda n, gen: sample_around(prior, x, y, n, cfg, gen),
-                     clock.seconds(), clock.eval_seconds, user.rated,
-                     {"config": asdict(cfg), "best_score": float(y.max()), "best_count": int(len(best))})
+                     clock.seconds(), clock.eval_seconds, user.rated, eval_calls=clock.eval_calls,
+                     info={"config": asdict(cfg), "best_score": float(y.max()), "best_count": int(len(best))})

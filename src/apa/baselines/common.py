@@ -51,6 +51,7 @@ class MethodRun:
     eval_seconds: dict[int, float] = field(default_factory=dict)  # feedback spent -> time to draw its batch
     oracle_ratings: int = 0  # images the user rated (the feedback actually spent)
     info: dict[str, Any] = field(default_factory=dict)
+    eval_calls: dict[int, int] = field(default_factory=dict)  # feedback spent -> network-call rows of its batch
 
 
 def round_sizes(budget: int, per_round: int) -> list[int]:
@@ -118,11 +119,17 @@ class Clock:
         self.start = time.perf_counter()
         self.excluded = 0.0
         self.eval_seconds: dict[int, float] = {}
+        self.eval_calls: dict[int, int] = {}
 
     def evaluate(self, spent: int, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Run ``draw`` (an evaluation batch at ``spent``), its time excluded from the run's time."""
+        """Run ``draw`` (an evaluation batch at ``spent``), its time excluded from the run's time and its
+        network-call rows kept apart (``eval_calls``)."""
+        from apa.priors.calls import counting
+
         t0 = time.perf_counter()
-        images = draw()
+        with counting() as calls:
+            images = draw()
+        self.eval_calls[spent] = calls.total
         dt = time.perf_counter() - t0
         self.excluded += dt
         self.eval_seconds[spent] = dt

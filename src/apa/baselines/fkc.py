@@ -62,8 +62,8 @@ def run_session(method: str, prior, user, budget: int, per_round: int, seed: int
     if batches:
         session.save_final(images=batches[max(batches)])
     return MethodRun(method, _records(session, round_seconds), batches, lambda n, gen: session.final_samples(n),
-                     seconds, clock.eval_seconds, user.rated,
-                     {"config": cfg.to_dict(), "timings": dict(session.timings), "workdir": str(workdir)})
+                     seconds, clock.eval_seconds, user.rated, eval_calls=clock.eval_calls,
+                     info={"config": cfg.to_dict(), "timings": dict(session.timings), "workdir": str(workdir)})
 
 
 @METHODS.register("fkc")

@@ -176,4 +176,5 @@ def run_online(method: str, prior, user, budget: int, per_round: int, seed: int,
         if spent in checks:
             batches[spent] = clock.evaluate(spent, lambda: final(eval_samples, generator(seed, spent, "eval"), None))
     return MethodRun(method, tuple(records), batches, lambda n, gen: final(n, gen, None), clock.seconds(),
-                     clock.eval_seconds, user.rated, {**info, "round_sampling": logs})
+                     clock.eval_seconds, user.rated, eval_calls=clock.eval_calls,
+                     info={**info, "round_sampling": logs})

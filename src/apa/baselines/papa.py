@@ -218,7 +218,8 @@ def run_papa(prior, user, budget: int, per_round: int, seed: int, *, config: PAP
     tuned.requires_grad_(False)
     return MethodRun(method, tuple(records), batches,
                      lambda n, gen: plain_samples(sampler, n, cfg.sample_steps, gen), clock.seconds(),
-                     clock.eval_seconds, user.rated, {"config": asdict(cfg), "losses": losses})
+                     clock.eval_seconds, user.rated, eval_calls=clock.eval_calls,
+                     info={"config": asdict(cfg), "losses": losses})
 
 
 @METHODS.register("epapa")

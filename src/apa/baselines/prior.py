@@ -31,4 +31,5 @@ def run(prior, user, budget: int, per_round: int, seed: int, *, config: PriorCon
     seconds = clock.eval_seconds[0]
     return MethodRun("prior", (), {spent: batch for spent in checks},
                      lambda n, gen: plain_samples(prior, n, cfg.steps, gen), 0.0,
-                     {spent: seconds for spent in checks}, 0, {"config": asdict(cfg)})
+                     {spent: seconds for spent in checks}, 0, {"config": asdict(cfg)},
+                     {spent: clock.eval_calls[0] for spent in checks})

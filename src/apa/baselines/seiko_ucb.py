@@ -232,7 +232,8 @@ def run_seiko_ucb(prior, user, budget: int, per_round: int, seed: int, *, config
     policy.tuned.requires_grad_(False)
     return MethodRun("seiko_ucb", tuple(records), batches,
                      lambda n, gen: plain_samples(policy, n, cfg.steps, gen), clock.seconds(),
-                     clock.eval_seconds, user.rated, {"config": asdict(cfg), "finetune": stats})
+                     clock.eval_seconds, user.rated, eval_calls=clock.eval_calls,
+                     info={"config": asdict(cfg), "finetune": stats})
 
 
 run = run_seiko_ucb

@@ -39,7 +39,7 @@ DEFAULT_METHODS = ("fkc", "papa", "epapa", "best_of_n", "guidance", "prior")  # 
 REFERENCE = "papa@300"  # PAPA at its own budget: 300 labels, 10 per round
 REFERENCE_BUDGET, REFERENCE_PER_ROUND = 300, 10
 SCALARS = ("preferred_confident_share", "preferred_share", "confident_share", "coverage_entropy",
-           "mean_pairwise_distance", "fd_preferred")
+           "mean_pairwise_distance", "fd_preferred", "distinct", "yield", "yield_per_kcall", "calls")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class CompareConfig:
     papa_lr: float = 1e-5
     papa_timesteps: int = 50
     refine_t: int = 300
+    yardstick: int = 2048  # plain prior samples the yield's thresholds are read on (drawn once per machine)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -71,7 +72,7 @@ class CompareConfig:
             raise ValueError(f"budgets must be positive rating counts, got {self.budgets}")
         if self.seeds < 1 or self.eval_samples < 2:
             raise ValueError("--seeds must be at least 1 and --eval-samples at least 2")
-        for flag, v in (("--per-round", self.per_round), ("--particles", self.particles), ("--steps", self.steps),
+        for flag, v in (("--yardstick", self.yardstick), ("--per-round", self.per_round), ("--particles", self.particles), ("--steps", self.steps),
                         ("--epochs", self.epochs), ("--papa-timesteps", self.papa_timesteps)):
             if v < 1:
                 raise ValueError(f"{flag} must be at least 1, got {v}")
@@ -124,6 +125,20 @@ class Evaluator:
         pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n_real]
         self.real_train = train[pick]
         self.real_feats = extract_features(self.classifier, self.real_test)
+        self.prior_liked = torch.zeros(0, 1, 28, 28)  # the yield's yardstick: set by ``with_yardstick``
+
+    def with_yardstick(self, prior, n: int = 2048) -> "Evaluator":
+        """Set the yield's yardstick: n plain samples of ``prior`` (drawn once per machine), those the
+        simulated user likes."""
+        import torch
+
+        from apa.feedback.tastes import prior_pool
+
+        pool = prior_pool(prior, n)
+        top, pred = self.user.probabilities(pool).max(dim=1)
+        keep = torch.isin(pred, torch.tensor(list(self.user.prefer))) & (top >= self.user.confidence)
+        self.prior_liked = pool[keep]
+        return self
 
     def _preferred(self, images, labels):
         """Images uint8 [n, 28, 28] with labels [n] -> those of the preferred classes, [m, 1, 28, 28] in [0, 1]."""
@@ -134,6 +149,21 @@ class Evaluator:
 
         keep = np.isin(labels, list(self.user.prefer))
         return torch.from_numpy(data.to_unit(images[keep]))
+
+    def take_home(self, images, rated, calls: int) -> dict[str, Any]:
+        """What a person takes home from a batch [n, 1, 28, 28]: its distinct images and its liked, new,
+        distinct ones (``evaluation.yields``), given the images rated so far [r, ...] and the call rows
+        spent for the batch (the rounds' and its own); plain prior samples of the preferred classes
+        (``feedback.tastes.prior_pool``, drawn once per machine) are the yardstick."""
+        import torch
+
+        from apa.evaluation.yields import take_home
+
+        top, pred = self.user.probabilities(images).max(dim=1)
+        liked = torch.isin(pred, torch.tensor(list(self.user.prefer))) & (top >= self.user.confidence)
+        home = take_home(images, liked, rated, self.prior_liked, calls)
+        return {"distinct": home["distinct"], "yield": home["yield"], "calls": calls,
+                "yield_per_kcall": home.get("yield_per_kcall", 0.0)}
 
     def __call__(self, images) -> dict[str, Any]:
         """Every number of the comparison for images [n, 1, 28, 28] in [0, 1]."""
@@ -209,7 +239,7 @@ def _as_json(x: Any) -> Any:
 def run_key(cc: CompareConfig, method: str, seed: int, weights_sha: str) -> str:
     """A hash of everything a (method, seed) result depends on."""
     what = {"method": method, "seed": seed, "schedule": schedule(cc, method), "prefer": list(cc.prefer),
-            "eval_samples": cc.eval_samples, "prior": cc.prior, "weights": weights_sha,
+            "eval_samples": cc.eval_samples, "prior": cc.prior, "weights": weights_sha, "yardstick": cc.yardstick,
             "config": _as_json(method_config(cc, method))}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -221,8 +251,10 @@ def _write_json(path: Path, obj: Any) -> None:
 def run_one(cc: CompareConfig, method: str, seed: int, prior, user, evaluate: Evaluator, key: str) -> dict:
     """Run one (method, seed) (or load its cached result); returns its metrics per checkpoint."""
     import numpy as np
+    import torch
 
     from apa import baselines
+    from apa.priors.calls import counting
 
     out = Path(cc.out)
     path = out / "runs" / f"{method}_seed{seed}.json"
@@ -235,13 +267,18 @@ def run_one(cc: CompareConfig, method: str, seed: int, prior, user, evaluate: Ev
     if workdir.exists():
         shutil.rmtree(workdir)  # a stale or interrupted session of an earlier call of this comparison
     fn = baselines.get(method.split("@")[0])
-    res = fn(prior, user, budget, per_round, seed, config=method_config(cc, method), checkpoints=checks,
-             eval_samples=cc.eval_samples, workdir=workdir)
-    result = {"key": key, "method": method, "seed": seed, "align_seconds": res.seconds,
+    with counting() as calls:
+        res = fn(prior, user, budget, per_round, seed, config=method_config(cc, method), checkpoints=checks,
+                 eval_samples=cc.eval_samples, workdir=workdir)
+    # the rounds' rows, the evaluation batches' apart (0 for a method whose one batch serves every budget)
+    align_calls = max(0, calls.total - sum(res.eval_calls.values()))
+    rated = torch.cat([torch.zeros(0, 1, 28, 28)] + [r.images.float() for r in res.records])
+    result = {"key": key, "method": method, "seed": seed, "align_seconds": res.seconds, "align_calls": align_calls,
               "eval_seconds": {str(k): v for k, v in res.eval_seconds.items()}, "oracle_ratings": res.oracle_ratings,
               "rounds": [{"round": r.round, "spent": r.spent, "mean_score": float(np.mean(r.scores))}
                          for r in res.records],
-              "metrics": {str(b): evaluate(images) for b, images in sorted(res.checkpoints.items())}}
+              "metrics": {str(b): {**evaluate(images), **evaluate.take_home(
+                  images, rated[:b], align_calls + res.eval_calls.get(b, 0))} for b, images in sorted(res.checkpoints.items())}}
     np.savez_compressed(out / "runs" / f"{method}_seed{seed}.npz",
                         images=res.checkpoints[max(res.checkpoints)].float().numpy().astype(np.float32))
     _write_json(path, result)
@@ -256,7 +293,7 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     out: dict[str, dict[str, dict[str, float]]] = {}
     for b in sorted({b for r in runs for b in r["metrics"]}, key=int):
         rows = [r["metrics"][b] for r in runs if b in r["metrics"]]
-        out[b] = {m: _stats([row[m] for row in rows]) for m in SCALARS}
+        out[b] = {m: _stats([row[m] for row in rows]) for m in SCALARS if all(m in row for row in rows)}
     return out
 
 
@@ -303,7 +340,7 @@ def compare(cc: CompareConfig, progress: bool = True) -> Path:
     sha = file_sha(weights_file(cc))
     prior = PRIORS.create(cc.prior, {"weights": cc.prior_weights})
     user = FEEDBACK.create("oracle", {"prefer": tuple(cc.prefer)}, prior)
-    evaluate = Evaluator(user, cc.prior, cc.eval_samples)
+    evaluate = Evaluator(user, cc.prior, cc.eval_samples).with_yardstick(prior, cc.yardstick)
     (out / "runs").mkdir(parents=True, exist_ok=True)  # once everything it needs is there
     methods = all_methods(cc)
     results: dict[str, list[dict]] = {}
@@ -330,7 +367,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
                          prefer=parse_classes(args.prefer), budgets=args.budgets, seeds=args.seeds, methods=methods,
                          per_round=args.per_round, eval_samples=args.eval_samples, particles=args.particles,
                          steps=args.steps, epochs=args.epochs, papa_reference=args.papa_reference,
-                         papa_lr=args.papa_lr, papa_timesteps=args.papa_timesteps, refine_t=args.refine_t)
+                         papa_lr=args.papa_lr, papa_timesteps=args.papa_timesteps, refine_t=args.refine_t,
+                         yardstick=args.yardstick)
 
 
 def thread_limit(threads: int | None):
@@ -381,6 +419,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--papa-timesteps", type=int, default=50,
                    help="stratified timesteps per image estimating PAPA's sum over all 1000 (1000: exact)")
     p.add_argument("--refine-t", type=int, default=300, help="best-of-N: SDEdit re-noising timestep")
+    p.add_argument("--yardstick", type=int, default=2048,
+                   help="plain prior samples (drawn once per machine) that set the yield's repeat and near-copy thresholds")
     p.add_argument("--threads", type=int, default=None,
                    help="torch (and BLAS) threads; 1 is fastest on a shared machine (default: the libraries' choice)")
     p.set_defaults(func=cmd_compare)

@@ -44,7 +44,7 @@ def command_line(cfg: dict[str, Any]) -> str:
               f"--eval-samples {cfg['eval_samples']}", f"--particles {cfg['particles']}", f"--steps {cfg['steps']}",
               f"--epochs {cfg.get('epochs', 200)}",
               f"--papa-lr {cfg['papa_lr']:g}", f"--papa-timesteps {cfg['papa_timesteps']}",
-              f"--refine-t {cfg['refine_t']}"]
+              f"--refine-t {cfg['refine_t']}", f"--yardstick {cfg.get('yardstick', 2048)}"]
     if cfg.get("papa_reference"):
         parts.append("--papa-reference")
     return " ".join(parts) + f" --out {cfg['out']}"
@@ -54,18 +54,24 @@ def _pm(stats: dict[str, float], digits: int = 3) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['sd']:.{digits}f}"
 
 
+def _pm_or_dash(m: dict[str, Any], key: str, digits: int) -> str:
+    return _pm(m[key], digits) if key in m else "–"  # a result cached before the key was measured
+
+
 def final_row(method: str, s: dict[str, Any]) -> str:
     """One table row at the method's largest evaluated budget."""
     last = max(s["by_budget"], key=int)
     m = s["by_budget"][last]
-    return (f"| {method} | {last} | {_pm(m['preferred_confident_share'])} | {_pm(m['preferred_share'])} "
+    return (f"| {method} | {last} | {_pm_or_dash(m, 'yield', 1)} | {_pm_or_dash(m, 'distinct', 1)} "
+            f"| {_pm_or_dash(m, 'calls', 0)} | {_pm_or_dash(m, 'yield_per_kcall', 2)} "
+            f"| {_pm(m['preferred_confident_share'])} | {_pm(m['preferred_share'])} "
             f"| {_pm(m['confident_share'])} | {_pm(m['coverage_entropy'])} | {_pm(m['mean_pairwise_distance'], 2)} "
             f"| {_pm(m['fd_preferred'], 1)} | {_pm(s['align_seconds'], 0)} | {s['eval_batch_seconds']['mean']:.0f} "
             f"| {s['oracle_ratings']['mean']:.0f} |")
 
 
 def real_row(real: dict[str, Any]) -> str:
-    return (f"| real digits (train split, preferred classes) | – | {real['preferred_confident_share']:.3f} "
+    return (f"| real digits (train split, preferred classes) | – | – | – | – | – | {real['preferred_confident_share']:.3f} "
             f"| {real['preferred_share']:.3f} | {real['confident_share']:.3f} | {real['coverage_entropy']:.3f} "
             f"| {real['mean_pairwise_distance']:.2f} | {real['fd_preferred']:.1f} | – | – | – |")
 
@@ -84,9 +90,10 @@ def budget_table(summary: dict[str, Any], metric: str) -> list[str]:
 
 def markdown(summary: dict[str, Any], images: list[str]) -> str:
     cfg = summary["config"]
-    head = ["| method | budget | preferred ∧ confident | preferred | confident | coverage entropy | diversity (MPD) "
+    head = ["| method | budget | yield: liked, new, distinct images | distinct images | network-call rows "
+            "| yield per 1,000 rows | preferred ∧ confident | preferred | confident | coverage entropy | diversity (MPD) "
             "| FD to real preferred | alignment wall time (s) | one eval batch (s) | oracle ratings |",
-            "|---" * 11 + "|"]
+            "|---" * 15 + "|"]
     rows = [final_row(m, s) for m, s in summary["methods"].items()]
     lines = ["# Comparison on one prior, one simulated user, one budget", "",
              f"Prior `{cfg['prior']}` (weights sha256 `{cfg['weights_sha256'][:12]}`), oracle user preferring "

@@ -1,12 +1,13 @@
-"""What a method spends: rows through the prior's networks, counted per image row.
+"""What a method spends: rows through the diffusion networks, counted per image row.
 
 One *call row* is one image through one network pass: a row of ε (the denoiser), a row of the
 denoiser's features (the surrogate's input), or a row of a backward pass through either (the
 reward's gradient). A batch of 32 images at one step of a sampler whose reward reads features and
 takes their gradient spends 32 + 32 + 32 rows. Methods compare at equal compute by these counts.
 
-Each network prior notes its rows (:func:`counted`); a count is open in one thread at a time, so
-sessions sharing one prior in a server each count their own rows:
+Each network notes its rows (:func:`counted`: the built-in UNet's forward and features, including
+the copies a fine-tuning method trains, and SD 1.5's ε and features); a count is open in one thread,
+so sessions sharing one prior in a server each count their own rows:
 
     with counting() as calls:
         ...                      # sample, fit, score: every eps / features row of this thread

@@ -20,7 +20,6 @@ from safetensors import SafetensorError, safe_open
 
 from apa import data as data_mod
 from apa.priors.base import VEPrior
-from apa.priors.calls import counted
 from apa.priors.unet import UNet, UNetConfig
 from apa.registry import PRIORS
 from apa.training import TrainConfig, load_checkpoint_model, train
@@ -80,7 +79,7 @@ class DDPMPrior(VEPrior):
         return next(self.model.parameters()).device
 
     def eps(self, z: Particles, sigma: float) -> Particles:
-        return counted("eps", self.eps_network(*self.eps_input(z, sigma)).to(z.device))
+        return self.eps_network(*self.eps_input(z, sigma)).to(z.device)
 
     def eps_input(self, z: Particles, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         """What the network reads for ε at z, σ: x = z/√(1+σ²) [N, *event] and the timestep per row [N]."""
@@ -97,7 +96,7 @@ class DDPMPrior(VEPrior):
 
         The input is x = √ᾱ_t·z0 (the mean of x_t given z0), as measured in FINDINGS. [N,1,28,28] -> [N, C].
         """
-        return counted("features", self.features_network(*self.features_input(z0, t)).to(z0.device))
+        return self.features_network(*self.features_input(z0, t)).to(z0.device)
 
     def features_input(self, z0: Particles, t: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
         """What the network reads for the features of z0: x = √ᾱ_t·z0 [N, *event], differentiable, and t [N]."""

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from apa.priors.calls import counted
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -121,7 +123,7 @@ class UNet(nn.Module):
     def features(self, x: torch.Tensor, t: torch.Tensor, segments: Segments = None) -> torch.Tensor:
         """Pooled middle-block activations, the surrogate's input. x [N,C,28,28] -> [N, c3]."""
         mid, _, _ = self.encode(x, t, segments)
-        return mid.mean(dim=(2, 3))
+        return counted("features", mid.mean(dim=(2, 3)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, segments: Segments = None) -> torch.Tensor:
         """``segments``: the row counts of the callers sharing this call (see :func:`per_segment`)."""
@@ -131,4 +133,4 @@ class UNet(nn.Module):
         h = self.up2(torch.cat([h, h2], 1), temb, segments)
         h = F.interpolate(h, size=h1.shape[-2:], mode="nearest")
         h = self.up1(torch.cat([h, h1], 1), temb, segments)
-        return self.conv_out(F.silu(per_segment(self.norm_out, h, segments)))
+        return counted("eps", self.conv_out(F.silu(per_segment(self.norm_out, h, segments))))
