@@ -37,6 +37,13 @@ def test_align_prints_a_line_per_round_and_a_closing_summary(tmp_path, capsys):
     assert "round 1/2" in err and "round 2/2" in err  # the progress bar's postfix, once per round
     assert "session complete: 8 ratings" in out and "preferred and confident" in out
     assert f"report: {tmp_path / 's' / 'report.md'}" in out
+    # what the person takes home, and what it cost: 2 rounds of 8 particles and 8 final images, 6 steps each,
+    # so at least 2·8·6 + 8·6 = 144 ε rows (features and gradients come on top once a surrogate is fitted)
+    home = next(line for line in out.splitlines() if line.startswith("take home: "))
+    calls = json.loads((tmp_path / "s" / "report.json").read_text())["calls"]
+    assert calls["total"] == calls["rounds"] + calls["final"] and calls["total"] >= 144
+    assert f"{calls['total']:,} network-call rows" in home
+    assert "## What you take home" in (tmp_path / "s" / "report.md").read_text()
 
 
 def test_align_json_prints_only_the_summary(tmp_path, capsys):

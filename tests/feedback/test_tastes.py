@@ -70,3 +70,24 @@ def test_tastes_parse_by_number_and_name():
                                                      "Shirt", "Sneaker", "Bag", "Ankle boot")) == \
         TasteSpec("style", cls=7, measure="thin", share=0.03)
     assert parse_taste("like:3,17").examples == (3, 17)
+
+
+def test_align_with_a_taste_no_class_names_rates_by_it_and_reports_its_share(tmp_path, monkeypatch, capsys):
+    """`apa align --taste style:1:thick`: the simulated user likes thick ones only, set on the prior's own
+    samples (a small pool here), and the report's share is the taste's, not the class's."""
+    import json
+
+    from apa.cli import main
+
+    monkeypatch.setenv("APA_DATA", str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    assert main(["align", "--out", str(tmp_path / "s"), "--taste", "style:1:thick", "--taste-share", "0.05",
+                 "--taste-pool", "64", "--budget", "8", "--per-round", "4", "--particles", "8", "--steps", "6",
+                 "--eval-samples", "8", "--epochs", "5", "--json"]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["final"]["taste"] == "style:1:thick@0.05"
+    assert report["final"]["taste_prior_share"] == pytest.approx(3 / 64)  # round(0.05·64) of the pool
+    assert list((tmp_path / "data" / "baselines").glob("pool_*_25_64.safetensors"))  # drawn once, cached
+    capsys.readouterr()
+    assert main(["align", "--out", str(tmp_path / "t"), "--taste", "style:1:bold"]) == 2
+    assert "--taste must be style:CLASS:MEASURE" in capsys.readouterr().err
