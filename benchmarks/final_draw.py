@@ -1,0 +1,114 @@
+"""How the final batch is drawn, measured as what a person takes home: finished sessions, one final draw
+changed at a time, side by side.
+
+The default final batch resamples 256 images from 256 weighted particles; late resampling leaves copies
+the last, nearly noise-free steps cannot separate (86–201 distinct images of 256 in
+`benchmarks/align_results.py`). Variants:
+
+- ``default``: the session's own final batch;
+- ``set:KEY=VALUE``: the final batch redrawn with one sampler setting changed (``set:drift=3``,
+  ``set:ess_threshold=0.2``; with the exact weights the target stays the same);
+- ``renoise:T``: every repeat of an image already in the batch is moved once by a Metropolis–Hastings
+  step: re-noised to training timestep T and denoised by the prior's own ancestral steps (a move that
+  leaves the prior's law nearly invariant), accepted with probability min(1, exp(β_end·(r(x') − r(x))))
+  so the tilted target stays the target; an accepted move is a new image near the old one.
+
+  python benchmarks/final_draw.py runs/yield_mnist/mnist_p0_n0_s0 runs/yield_mnist/mnist_p38_n0_s0 \\
+      --variants default,set:drift=3,set:ess_threshold=0.2,renoise:300,renoise:500
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from apa.evaluation.yields import distinct_mask, duplicate_threshold, take_home
+from apa.feedback.tastes import prior_pool
+from apa.priors.calls import counting
+from apa.session import Session, with_overrides
+
+
+@torch.no_grad()
+def renoise(prior, x0: torch.Tensor, t: int, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """x0 [n, *event] re-noised to training timestep t and denoised over the respaced grid below it."""
+    sigma0 = float(prior.sigma_of_t(torch.tensor([t])))
+    grid = prior.sigmas(steps)
+    grid = torch.cat([torch.tensor([sigma0]), grid[grid < sigma0]])
+    z = x0 + sigma0 * torch.randn(x0.shape, generator=gen)
+    for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        z = prior.transition(z, prior.eps(z, s), s, s_next, torch.randn(z.shape, generator=gen))
+    return z
+
+
+def move_repeats(session, particles: torch.Tensor, t: int, threshold: float, gen: torch.Generator
+                 ) -> tuple[torch.Tensor, dict]:
+    """Each particle [n, *event] that repeats an earlier one gets one MH move (see the module doc)."""
+    prior, beta = session.prior, session.cfg.sampler.beta[1]
+    reward = session.reward(session.surrogate_after(len(session.store.rounds()) - 1))
+    repeats = (~distinct_mask(prior.decode(particles), threshold)).nonzero().flatten()
+    if repeats.numel() == 0:
+        return particles, {"repeats": 0, "accepted": 0}
+    proposal = renoise(prior, particles[repeats], t, session.cfg.sampler.steps, gen)
+    with torch.no_grad():
+        log_ratio = beta * (reward(proposal).reshape(-1) - reward(particles[repeats]).reshape(-1))
+    accept = torch.rand(repeats.numel(), generator=gen).log() < log_ratio.double()
+    out = particles.clone()
+    out[repeats[accept]] = proposal[accept]
+    return out, {"repeats": int(repeats.numel()), "accepted": int(accept.sum())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sessions", nargs="+", help="finished session directories (copied; never written)")
+    ap.add_argument("--variants", default="default,renoise:300,renoise:500")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| session | final draw | liked (oracle) | distinct of 256 | yield | repeats moved / accepted | "
+          "final-batch call rows |\n|---|---|---|---|---|---|---|", flush=True)
+    for src in args.sessions:
+        work = Path(tempfile.mkdtemp()) / "s"
+        shutil.copytree(src, work)
+        s = Session.resume(work, progress=False)
+        user = s.feedback
+        pool = prior_pool(s.prior, 2048)
+
+        def liked(x: torch.Tensor) -> torch.Tensor:
+            top, pred = user.probabilities(x).max(dim=1)
+            return torch.isin(pred, torch.tensor(list(user.prefer))) & (top >= user.confidence)
+
+        prior_liked = pool[liked(pool)]
+        threshold = duplicate_threshold(prior_liked)
+        x, _ = s.training_data()
+        rated = s.prior.decode(x)
+        last = len(s.store.rounds()) - 1
+        with counting() as drawn:
+            batch = s.final_samples()  # the session's own final batch, drawn once; each variant starts from it
+        base = s.cfg
+        for variant in args.variants.split(","):
+            images, moved = batch, {}
+            with counting() as calls:
+                if variant.startswith("set:"):
+                    key, value = variant[4:].split("=")
+                    s.cfg = with_overrides(base, sampler={key: float(value)})
+                    images = s.final_samples()
+                    s.cfg = base
+                elif variant.startswith("renoise:"):
+                    z, moved = move_repeats(s, batch * 2.0 - 1.0, int(variant.split(":")[1]), threshold,
+                                            torch.Generator().manual_seed(1_000_003 * s.cfg.session.seed + last))
+                    images = s.prior.decode(z)
+            mask = liked(images)
+            spent = calls.total + (0 if variant.startswith("set:") else drawn.total)  # a redraw replaces the batch
+            home = take_home(images, mask, rated, prior_liked, spent)
+            print(f"| {Path(src).name} | {variant} | {float(mask.double().mean()):.3f} | {home['distinct']} | "
+                  f"{home['yield']} | {moved.get('repeats', '–')} / {moved.get('accepted', '–')} | "
+                  f"{spent} |", flush=True)
+        s.store.close()
+
+
+if __name__ == "__main__":
+    main()
