@@ -298,14 +298,22 @@ BAD_FLAGS = [["--epochs", "0"], ["--ensemble", "0"], ["--feature-t", "5000"], ["
              # a taste that changes: half a drift, a switch past the budget, an unknown class, a bad span
              ["--drift-to", "2,3"], ["--drift-at", "3"], ["--drift-to", "2,3", "--drift-at", "8"],
              ["--drift-to", "2,12", "--drift-at", "4"], ["--drift-to", "2,2", "--drift-at", "4"],
-             ["--drift-to", "2", "--drift-at", "4", "--drift-span", "-1"]]
+             ["--drift-to", "2", "--drift-at", "4", "--drift-span", "-1"],
+             # issue 35: a taste change that means nothing at creation, drift flags with no effect
+             ["--forget-before", "3"], ["--forget-before", "99999999999999999999"], ["--drift-span", "4"],
+             ["--drift-to", "2,,3", "--drift-at", "4"], ["--drift-to", "9,7,4,1", "--drift-at", "4"],
+             ["--drift-to", "0,1,2,3,4,5,6,7,8,9", "--drift-at", "4"],
+             ["--drift-to", "2", "--drift-at", "4", "--drift-span", "100"], ["--drift-to", "2", "--drift-at", "0"]]
 if not __import__("torch").cuda.is_available():
     BAD_FLAGS.append(["--device", "cuda"])
 ALL_BAD = [pytest.param(f, id=" ".join(f)) for f in BAD_FLAGS]
 ALIGN_ONLY = [["--prefer", "1,12"], ["--feedback", "human"], ["--oracle-weights", __file__]]
 EXPECTED = {"--prefer 1,12": "unknown class(es) [12]", "--drift-to 2,3 --drift-at 8": "--drift-at 8",
             "--drift-to 2,12 --drift-at 4": "unknown class(es) [12]",
-            "--drift-to 2 --drift-at 4 --drift-span -1": "--drift-span"}  # what the line must name where it is not the flag itself
+            "--drift-to 2 --drift-at 4 --drift-span -1": "--drift-span",
+            "--drift-to 9,7,4,1 --drift-at 4": "--prefer", "--drift-to 2 --drift-at 4 --drift-span 100": "--drift-span",
+            "--drift-to 0,1,2,3,4,5,6,7,8,9 --drift-at 4": "every class",
+            "--drift-to 2 --drift-at 0": "--drift-at"}  # what the line must name where it is not the flag itself
 
 
 @pytest.mark.parametrize("flags", ALL_BAD + [pytest.param(f, id=" ".join(f)) for f in ALIGN_ONLY])
@@ -610,6 +618,35 @@ def test_repair_of_a_lost_commit_refuses(midway, tmp_path, capsys):
     assert every_file(copy) == before
 
 
+def fail_writes_from(monkeypatch, n: int, error: int = errno.ENOSPC) -> None:
+    """Every file written through ``os.write`` (the session's atomic writes) from the n-th on fails."""
+    real, calls = os.write, {"n": 0}
+
+    def full(fd, data):
+        calls["n"] += 1
+        if calls["n"] >= n:
+            raise OSError(error, os.strerror(error))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+
+
+@pytest.mark.parametrize("n", [1, 2])  # the staged config.json, the staged ledger
+def test_a_budget_raise_and_forget_before_land_whole_or_not_at_all(finished, monkeypatch, capsys, n, one_thread):
+    """Hole 2: on a full disk, from any of the writes on, the session keeps its budget, its memory and its bytes."""
+    import json
+
+    before = every_file(finished)
+    fail_writes_from(monkeypatch, n)
+    assert main(["align", "--resume", str(finished), "--budget", "12", "--forget-before", "2"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "disk is full" in line and "nothing was changed" in line.lower() and "again" in line, line
+    monkeypatch.undo()
+    assert every_file(finished) == before, f"write {n}"
+    assert stored(finished)["config"]["session"]["budget"] == 8
+    assert json.loads((finished / "config.json").read_text())["session"]["budget"] == 8
+
+
 def test_leftover_temporary_files_are_cleaned_by_the_next_write(finished, capsys, one_thread):
     """Hole 2: *.tmp files a crash left (config.json.tmp, session.ledger.tmp) go at the next successful write."""
     for name in ("config.json.tmp", "session.ledger.tmp"):
@@ -680,3 +717,41 @@ def test_a_lost_commit_of_any_kind_is_refused(tmp_path, last):
     with pytest.raises(store_module.StoreError, match="write-ahead log"):
         SessionStore.open(copy)
     assert every_file(copy) == before
+
+
+def test_forget_before_on_a_finished_session_is_refused_without_a_budget_raise(finished, capsys):
+    """Hole 6: no round is left to refit, so the change of taste would change nothing; one line, no byte."""
+    before = every_file(finished)
+    for at in ("2", "3"):
+        assert main(["align", "--resume", str(finished), "--forget-before", at]) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert "--budget" in line and "finished" in line, line
+    assert every_file(finished) == before
+
+
+def test_forget_before_with_a_budget_raise_redraws_and_a_second_keeps_both(finished, capsys, one_thread):
+    """Holes 6 and 7: with a raised budget the new rounds forget the earlier ones and the final batch is
+    redrawn; a second change keeps the first mark; one going back before it is refused."""
+    import json
+
+    final = fingerprint(finished)["final"]
+    assert main(["align", "--resume", str(finished), "--budget", "12", "--forget-before", "3"]) == 0
+    assert fingerprint(finished)["final"] != final
+    before = every_file(finished)
+    assert main(["align", "--resume", str(finished), "--budget", "16", "--forget-before", "2"]) == 2
+    assert "--forget-before 3" in one_line_error(capsys.readouterr().err)
+    assert every_file(finished) == before
+    assert main(["align", "--resume", str(finished), "--budget", "16", "--forget-before", "4"]) == 0
+    report = json.loads((finished / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"] if r["taste_changed"]] == [2, 3]
+
+
+def test_a_huge_window_warns_nothing(tmp_path, capsys, one_thread):
+    """Hole 8: --window past the ratings held is all of them, quietly."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["align", "--out", str(tmp_path / "s"), *TINY, "--window", "99999999999999999999",
+                     "--quiet"]) == 0
+    assert not [w for w in caught if "slice" in str(w.message)], [str(w.message) for w in caught]
