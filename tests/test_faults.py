@@ -755,3 +755,13 @@ def test_a_huge_window_warns_nothing(tmp_path, capsys, one_thread):
         assert main(["align", "--out", str(tmp_path / "s"), *TINY, "--window", "99999999999999999999",
                      "--quiet"]) == 0
     assert not [w for w in caught if "slice" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_resuming_a_finished_session_keeps_its_timings(finished, one_thread):
+    import json
+
+    timings = json.loads((finished / "report.json").read_text())["timings"]
+    assert main(["align", "--resume", str(finished), "--quiet"]) == 0
+    again = json.loads((finished / "report.json").read_text())["timings"]
+    for key in ("sampling", "surrogate_fit", "io", "feedback"):
+        assert again.get(key) is not None and again[key] >= timings[key], (key, again)

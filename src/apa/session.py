@@ -40,6 +40,7 @@ class Session(RoundSampling, Fitting, FinalBatch):
         self.store, self.cfg, self.prior, self.feedback, self.progress = store, cfg, prior, feedback, progress
         self.comm = None  # a torchrun launch's ranks (apa.ranks): the rounds' populations are sharded over them
         self.timings: dict[str, float] = defaultdict(float)  # seconds: sampling, surrogate fit, feedback, I/O
+        self.timings.update(store.record("timings") or {})  # a resumed session's earlier runs (see ``finish``)
 
     @contextmanager
     def timer(self, what: str):

@@ -72,4 +72,5 @@ class FinalBatch:
         path = self.save_final(images=images)
         with self.timer("evaluation"):
             record_final(self, images)
+        self.store.save_record("timings", dict(self.timings))  # a resumed session's report keeps them
         return path
