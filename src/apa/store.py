@@ -484,8 +484,8 @@ class SessionStore:
             store = cls(root, snapshot, held, writable=False)
             ledger, problems = cls._diagnose(root, found)
             if problems:
-                mendable = [ledger] if ledger else []
-                raise StoreError(f"{root}: {'; '.join(problems + mendable)}. Repair cannot mend "
+                also = f" (also, {ledger}: repair mends that once the rest is sound)" if ledger else ""
+                raise StoreError(f"{root}: {'; '.join(problems)}{also}. Repair cannot mend "
                                  f"{'this' if len(problems) == 1 else 'these'} (only a lost ledger, temporary files "
                                  "and config.json); nothing was changed: restore the directory from a backup")
             return store._mend(found, ledger)
@@ -529,7 +529,7 @@ class SessionStore:
                 self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('repairs', ?)",
                                    (json.dumps(repairs + [record]),))
             done.append(f"accepted the database as it stands in place of a {record['accepted']} ({counts}); a new "
-                        f"ledger is written and the repair recorded in {DB_NAME}")
+                        f"ledger is written and the repair recorded in {DB_NAME}. {self._unknown_loss(found)}")
         else:
             with self._lock, disk_errors(self.root, "tidy the session"):
                 self._writable()
@@ -537,7 +537,18 @@ class SessionStore:
             done.append(f"removed {len(leftovers)} temporary file(s) a failed write left ({', '.join(leftovers)})")
         if stale:
             done.append(f"rewrote {CONFIG_NAME} from the database, which it disagreed with")
-        return f"{self.root}: " + "; ".join(done) + ". Nothing else needed mending; no rating was lost"
+        return f"{self.root}: " + "; ".join(done) + ". Nothing else needed mending"
+
+    def _unknown_loss(self, found: dict[str, Any]) -> str:
+        """What a database accepted without its ledger may have lost: tensor files on disk it does not
+        name are rounds whose commits it lost (with their ratings); otherwise a loss cannot be told."""
+        on_disk = {str(p.relative_to(self.root)) for d in ("rounds", "surrogate")
+                   for p in (self.root / d).glob("*.safetensors")}
+        orphans = sorted(on_disk - set(found["files"]))
+        if not orphans:
+            return "Without the ledger, ratings the database may have lost cannot be told; none is evident"
+        return (f"It lost the commits that stored {', '.join(describe(n) for n in orphans)} (the files are on "
+                "disk, not in the database): those rounds' ratings are lost and are asked again when it resumes")
 
     @classmethod
     def read(cls, root: Path) -> "SessionStore":
