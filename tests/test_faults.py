@@ -1,6 +1,7 @@
 """Fault injection for `apa align` sessions: kills at every durable write, double kills, two writers,
-a full disk, damaged files, bad flags. Each fault ends in a one-line error that changed nothing
-stored, or in a resumed session bit-identical to the uninterrupted run.
+a full disk, damaged files (and `apa repair` on them), lost commits of any kind, changes of taste,
+bad flags. Each fault ends in a one-line error that changed nothing stored (and made no file), or
+in a resumed session bit-identical to the uninterrupted run.
 
 Random choices are drawn from APA_FAULT_SEED (default 14), printed with every failure; rerun a
 failure with that seed. The README's "How sessions are tested" table counts these tests.
