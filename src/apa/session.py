@@ -40,7 +40,6 @@ class Session(RoundSampling, Fitting, FinalBatch):
         self.store, self.cfg, self.prior, self.feedback, self.progress = store, cfg, prior, feedback, progress
         self.comm = None  # a torchrun launch's ranks (apa.ranks): the rounds' populations are sharded over them
         self.timings: dict[str, float] = defaultdict(float)  # seconds: sampling, surrogate fit, feedback, I/O
-        self.timings.update(store.record("timings") or {})  # a resumed session's earlier runs (see ``finish``)
 
     @contextmanager
     def timer(self, what: str):
@@ -95,7 +94,9 @@ class Session(RoundSampling, Fitting, FinalBatch):
         except BaseException:
             store.close()
             raise
-        return cls(store, cfg, prior, source, progress)
+        session = cls(store, cfg, prior, source, progress)
+        session.timings.update(store.record("timings") or {})  # the earlier runs' (stored by ``finish``)
+        return session
 
     @staticmethod
     def changed_on_resume(store: SessionStore, cfg: AlignConfig, budget: int | None,
