@@ -1,6 +1,9 @@
 """A fault run against `apa` from the outside: kill -9 at random moments, each kind of damage to a
-session (in `apa align --resume` and in `apa serve`), 100+ bad flags across align, serve and
-compare, two servers sharing one --max-sessions, and connections that never finish their headers.
+session (in `apa align --resume`, `apa repair` and `apa serve`), a write-ahead log that lost its
+last commit (a round completed, a budget raise, a forget point), a disk full during a combined
+budget raise and change of taste, the taste-change flags (at creation, on resume, on a finished
+session, twice), 100+ bad flags across align, serve and compare, two servers sharing one
+--max-sessions, and connections that never finish their headers.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/fault_run.py [--seed 26] [--kills 8] [--work DIR]
 
@@ -12,6 +15,8 @@ it checks the promises, not the code. Sessions are small (--budget 24 --per-roun
   refused after writing  refused, but a file changed or a directory appeared first
   traceback         a traceback, several lines, or another exit status
   accepted          ran (exit 0, a server that started, an HTTP 200, a connection left open)
+  repaired          `apa repair` mended the damage, said what it did, and a second repair found
+                    nothing left (it never says "nothing to repair" about a session resume refuses)
 A kill's run is "resumed identical" when the session, resumed to its end, equals the uninterrupted
 run (every rating, every tensor file's sha256, the final batch); "ratings lost" counts stored
 ratings a later state no longer holds. The goal: every bad input and every damage refused cleanly,
@@ -42,24 +47,34 @@ from pathlib import Path
 SMALL = ["--budget", "24", "--per-round", "8", "--eval-samples", "32"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ENV.pop("APA_CRASH_AFTER", None)
-COLUMNS = ("refused cleanly", "refused after writing", "traceback", "accepted", "resumed identical")
+COLUMNS = ("refused cleanly", "refused after writing", "traceback", "accepted", "resumed identical", "repaired")
 TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 # ---------------------------------------------------------------- running apa
 
 
-def apa(*args: str, timeout: float = 600, env: dict | None = None) -> tuple[int | None, str]:
-    """(exit status, stderr) of `apa ARGS`; status None when it was still running after ``timeout`` s."""
-    p = subprocess.Popen([sys.executable, "-m", "apa.cli", *args], env=env or ENV, stdout=subprocess.DEVNULL,
+def apa(*args: str, timeout: float = 600, env: dict | None = None, code: str | None = None) -> tuple[int | None, str]:
+    """(exit status, stderr) of `apa ARGS`; status None when it was still running after ``timeout`` s.
+    ``code``: Python run first in the same process (to simulate a fault from inside, as the tests do)."""
+    status, _, err = apa_out(*args, timeout=timeout, env=env, code=code)
+    return status, err
+
+
+def apa_out(*args: str, timeout: float = 600, env: dict | None = None,
+            code: str | None = None) -> tuple[int | None, str, str]:
+    """(exit status, stdout, stderr) of `apa ARGS` (see ``apa``)."""
+    run = ["-m", "apa.cli"] if code is None else \
+        ["-c", f"import sys\n{code}\nfrom apa.cli import main\nsys.exit(main(sys.argv[1:]))"]
+    p = subprocess.Popen([sys.executable, *run, *args], env=env or ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _, err = p.communicate(timeout=timeout)
-        return p.returncode, err
+        out, err = p.communicate(timeout=timeout)
+        return p.returncode, out, err
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
-        _, err = p.communicate()
-        return None, err
+        out, err = p.communicate()
+        return None, out, err
 
 
 def message_lines(err: str) -> list[str]:
@@ -86,6 +101,12 @@ def files(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
             if p.is_file() and not p.name.endswith((".lock", "-shm"))
             and not (p.name.endswith("-wal") and p.stat().st_size == 0)}
+
+
+def every(root: Path) -> dict[str, str]:
+    """Every file's sha256 under root, SQLite's -shm and -wal included (a refusal makes no file), but the lock."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "session.lock"} if root.exists() else {}
 
 
 def listing(parent: Path) -> list[str]:
@@ -186,9 +207,12 @@ def drop_a_rating(root: Path) -> None:
 
 
 def damage_page(root: Path) -> None:
+    """The schema page's b-tree header damaged in the database file. (A page the write-ahead log holds
+    a newer copy of is never read again, so its damage loses nothing: every commit rewrites the meta
+    page, so this is the page a session killed mid-round still reads from the file.)"""
     db = root / "session.sqlite"
     data = bytearray(db.read_bytes())
-    for i in range(4096, min(4096 + 64, len(data))):
+    for i in range(100, min(100 + 64, len(data))):
         data[i] ^= 0x5A
     db.write_bytes(bytes(data))
 
@@ -229,6 +253,8 @@ WEB_DAMAGE = ["a flipped bit in a fitted round's file", "a flipped bit in a surr
 def midway(work: Path) -> Path:
     """A session killed with round 0 fitted and round 1 sampled with 4 of its 8 ratings (nothing checkpointed)."""
     out = work / "midway" / "s"
+    if out.exists():  # made once; every use copies it
+        return out
     status, err = apa("align", "--out", str(out), *SMALL, env={**ENV, "APA_CRASH_AFTER": str(4 + 12 + 2 + 4)})
     assert status == 70, err[-2000:]
     return out
@@ -263,11 +289,11 @@ def free_port() -> int:
 class Server:
     """`apa serve` on a free port, in its own process group."""
 
-    def __init__(self, data: Path, *flags: str):
+    def __init__(self, data: Path, *flags: str, cwd: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.p = subprocess.Popen([sys.executable, "-m", "apa.cli", "serve", "--data-dir", str(data), "--port",
-                                   str(self.port), "--log-level", "warning", *SMALL, *flags], env=ENV,
+                                   str(self.port), "--log-level", "warning", *SMALL, *flags], env=ENV, cwd=cwd,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120
         while True:
@@ -301,14 +327,16 @@ class Server:
 
 
 def clean_json_error(status: int, body: dict) -> bool:
-    """A refusal a client can read: a 4xx/5xx with one line of JSON error naming no absolute path or PID."""
+    """A refusal a client can read: a 4xx/5xx with one line of JSON error naming no path (absolute, or
+    relative like the data directory's), no server file and no PID."""
     msg = body.get("error", "")
-    return status >= 400 and bool(msg) and "\n" not in msg and not re.search(r"(^|[\s('\"`])/", msg) \
-        and "pid" not in msg
+    return status >= 400 and bool(msg) and "\n" not in msg and not re.search(r"(^|[\s('\"`])/|\w/\w", msg) \
+        and "pid" not in msg and "safetensors" not in msg
 
 
 def web_damage(work: Path) -> dict:
-    """A web session waiting for round 1's ratings; each damage, then a fresh server asked for it and sent ratings."""
+    """A web session waiting for round 1's ratings; each damage, then a fresh server (on a relative
+    --data-dir, which no error body may name) asked for it and sent ratings."""
     data = work / "web" / "data"
     server = Server(data)
     try:
@@ -324,7 +352,7 @@ def web_damage(work: Path) -> dict:
         shutil.copytree(data, copy)
         DAMAGE[name](copy / token)
         before, kept = files(copy / token), ratings(copy / token)
-        server = Server(copy)
+        server = Server(Path(copy.name), cwd=copy.parent)  # a relative --data-dir: the body must not name it
         try:
             got = [server.call("GET", f"/api/sessions/{token}"),
                    server.call("POST", f"/api/sessions/{token}/rounds/1/ratings", {"ratings": [5] * 8})]
@@ -342,6 +370,193 @@ def web_damage(work: Path) -> dict:
         row["lost"] += lost(kept, ratings(copy / token))
         if outcome != "refused cleanly":
             row["note"] += f"{name}: {outcome} {got}. "
+    return row
+
+
+def new_row(note: str = "") -> dict:
+    return dict.fromkeys(COLUMNS, 0) | {"runs": 0, "lost": 0, "note": note}
+
+
+def repair_damage(work: Path, source: Path) -> dict:
+    """Each damage, then `apa repair`: it mends what it can (saying how; a second repair then finds
+    nothing left) or refuses in one line, changing nothing; "nothing to repair" is never right here."""
+    row = new_row()
+    for i, (name, do) in enumerate(DAMAGE.items()):
+        copy = work / f"repair{i}" / "s"
+        shutil.copytree(source, copy)
+        do(copy)
+        before, kept = every(copy), ratings(copy)
+        status, out, err = apa_out("repair", str(copy))
+        if status == 0 and "nothing to repair" not in out:
+            again, out2, _ = apa_out("repair", str(copy))
+            outcome = "repaired" if again == 0 and "nothing to repair" in out2 else "accepted"
+        else:
+            outcome = "accepted" if status == 0 else verdict(status, err, every(copy) != before)
+        row[outcome] += 1
+        row["runs"] += 1
+        row["lost"] += lost(kept, ratings(copy))
+        if outcome not in ("refused cleanly", "repaired"):
+            row["note"] += f"{name}: {outcome} ({(out + err).strip()[-200:]}). "
+    return row
+
+
+def database_config(root: Path) -> dict:
+    """The configuration the session's database holds (read from a copy)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("session.sqlite", "session.sqlite-wal"):
+            if (root / name).exists():
+                shutil.copyfile(root / name, Path(tmp) / name)
+        conn = sqlite3.connect(Path(tmp) / "session.sqlite")
+        try:
+            return json.loads(conn.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0])
+        finally:
+            conn.close()
+
+
+def killed_after(work: Path, name: str, args: list[str], writes: int, source: Path | None = None) -> Path:
+    """A session (``source`` copied, or a new one) whose `apa ARGS` was killed after its n-th durable write."""
+    out = work / name / "s"
+    if source is not None:
+        shutil.copytree(source, out)
+    status, err = apa(*[str(out) if a == "{out}" else a for a in args], env={**ENV, "APA_CRASH_AFTER": str(writes)})
+    assert status == 70, err[-2000:]
+    return out
+
+
+def wal_damage(work: Path, finished: Path) -> dict:
+    """A write-ahead log that lost its last commit (a byte of its last frame flipped), where that
+    commit is not a rating: a round completed, a budget raise, a budget raise with a forget point.
+    Both `apa align --resume` and `apa repair` must refuse, changing nothing."""
+    sessions = {
+        "a round's completion": killed_after(work, "wal0", ["align", "--out", "{out}", *SMALL], 4 + 12 + 1),
+        "a budget raise": killed_after(work, "wal1", ["align", "--resume", "{out}", "--budget", "32"], 2, finished),
+        "a budget raise and a forget point": killed_after(
+            work, "wal2", ["align", "--resume", "{out}", "--budget", "32", "--forget-before", "2"], 2, finished)}
+    row = new_row()
+    for name, root in sessions.items():
+        flip(root / "session.sqlite-wal", (root / "session.sqlite-wal").stat().st_size - 100)
+        for command in (["align", "--resume"], ["repair"]):
+            before, kept = every(root), ratings(root)
+            status, err = apa(*command, str(root))
+            outcome = verdict(status, err, every(root) != before)
+            row[outcome] += 1
+            row["runs"] += 1
+            row["lost"] += lost(kept, ratings(root))
+            if outcome != "refused cleanly":
+                row["note"] += f"{name}, `apa {command[0]}`: {outcome} ({err.strip()[-200:]}). "
+    return row
+
+
+def mount_tmpfs(path: Path, size: int) -> bool:
+    """A tmpfs of ``size`` bytes at ``path`` (root only); False where it cannot be mounted."""
+    path.mkdir(parents=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def fill(disk: Path, free: int) -> None:
+    """Leave ``free`` bytes free on the disk at ``disk``."""
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(disk).free - free))
+
+
+def consistent(root: Path, budget: int, forget: int) -> str:
+    """'' when the database and config.json agree and hold both changes or neither, and no *.tmp is left."""
+    db, text = database_config(root)["session"], json.loads((root / "config.json").read_text())["session"]
+    both = (db["budget"], db.get("forget_before")) in ((budget, forget), (24, None))
+    leftovers = [p.name for p in root.rglob("*.tmp")]
+    return "" if db == text and both and not leftovers else f"database {db['budget']}/{db.get('forget_before')}, " \
+        f"config.json {text['budget']}/{text.get('forget_before')}, left {leftovers}"
+
+
+FULL_CODE = """import errno, os
+real, calls = os.write, [0]
+def write(fd, data):
+    calls[0] += 1
+    if calls[0] >= {n}:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(fd, data)
+os.write = write"""
+
+
+def full_disk(work: Path, finished: Path) -> dict:
+    """`apa align --resume S --budget 32 --forget-before 2` on a finished session on a nearly full disk
+    (a tmpfs with 4 to 64 KB free; where no tmpfs can be mounted, ENOSPC from the n-th file write, as the
+    tests simulate it): refused in one line saying the disk is full with nothing changed, or, with room
+    for the change itself, both changes stored whole (database and config.json) before space ran out."""
+    row, size = new_row(), sum(p.stat().st_size for p in finished.rglob("*") if p.is_file()) + (2 << 20)
+    disk = work / "tmpfs"
+    real = mount_tmpfs(disk, size)
+    cases = [4, 8, 16, 24, 40, 64] if real else [1, 2, 3]
+    row["note"] = f"a {size >> 10} KB tmpfs with N KB free, N in {cases}" if real else \
+        f"no tmpfs (not root): ENOSPC from the n-th file write, n in {cases}"
+    try:
+        for n in cases:
+            copy = disk / f"s{n}" if real else work / f"full{n}" / "s"
+            shutil.copytree(finished, copy)
+            if real:
+                fill(disk, n << 10)
+            before = every(copy)
+            status, err = apa("align", "--resume", str(copy), "--budget", "32", "--forget-before", "2",
+                              code=None if real else FULL_CODE.format(n=n))
+            if real:
+                (disk / "filler").unlink()
+            outcome = verdict(status, err, every(copy) != before)
+            lines = message_lines(err)
+            said = lines[-1] if lines else ""
+            wrong = consistent(copy, 32, 2) or ("" if "disk is full" in said else f"said: {said[-150:]}")
+            if outcome == "refused after writing" and not wrong:
+                outcome = "accepted"
+                row["note"] += f"; {n}: both changes stored whole, then the disk filled (said so)"
+            elif wrong:
+                row["note"] += f"; {n}: {wrong}"
+            row[outcome] += 1
+            row["runs"] += 1
+            shutil.rmtree(copy)
+    finally:
+        if real:
+            subprocess.run(["umount", str(disk)], check=False)
+    return row
+
+
+TINY = ["--budget", "8", "--per-round", "4", "--particles", "8", "--steps", "4", "--eval-samples", "8"]
+
+
+def taste_changes(work: Path, finished: Path, source: Path) -> dict:
+    """The taste-change flags: at creation (refused: a new session has no rounds), on a finished session
+    (refused unless the budget is raised too), on a session mid-way, twice (a second change keeps the
+    first; one going back before it is refused), and a huge --window (accepted without a warning)."""
+    new = lambda name: str(work / name / "s")  # noqa: E731
+    copy = lambda src, name: shutil.copytree(src, work / name / "s")  # noqa: E731
+    done, midway_copy, twice = copy(finished, "taste-done"), copy(source, "taste-mid"), copy(finished, "taste-twice")
+    cases = [  # (arguments, what must stay as it is, expected)
+        (["align", "--out", new("c1"), *SMALL, "--forget-before", "3"], work, "refused"),
+        (["align", "--out", new("c2"), *SMALL, "--forget-before", "99999999999999999999"], work, "refused"),
+        (["serve", "--data-dir", new("c3"), *SMALL, "--forget-before", "3"], work, "refused"),
+        (["align", "--resume", str(done), "--forget-before", "2"], done, "refused"),
+        (["align", "--resume", str(done), "--forget-before", "4"], done, "refused"),
+        (["align", "--resume", str(done), "--forget-before", "5"], done, "refused"),
+        (["align", "--resume", str(done), "--budget", "32", "--forget-before", "0"], done, "refused"),
+        (["align", "--resume", str(midway_copy), "--forget-before", "2"], midway_copy, "accepted"),
+        (["align", "--resume", str(twice), "--budget", "32", "--forget-before", "4"], twice, "accepted"),
+        (["align", "--resume", str(twice), "--budget", "40", "--forget-before", "2"], twice, "refused"),
+        (["align", "--resume", str(twice), "--budget", "40", "--forget-before", "5"], twice, "accepted"),
+        (["align", "--out", new("w"), *TINY, "--window", "99999999999999999999"], work, "accepted")]
+    row = new_row()
+    for args, keep, expected in cases:
+        before = every(keep) if keep != work else listing(work)
+        status, err = apa(*args, timeout=60 if args[0] == "serve" else 600)
+        after = every(keep) if keep != work else listing(work)
+        outcome = verdict(status, err, after != before)
+        if outcome == "accepted" and "Warning" in err:
+            outcome = "traceback"
+        row[outcome] += 1
+        row["runs"] += 1
+        if outcome != ("refused cleanly" if expected == "refused" else "accepted"):
+            row["note"] += f"{' '.join(args)[-70:]}: {outcome} ({err.strip()[-150:]}). "
+    report = json.loads((twice / "report.json").read_text())
+    marks = [r["round"] + 1 for r in report["rounds"] if r["taste_changed"]]
+    row["note"] += f"the session changed twice reports its changes at rounds {marks} (expected [4, 5])"
     return row
 
 
@@ -432,7 +647,10 @@ def bad_flags(work: Path, finished: Path) -> list[tuple[str, list[str], Path]]:
               ["--clamp", "0"], ["--beta-dot", "nan"], ["--explore", "2"], ["--restart", "0"], ["--restart", "2"],
               ["--final-start", "bogus"], ["--init", "bogus"], ["--height", "7"], ["--guidance-scale", "nan"],
               ["--dtype", "fp8"], ["--sd-batch-size", "0"], ["--cuda-graphs", "true"], ["--diversity", "maybe"],
-              ["--bogus-flag", "1"]]
+              ["--bogus-flag", "1"], ["--forget-before", "3"], ["--drift-span", "4"],
+              ["--drift-to", "2,,3", "--drift-at", "4"], ["--drift-to", "9,7,4,1", "--drift-at", "4"],
+              ["--drift-to", "0,1,2,3,4,5,6,7,8,9", "--drift-at", "4"],
+              ["--drift-to", "2", "--drift-at", "8", "--drift-span", "100"], ["--drift-to", "2", "--drift-at", "0"]]
     cases = []
     for i, flags in enumerate(config + [["--feedback", "human"], ["--feedback", "bogus"], ["--prefer", "-3"],
                                         ["--oracle-weights", "/etc/passwd"]]):
@@ -526,11 +744,19 @@ def main() -> None:
                  kills(work, args.kills, rng, whole, seconds)))
     print("kills done", flush=True)
     rows.append((f"damage, then `apa align --resume` ({len(DAMAGE)} kinds)", align_damage(work, midway(work))))
+    rows.append((f"damage, then `apa repair` ({len(DAMAGE)} kinds)", repair_damage(work, midway(work))))
     rows.append((f"damage, then `apa serve` asked for the session and sent ratings ({len(WEB_DAMAGE)} kinds)",
                  web_damage(work)))
     print("damage done", flush=True)
     finished = work / "finished" / "s"
     shutil.copytree(whole_dir, finished)
+    rows.append(("a write-ahead log that lost its last commit (not a rating), then `apa align --resume` and "
+                 "`apa repair`", wal_damage(work, finished)))
+    rows.append(("a full disk during `--resume --budget 32 --forget-before 2` of a finished session",
+                 full_disk(work, finished)))
+    rows.append(("the taste-change flags: at creation, on a finished session, mid-way, twice; a huge --window",
+                 taste_changes(work / "taste", finished, midway(work))))
+    print("new surfaces done", flush=True)
     for command, row in run_bad_flags(bad_flags(work / "flags", finished)).items():
         rows.append((f"bad command lines: `apa {command}`", row))
     print("bad flags done", flush=True)

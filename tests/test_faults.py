@@ -1,6 +1,7 @@
 """Fault injection for `apa align` sessions: kills at every durable write, double kills, two writers,
-a full disk, damaged files, bad flags. Each fault ends in a one-line error that changed nothing
-stored, or in a resumed session bit-identical to the uninterrupted run.
+a full disk, damaged files (and `apa repair` on them), lost commits of any kind, changes of taste,
+bad flags. Each fault ends in a one-line error that changed nothing stored (and made no file), or
+in a resumed session bit-identical to the uninterrupted run.
 
 Random choices are drawn from APA_FAULT_SEED (default 14), printed with every failure; rerun a
 failure with that seed. The README's "How sessions are tested" table counts these tests.
@@ -298,14 +299,22 @@ BAD_FLAGS = [["--epochs", "0"], ["--ensemble", "0"], ["--feature-t", "5000"], ["
              # a taste that changes: half a drift, a switch past the budget, an unknown class, a bad span
              ["--drift-to", "2,3"], ["--drift-at", "3"], ["--drift-to", "2,3", "--drift-at", "8"],
              ["--drift-to", "2,12", "--drift-at", "4"], ["--drift-to", "2,2", "--drift-at", "4"],
-             ["--drift-to", "2", "--drift-at", "4", "--drift-span", "-1"]]
+             ["--drift-to", "2", "--drift-at", "4", "--drift-span", "-1"],
+             # issue 35: a taste change that means nothing at creation, drift flags with no effect
+             ["--forget-before", "3"], ["--forget-before", "99999999999999999999"], ["--drift-span", "4"],
+             ["--drift-to", "2,,3", "--drift-at", "4"], ["--drift-to", "9,7,4,1", "--drift-at", "4"],
+             ["--drift-to", "0,1,2,3,4,5,6,7,8,9", "--drift-at", "4"],
+             ["--drift-to", "2", "--drift-at", "4", "--drift-span", "100"], ["--drift-to", "2", "--drift-at", "0"]]
 if not __import__("torch").cuda.is_available():
     BAD_FLAGS.append(["--device", "cuda"])
 ALL_BAD = [pytest.param(f, id=" ".join(f)) for f in BAD_FLAGS]
 ALIGN_ONLY = [["--prefer", "1,12"], ["--feedback", "human"], ["--oracle-weights", __file__]]
 EXPECTED = {"--prefer 1,12": "unknown class(es) [12]", "--drift-to 2,3 --drift-at 8": "--drift-at 8",
             "--drift-to 2,12 --drift-at 4": "unknown class(es) [12]",
-            "--drift-to 2 --drift-at 4 --drift-span -1": "--drift-span"}  # what the line must name where it is not the flag itself
+            "--drift-to 2 --drift-at 4 --drift-span -1": "--drift-span",
+            "--drift-to 9,7,4,1 --drift-at 4": "--prefer", "--drift-to 2 --drift-at 4 --drift-span 100": "--drift-span",
+            "--drift-to 0,1,2,3,4,5,6,7,8,9 --drift-at 4": "every class",
+            "--drift-to 2 --drift-at 0": "--drift-at"}  # what the line must name where it is not the flag itself
 
 
 @pytest.mark.parametrize("flags", ALL_BAD + [pytest.param(f, id=" ".join(f)) for f in ALIGN_ONLY])
@@ -507,20 +516,20 @@ def test_a_refused_budget_raise_changes_nothing(finished, monkeypatch, capsys, o
     """config.json cannot be written: the database keeps the old budget too."""
     import json
 
-    real = store_module.write_file
+    real = store_module.stage_file
 
     def denied(path, data, *args, **kwargs):
         if path.name == "config.json":
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        real(path, data, *args, **kwargs)
+        return real(path, data, *args, **kwargs)
 
-    before = digests(finished)
-    monkeypatch.setattr(store_module, "write_file", denied)
+    before = every_file(finished)
+    monkeypatch.setattr(store_module, "stage_file", denied)
     assert main(["align", "--resume", str(finished), "--budget", "12"]) == 2
     assert "budget" in one_line_error(capsys.readouterr().err)
+    assert every_file(finished) == before  # no -shm, no -wal, no *.tmp
     assert stored(finished)["config"]["session"]["budget"] == 8
     assert json.loads((finished / "config.json").read_text())["session"]["budget"] == 8
-    assert digests(finished) == before
 
 
 def test_report_files_are_private(finished):
@@ -554,3 +563,206 @@ def test_a_full_disk_at_the_report_says_so_in_one_line(finished, monkeypatch, ca
     assert main(["align", "--resume", str(finished)]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert "disk is full" in line and "report" in line and f"--resume {finished}" in line, line
+
+
+# ---------------------------------------------------------------- issue 35: the record is never wrong
+
+
+def every_file(out: Path) -> dict:
+    """Every file's sha256, the lock's, SQLite's -shm and an empty -wal included: a refusal makes no file."""
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != "session.lock"} | \
+        {"files": sorted(str(p.relative_to(out)) for p in out.rglob("*"))}
+
+
+REPAIR_CANNOT = ["a flipped bit in a round file", "a flipped bit in a surrogate file", "a deleted round file",
+                 "a deleted surrogate file", "two round files swapped"]
+
+
+@pytest.mark.parametrize("damage", REPAIR_CANNOT)
+def test_repair_names_damage_it_cannot_mend_and_changes_nothing(midway, tmp_path, damage, capsys):
+    """Hole 1: `apa repair` checks what resume checks; a damaged tensor file is named, never "nothing to repair"."""
+    copy = tmp_path / "s"
+    shutil.copytree(midway, copy)
+    do, says = DAMAGE[damage]
+    do(copy)
+    before = every_file(copy)
+    assert main(["repair", str(copy)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert says in line and "backup" in line and "nothing to repair" not in line, line
+    assert every_file(copy) == before
+
+
+def test_repair_with_a_lost_ledger_and_a_damaged_file_mends_nothing(midway, tmp_path, capsys):
+    """Hole 1: a missing ledger is mendable, a damaged file is not: both named, no ledger written."""
+    copy = tmp_path / "s"
+    shutil.copytree(midway, copy)
+    (copy / LEDGER_NAME).unlink()
+    _flip(copy / "rounds" / "round_0001.safetensors")
+    before = every_file(copy)
+    assert main(["repair", str(copy)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "round 1" in line and "ledger" in line, line
+    assert every_file(copy) == before
+
+
+def test_repair_of_a_lost_commit_refuses(midway, tmp_path, capsys):
+    copy = tmp_path / "s"
+    shutil.copytree(midway, copy)
+    s = SessionStore.open(copy)
+    s._writable().execute("DELETE FROM ratings WHERE rowid = (SELECT min(rowid) FROM ratings)")
+    s.close()
+    before = every_file(copy)
+    assert main(["repair", str(copy)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "backup" in line and "nothing to repair" not in line, line
+    assert every_file(copy) == before
+
+
+def fail_writes_from(monkeypatch, n: int, error: int = errno.ENOSPC) -> None:
+    """Every file written through ``os.write`` (the session's atomic writes) from the n-th on fails."""
+    real, calls = os.write, {"n": 0}
+
+    def full(fd, data):
+        calls["n"] += 1
+        if calls["n"] >= n:
+            raise OSError(error, os.strerror(error))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+
+
+@pytest.mark.parametrize("n", [1, 2])  # the staged config.json, the staged ledger
+def test_a_budget_raise_and_forget_before_land_whole_or_not_at_all(finished, monkeypatch, capsys, n, one_thread):
+    """Hole 2: on a full disk, from any of the writes on, the session keeps its budget, its memory and its bytes."""
+    import json
+
+    before = every_file(finished)
+    fail_writes_from(monkeypatch, n)
+    assert main(["align", "--resume", str(finished), "--budget", "12", "--forget-before", "2"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "disk is full" in line and "nothing was changed" in line.lower() and "again" in line, line
+    monkeypatch.undo()
+    assert every_file(finished) == before, f"write {n}"
+    assert stored(finished)["config"]["session"]["budget"] == 8
+    assert json.loads((finished / "config.json").read_text())["session"]["budget"] == 8
+
+
+def test_leftover_temporary_files_are_cleaned_by_the_next_write(finished, capsys, one_thread):
+    """Hole 2: *.tmp files a crash left (config.json.tmp, session.ledger.tmp) go at the next successful write."""
+    for name in ("config.json.tmp", "session.ledger.tmp"):
+        (finished / name).write_bytes(b"half")
+    assert main(["align", "--resume", str(finished), "--budget", "12"]) == 0
+    assert not list(finished.glob("*.tmp"))
+
+
+def test_a_disk_io_error_on_a_full_disk_says_the_disk_is_full(finished, monkeypatch, capsys, one_thread):
+    """Hole 3: SQLite's "disk I/O error" with a few KB free is the disk being full; nothing was changed."""
+    import sqlite3
+
+    real = sqlite3.connect
+
+    def shm_fails(target, *args, **kwargs):
+        if "mode=rw" in str(target):
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(target, *args, **kwargs)
+
+    before = every_file(finished)
+    monkeypatch.setattr(store_module.sqlite3, "connect", shm_fails)
+    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(4 << 20, 4 << 20, 8192))
+    assert main(["align", "--resume", str(finished), "--budget", "12"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "disk is full" in line and "nothing was changed" in line.lower() and "again" in line, line
+    assert every_file(finished) == before
+
+
+def test_a_refused_resume_creates_no_file(finished, capsys):
+    """A plain validation refusal: not even SQLite's -shm or an empty -wal appears."""
+    before = every_file(finished)
+    for flags in (["--budget", "4"], ["--prefer", "0"], ["--forget-before", "9"]):
+        assert main(["align", "--resume", str(finished), *flags]) == 2
+        one_line_error(capsys.readouterr().err)
+        assert every_file(finished) == before, flags
+
+
+def _last_commit_lost(s: SessionStore, tmp_path: Path) -> Path:
+    """A copy of the session whose write-ahead log lost its last commit (its last frame damaged)."""
+    copy = crashed_copy(s, tmp_path / "copy")
+    s.close()
+    wal = copy / (DB_NAME + "-wal")
+    data = bytearray(wal.read_bytes())
+    data[-100] ^= 0xFF
+    wal.write_bytes(bytes(data))
+    return copy
+
+
+LAST_COMMITS = {
+    "a record": lambda s: s.save_record("final_checks", {"ok": 1}),
+    "a budget raise": lambda s: s.extend_budget(16),
+    "a forget point": lambda s: s.set_session_option("forget_before", 1, "forget"),
+    "a round completed": lambda s: s.complete_round(0, 0.5, None, {}),
+}
+
+
+@pytest.mark.parametrize("last", list(LAST_COMMITS))
+def test_a_lost_commit_of_any_kind_is_refused(tmp_path, last):
+    """Hole 4: the ledger covers every table, not only the ratings and the count of rounds."""
+    import torch
+
+    s = SessionStore.create(tmp_path / "s", {"session": {"budget": 8}})
+    s.save_round(0, {"particles": torch.zeros(4, 2)}, [0, 1], {})
+    s.add_ratings(0, [(0, 1.0), (1, -1.0)], "oracle")
+    LAST_COMMITS[last](s)
+    copy = _last_commit_lost(s, tmp_path)
+    before = every_file(copy)
+    with pytest.raises(store_module.StoreError, match="write-ahead log"):
+        SessionStore.open(copy)
+    assert every_file(copy) == before
+
+
+def test_forget_before_on_a_finished_session_is_refused_without_a_budget_raise(finished, capsys):
+    """Hole 6: no round is left to refit, so the change of taste would change nothing; one line, no byte."""
+    before = every_file(finished)
+    for at in ("2", "3"):
+        assert main(["align", "--resume", str(finished), "--forget-before", at]) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert "--budget" in line and "finished" in line, line
+    assert every_file(finished) == before
+
+
+def test_forget_before_with_a_budget_raise_redraws_and_a_second_keeps_both(finished, capsys, one_thread):
+    """Holes 6 and 7: with a raised budget the new rounds forget the earlier ones and the final batch is
+    redrawn; a second change keeps the first mark; one going back before it is refused."""
+    import json
+
+    final = fingerprint(finished)["final"]
+    assert main(["align", "--resume", str(finished), "--budget", "12", "--forget-before", "3"]) == 0
+    assert fingerprint(finished)["final"] != final
+    before = every_file(finished)
+    assert main(["align", "--resume", str(finished), "--budget", "16", "--forget-before", "2"]) == 2
+    assert "--forget-before 3" in one_line_error(capsys.readouterr().err)
+    assert every_file(finished) == before
+    assert main(["align", "--resume", str(finished), "--budget", "16", "--forget-before", "4"]) == 0
+    report = json.loads((finished / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"] if r["taste_changed"]] == [2, 3]
+
+
+def test_a_huge_window_warns_nothing(tmp_path, capsys, one_thread):
+    """Hole 8: --window past the ratings held is all of them, quietly."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["align", "--out", str(tmp_path / "s"), *TINY, "--window", "99999999999999999999",
+                     "--quiet"]) == 0
+    assert not [w for w in caught if "slice" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_resuming_a_finished_session_keeps_its_timings(finished, one_thread):
+    import json
+
+    timings = json.loads((finished / "report.json").read_text())["timings"]
+    assert main(["align", "--resume", str(finished), "--quiet"]) == 0
+    again = json.loads((finished / "report.json").read_text())["timings"]
+    for key in ("sampling", "surrogate_fit", "io", "feedback"):
+        assert again.get(key) is not None and again[key] >= timings[key], (key, again)

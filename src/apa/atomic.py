@@ -26,7 +26,14 @@ def write_file(path: Path, data: bytes, mode: int = 0o600, shared: bool = False)
 
     Session files keep the default 0600 (their one writer holds the session's lock, so a crash's
     temporary file is reused by the next write); ``shared``: several processes may write ``path``
-    at once (a dataset cache), so each writes its own temporary file."""
+    at once (a dataset cache), so each writes its own temporary file. A failed write removes its
+    temporary file."""
+    place(stage_file(path, data, mode, shared), path)
+
+
+def stage_file(path: Path, data: bytes, mode: int = 0o600, shared: bool = False) -> Path:
+    """The first half of ``write_file``: ``data`` in a temporary file beside ``path``, fsync'ed;
+    returns that file (removed again if the write fails: a full disk leaves nothing behind)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp" if shared else f"{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -34,8 +41,16 @@ def write_file(path: Path, data: bytes, mode: int = 0o600, shared: bool = False)
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def place(tmp: Path, path: Path) -> None:
+    """The second half of ``write_file``: rename a staged file into place and make that durable."""
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

@@ -252,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_align_flags(p)
     p.set_defaults(func=cmd_align)
 
-    p = sub.add_parser("repair", help="accept a session's database as it stands when its ledger is missing or "
-                                      "unreadable (recorded in the session); nothing else is changed")
+    p = sub.add_parser("repair", help="check a session as --resume does and say what is wrong; mend a missing or "
+                                      "unreadable ledger (the database accepted as it stands, recorded in the "
+                                      "session), temporary files and config.json; refuse anything else")
     p.add_argument("dir", help="the session directory")
     p.set_defaults(func=cmd_repair)
 

@@ -203,10 +203,14 @@ class FeedbackConfig:
         _require((self.drift_to is None) == (self.drift_at is None),
                  "--drift-to and --drift-at go together: give the new preferred classes and the rating count "
                  "at which the taste changes, e.g. --drift-to 2,3,5 --drift-at 40")
-        _require(self.drift_at is None or (_whole(self.drift_at) and self.drift_at >= 0),
-                 f"--drift-at must be a whole number of ratings from 0, got {self.drift_at!r}")
+        _require(self.drift_at is None or (_whole(self.drift_at) and self.drift_at >= 1),
+                 f"--drift-at must be a whole number of ratings from 1 (at 0 the user never had the first taste: "
+                 f"give it as --prefer), got {self.drift_at!r}")
         _require(_whole(self.drift_span) and self.drift_span >= 0,
                  f"--drift-span must be a whole number of ratings from 0, got {self.drift_span!r}")
+        _require(self.drift_span == 0 or self.drift_to is not None,
+                 f"--drift-span {self.drift_span} spreads a change of taste over that many ratings; it needs "
+                 "--drift-to and --drift-at")
         _require(self.drift_to is None or len(set(self.drift_to)) == len(self.drift_to),
                  f"--drift-to lists a class twice ({','.join(map(str, self.drift_to or ()))}); list each class once")
 

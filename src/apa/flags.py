@@ -102,8 +102,8 @@ def _pair(text: str) -> tuple[float, float]:
 
 def _classes(text: str) -> tuple[int | str, ...]:
     """``--prefer``: class numbers or names, comma-separated (names are resolved against the dataset later)."""
-    items = tuple(x.strip() for x in text.split(",") if x.strip())
-    if not items:
+    items = tuple(x.strip() for x in text.split(","))
+    if not all(items):
         raise argparse.ArgumentTypeError(f"expected comma-separated classes like 1,4,7,9 or sandal,sneaker, "
                                          f"got {text!r}")
     return tuple(int(x) if x.lstrip("-").isdigit() else x for x in items)

@@ -23,7 +23,8 @@ from apa.config import AlignConfig
 from apa.feedback.base import FeedbackSource, check_scores, with_label_noise
 from apa.feedback.drift import DriftingUser
 from apa.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, next_action
-from apa.rounds.checks import SessionError, check_device, check_prior, validate  # noqa: F401 (the session's errors)
+from apa.rounds.checks import (SessionError, check_device, check_forget_before, check_prior,  # noqa: F401
+                               check_tastes, validate, validate_new)
 from apa.rounds.final import FinalBatch
 from apa.rounds.fitting import Fitting
 from apa.rounds.sampling import RoundSampling
@@ -65,6 +66,7 @@ class Session(RoundSampling, Fitting, FinalBatch):
         if cfg.feedback.drift_to is None:
             return prior, with_label_noise(source, noise, seed)
         after = shared_feedback({**vars(cfg.feedback), "prefer": cfg.feedback.drift_to}, prior, vars(cfg.prior))
+        check_tastes(source, after)
         return prior, DriftingUser(with_label_noise(source, noise, seed), with_label_noise(after, noise, seed),
                                    cfg.feedback.drift_at, cfg.feedback.drift_span, seed)
 
@@ -73,7 +75,7 @@ class Session(RoundSampling, Fitting, FinalBatch):
               components: tuple[Any, FeedbackSource | None] | None = None) -> "Session":
         """A new session in ``out``. ``kind`` names the method that runs it (a comparison's baselines
         run here too); ``components``: a prior and feedback source already built (else from ``cfg``)."""
-        validate(cfg)
+        validate_new(cfg)
         prior, source = components if components is not None else cls.components(cfg)
         store = SessionStore.create(out, cfg.to_dict(), kind=kind)  # config.json included
         return cls(store, cfg, prior, source, progress)
@@ -92,24 +94,26 @@ class Session(RoundSampling, Fitting, FinalBatch):
         except BaseException:
             store.close()
             raise
-        return cls(store, cfg, prior, source, progress)
+        session = cls(store, cfg, prior, source, progress)
+        session.timings.update(store.record("timings") or {})  # the earlier runs' (stored by ``finish``)
+        return session
 
     @staticmethod
     def changed_on_resume(store: SessionStore, cfg: AlignConfig, budget: int | None,
                           forget_before: int | None) -> AlignConfig:
         """Raise the budget and record the round the person's taste changed at (numbered from 1: the
-        ratings of earlier rounds no longer hold), each checked before either is written."""
+        ratings of earlier rounds no longer hold; see ``check_forget_before``): both checked, then
+        stored together in one commit (the database, config.json and the ledger), or neither."""
         changes = {k: v for k, v in (("budget", budget), ("forget_before", forget_before)) if v is not None}
         new = with_overrides(cfg, session=changes)  # checks each value
         validate(new)
-        held = len(store.rounds())
-        if forget_before is not None and forget_before > held + 1:
-            raise SessionError(f"--forget-before {forget_before}: this session has {held} round(s); forget the "
-                               f"rounds before one of rounds 1 to {held + 1}")
-        if budget is not None and budget != cfg.session.budget:
-            store.extend_budget(budget)
+        if budget is not None:
+            store.check_budget(budget)
         if forget_before is not None:
-            store.set_session_option("forget_before", forget_before, "forget the ratings before a change of taste")
+            check_forget_before(store, cfg, new.session.budget, forget_before)
+        changed = {k: v for k, v in changes.items() if v != getattr(cfg.session, k)}
+        if changed:
+            store.update_session(changed, " and ".join(CHANGES[k] for k in changed))
         return new
 
     @staticmethod
@@ -172,6 +176,9 @@ class Session(RoundSampling, Fitting, FinalBatch):
                 self.finish_round(action.round)
                 if on_round is not None:
                     on_round(action.round, self)
+
+
+CHANGES = {"budget": "raise the budget", "forget_before": "forget the ratings before a change of taste"}
 
 
 def with_overrides(cfg: AlignConfig, **sections: dict[str, Any]) -> AlignConfig:

@@ -2,9 +2,11 @@
 
 A session is a directory (0700; its files 0600: the web server's directory names are secrets):
   session.sqlite          meta (format, config), rounds, ratings, each tensor file's sha256
-  session.ledger          the count and running sha256 of the ratings, and the count of rounds, as
-                          of the last commit: written atomically after each one, so a database
-                          that lost a commit (a damaged write-ahead log) is refused, never used
+  session.ledger          as of the last commit: the count and running sha256 of the ratings, the
+                          count of rounds and of commits, and a sha256 of every row of every table
+                          (records, configuration changes, forget points, files): staged before each
+                          commit and renamed into place after it, so a database that lost a commit
+                          (a damaged write-ahead log) is refused, never used
   session.lock            flock'ed by the one process writing the session; holds its PID
   config.json             the configuration, for people (the database holds the same)
   rounds/round_0003.safetensors     the round's particles, log-weights and what was shown
@@ -15,15 +17,17 @@ is committed (SQLite) or atomically renamed into place after an fsync (tensors) 
 goes on, so a crash at any point loses nothing already acknowledged. Opening a session for
 writing first checks it whole: a copy of its database (``PRAGMA quick_check``, the ledger, which
 must exist once the session holds anything) and every tensor file against its stored sha256; the
-database itself is then read through a read-only connection until the first write, so a damaged
-session is refused, and any refusal made before a write leaves every file's bytes as they were.
+database itself is then read from an in-memory copy of that checked copy until the first write, so
+a damaged session is refused, and any refusal made before a write leaves every file as it was (no
+-shm or -wal appears). A change of the configuration lands whole: the database, config.json and
+the ledger all change, or none does; temporary files a failure left are removed at the next write.
 A session whose ledger is lost is opened again only after ``repair`` accepted its database as it
-stands (and recorded that it did).
+stands (and recorded that it did); ``repair`` checks everything ``open`` checks and mends nothing
+else but temporary files and a config.json that disagrees with the database.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -48,7 +52,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from apa.atomic import fsync_dir, write_file
+from apa.atomic import fsync_dir, place, stage_file, write_file
 
 FORMAT = "apa-session-1"
 DB_NAME = "session.sqlite"
@@ -165,14 +169,31 @@ def sweep_partials(parent: Path) -> None:
 # ---------------------------------------------------------------- the ledger
 
 
+STATE_TABLES = {"meta": "key", "rounds": "round", "ratings": "round, position", "files": "name"}
+
+
 def tally(conn: sqlite3.Connection) -> dict[str, Any]:
-    """The ledger of a database: its rounds, its ratings and the running sha256 of the ratings in commit order."""
+    """The ledger of a database: its rounds, its ratings and the running sha256 of the ratings in commit
+    order, its commits (meta "commits") and ``state``, a sha256 of every row of every table."""
     chain, prefixes = hashlib.sha256(), [hashlib.sha256().hexdigest()]
     for row in conn.execute("SELECT round, position, particle, score, source FROM ratings ORDER BY rowid"):
         chain.update(json.dumps(list(row)).encode())
         prefixes.append(chain.hexdigest())
     rounds = conn.execute("SELECT count(*) FROM rounds").fetchone()[0]
-    return {"rounds": rounds, "ratings": len(prefixes) - 1, "chain": prefixes[-1], "prefixes": prefixes}
+    commits = conn.execute("SELECT value FROM meta WHERE key='commits'").fetchone()
+    return {"rounds": rounds, "ratings": len(prefixes) - 1, "chain": prefixes[-1], "prefixes": prefixes,
+            "commits": int(commits[0]) if commits else 0, "state": state_digest(conn)}
+
+
+def state_digest(conn: sqlite3.Connection) -> str:
+    """A sha256 of every row of the tables a session records (STATE_TABLES), in key order."""
+    h = hashlib.sha256()
+    present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    for table, key in STATE_TABLES.items():
+        if table in present:
+            for row in conn.execute(f"SELECT * FROM {table} ORDER BY {key}"):
+                h.update(json.dumps([table, *row]).encode())
+    return h.hexdigest()
 
 
 def read_ledger(root: Path) -> dict[str, Any] | None:
@@ -182,9 +203,10 @@ def read_ledger(root: Path) -> dict[str, Any] | None:
         return None
     try:
         recorded = json.loads(path.read_text())
-        if not (isinstance(recorded, dict) and all(isinstance(recorded.get(k), int) and not isinstance(recorded.get(k), bool)
-                                                   for k in ("ratings", "rounds"))
-                and isinstance(recorded.get("chain"), str)):
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        if not (isinstance(recorded, dict) and all(whole(recorded.get(k)) for k in ("ratings", "rounds"))
+                and isinstance(recorded.get("chain"), str)
+                and whole(recorded.get("commits", 0)) and isinstance(recorded.get("state", ""), str)):
             raise ValueError("it is not an object with whole-number ratings and rounds and a chain")
         return recorded
     except (OSError, ValueError) as e:
@@ -193,19 +215,27 @@ def read_ledger(root: Path) -> dict[str, Any] | None:
 
 
 def check_ledger(db: Path, found: dict[str, Any], ledger: dict[str, Any]) -> None:
-    """Refuse a database that holds less than its ledger recorded (it may hold more: a crash between the two)."""
+    """Refuse a database that holds less than, or other than, its ledger recorded: it may be one commit
+    ahead (a crash between the commit and the ledger's rename), never behind, and at the ledger's
+    commit every row must be as recorded (ledgers older than the commit count check ratings and rounds)."""
     n = ledger.get("ratings", 0)
     lost = (n > found["ratings"] or found["prefixes"][n] != ledger.get("chain")
             or ledger.get("rounds", 0) > found["rounds"])
+    if "commits" in ledger:
+        ahead = found["commits"] - ledger["commits"]
+        lost = lost or ahead not in (0, 1) or (ahead == 0 and found["state"] != ledger.get("state"))
     if lost:
-        raise StoreError(f"{db} holds {found['ratings']} ratings and {found['rounds']} rounds, but the session "
-                         f"recorded {n} ratings and {ledger.get('rounds')} rounds ({LEDGER_NAME}): the database or its "
-                         "write-ahead log (-wal) is damaged. It was left untouched; restore the directory from a backup")
+        raise StoreError(f"{db} holds {found['ratings']} ratings, {found['rounds']} rounds and {found['commits']} "
+                         f"commits, but the session recorded {n} ratings, {ledger.get('rounds')} rounds and "
+                         f"{ledger.get('commits', 'uncounted')} commits ({LEDGER_NAME}) with other contents: the "
+                         "database or its write-ahead log (-wal) is damaged and lost a commit. It was left untouched; "
+                         "restore the directory from a backup")
 
 
-def check_database(root: Path) -> dict[str, Any]:
+def check_database(root: Path) -> tuple[dict[str, Any], sqlite3.Connection]:
     """Check a copy of the database (so SQLite cannot checkpoint a damaged log into it): integrity and
-    format. Returns its tally (see ``tally``) and ``files``, the sha256 recorded for each tensor file."""
+    format. Returns its tally (see ``tally``) with ``files``, the sha256 recorded for each tensor file,
+    and that copy in memory (a connection that reads the session without touching its files)."""
     db = root / DB_NAME
     with tempfile.TemporaryDirectory(prefix="apa-verify-") as tmp:
         for name in (DB_NAME, DB_NAME + "-wal"):
@@ -223,11 +253,13 @@ def check_database(root: Path) -> dict[str, Any]:
             found = tally(conn)
             has_files = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='files'").fetchone()
             found["files"] = dict(conn.execute("SELECT name, sha256 FROM files").fetchall()) if has_files else {}
+            snapshot = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            conn.backup(snapshot)
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{db} is damaged or not an apa session database ({e}); it was left untouched") from e
         finally:
             conn.close()
-    return found
+    return found, snapshot
 
 
 def holds_anything(root: Path, found: dict[str, Any]) -> bool:
@@ -244,17 +276,24 @@ def describe(name: str) -> str:
     return f"the surrogate fitted after round {r}" if folder == "surrogate" else f"round {r}'s tensors"
 
 
-def check_files(root: Path, files: dict[str, str]) -> None:
-    """Every tensor file the database names is there, with the sha256 stored when it was written."""
+def file_problems(root: Path, files: dict[str, str]) -> list[str]:
+    """What is wrong with the tensor files the database names: each one missing, or whose sha256 is
+    not the one stored when it was written ("round 1's tensors (rounds/round_0001.safetensors) is missing")."""
+    out = []
     for name, digest in sorted(files.items()):
         path = root / name
         if not path.is_file():
-            problem = "missing"
+            out.append(f"{describe(name)} ({name}) is missing")
         elif _sha256(path) != digest:
-            problem = "damaged: its sha256 is not the one stored when it was written"
-        else:
-            continue
-        raise StoreError(f"{describe(name)} ({name}) in {root} is {problem}; the session was left untouched. "
+            out.append(f"{describe(name)} ({name}) is damaged: its sha256 is not the one stored when it was written")
+    return out
+
+
+def check_files(root: Path, files: dict[str, str]) -> None:
+    """Every tensor file the database names is there, with the sha256 stored when it was written."""
+    problems = file_problems(root, files)
+    if problems:
+        raise StoreError(f"{problems[0].replace(') is', f') in {root} is', 1)}; the session was left untouched. "
                          "Restore the directory from a backup")
 
 
@@ -266,38 +305,64 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(root: Path) -> None:
+def verify(root: Path) -> sqlite3.Connection:
     """Everything ``open`` checks before it reads the session: the database (on a copy), its ledger
-    (required once the session holds anything) and every tensor file. StoreError if any fails."""
-    found = check_database(root)
-    recorded = read_ledger(root)
-    if recorded is None and holds_anything(root, found):
-        raise StoreError(f"{root / LEDGER_NAME} is missing, so ratings the database may have lost cannot be "
-                         f"detected; the session was left untouched. Restore it from a backup, or run `apa repair "
-                         f"{root}` to accept the database as it stands ({found['ratings']} ratings, "
-                         f"{found['rounds']} rounds)")
-    if recorded is not None:
-        check_ledger(root / DB_NAME, found, recorded)
-    check_files(root, found["files"])
+    (required once the session holds anything) and every tensor file. StoreError if any fails; else
+    the checked copy of the database, in memory."""
+    found, snapshot = check_database(root)
+    try:
+        recorded = read_ledger(root)
+        if recorded is None and holds_anything(root, found):
+            raise StoreError(f"{root / LEDGER_NAME} is missing, so ratings the database may have lost cannot be "
+                             f"detected; the session was left untouched. Restore it from a backup, or run `apa "
+                             f"repair {root}` to accept the database as it stands ({found['ratings']} ratings, "
+                             f"{found['rounds']} rounds)")
+        if recorded is not None:
+            check_ledger(root / DB_NAME, found, recorded)
+        check_files(root, found["files"])
+    except BaseException:
+        snapshot.close()
+        raise
+    return snapshot
 
 
 def _public(found: dict[str, Any]) -> dict[str, Any]:
-    return {k: found[k] for k in ("rounds", "ratings", "chain")}
+    return {k: found[k] for k in ("rounds", "ratings", "chain", "commits", "state")}
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE = 1 << 20  # bytes free below which SQLite's "disk I/O error" (a -shm or -wal it could not grow) is a full disk
+
+
+def is_full(e: BaseException, root: Path) -> bool:
+    """Whether a write failed for want of space: ENOSPC/EDQUOT, SQLITE_FULL, or an I/O error with almost
+    nothing free where the session is."""
+    if isinstance(e, OSError):
+        return e.errno in DISK_FULL
+    if "disk is full" in str(e):
+        return True
+    if "disk I/O error" not in str(e):
+        return False
+    try:
+        return shutil.disk_usage(root).free < LOW_SPACE
+    except OSError:
+        return False
 
 
 @contextmanager
-def disk_errors(root: Path, what: str, created: bool = True) -> Iterator[None]:
+def disk_errors(root: Path, what: str, created: bool = True, retry: bool = False) -> Iterator[None]:
     """OS and SQLite write failures as one StoreError saying what failed and what to do
-    (``created``: whether the session is in place, so that ``--resume`` can continue it)."""
+    (``created``: whether the session is in place, so that ``--resume`` can continue it; ``retry``:
+    the failed step changed nothing and the command that asked for it may simply be run again)."""
     try:
         yield
     except (StoreError, RatingRefused):
         raise
     except (OSError, sqlite3.OperationalError) as e:
-        full = isinstance(e, OSError) and e.errno in DISK_FULL or "disk is full" in str(e)
+        full = is_full(e, root)
+        if full and retry:
+            raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing was changed; free some "
+                             "space, then run the same command again") from e
         if full and not created:
             raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing was created; free some "
                              "space, then run the same command again") from e
@@ -317,6 +382,7 @@ class SessionStore:
         self._held = held  # the session lock (None: opened read-only, see ``read``)
         self._writer = conn if writable else None  # ``open`` reads read-only until the first write
         self._reader = None if writable else conn
+        self._made: list[Path] = []  # the -wal and -shm the writing connection made (see ``_drop_writer``)
         self._rounds: dict[int, dict[str, torch.Tensor]] = {}  # round tensors written or read (they never change)
 
     # ------------------------------------------------------------ opening
@@ -391,18 +457,18 @@ class SessionStore:
         with disk_errors(root, "open the session"):
             held = lock(root)
         try:
-            verify(root)
-            return cls(root, cls._read_only(db), held, writable=False)
+            return cls(root, verify(root), held, writable=False)
         except BaseException:
             held.close()
             raise
 
     @classmethod
     def repair(cls, root: Path) -> str:
-        """Accept the database as it stands in place of a missing or unreadable ledger: write a new
-        ledger from it and record in its meta table ("repairs") what was accepted. Everything else
-        ``open`` checks must hold; a ledger that disagrees with the database is not repaired (ratings
-        were lost: restore a backup). Returns what was done, in a sentence."""
+        """Check everything ``open`` checks, all of it, and mend what needs no guess: a missing or
+        unreadable ledger (the database accepted as it stands; recorded in its meta table, "repairs"),
+        temporary files a failure left and a config.json that disagrees with the database. Anything
+        else (a tensor file missing or damaged, a damaged database, a commit the ledger recorded and
+        the database lost) is named and refused, and then nothing is changed. Returns what was done."""
         root = Path(root)
         if not (root / DB_NAME).is_file():
             raise StoreError(f"{root} is not an apa session (no {DB_NAME}); nothing to repair")
@@ -410,31 +476,79 @@ class SessionStore:
             held = lock(root)
         store = None
         try:
-            found = check_database(root)
             try:
-                recorded = read_ledger(root)
-                problem = None if recorded is not None else "missing ledger"
+                found, snapshot = check_database(root)
             except StoreError as e:
-                recorded, problem = None, f"unreadable ledger ({e.__cause__})"
-            if recorded is not None:
-                check_ledger(root / DB_NAME, found, recorded)
-                return (f"{root}: its ledger matches its database ({found['ratings']} ratings, {found['rounds']} "
-                        "rounds); nothing to repair")
-            check_files(root, found["files"])
-            store = cls(root, cls._read_only(root / DB_NAME), held, writable=False)
-            record = {"time": time.time(), "accepted": problem, "ratings": found["ratings"],
-                      "rounds": found["rounds"], "chain": found["chain"]}
-            with store._commit("record the repair"):
-                row = store._conn.execute("SELECT value FROM meta WHERE key='repairs'").fetchone()
-                repairs = json.loads(row[0]) if row else []
-                store._conn.execute("INSERT OR REPLACE INTO meta VALUES ('repairs', ?)", (json.dumps(repairs + [record]),))
-            return (f"{root}: accepted the database as it stands in place of a {problem}: {found['ratings']} ratings, "
-                    f"{found['rounds']} rounds; a new ledger is written and the repair recorded in {DB_NAME}")
+                raise StoreError(f"{e}; repair cannot mend a damaged database: restore the directory from a "
+                                 "backup") from e
+            store = cls(root, snapshot, held, writable=False)
+            ledger, problems = cls._diagnose(root, found)
+            if problems:
+                also = f" (also, {ledger}: repair mends that once the rest is sound)" if ledger else ""
+                raise StoreError(f"{root}: {'; '.join(problems)}{also}. Repair cannot mend "
+                                 f"{'this' if len(problems) == 1 else 'these'} (only a lost ledger, temporary files "
+                                 "and config.json); nothing was changed: restore the directory from a backup")
+            return store._mend(found, ledger)
         finally:
             if store is not None:
                 store.close()
             else:
                 held.close()
+
+    @staticmethod
+    def _diagnose(root: Path, found: dict[str, Any]) -> tuple[str | None, list[str]]:
+        """What is wrong with a session whose database passed its checks: (the ledger's problem if repair
+        can mend it, else None; the problems it cannot mend)."""
+        problems = []
+        try:
+            recorded = read_ledger(root)
+            ledger = None if recorded is not None else "its ledger is missing"
+        except StoreError as e:
+            recorded, ledger = None, f"its ledger is unreadable ({e.__cause__})"
+        if recorded is not None:
+            try:
+                check_ledger(root / DB_NAME, found, recorded)
+            except StoreError as e:
+                problems.append(str(e).split(" It was left untouched")[0])
+        return ledger, problems + file_problems(root, found["files"])
+
+    def _mend(self, found: dict[str, Any], ledger: str | None) -> str:
+        """Repair's part once nothing unmendable was found: accept the database in place of a lost
+        ledger (recorded), remove temporary files, rewrite config.json from the database."""
+        counts = f"{found['ratings']} ratings, {found['rounds']} rounds"
+        leftovers, stale = self._leftovers(), self._config_stale()
+        if ledger is None and not leftovers and not stale:
+            return f"{self.root}: everything checked ({counts}, every tensor file, the ledger); nothing to repair"
+        done = []
+        if ledger is not None:
+            record = {"time": time.time(), "accepted": ledger.removeprefix("its ledger is ") + " ledger",
+                      "ratings": found["ratings"], "rounds": found["rounds"], "chain": found["chain"]}
+            with self._commit("record the repair"):  # its first write tidies as well (see _writable)
+                row = self._conn.execute("SELECT value FROM meta WHERE key='repairs'").fetchone()
+                repairs = json.loads(row[0]) if row else []
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('repairs', ?)",
+                                   (json.dumps(repairs + [record]),))
+            done.append(f"accepted the database as it stands in place of a {record['accepted']} ({counts}); a new "
+                        f"ledger is written and the repair recorded in {DB_NAME}. {self._unknown_loss(found)}")
+        else:
+            with self._lock, disk_errors(self.root, "tidy the session"):
+                self._writable()
+        if leftovers:
+            done.append(f"removed {len(leftovers)} temporary file(s) a failed write left ({', '.join(leftovers)})")
+        if stale:
+            done.append(f"rewrote {CONFIG_NAME} from the database, which it disagreed with")
+        return f"{self.root}: " + "; ".join(done) + ". Nothing else needed mending"
+
+    def _unknown_loss(self, found: dict[str, Any]) -> str:
+        """What a database accepted without its ledger may have lost: tensor files on disk it does not
+        name are rounds whose commits it lost (with their ratings); otherwise a loss cannot be told."""
+        on_disk = {str(p.relative_to(self.root)) for d in ("rounds", "surrogate")
+                   for p in (self.root / d).glob("*.safetensors")}
+        orphans = sorted(on_disk - set(found["files"]))
+        if not orphans:
+            return "Without the ledger, ratings the database may have lost cannot be told; none is evident"
+        return (f"It lost the commits that stored {', '.join(describe(n) for n in orphans)} (the files are on "
+                "disk, not in the database): those rounds' ratings are lost and are asked again when it resumes")
 
     @classmethod
     def read(cls, root: Path) -> "SessionStore":
@@ -451,26 +565,89 @@ class SessionStore:
                                check_same_thread=False)
 
     def _writable(self) -> sqlite3.Connection:
-        """The writing connection, opened at the first write of a session ``open`` checked (under ``_lock``)."""
+        """The writing connection, opened at the first write of a session ``open`` checked (under ``_lock``);
+        opening it first tidies what an earlier failure left (see ``_tidy``). If it cannot be opened, the
+        -wal and -shm files it made are gone again."""
         if self._writer is None:
             if self._held is None:
                 raise StoreError(f"{self.root} was opened read-only; open it with SessionStore.open to write")
-            conn = sqlite3.connect(f"file:{self.root / DB_NAME}?mode=rw", uri=True, timeout=30.0,
-                                   isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
-            self._writer = self._conn = conn  # the read-only one stays open for readers already using it
+            made = [self.root / (DB_NAME + x) for x in ("-wal", "-shm") if not (self.root / (DB_NAME + x)).exists()]
+            conn = None
+            try:
+                conn = sqlite3.connect(f"file:{self.root / DB_NAME}?mode=rw", uri=True, timeout=30.0,
+                                       isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
+                self._tidy(conn)
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                for path in made:
+                    path.unlink(missing_ok=True)
+                raise
+            self._writer = self._conn = conn  # the in-memory copy stays open for readers already using it
+            self._made = made
         return self._writer
 
+    def _drop_writer(self) -> None:
+        """Close a writing connection whose first commit failed, and remove the -wal and -shm it made:
+        the session's files are as they were, and the next write opens it again."""
+        self._writer.close()
+        self._writer, self._conn = None, self._reader
+        for path in self._made:
+            path.unlink(missing_ok=True)
+        self._made = []
+
+    def _leftovers(self) -> list[str]:
+        """Temporary files a failed or killed write left in the session (``*.tmp``)."""
+        return sorted(str(p.relative_to(self.root)) for d in (self.root, self.root / "rounds", self.root / "surrogate")
+                      for p in d.glob("*.tmp"))
+
+    def _config_stale(self) -> bool:
+        """Whether config.json disagrees with the configuration the database holds."""
+        try:
+            return json.loads((self.root / CONFIG_NAME).read_text()) != self.config()
+        except (OSError, ValueError):
+            return True
+
+    def _tidy(self, conn: sqlite3.Connection) -> None:
+        """Before a session's first write: remove temporary files, and rewrite config.json if a kill
+        between a commit and its rename left the old one."""
+        for name in self._leftovers():
+            (self.root / name).unlink(missing_ok=True)
+        row = conn.execute("SELECT value FROM meta WHERE key='config'").fetchone()
+        if row is not None and self._config_stale():
+            write_file(self.root / CONFIG_NAME, json.dumps(json.loads(row[0]), indent=2).encode())
+
     @contextmanager
-    def _commit(self, what: str) -> Iterator[None]:
-        """One write transaction; then the ledger. Refusals inside it roll everything back."""
-        with self._lock, disk_errors(self.root, what):
-            with self._writable():
-                self._conn.execute("BEGIN IMMEDIATE")
+    def _commit(self, what: str, files: dict[str, bytes] | None = None, retry: bool = False) -> Iterator[None]:
+        """One write transaction, counted (meta "commits"), all or nothing with the ledger and ``files``
+        (name -> bytes, written beside the database): each is staged in a temporary file before the
+        commit and renamed into place after it, so a full disk fails before anything changed. Refusals
+        inside it roll everything back. ``retry``: see ``disk_errors``."""
+        with self._lock, disk_errors(self.root, what, retry=retry):
+            fresh = self._writer is None
+            conn, staged = self._writable(), {}
+            try:
+                conn.execute("BEGIN IMMEDIATE")
                 yield
+                conn.execute("INSERT INTO meta VALUES ('commits', '1') ON CONFLICT(key) DO UPDATE "
+                             "SET value = CAST(value AS INTEGER) + 1")
+                ledger = json.dumps(_public(tally(conn))).encode()
+                for name, data in {**(files or {}), LEDGER_NAME: ledger}.items():
+                    staged[self.root / name] = stage_file(self.root / name, data)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                for tmp in staged.values():
+                    tmp.unlink(missing_ok=True)
+                if fresh:
+                    self._drop_writer()
+                raise
             failpoint(what)
-            write_file(self.root / LEDGER_NAME, json.dumps(_public(tally(self._conn))).encode())
+            for path, tmp in staged.items():
+                place(tmp, path)
 
     # ------------------------------------------------------------ meta
 
@@ -554,31 +731,38 @@ class SessionStore:
     def load_surrogate(self, r: int) -> dict[str, torch.Tensor]:
         return self._load_tensors(self.surrogate_path(r), f"the surrogate fitted after round {r}")
 
-    def extend_budget(self, budget: int) -> None:
-        """Raise the session's budget (stored in its configuration); refuses lowering it."""
-        config = self.config()
-        old = config["session"]["budget"]
+    def check_budget(self, budget: int) -> None:
+        """Refuse lowering the session's budget."""
+        old = self.config()["session"]["budget"]
         if budget < old:
             raise StoreError(f"--budget {budget} is below this session's budget {old}; a budget can only be raised")
-        if budget != old:
-            self.set_session_option("budget", budget, "raise the budget")
+
+    def extend_budget(self, budget: int) -> None:
+        """Raise the session's budget (stored in its configuration); refuses lowering it."""
+        self.check_budget(budget)
+        if budget != self.config()["session"]["budget"]:
+            self.update_session({"budget": budget}, "raise the budget")
 
     def set_session_option(self, name: str, value: Any, what: str) -> None:
         """Change one option of the session's stored configuration (``session.<name>``), all or nothing."""
+        self.update_session({name: value}, what)
+
+    def update_session(self, changes: dict[str, Any], what: str) -> None:
+        """Change options of the session's stored configuration (``session.<name>``) together, all or
+        nothing: the database, config.json and the ledger (see ``_commit``). A ``forget_before`` is
+        also added to the session's forget points (meta "forget_marks"), so an earlier one is kept."""
         config = self.config()
-        previous = json.dumps(config, indent=2).encode()
-        config["session"][name] = value
-        written = False
-        try:  # all or nothing: config.json is written inside the transaction, and put back if the commit fails
-            with self._commit(what):
-                self._conn.execute("UPDATE meta SET value=? WHERE key='config'", (json.dumps(config),))
-                write_file(self.root / CONFIG_NAME, json.dumps(config, indent=2).encode())
-                written = True
-        except BaseException:
-            if written:
-                with contextlib.suppress(OSError):
-                    write_file(self.root / CONFIG_NAME, previous)
-            raise
+        config["session"].update(changes)
+        with self._commit(what, {CONFIG_NAME: json.dumps(config, indent=2).encode()}, retry=True):
+            self._conn.execute("UPDATE meta SET value=? WHERE key='config'", (json.dumps(config),))
+            if changes.get("forget_before") is not None:
+                marks = sorted({*self.forget_marks(), changes["forget_before"]})
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('forget_marks', ?)", (json.dumps(marks),))
+
+    def forget_marks(self) -> list[int]:
+        """Every round a change of taste was recorded at (``--forget-before``, numbered from 1), in order."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key='forget_marks'").fetchone()
+        return json.loads(row[0]) if row else []
 
     # ------------------------------------------------------------ ratings
 

@@ -218,3 +218,20 @@ def test_silent_and_slow_header_connections_are_closed(manager, monkeypatch):
                     got += chunk
                 assert time.monotonic() - t0 < 8, what
                 assert (b"200 OK" in got) == (what == "idle after a response"), (what, got[:200])
+
+
+def test_an_error_body_names_no_data_directory_and_no_file(make_manager, tmp_path, monkeypatch):
+    """Hole 9: with a relative --data-dir, a damaged session's error names neither the directory nor a file."""
+    from pathlib import Path
+
+    from apa.web.sessions import WebError
+
+    monkeypatch.chdir(tmp_path)
+    data, token = _ready_session(lambda d=None, **kw: make_manager(d or Path("srvd"), **kw))
+    _flip(data / token / "rounds" / "round_0000.safetensors")
+    server = make_manager(Path("srvd"))
+    with pytest.raises(WebError) as e:
+        server.state(token)
+    message = e.value.message
+    assert "srvd" not in message and "/" not in message and "safetensors" not in message, message
+    assert "operator" in message, message

@@ -74,4 +74,5 @@ class FinalBatch:
         path = self.save_final(images=images)
         with self.timer("evaluation"):
             record_final(self, images, calls.total)
+        self.store.save_record("timings", dict(self.timings))  # a resumed session's report keeps them
         return path

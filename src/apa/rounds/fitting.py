@@ -79,7 +79,7 @@ class Fitting:
         x, y = torch.cat([x for _, x, _ in rounds]), torch.cat([y for _, _, y in rounds])
         age = torch.cat([torch.full((len(y),), rounds[-1][0] - r, dtype=torch.float32) for r, _, y in rounds])
         sc = self.cfg.surrogate
-        keep = slice(-sc.window, None) if sc.window is not None else slice(None)
+        keep = slice(-min(sc.window, len(y)), None) if sc.window is not None else slice(None)  # past n: all n
         w = None if sc.discount == 1.0 else sc.discount ** age[keep]
         return x[keep], y[keep], w
 
@@ -89,11 +89,11 @@ class Fitting:
         return x, y
 
     def changes(self) -> list[int]:
-        """The rounds where the taste changed, in order: each detected one (``--detect-change``) and the
+        """The rounds where the taste changed, in order: each detected one (``--detect-change``) and each
         one the person named (``--forget-before``, numbered from 1; stored here from 0)."""
         detected = [row["round"] for row in self.store.rounds() if row["info"].get("change_detected")]
-        said = self.cfg.session.forget_before
-        return sorted(set(detected + ([said - 1] if said is not None else [])))
+        said = [*self.store.forget_marks(), self.cfg.session.forget_before]
+        return sorted(set(detected + [m - 1 for m in said if m is not None]))
 
     def forget_point(self) -> int:
         """The first round whose ratings are remembered: the last change of taste (0: every round)."""

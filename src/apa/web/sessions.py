@@ -48,10 +48,15 @@ COUNT_LOCK = ".sessions.lock"  # flock'ed while sessions are counted and one is 
 
 
 def public(message: str) -> str:
-    """A message fit for a client: each absolute path cut to its last part, and no process ids (the
-    server's log keeps the whole message)."""
-    message = re.sub(r"(?<![\w.~-])/[^\s'\"`(),;]+", lambda m: Path(m.group()).name or "/", message)
+    """A message fit for a client: no path (absolute or relative: the data directory, a session's
+    files) and no process id; the server's log keeps the whole message."""
+    message = re.sub(r"`[^`]*/[^`]*`", "(a command for the operator)", message)
+    message = re.sub(r"[\w.~-]*(?:/[^\s'\"`(),;]+)+", "(a file on the server)", message)
     return re.sub(r"\s*\(pid [^)]*\)", "", message)
+
+
+DAMAGED = ("this session's stored files are damaged or incomplete, so it cannot be {}; nothing was changed and its "
+           "ratings are kept on the server: ask the server's operator to check its log and restore or repair it")
 
 
 class WebError(Exception):
@@ -168,6 +173,9 @@ def advance(handle: SessionHandle, report_lock: threading.Lock) -> None:
             handle.enter("ready", action.round)
         else:
             handle.enter("done", message=write_report(s, report_lock))
+    except StoreError:  # its files damaged under it: the page says so, the log says which
+        log.exception("session %s…: background step failed", handle.token[:6])
+        handle.enter("error", message=DAMAGED.format("continued"))
     except Exception as e:  # shown on the page; the store still holds everything up to the failure
         log.exception("session %s…: background step failed", handle.token[:6])
         handle.enter("error", message=f"{type(e).__name__}: {public(str(e))}. Everything rated so far is saved; "
@@ -259,8 +267,7 @@ class SessionManager:
                 raise WebError(503, "this session is open in another process; try again once it is closed") from e
             except StoreError as e:  # damaged, or its ledger lost: refused before it could take a rating
                 log.error("session %s…: %s", token[:6], e)
-                raise WebError(500, f"this session cannot be opened; nothing was changed ({public(str(e))}). "
-                                    "Its ratings are kept on the server: ask its operator") from e
+                raise WebError(500, DAMAGED.format("opened")) from e
             self.handles[token] = handle
             self.settle(handle)  # under the lock, so nobody sees the session before its phase is known
             return handle
