@@ -1,6 +1,7 @@
 """`apa align` launched like torchrun (RANK, WORLD_SIZE, ...; gloo on the CPU): 2 processes give the same
-session as plain `apa align` in one process from the same seed, bit for bit (ratings, rounds, final
-images); a rank that dies ends the run with a one-line error and --resume continues the session."""
+session as plain `apa align` in one process from the same seed (the same ratings of the same particles;
+rounds and final images equal to float rounding, bit for bit on CPUs whose kernels do not depend on
+the batch size); a rank that dies ends the run with a one-line error and --resume continues the session."""
 
 import os
 import signal
@@ -66,15 +67,26 @@ def one_process(tmp_path_factory) -> tuple:
     return record(out)
 
 
+ROUNDING = 1e-4  # float32 rounding of one network call differs with its batch's size on some CPUs (oneDNN picks
+#                 kernels by shape: a rank calls the network on 4 rows, one process on 8), ~1e-6 a call,
+#                 carried by the sampler to ~5e-5; a wrong shard, noise row or weight increment moves
+#                 particles by O(σ) ≥ 1e-2, a hundred times more
+
+
 def same_session(a: tuple, b: tuple) -> None:
+    """The same session: the same ratings of the same particles, and every tensor within float rounding."""
     (r1, t1, f1), (r2, t2, f2) = a, b
     assert len(r1) == 16 and r1 == r2
     assert len(t1) == len(t2)
     for x, y in zip(t1, t2):
         assert x.keys() == y.keys()
         for key in x:
-            assert torch.equal(x[key], y[key]), (key, (x[key].double() - y[key].double()).abs().max())
-    assert f1 is not None and torch.equal(f1, f2)
+            if x[key].is_floating_point():
+                assert torch.allclose(x[key], y[key], rtol=0.0, atol=ROUNDING), \
+                    (key, (x[key].double() - y[key].double()).abs().max())
+            else:
+                assert torch.equal(x[key], y[key]), key
+    assert f1 is not None and torch.allclose(f1, f2, rtol=0.0, atol=ROUNDING)
 
 
 def test_two_processes_give_the_session_of_plain_align(tmp_path, one_process):
