@@ -6,26 +6,29 @@ the last, nearly noise-free steps cannot separate (86–201 distinct images of 2
 `benchmarks/align_results.py`). Variants:
 
 - ``default``: the session's own final batch;
-- ``set:KEY=VALUE``: the final batch redrawn with one sampler setting changed (``set:drift=3``,
-  ``set:ess_threshold=0.2``; with the exact weights the target stays the same);
+- ``set:SECTION.KEY=VALUE``: the final batch redrawn with one setting changed (``set:sampler.drift=3``,
+  ``set:sampler.ess_threshold=0.2``: with the exact weights the target stays the same;
+  ``set:session.final_move=500``: every image moved once, the package's own move);
 - ``renoise:T``: every repeat of an image already in the batch is moved once by a Metropolis–Hastings
   step: re-noised to training timestep T and denoised by the prior's own ancestral steps (a move that
   leaves the prior's law nearly invariant), accepted with probability min(1, exp(β_end·(r(x') − r(x))))
   so the tilted target stays the target; an accepted move is a new image near the old one.
 
   python benchmarks/final_draw.py runs/yield_mnist/mnist_p0_n0_s0 runs/yield_mnist/mnist_p38_n0_s0 \\
-      --variants default,set:drift=3,set:ess_threshold=0.2,renoise:300,renoise:500
+      --variants default,set:sampler.drift=3,set:sampler.ess_threshold=0.2,renoise:500,set:session.final_move=500
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from apa.evaluation.novelty import users_liked
 from apa.evaluation.yields import distinct_mask, duplicate_threshold, take_home
 from apa.feedback.tastes import prior_pool
 from apa.priors.calls import counting
@@ -77,9 +80,9 @@ def main() -> None:
         user = s.feedback
         pool = prior_pool(s.prior, 2048)
 
-        def liked(x: torch.Tensor) -> torch.Tensor:
+        def liked(x: torch.Tensor) -> torch.Tensor:  # the simulated user's taste: classes, or one no class names
             top, pred = user.probabilities(x).max(dim=1)
-            return torch.isin(pred, torch.tensor(list(user.prefer))) & (top >= user.confidence)
+            return users_liked(user, x, torch.where(top >= user.confidence, pred, torch.full_like(pred, -1)))
 
         prior_liked = pool[liked(pool)]
         threshold = duplicate_threshold(prior_liked)
@@ -94,7 +97,8 @@ def main() -> None:
             with counting() as calls:
                 if variant.startswith("set:"):
                     key, value = variant[4:].split("=")
-                    s.cfg = with_overrides(base, sampler={key: float(value)})
+                    section, name = key.split(".")
+                    s.cfg = with_overrides(base, **{section: {name: json.loads(value)}})
                     images = s.final_samples()
                     s.cfg = base
                 elif variant.startswith("renoise:"):

@@ -234,6 +234,9 @@ class SessionConfig:
                             "toward the preference; measured), or the liked rated images noised back (see --restart; "
                             "variations of images the user already rated), drawn uniformly or balanced by crowding",
                             choices=FINAL_STARTS)
+    final_move: int | None = knob(None, "after the final batch is drawn, move each image once by Metropolis-Hastings: "
+                                  "re-noised to this training timestep, denoised by the prior, accepted by "
+                                  "exp(β_end·Δr) (none: no move; benchmarks/final_draw.py measures it)")
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
                           "(0.3 of 25: the last 8, from t≈291 of 1000)")
     detect_change: float | None = knob(None, "read a round as a change of taste when the surrogate fitted before "
@@ -254,6 +257,8 @@ class SessionConfig:
                  f"--explore must be a share in [0, 1], got {self.explore!r}")
         _require(self.explore_rounds is None or (_whole(self.explore_rounds) and self.explore_rounds >= 0),
                  f"--explore-rounds must be a whole number from 0 or none, got {self.explore_rounds!r}")
+        _require(self.final_move is None or (_whole(self.final_move) and 1 <= self.final_move < NUM_TIMESTEPS),
+                 f"--final-move must be a training timestep from 1 to {NUM_TIMESTEPS - 1}, got {self.final_move!r}")
         _require(_number(self.restart) and 0.0 < self.restart <= 1.0,
                  f"--restart must be a fraction of the steps in (0, 1], got {self.restart!r}")
         _require(self.detect_change is None or (_number(self.detect_change) and 0.0 <= self.detect_change < 1.0),

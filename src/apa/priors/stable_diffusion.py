@@ -225,18 +225,18 @@ class StableDiffusionPrior(VEPrior):
         self.components.scheduler.set_timesteps(num_steps)
         return self.components.scheduler.timesteps.double().cpu()
 
-    def sigma_of_timestep(self, t: torch.Tensor) -> torch.Tensor:
+    def sigma_of_t(self, t: torch.Tensor) -> torch.Tensor:
         """σ at (fractional) timesteps, linear in t on the ᾱ table as EulerAncestral does. float64."""
         table = self._sigma_table
         return torch.from_numpy(np.interp(t.numpy(), np.arange(len(table)), table))
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """σ at the scheduler's timesteps, then 0: [num_steps + 1] float32, decreasing."""
-        sig = self.sigma_of_timestep(self.timesteps(num_steps))
+        sig = self.sigma_of_t(self.timesteps(num_steps))
         return torch.cat([sig, torch.zeros(1, dtype=sig.dtype)]).float()
 
     def timestep_of_sigma(self, sigma: float) -> float:
-        """The fractional training timestep whose σ is ``sigma``: the inverse of :meth:`sigma_of_timestep`."""
+        """The fractional training timestep whose σ is ``sigma``: the inverse of :meth:`sigma_of_t`."""
         table = self._sigma_table
         return float(np.interp(float(sigma), table, np.arange(len(table), dtype=np.float64)))
 

@@ -18,16 +18,22 @@ class FinalBatch:
 
     def final_samples(self, n: int | None = None) -> torch.Tensor:
         """The aligned sampler's evaluation batch, resampled to equal weights: images [n, C, H, W]."""
-        n = n or self.cfg.session.eval_samples
+        sc = self.cfg.session
+        n = n or sc.eval_samples
         last = len(self.store.rounds()) - 1
         surrogate = self.surrogate_after(last, device_of(self.prior))
-        seed = self.cfg.session.seed
+        seed = sc.seed
         initial, start = self.final_start(n, generator(seed, last + 1, "restart"))
         with self.timer("final_sampling"):
             res = self.sample(surrogate, n, generator(seed, last + 1, "final"), initial=initial, start_step=start,
                               desc="final batch")
+        particles = res.resample(n, generator(seed, last + 1, "select"))
+        if sc.final_move is not None:
+            with self.timer("final_sampling"):
+                particles = moved(self.prior, self.reward(surrogate), particles, sc.final_move,
+                                  self.cfg.sampler.beta[1], self.cfg.sampler.steps, generator(seed, last + 1, "move"))
         with torch.no_grad():
-            return self.prior.decode(res.resample(n, generator(seed, last + 1, "select"))).cpu()
+            return self.prior.decode(particles).cpu()
 
     def final_start(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor | None, int]:
         """Where the final batch starts: the noise end (None, 0), or, with ``final_start="liked"``,
@@ -76,3 +82,29 @@ class FinalBatch:
             record_final(self, images, calls.total)
         self.store.save_record("timings", dict(self.timings))  # a resumed session's report keeps them
         return path
+
+
+@torch.no_grad()
+def renoised(prior, x0: torch.Tensor, t: int, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """Clean particles x0 [n, *event] noised to training timestep t (z = x0 + σ_t·ξ) and denoised by the
+    prior's own ancestral steps over the respaced grid below σ_t: [n, *event]."""
+    sigma = float(prior.sigma_of_t(torch.tensor([t])))
+    grid = prior.sigmas(steps).to(x0.device)
+    grid = torch.cat([torch.tensor([sigma], device=x0.device), grid[grid < sigma]])
+    z = x0 + sigma * torch.randn(x0.shape, generator=gen).to(x0)
+    for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        z = prior.transition(z, prior.eps(z, s), s, s_next, torch.randn(z.shape, generator=gen).to(z))
+    return z
+
+
+@torch.no_grad()
+def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """One Metropolis-Hastings move of each particle x0 [n, *event] toward p·exp(β·r): the proposal x' is x
+    re-noised to timestep t and denoised (:func:`renoised`; a move that leaves the prior's law invariant
+    when the denoiser is exact), accepted with probability min(1, exp(β·(r(x') − r(x)))). Resampling
+    leaves copies of the heavy particles that the last, nearly noise-free steps cannot separate; an
+    accepted move turns a copy into a new image near it, and the tilted law stays the target."""
+    proposal = renoised(prior, x0, t, steps, gen)
+    log_ratio = beta * (reward(proposal).reshape(-1) - reward(x0).reshape(-1)).double()
+    accept = torch.rand(x0.shape[0], generator=gen, dtype=torch.float64).log().to(log_ratio) < log_ratio
+    return torch.where(accept.reshape(-1, *[1] * (x0.dim() - 1)), proposal, x0)

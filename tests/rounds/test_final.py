@@ -1,0 +1,49 @@
+"""The final batch's Metropolis-Hastings move: the prior's re-noise-and-denoise proposal, accepted by the tilt."""
+
+import math
+
+import torch
+
+from apa.priors.calls import counting
+from apa.priors.ddpm import DDPMPrior
+from apa.priors.unet import UNet, UNetConfig
+from apa.rounds.final import moved, renoised
+
+
+def tiny_prior() -> DDPMPrior:
+    torch.manual_seed(0)
+    return DDPMPrior(UNet(UNetConfig(channels=(8, 8, 8), time_dim=16, groups=4)), name="mnist")
+
+
+def test_a_flat_reward_accepts_every_proposal_and_a_move_costs_the_steps_below_its_timestep(one_thread):
+    prior, x = tiny_prior(), torch.rand(6, 1, 28, 28) * 2 - 1
+    expected = renoised(prior, x, 500, 10, torch.Generator().manual_seed(1))
+    below = int((prior.sigmas(10) < float(prior.sigma_of_t(torch.tensor([500])))).sum())  # grid points under σ_500
+    with counting() as calls:
+        out = moved(prior, lambda z: torch.zeros(z.shape[0]), x, 500, 2.0, 10, torch.Generator().manual_seed(1))
+    assert torch.equal(out, expected) and calls.eps == 6 * below
+    assert (out - x).abs().mean() > 0.1  # at t = 500 the images change, not by rounding
+
+
+def test_a_proposal_the_tilt_rejects_leaves_the_particle(one_thread):
+    prior, x = tiny_prior(), torch.rand(5, 1, 28, 28) * 2 - 1
+
+    def reward(z):  # the particles themselves score 0, anything else −10⁹: every move is refused
+        return torch.where((z - x).flatten(1).abs().amax(dim=1) == 0, 0.0, -1e9)
+
+    assert torch.equal(moved(prior, reward, x, 300, 1.0, 8, torch.Generator().manual_seed(0)), x)
+
+
+def test_acceptance_follows_exp_beta_delta_r(one_thread):
+    """Δr = log(0.3)/β for every proposal: each is accepted with probability 0.3. Over 400 particles the
+    accepted count is binomial (sd 9.2); 4 sd catches acceptance by exp(Δr) (β ignored: 0.55) or by
+    exp(−βΔr) (always)."""
+    prior, x = tiny_prior(), torch.rand(400, 1, 28, 28) * 2 - 1
+    beta = 2.0
+
+    def reward(z):
+        return torch.where((z - x).flatten(1).abs().amax(dim=1) == 0, 0.0, math.log(0.3) / beta)
+
+    out = moved(prior, reward, x, 200, beta, 4, torch.Generator().manual_seed(3))
+    accepted = int(((out - x).flatten(1).abs().amax(dim=1) > 0).sum())
+    assert abs(accepted - 120) < 4 * 9.2
