@@ -32,19 +32,8 @@ from apa.evaluation.novelty import users_liked
 from apa.evaluation.yields import distinct_mask, duplicate_threshold, take_home
 from apa.feedback.tastes import prior_pool
 from apa.priors.calls import counting
+from apa.rounds.final import moved
 from apa.session import Session, with_overrides
-
-
-@torch.no_grad()
-def renoise(prior, x0: torch.Tensor, t: int, steps: int, gen: torch.Generator) -> torch.Tensor:
-    """x0 [n, *event] re-noised to training timestep t and denoised over the respaced grid below it."""
-    sigma0 = float(prior.sigma_of_t(torch.tensor([t])))
-    grid = prior.sigmas(steps)
-    grid = torch.cat([torch.tensor([sigma0]), grid[grid < sigma0]])
-    z = x0 + sigma0 * torch.randn(x0.shape, generator=gen)
-    for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        z = prior.transition(z, prior.eps(z, s), s, s_next, torch.randn(z.shape, generator=gen))
-    return z
 
 
 def move_repeats(session, particles: torch.Tensor, t: int, threshold: float, gen: torch.Generator
@@ -55,12 +44,9 @@ def move_repeats(session, particles: torch.Tensor, t: int, threshold: float, gen
     repeats = (~distinct_mask(prior.decode(particles), threshold)).nonzero().flatten()
     if repeats.numel() == 0:
         return particles, {"repeats": 0, "accepted": 0}
-    proposal = renoise(prior, particles[repeats], t, session.cfg.sampler.steps, gen)
-    with torch.no_grad():
-        log_ratio = beta * (reward(proposal).reshape(-1) - reward(particles[repeats]).reshape(-1))
-    accept = torch.rand(repeats.numel(), generator=gen).log() < log_ratio.double()
     out = particles.clone()
-    out[repeats[accept]] = proposal[accept]
+    out[repeats] = moved(prior, reward, particles[repeats], t, beta, session.cfg.sampler.steps, gen)
+    accept = (out[repeats] != particles[repeats]).flatten(1).any(dim=1)
     return out, {"repeats": int(repeats.numel()), "accepted": int(accept.sum())}
 
 

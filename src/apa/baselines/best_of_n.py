@@ -22,6 +22,7 @@ from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, c
                                   round_sizes)
 from apa.registry import METHODS
 from apa.seeding import generator
+from apa.smc.sampler import renoised
 
 
 @dataclass(frozen=True)
@@ -44,21 +45,11 @@ def best_indices(scores: torch.Tensor, top: int | None) -> torch.Tensor:
 
 @torch.no_grad()
 def refine(prior, images: torch.Tensor, refine_t: int, steps: int, gen: torch.Generator) -> torch.Tensor:
-    """SDEdit: re-noise images [n, C, H, W] in [0, 1] to timestep refine_t and denoise with the prior.
-
-    ``prior`` is a DDPM prior (``sigma_of_t``); the denoising follows the respaced grid of ``steps``
-    steps from the first noise level below σ(refine_t). Returns images [n, C, H, W] in [0, 1].
-    """
+    """SDEdit: re-noise images [n, C, H, W] in [0, 1] to timestep refine_t and denoise with the prior
+    (``smc.sampler.renoised``: the respaced grid of ``steps`` steps below σ(refine_t)). -> [n, C, H, W]."""
     if refine_t == 0:
         return images.clone()
-    sigma0 = float(prior.sigma_of_t(torch.tensor([refine_t])))
-    grid = prior.sigmas(steps)
-    grid = torch.cat([torch.tensor([sigma0]), grid[grid < sigma0]])
-    z = (images * 2.0 - 1.0) + sigma0 * torch.randn(images.shape, generator=gen)
-    for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        eps = prior.eps(z, s)
-        z = prior.transition(z, eps, s, s_next, torch.randn(z.shape, generator=gen))
-    return prior.decode(z)
+    return prior.decode(renoised(prior, images * 2.0 - 1.0, refine_t, steps, gen))
 
 
 def sample_around(prior, pool: torch.Tensor, scores: torch.Tensor, n: int, cfg: BestOfNConfig,

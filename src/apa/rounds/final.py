@@ -10,7 +10,7 @@ from apa import acquisition
 from apa.priors.base import HasFeatures
 from apa.priors.calls import counting
 from apa.seeding import generator
-from apa.smc.sampler import device_of
+from apa.smc.sampler import device_of, renoised
 
 
 class FinalBatch:
@@ -82,19 +82,6 @@ class FinalBatch:
             record_final(self, images, calls.total)
         self.store.save_record("timings", dict(self.timings))  # a resumed session's report keeps them
         return path
-
-
-@torch.no_grad()
-def renoised(prior, x0: torch.Tensor, t: int, steps: int, gen: torch.Generator) -> torch.Tensor:
-    """Clean particles x0 [n, *event] noised to training timestep t (z = x0 + σ_t·ξ) and denoised by the
-    prior's own ancestral steps over the respaced grid below σ_t: [n, *event]."""
-    sigma = float(prior.sigma_of_t(torch.tensor([t])))
-    grid = prior.sigmas(steps).to(x0.device)
-    grid = torch.cat([torch.tensor([sigma], device=x0.device), grid[grid < sigma]])
-    z = x0 + sigma * torch.randn(x0.shape, generator=gen).to(x0)
-    for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
-        z = prior.transition(z, prior.eps(z, s), s, s_next, torch.randn(z.shape, generator=gen).to(z))
-    return z
 
 
 @torch.no_grad()

@@ -363,3 +363,16 @@ def sample_prior(prior: Prior, n: int, num_steps: int, generator: torch.Generato
                          beta=(0.0, 0.0), generator=generator)
         out.append(prior.decode(res.particles) if decode else res.particles)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def renoised(prior, x0: torch.Tensor, t: int, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """Clean particles x0 [n, *event] noised to training timestep t (z = x0 + σ_t·ξ) and denoised by the
+    prior's own ancestral steps over the respaced grid below σ_t: [n, *event]."""
+    sigma = float(prior.sigma_of_t(torch.tensor([t])))
+    grid = prior.sigmas(steps).to(x0.device)
+    grid = torch.cat([torch.tensor([sigma], device=x0.device), grid[grid < sigma]])
+    z = x0 + sigma * torch.randn(x0.shape, generator=gen).to(x0)
+    for s, s_next in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        z = prior.transition(z, prior.eps(z, s), s, s_next, torch.randn(z.shape, generator=gen).to(z))
+    return z
