@@ -1,4 +1,11 @@
-"""Feedback efficiency of `apa align` against best-of-N on the built-in priors: the README's results.
+"""What `apa align` gives a person against best-of-N and learned-reward best-of-M: the README's results.
+
+Every row counts what a person takes home, the *yield* (final images that are liked, new and
+distinct: ``apa.evaluation.yields``) under both evaluators, per 256 images and per 1,000 network-call
+rows (``apa.priors.calls``; the method's rounds and final batch), beside the share, the distinct
+images, the first rating that liked an image and the calls. ``--taste`` adds tastes no class names
+(``apa.feedback.tastes``), scored by the judge from its own view. Each finished job is a JSON file
+under OUT/jobs; a rerun skips them (resumable per job).
 
 For each preference set, label-noise level and seed it runs one whole `apa align` session (the
 command's defaults unless overridden), then draws its final batch once per ``--final`` variant
@@ -15,6 +22,7 @@ and the total variation between the batch's class mix and the same 4,096 prior s
 by exp(β_end·r) under the session's final reward (target fidelity).
 
   python benchmarks/align_results.py --prefer 1,4,7,9 0 3,8 2,5 --seeds 0,1,2 --out runs/results
+  python benchmarks/align_results.py --prefer 0 3,8 --taste style:7:thick like:400,437,468 --final noise,noise+move:500
   python benchmarks/align_results.py --prefer 1,4,7,9 --label-noise 0,0.1 --final noise,liked:0.3
   python benchmarks/align_results.py --prior fashion --prefer 5,7,9 --out runs/fashion
   python benchmarks/align_results.py --prefer 1,4,7,9 --set sampler.weights=rate --peers ''
@@ -37,6 +45,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -70,16 +79,28 @@ def parse_set(items: list[str]) -> dict[str, dict]:
     return out
 
 
-def parse_final(text: str) -> tuple[str, float, tuple[float, float] | None]:
-    """"noise" -> ("noise", 0.3, None); "liked:0.5" -> ("liked", 0.5, None); "noise@1-4" -> ("noise", 0.3,
-    (1.0, 4.0)): where the final batch starts, the restart fraction, and a β schedule of its own."""
+class Final(NamedTuple):
+    """A final-batch variant: where it starts, the restart fraction, a β schedule of its own, a final move."""
+
+    start: str
+    restart: float = 0.3
+    beta: tuple[float, float] | None = None
+    move: int | None = None
+
+
+def parse_final(text: str) -> Final:
+    """"noise" -> Final("noise"); "liked:0.5" -> Final("liked", 0.5); "noise@1-4" -> Final("noise", 0.3,
+    (1.0, 4.0)); "noise+move:500" -> Final("noise", move=500) (``--final-move 500``)."""
+    text, _, move = text.partition("+move:")
     text, _, beta = text.partition("@")
     name, _, frac = text.partition(":")
-    return name, float(frac) if frac else 0.3, tuple(float(b) for b in beta.split("-")) if beta else None
+    return Final(name, float(frac) if frac else 0.3, tuple(float(b) for b in beta.split("-")) if beta else None,
+                 int(move) if move else None)
 
 
-def final_label(name: str, frac: float, beta: tuple[float, float] | None) -> str:
-    return f"fkc/{name}" + (f":{frac:g}" if name != "noise" else "") + (f"@{beta[0]:g}-{beta[1]:g}" if beta else "")
+def final_label(f: Final) -> str:
+    return (f"fkc/{f.start}" + (f":{f.restart:g}" if f.start != "noise" else "")
+            + (f"@{f.beta[0]:g}-{f.beta[1]:g}" if f.beta else "") + (f"+move:{f.move}" if f.move else ""))
 
 
 def reference_particles(root: Path, prior_name: str, steps: int, n: int = REFERENCE_SAMPLES) -> Path:
@@ -238,7 +259,7 @@ def job_config(prior_name: str, prefer: tuple[int, ...] | str, noise: float, see
 
 
 def one_job(out: Path, prior_name: str, prefer: tuple[int, ...] | str, noise: float, seed: int, overrides: dict,
-            finals: list[tuple[str, float, tuple[float, float] | None]], peers: tuple[str, ...],
+            finals: list[Final], peers: tuple[str, ...],
             reference: Path) -> dict:
     cfg = job_config(prior_name, prefer, noise, seed, overrides)
     shutil.rmtree(out, ignore_errors=True)
@@ -259,7 +280,7 @@ def one_job(out: Path, prior_name: str, prefer: tuple[int, ...] | str, noise: fl
             "rows": rows, "timings": timings}
 
 
-def session_rows(session, finals: list[tuple[str, float, tuple[float, float] | None]],
+def session_rows(session, finals: list[Final],
                  reference: Path) -> tuple[dict, dict[str, float]]:
     """Run the session, then one row per final-batch variant drawn from it; saves its (first variant's)
     final batch and report. Also returns the first variant's network-call rows per final image."""
@@ -275,14 +296,15 @@ def session_rows(session, finals: list[tuple[str, float, tuple[float, float] | N
     (rated, liked), seen = rated_images(session), shown_liked(session.liked_shares())
     first = first_liked([x["score"] for x in session.store.ratings() if x["score"] is not None])
     rows, kept, equal = {}, None, {}
-    for name, frac, beta in finals:
-        session.cfg = with_overrides(cfg, session={"final_start": name, "restart": frac},
-                                     sampler={"beta": beta or cfg.sampler.beta})
+    for final in finals:
+        session.cfg = with_overrides(cfg, session={"final_start": final.start, "restart": final.restart,
+                                                   "final_move": final.move},
+                                     sampler={"beta": final.beta or cfg.sampler.beta})
         t1 = time.perf_counter()
         with counting() as final_calls:
             images = session.final_samples()
         wall = rounds_s + time.perf_counter() - t1
-        rows[final_label(name, frac, beta)] = {
+        rows[final_label(final)] = {
             **judges(images, liked, rated, round_calls.total + final_calls.total, wall), **seen,
             **target_fidelity(session, judges, images), "first_liked": first, "final_calls": final_calls.total,
             "wall_s": wall}
@@ -351,7 +373,8 @@ def main() -> None:
     ap.add_argument("--label-noise", default="0", help="comma list of flip probabilities, e.g. 0,0.1")
     ap.add_argument("--final", default="noise,liked:0.3",
                     help="final-batch variants drawn from each session: noise | liked:FRACTION | balanced:FRACTION, "
-                         "comma list; empty: no apa session, the --peers alone")
+                         "each with an optional @B0-B1 (β) and +move:T (--final-move T), comma list; empty: no apa "
+                         "session, the --peers alone")
     ap.add_argument("--peers", default="best_of_n,best_of_m,best_of_m_is",
                     help="comma list of peer methods run beside each session (apa.baselines: best_of_n, best_of_m, best_of_m_is, papa, "
                          "epapa, fk_steering, das_online, seiko_ucb, guidance, prior); empty for none")
