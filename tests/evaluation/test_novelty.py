@@ -55,3 +55,30 @@ def test_reweighted_mix_of_many_draws_matches_the_tilted_law():
     mix = class_mix(labels, 3, r[labels])
     target = p * r.exp() / (p * r.exp()).sum()
     assert total_variation(mix, target) < 0.02
+
+
+def test_the_built_in_priors_ship_their_reference_samples_and_a_report_draws_none(tmp_path, monkeypatch):
+    """The first report on a machine reads the 512 shipped samples instead of drawing them (12,800 ε rows
+    a first session spent); each shipped file is named by, and records, the digest of the weights it
+    was drawn from, so a retrained prior never reads another's."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from apa.data import file_sha256
+    from apa.evaluation import novelty
+    from apa.priors.ddpm import weights_path
+    from apa.shipped import shipped_path
+
+    monkeypatch.setenv("APA_DATA", str(tmp_path))
+    monkeypatch.setattr(novelty, "draw_reference", lambda *a, **k: (_ for _ in ()).throw(AssertionError("drawn")))
+    for dataset in ("mnist", "fashion"):
+        sha = file_sha256(weights_path(dataset))
+        path = shipped_path(novelty.reference_name(sha, 25, 512))
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["prior_sha256"] == sha
+        session = SimpleNamespace(cfg=SimpleNamespace(prior=SimpleNamespace(name=dataset, weights=None),
+                                                      sampler=SimpleNamespace(steps=25)), prior=None)
+        z = novelty.prior_reference(session)
+        assert z.shape == (512, 1, 28, 28) and z.abs().max() < 3  # clean particles, in data units
+    assert not list(tmp_path.rglob("reference_*"))  # nothing drawn, nothing cached

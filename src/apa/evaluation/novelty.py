@@ -88,27 +88,43 @@ def users_liked(user: Any, images: torch.Tensor, classes: torch.Tensor) -> torch
     return taste.liked(images) if taste is not None else torch.isin(classes, torch.tensor(list(user.prefer)))
 
 
+def reference_name(sha: str, steps: int, n: int) -> str:
+    """The file name of n plain samples of the prior whose weights have sha256 ``sha``, at ``steps`` steps."""
+    return f"reference_{sha[:24]}_{steps}_{n}.safetensors"
+
+
+def draw_reference(prior: Any, steps: int, n: int = REFERENCE_SAMPLES) -> torch.Tensor:
+    """n plain samples of ``prior`` at ``steps`` steps, seed 0, clean particles [n, *event] (CPU)."""
+    from apa.smc.sampler import sample_prior
+
+    with torch.no_grad():
+        return sample_prior(prior, n, steps, torch.Generator().manual_seed(0), batch_size=256, decode=False).cpu()
+
+
 def prior_reference(session: Any, n: int = REFERENCE_SAMPLES) -> torch.Tensor | None:
-    """n plain samples of the session's prior at its step count, clean particles [n, *event], drawn
-    once (seed 0) and cached per prior weights; None for a prior without a weights file to key on."""
+    """n plain samples of the session's prior at its step count, clean particles [n, *event]: shipped
+    beside the built-in priors' weights for the default step count (``scripts/ship_references.py``),
+    else drawn once (seed 0) and cached per prior weights; None for a prior without a weights file."""
     from safetensors.torch import load_file, save
 
     from apa.atomic import write_file
     from apa.evaluation.records import cache_dir, prior_sha
-    from apa.smc.sampler import sample_prior
+    from apa.shipped import shipped_path
 
     sha = prior_sha(session)
     if sha is None:
         return None
-    path = cache_dir() / f"reference_{sha[:24]}_{session.cfg.sampler.steps}_{n}.safetensors"
+    name = reference_name(sha, session.cfg.sampler.steps, n)
+    path = cache_dir() / name
+    if shipped_path(name).is_file():  # named by the weights' digest: it belongs to exactly these weights
+        path = shipped_path(name)
     if path.is_file():
         try:
             return load_file(path)["particles"]
         except Exception:  # a damaged cache entry is drawn again
             pass
-    with torch.no_grad():
-        z = sample_prior(session.prior, n, session.cfg.sampler.steps, torch.Generator().manual_seed(0),
-                         batch_size=256, decode=False).cpu()
+    z = draw_reference(session.prior, session.cfg.sampler.steps, n)
+    path = cache_dir() / name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_file(path, save({"particles": z.contiguous()}), mode=0o644, shared=True)
