@@ -125,3 +125,18 @@ def test_novelty_and_target_blocks_show_both_class_mixes_and_say_whose_target_it
     assert "not its own" in text and "| digit 0 | 50% | 45% |" in text and "| not confident | 0% | 5% |" in text
     assert "digit 1 |" not in text  # classes absent from both mixes are left out
     assert rp.checks_blocks({}, ()) == []
+
+
+def test_the_take_home_block_counts_distinct_new_liked_images_and_the_calls():
+    from apa.evaluation.report import call_rows, take_home_block
+
+    checks = {"images": 256, "distinct": 188, "distinct_liked": 171, "new_liked": 221, "yield": 165, "final_calls": 18945}
+    rows = [{"calls": 12000}, {"calls": 10652}]
+    calls = call_rows(rows, checks)
+    assert calls == {"rounds": 22652, "final": 18945, "total": 41597}
+    (_, title), (_, items) = take_home_block(checks, calls)
+    assert title == "What you take home" and "**188** of 256" in items[0] and "**165**" in items[1]
+    assert "total **41,597**; 3.97 liked new distinct images per 1,000" in items[2]
+    assert call_rows([{"calls": None}], checks)["total"] is None  # a session from before the count: no rate
+    person = take_home_block({"images": 8, "distinct": 7, "new": 5}, {"rounds": None, "final": None, "total": None})
+    assert "new (no near-copy of a rated image): **5**" in person[1][1][1] and len(person[1][1]) == 2

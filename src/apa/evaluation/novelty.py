@@ -152,7 +152,7 @@ def final_checks(session: Any, images: torch.Tensor, reference: torch.Tensor) ->
         rated = session.prior.decode(x)
     liked = rated[y > 0]
     user = session.feedback
-    out: dict[str, Any] = {"reference_samples": int(reference.shape[0])}
+    out: dict[str, Any] = {"reference_samples": int(reference.shape[0]), "images": int(images.shape[0])}
     if getattr(user, "probabilities", None) is None:  # a person: no view of what they like in the batch
         every = torch.ones(images.shape[0], dtype=torch.bool)
         home = take_home(images, every, rated, prior_images)

@@ -114,8 +114,9 @@ def take_home_block(checks: dict[str, Any], calls: dict[str, int | None]) -> lis
     """What the person takes home: distinct, new, liked images of the final batch and their network calls."""
     if "distinct" not in checks:
         return []
+    of = f" of {checks['images']}" if "images" in checks else ""
     items = [f"distinct images (no two the same to within the closest 1% of independent prior samples): "
-             f"**{checks['distinct']}**"]
+             f"**{checks['distinct']}**{of}"]
     if "yield" in checks:
         items.append(f"liked, new (no near-copy of a rated image) and distinct: **{checks['yield']}** "
                      f"(liked and distinct: {checks['distinct_liked']}; liked and new: {checks['new_liked']})")
