@@ -10,8 +10,9 @@ under OUT/jobs; a rerun skips them (resumable per job).
 For each preference set, label-noise level and seed it runs one whole `apa align` session (the
 command's defaults unless overridden), then draws its final batch once per ``--final`` variant
 from the same session (one thing changed at a time: where the final batch starts), and runs
-each ``--peers`` method (default best-of-N; any of ``apa.baselines``, their code and settings
-unchanged) on the same prior, simulated user, seed, budget, round size and final batch size. Every batch is judged twice: by the simulated user's oracle
+each ``--peers`` method (default best-of-N and learned-reward best-of-M; any of ``apa.baselines``,
+their code and settings unchanged) on the same prior, simulated user, seed, budget, round size and final batch size. Every
+batch is judged twice: by the simulated user's oracle
 (with real held-out images of the preferred classes for the Fréchet distance in its features), and
 by the independent judge (``apa.evaluation.judge``: another network, another data split, a "none of
 the classes" output), which never rated anything. Per batch: preferred∧confident share under both,
@@ -137,7 +138,7 @@ class Judges:
         taste = getattr(user, "taste", None)  # a TasteUser (perhaps inside an ErringUser)
         self.judge_taste = None if taste is None else Taste.fit(taste.spec, judge_view(self.judge), images,
                                                                 taste.examples)
-        self.prior_liked = {"oracle": images[self.liked(images, "oracle")], "judge": images[self.liked(images, "judge")]}
+        self.prior_liked = {by: images[self.liked(images, by)] for by in ("oracle", "judge")}
         self.prior_preferred = self.prior_liked["judge"]
 
     def liked(self, images: torch.Tensor, by: str) -> torch.Tensor:
@@ -233,8 +234,9 @@ def peer_row(name: str, cfg, prior, user, judges: Judges, workdir: Path, equal_c
     s = cfg.session
     t0 = time.perf_counter()
     with counting() as calls:
+        config = peer_config(name, equal_calls, cfg.sampler.steps)
         run = baselines.get(name)(prior, user, s.budget, s.per_round, s.seed, eval_samples=s.eval_samples,
-                                  workdir=workdir, **({"config": c} if (c := peer_config(name, equal_calls, cfg.sampler.steps)) else {}))
+                                  workdir=workdir, **({"config": config} if config else {}))
         before = calls.total
         images = run.sample(s.eval_samples, generator(s.seed, 0, "eval"))
     wall = time.perf_counter() - t0
@@ -355,7 +357,8 @@ def print_table(results: list[dict]) -> None:
             cells = [summarise([_num(r["rows"].get(method, {}).get(k)) for r in runs], worst=k in WORST)
                      for k in KEYS]
             found = [r["rows"][method].get("first_liked") for r in runs if method in r["rows"]]
-            cells[KEYS.index("first_liked")] += f" [≤ 40: {sum(f is not None and f <= 40 for f in found)}/{len(found)}]"
+            early = sum(f is not None and f <= 40 for f in found)
+            cells[KEYS.index("first_liked")] += f" [≤ 40: {early}/{len(found)}]"
             print(f"| {prior} | {label} ({share:.3f}) | {noise:g} | {method} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -376,7 +379,8 @@ def main() -> None:
                          "each with an optional @B0-B1 (β) and +move:T (--final-move T), comma list; empty: no apa "
                          "session, the --peers alone")
     ap.add_argument("--peers", default="best_of_n,best_of_m,best_of_m_is",
-                    help="comma list of peer methods run beside each session (apa.baselines: best_of_n, best_of_m, best_of_m_is, papa, "
+                    help="comma list of peer methods run beside each session (apa.baselines: best_of_n, best_of_m, "
+                         "best_of_m_is, papa, "
                          "epapa, fk_steering, das_online, seiko_ucb, guidance, prior); empty for none")
     ap.add_argument("--set", nargs="*", default=[], help="overrides like sampler.beta=2,8")
     ap.add_argument("--threads", type=int, default=2)
@@ -405,8 +409,9 @@ def main() -> None:
     print(f"prior {args.prior}, overrides {overrides}, seeds {seeds}\n", flush=True)
     done = root / "jobs"  # one JSON per finished job: a run stopped early keeps them, and a rerun skips them
     done.mkdir(parents=True, exist_ok=True)
-    results = [json.loads((done / f"{j[0].name}.json").read_text()) for j in jobs if (done / f"{j[0].name}.json").exists()]
-    todo = [j for j in jobs if not (done / f"{j[0].name}.json").exists()]
+    finished = [done / f"{j[0].name}.json" for j in jobs]
+    results = [json.loads(path.read_text()) for path in finished if path.exists()]
+    todo = [j for j, path in zip(jobs, finished) if not path.exists()]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} jobs already done in {done}", flush=True)
     with multiprocessing.get_context("spawn").Pool(max(args.jobs, 1)) as pool:
         for result in pool.imap_unordered(_job, todo, chunksize=1):

@@ -130,7 +130,8 @@ def test_novelty_and_target_blocks_show_both_class_mixes_and_say_whose_target_it
 def test_the_take_home_block_counts_distinct_new_liked_images_and_the_calls():
     from apa.evaluation.report import call_rows, take_home_block
 
-    checks = {"images": 256, "distinct": 188, "distinct_liked": 171, "new_liked": 221, "yield": 165, "final_calls": 18945}
+    checks = {"images": 256, "distinct": 188, "distinct_liked": 171, "new_liked": 221, "yield": 165,
+              "final_calls": 18945}
     rows = [{"calls": 12000}, {"calls": 10652}]
     calls = call_rows(rows, checks)
     assert calls == {"rounds": 22652, "final": 18945, "total": 41597}
