@@ -30,7 +30,7 @@ def test_compare_runs_every_method_and_writes_its_outputs(tmp_path, mnist_arrays
             "--epochs", "5", "--threads", "1", "--yardstick", "64", "--out", str(out)]
     assert main(args) == 0
     summary = json.loads((out / "compare.json").read_text())
-    assert set(summary["methods"]) == {"fkc", "papa", "epapa", "best_of_n", "guidance", "prior"}
+    assert set(summary["methods"]) == {"fkc", "papa", "epapa", "best_of_n", "best_of_m", "guidance", "prior"}
     for name, s in summary["methods"].items():
         assert set(s["by_budget"]) == {"2", "4"} and s["seeds"] == [0, 1], name
         assert s["oracle_ratings"]["mean"] == (0 if name == "prior" else 4), name
@@ -42,6 +42,10 @@ def test_compare_runs_every_method_and_writes_its_outputs(tmp_path, mnist_arrays
     calls = {name: s["by_budget"]["4"]["calls"]["mean"] for name, s in summary["methods"].items()}
     assert calls["prior"] == 4 * 2  # 4 plain samples of 2 steps: one ε row each per step
     assert calls["fkc"] > calls["best_of_n"]  # steering reads features and their gradient beside ε
+    # best-of-M: its 4 rated samples of 2 ε steps; two fits (at 2 and 4 ratings) reading the features of
+    # the rated images and one probe row each; then its pool at equal calls to the default final batch
+    # (74 rows an image over 3 rows a sample: 99 samples for 4 images), 2 ε rows and one features row each
+    assert calls["best_of_m"] == 4 * 2 + (2 + 1) + (4 + 1) + 99 * 3
     assert summary["real"]["preferred_share"] > 0.9
     md = (out / "compare.md").read_text()
     assert "| fkc | 4 |" in md and "apa compare --prior mnist" in md and "yield per 1,000 rows" in md
@@ -55,6 +59,7 @@ def test_compare_runs_every_method_and_writes_its_outputs(tmp_path, mnist_arrays
 def test_compare_runs_the_fields_methods_beside_apa(tmp_path, mnist_arrays):
     """`apa compare --methods fkc,fk_steering,das_online,seiko_ucb,best_of_n,papa`: each peer spends the
     same budget in the same rounds and gets its own settings at the comparison's step count."""
+    from apa.baselines.best_of_m import BestOfMConfig
     from apa.baselines.das_online import DASOnlineConfig
     from apa.baselines.fk_steering import FKSteeringConfig
     from apa.baselines.seiko_ucb import SEIKOConfig
@@ -64,6 +69,7 @@ def test_compare_runs_the_fields_methods_beside_apa(tmp_path, mnist_arrays):
     assert method_config(cc, "fk_steering") == FKSteeringConfig(steps=3)
     assert method_config(cc, "das_online") == DASOnlineConfig(steps=3)
     assert method_config(cc, "seiko_ucb") == SEIKOConfig(steps=3)
+    assert method_config(cc, "best_of_m") == BestOfMConfig(steps=3)
     weights = export_prior(tiny_unet(), tmp_path / "tiny.safetensors", "mnist", 0.6, {})
     out = tmp_path / "cmp"
     methods = "fkc,fk_steering,das_online,seiko_ucb,best_of_n,papa"

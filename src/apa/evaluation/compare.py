@@ -34,8 +34,10 @@ from apa.config import NUM_TIMESTEPS
 
 PEER_CONFIGS = {"fk_steering": ("apa.baselines.fk_steering", "FKSteeringConfig"),
                 "das_online": ("apa.baselines.das_online", "DASOnlineConfig"),
-                "seiko_ucb": ("apa.baselines.seiko_ucb", "SEIKOConfig")}
-DEFAULT_METHODS = ("fkc", "papa", "epapa", "best_of_n", "guidance", "prior")  # the peers are chosen with --methods
+                "seiko_ucb": ("apa.baselines.seiko_ucb", "SEIKOConfig"),
+                "best_of_m": ("apa.baselines.best_of_m", "BestOfMConfig"),
+                "best_of_m_is": ("apa.baselines.best_of_m", "BestOfMConfig")}
+DEFAULT_METHODS = ("fkc", "papa", "epapa", "best_of_n", "best_of_m", "guidance", "prior")  # peers: --methods
 REFERENCE = "papa@300"  # PAPA at its own budget: 300 labels, 10 per round
 REFERENCE_BUDGET, REFERENCE_PER_ROUND = 300, 10
 SCALARS = ("preferred_confident_share", "preferred_share", "confident_share", "coverage_entropy",
