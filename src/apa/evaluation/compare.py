@@ -401,7 +401,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def register_cli(subparsers) -> None:
     """Add ``apa compare`` (the work happens in :func:`cmd_compare`)."""
-    p = subparsers.add_parser("compare", help="FKC vs PAPA/EPAPA, best-of-N, guidance and the prior, same budget")
+    p = subparsers.add_parser("compare", help="FKC vs PAPA/EPAPA, best-of-N, learned-reward best-of-M, guidance and the prior, same budget")
     p.add_argument("--out", required=True, help="output directory (results are cached there per method and seed)")
     p.add_argument("--prior", default="mnist", choices=["mnist", "fashion"])
     p.add_argument("--prior-weights", help="a DDPM safetensors file (default: the shipped one)")
