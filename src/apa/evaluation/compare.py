@@ -74,7 +74,8 @@ class CompareConfig:
             raise ValueError(f"budgets must be positive rating counts, got {self.budgets}")
         if self.seeds < 1 or self.eval_samples < 2:
             raise ValueError("--seeds must be at least 1 and --eval-samples at least 2")
-        for flag, v in (("--yardstick", self.yardstick), ("--per-round", self.per_round), ("--particles", self.particles), ("--steps", self.steps),
+        for flag, v in (("--yardstick", self.yardstick), ("--per-round", self.per_round),
+                        ("--particles", self.particles), ("--steps", self.steps),
                         ("--epochs", self.epochs), ("--papa-timesteps", self.papa_timesteps)):
             if v < 1:
                 raise ValueError(f"{flag} must be at least 1, got {v}")
@@ -279,8 +280,9 @@ def run_one(cc: CompareConfig, method: str, seed: int, prior, user, evaluate: Ev
               "eval_seconds": {str(k): v for k, v in res.eval_seconds.items()}, "oracle_ratings": res.oracle_ratings,
               "rounds": [{"round": r.round, "spent": r.spent, "mean_score": float(np.mean(r.scores))}
                          for r in res.records],
-              "metrics": {str(b): {**evaluate(images), **evaluate.take_home(
-                  images, rated[:b], align_calls + res.eval_calls.get(b, 0))} for b, images in sorted(res.checkpoints.items())}}
+              "metrics": {str(b): {**evaluate(images),  # the images rated by budget b: the first b
+                                   **evaluate.take_home(images, rated[:b], align_calls + res.eval_calls.get(b, 0))}
+                          for b, images in sorted(res.checkpoints.items())}}
     np.savez_compressed(out / "runs" / f"{method}_seed{seed}.npz",
                         images=res.checkpoints[max(res.checkpoints)].float().numpy().astype(np.float32))
     _write_json(path, result)
@@ -401,7 +403,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 def register_cli(subparsers) -> None:
     """Add ``apa compare`` (the work happens in :func:`cmd_compare`)."""
-    p = subparsers.add_parser("compare", help="FKC vs PAPA/EPAPA, best-of-N, learned-reward best-of-M, guidance and the prior, same budget")
+    p = subparsers.add_parser("compare", help="FKC vs PAPA/EPAPA, best-of-N, learned-reward best-of-M, guidance "
+                                              "and the prior, same budget")
     p.add_argument("--out", required=True, help="output directory (results are cached there per method and seed)")
     p.add_argument("--prior", default="mnist", choices=["mnist", "fashion"])
     p.add_argument("--prior-weights", help="a DDPM safetensors file (default: the shipped one)")
@@ -422,7 +425,8 @@ def register_cli(subparsers) -> None:
                    help="stratified timesteps per image estimating PAPA's sum over all 1000 (1000: exact)")
     p.add_argument("--refine-t", type=int, default=300, help="best-of-N: SDEdit re-noising timestep")
     p.add_argument("--yardstick", type=int, default=2048,
-                   help="plain prior samples (drawn once per machine) that set the yield's repeat and near-copy thresholds")
+                   help="plain prior samples (drawn once per machine) that set the yield's repeat and near-copy "
+                        "thresholds")
     p.add_argument("--threads", type=int, default=None,
                    help="torch (and BLAS) threads; 1 is fastest on a shared machine (default: the libraries' choice)")
     p.set_defaults(func=cmd_compare)
