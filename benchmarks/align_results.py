@@ -386,10 +386,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/results")
     ap.add_argument("--jobs", type=int, default=1, help="jobs at once, in separate processes")
-    ap.add_argument("--summarise", metavar="DIR", help="print the table of the jobs finished so far in DIR and exit")
+    ap.add_argument("--summarise", metavar="DIR",
+                    help="print the table of the jobs finished so far in DIR (a run's --out, or its jobs) and exit")
     args = ap.parse_args()
     if args.summarise:
-        runs = [json.loads(p.read_text()) for p in sorted(Path(args.summarise, "jobs").glob("*.json"))]
+        root = Path(args.summarise)
+        jobs_dir = root / "jobs" if (root / "jobs").is_dir() else root  # a run's OUT, or a folder of its jobs
+        runs = [json.loads(p.read_text()) for p in sorted(jobs_dir.glob("*.json"))]
         print_table(sorted(runs, key=lambda r: (r["noise"], set_label(r["prefer"]), r["seed"])))
         return
     torch.set_num_threads(args.threads)
