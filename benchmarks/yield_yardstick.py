@@ -27,7 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     prior = load_prior(args.prior)
     pool = prior_pool(prior, 2048)
-    print("| liked set | liked of 2,048 | threshold | distinct of the second half | 50 images twice |\n|---|---|---|---|---|")
+    print("| liked set | liked of 2,048 | threshold | distinct of the second half | 50 images twice |\n"
+          "|---|---|---|---|---|")
     for prefer in args.prefer:
         user = make_oracle({"prefer": prefer}, prior)
         top, pred = user.probabilities(pool).max(dim=1)
@@ -36,8 +37,9 @@ def main() -> None:
         threshold = duplicate_threshold(liked[:half])
         counted = liked[half:][:256]
         twice = int(distinct_mask(torch.cat([counted[:50], counted[:50]]), threshold).sum())
-        print(f"| {{{prefer}}} | {liked.shape[0]} | {threshold:.3f} | {int(distinct_mask(counted, threshold).sum())} of "
-              f"{counted.shape[0]} | {twice} |", flush=True)
+        distinct = int(distinct_mask(counted, threshold).sum())
+        print(f"| {{{prefer}}} | {liked.shape[0]} | {threshold:.3f} | {distinct} of {counted.shape[0]} | {twice} |",
+              flush=True)
 
 
 if __name__ == "__main__":
