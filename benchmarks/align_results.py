@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from apa.config import preset
+from apa.evaluation.novelty import users_liked
 from apa.evaluation.report import write_report
 from apa.session import Session, with_overrides
 
@@ -145,11 +146,7 @@ class Judges:
         """[n] bool: the evaluator ``by`` ("oracle" | "judge") likes the image: a confident preferred
         class, or the taste as it sees it."""
         if by == "oracle":
-            taste = getattr(self.user, "taste", None)
-            if taste is not None:
-                return taste.liked(images)
-            top, pred = self.user.probabilities(images).max(dim=1)
-            return torch.isin(pred, torch.tensor(self.prefer)) & (top >= self.user.confidence)
+            return users_liked(self.user, images)
         if self.judge_taste is not None:
             return self.judge_taste.liked(images)
         labels, conf = self.judge.classify(images)

@@ -66,11 +66,7 @@ def main() -> None:
         user = s.feedback
         pool = prior_pool(s.prior, 2048)
 
-        def liked(x: torch.Tensor) -> torch.Tensor:  # the simulated user's taste: classes, or one no class names
-            top, pred = user.probabilities(x).max(dim=1)
-            return users_liked(user, x, torch.where(top >= user.confidence, pred, torch.full_like(pred, -1)))
-
-        prior_liked = pool[liked(pool)]
+        prior_liked = pool[users_liked(user, pool)]  # the user's taste: classes, or one no class names
         threshold = duplicate_threshold(prior_liked)
         x, _ = s.training_data()
         rated = s.prior.decode(x)
@@ -91,7 +87,7 @@ def main() -> None:
                     z, moved = move_repeats(s, batch * 2.0 - 1.0, int(variant.split(":")[1]), threshold,
                                             torch.Generator().manual_seed(1_000_003 * s.cfg.session.seed + last))
                     images = s.prior.decode(z)
-            mask = liked(images)
+            mask = users_liked(user, images)
             spent = calls.total + (0 if variant.startswith("set:") else drawn.total)  # a redraw replaces the batch
             home = take_home(images, mask, rated, prior_liked, spent)
             print(f"| {Path(src).name} | {variant} | {float(mask.double().mean()):.3f} | {home['distinct']} | "

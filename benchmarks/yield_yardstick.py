@@ -14,6 +14,7 @@ import argparse
 
 import torch
 
+from apa.evaluation.novelty import users_liked
 from apa.evaluation.yields import distinct_mask, duplicate_threshold
 from apa.feedback.oracle import make_oracle
 from apa.feedback.tastes import prior_pool
@@ -31,8 +32,7 @@ def main() -> None:
           "|---|---|---|---|---|")
     for prefer in args.prefer:
         user = make_oracle({"prefer": prefer}, prior)
-        top, pred = user.probabilities(pool).max(dim=1)
-        liked = pool[torch.isin(pred, torch.tensor(list(user.prefer))) & (top >= user.confidence)]
+        liked = pool[users_liked(user, pool)]
         half = liked.shape[0] // 2
         threshold = duplicate_threshold(liked[:half])
         counted = liked[half:][:256]

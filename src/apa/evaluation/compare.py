@@ -133,14 +133,11 @@ class Evaluator:
     def with_yardstick(self, prior, n: int = 2048) -> "Evaluator":
         """Set the yield's yardstick: n plain samples of ``prior`` (drawn once per machine), those the
         simulated user likes."""
-        import torch
-
+        from apa.evaluation.novelty import users_liked
         from apa.feedback.tastes import prior_pool
 
         pool = prior_pool(prior, n)
-        top, pred = self.user.probabilities(pool).max(dim=1)
-        keep = torch.isin(pred, torch.tensor(list(self.user.prefer))) & (top >= self.user.confidence)
-        self.prior_liked = pool[keep]
+        self.prior_liked = pool[users_liked(self.user, pool)]
         return self
 
     def _preferred(self, images, labels):
@@ -158,13 +155,10 @@ class Evaluator:
         distinct ones (``evaluation.yields``), given the images rated so far [r, ...] and the call rows
         spent for the batch (the rounds' and its own); plain prior samples of the preferred classes
         (``feedback.tastes.prior_pool``, drawn once per machine) are the yardstick."""
-        import torch
-
+        from apa.evaluation.novelty import users_liked
         from apa.evaluation.yields import take_home
 
-        top, pred = self.user.probabilities(images).max(dim=1)
-        liked = torch.isin(pred, torch.tensor(list(self.user.prefer))) & (top >= self.user.confidence)
-        home = take_home(images, liked, rated, self.prior_liked, calls)
+        home = take_home(images, users_liked(self.user, images), rated, self.prior_liked, calls)
         return {"distinct": home["distinct"], "yield": home["yield"], "calls": calls,
                 "yield_per_kcall": home.get("yield_per_kcall", 0.0)}
 

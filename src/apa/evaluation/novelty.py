@@ -81,11 +81,14 @@ def oracle_classes(user: Any, images: torch.Tensor) -> torch.Tensor:
     return torch.where(top >= user.confidence, pred, torch.full_like(pred, UNSURE))
 
 
-def users_liked(user: Any, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+def users_liked(user: Any, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
     """bool [n]: the simulated user likes the image [n, C, H, W]: its taste holds (a taste no class
-    names), else its class (``oracle_classes``, [n]) is a preferred one."""
+    names), else its confident class (``oracle_classes``, [n]; computed when not given) is a preferred one."""
     taste = getattr(user, "taste", None)
-    return taste.liked(images) if taste is not None else torch.isin(classes, torch.tensor(list(user.prefer)))
+    if taste is not None:
+        return taste.liked(images)
+    classes = oracle_classes(user, images) if classes is None else classes
+    return torch.isin(classes, torch.tensor(list(user.prefer)))
 
 
 def reference_name(sha: str, steps: int, n: int) -> str:
