@@ -11,8 +11,8 @@ For each preference set, label-noise level and seed it runs one whole `apa align
 command's defaults unless overridden), then draws its final batch once per ``--final`` variant
 from the same session (one thing changed at a time: where the final batch starts), and runs
 each ``--peers`` method (default best-of-N and learned-reward best-of-M; any of ``apa.baselines``,
-their code and settings unchanged) on the same prior, simulated user, seed, budget, round size and final batch size. Every
-batch is judged twice: by the simulated user's oracle
+their code and settings unchanged) on the same prior, simulated user, seed, budget, round size and
+final batch size. Every batch is judged twice: by the simulated user's oracle
 (with real held-out images of the preferred classes for the Fréchet distance in its features), and
 by the independent judge (``apa.evaluation.judge``: another network, another data split, a "none of
 the classes" output), which never rated anything. Per batch: preferred∧confident share under both,
