@@ -1,7 +1,7 @@
 """What `apa align` gives a person against best-of-N and learned-reward best-of-M: the README's results.
 
 Every row counts what a person takes home, the *yield* (final images that are liked, new and
-distinct: ``apa.evaluation.yields``) under both evaluators, per 256 images and per 1,000 network-call
+distinct: ``apa.measures.yields``) under both evaluators, per 256 images and per 1,000 network-call
 rows (``apa.priors.calls``; the method's rounds and final batch), beside the share, the distinct
 images, the first rating that liked an image and the calls. ``--taste`` adds tastes no class names
 (``apa.feedback.tastes``), scored by the judge from its own view. Each finished job is a JSON file
@@ -17,7 +17,7 @@ final batch size. Every batch is judged twice: by the simulated user's oracle
 by the independent judge (``apa.evaluation.judge``: another network, another data split, a "none of
 the classes" output), which never rated anything. Per batch: preferred∧confident share under both,
 the rarest preferred class's share among the preferred (both), near-copies of the liked rated
-images and the distance ratio (``apa.evaluation.novelty``, preferred images by the judge, 4,096
+images and the distance ratio (``apa.measures.novelty``, preferred images by the judge, 4,096
 plain prior samples as the yardstick), the share of shown images the user liked from round 3 on,
 and the total variation between the batch's class mix and the same 4,096 prior samples reweighted
 by exp(β_end·r) under the session's final reward (target fidelity).
@@ -51,8 +51,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from apa.session import components
+from apa.session.lifecycle import FINAL, drive
 from apa.config import preset
-from apa.evaluation.novelty import users_liked
+from apa.measures.novelty import users_liked
 from apa.evaluation.report import write_report
 from apa.session import Session, with_overrides
 
@@ -157,8 +159,8 @@ class Judges:
         """Every number of a row for one batch of images [n, 1, 28, 28] in [0, 1], given the images
         the user liked during the session [m, 1, 28, 28], every image rated [r, ...], and the network
         call rows and seconds the method spent (for the yield per call and per second)."""
-        from apa.evaluation.novelty import near_copies
-        from apa.evaluation.yields import take_home
+        from apa.measures.novelty import near_copies
+        from apa.measures.yields import take_home
 
         rated = liked if rated is None else rated
         ev = self.oracle(images)
@@ -182,8 +184,8 @@ class Judges:
 
 def target_fidelity(session, judges: Judges, images: torch.Tensor) -> dict:
     """The final batch's class mix against the reference prior samples reweighted by exp(β_end·r(x0))
-    under the session's final reward (``apa.evaluation.novelty.final_checks``)."""
-    from apa.evaluation.novelty import final_checks
+    under the session's final reward (``apa.measures.novelty.final_checks``)."""
+    from apa.measures.novelty import final_checks
 
     checks = final_checks(session, images, judges.reference)
     return {k: checks[k] for k in ("target_tv", "target_ess", "target_mix", "batch_mix")}
@@ -191,7 +193,7 @@ def target_fidelity(session, judges: Judges, images: torch.Tensor) -> dict:
 
 def rated_images(session) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image rated in the session and those the user liked, decoded: ([r, C, H, W], [m, C, H, W])."""
-    x, y = session.training_data()
+    x, y = session.state.training_set()[:2]
     with torch.no_grad():
         images = session.prior.decode(x)
     return images, images[y > 0]
@@ -269,7 +271,7 @@ def one_job(out: Path, prior_name: str, prefer: tuple[int, ...] | str, noise: fl
         timings = dict(session.timings)
         prior, user = session.prior, session.feedback
     else:  # the peers alone, on the same components
-        prior, user = Session.components(cfg)
+        prior, user = components.build(cfg)
     judges = Judges(user, prior_name, cfg.session.eval_samples, torch.load(reference), prior.decode)
     for name in peers:
         rows[name] = peer_row(name, cfg, prior, user, judges, out / name, equal_calls)
@@ -288,11 +290,11 @@ def session_rows(session, finals: list[Final],
     cfg = session.cfg
     t0 = time.perf_counter()
     with counting() as round_calls:
-        session.run()
+        drive(session, until=FINAL)
     rounds_s = time.perf_counter() - t0
     judges = Judges(session.feedback, cfg.prior.name, cfg.session.eval_samples, torch.load(reference),
                     session.prior.decode)
-    (rated, liked), seen = rated_images(session), shown_liked(session.liked_shares())
+    (rated, liked), seen = rated_images(session), shown_liked(session.state.liked_shares())
     first = first_liked([x["score"] for x in session.store.ratings() if x["score"] is not None])
     rows, kept, equal = {}, None, {}
     for final in finals:
@@ -310,7 +312,7 @@ def session_rows(session, finals: list[Final],
         if kept is None:
             kept, equal = images, {"rows_per_image": final_calls.total / images.shape[0]}
     session.cfg = cfg
-    path = session.save_final(images=kept)
+    path = session.store.save_final(kept)
     write_report(session)
     with np.load(path) as z:
         assert z["images"].shape[0] == cfg.session.eval_samples

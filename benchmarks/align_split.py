@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from apa.session.lifecycle import FINAL, drive
 from apa.config import AlignConfig
 from apa.session import Session
 
@@ -28,8 +29,8 @@ def fresh_run() -> list[dict]:
     out = Path(tempfile.mkdtemp()) / "s"
     t0 = time.perf_counter()
     session = Session.start(out, AlignConfig(), progress=False)
-    session.run()
-    session.save_final()
+    drive(session, until=FINAL)
+    session.store.save_final(session.final_samples())
     wall = time.perf_counter() - t0
     shutil.rmtree(out.parent, ignore_errors=True)
     return [{"wall_s": wall, "timings": dict(session.timings)}]

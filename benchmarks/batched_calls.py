@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from apa.components import shared_prior
+from apa.session.components import shared_prior
 from apa.config import preset
 
 

@@ -28,7 +28,7 @@ reference session's (goal: ≥ 0.95).
 
 ``--steady SETS`` checks the other side: users who never change taste, each lever of ``--rows``
 against no handling (the default). A session in which ``detect`` finds no change is the same
-session bit for bit as with no handling (tests/test_session.py).
+session bit for bit as with no handling (tests/session/test_session.py).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from apa.session.lifecycle import FINAL, drive
 from apa.config import preset
 from apa.session import Session, with_overrides
 
@@ -106,14 +107,14 @@ def one_job(out: Path, prior: str, old, new, scenario: str, seed: int, row: str,
     if row == "told":  # stop at the switch, then resume saying the taste changed with the next round
         first = Session.start(out, cfg, progress=False)
         try:
-            first.run(on_round=lambda r, s: _stop_at(s, at))
+            drive(first, until=FINAL, on_round=lambda r, s: _stop_at(s, at))
         except _Stopped:
             pass
         first.store.close()
         session = Session.resume(out, progress=False, forget_before=at // cfg.session.per_round + 1)
     else:
         session = Session.start(out, cfg, progress=False)
-    session.run()
+    drive(session, until=FINAL)
     images = session.final_samples()
     wall = time.perf_counter() - t0
     new_user = OracleUser(session.feedback.classifier, new)
@@ -121,7 +122,7 @@ def one_job(out: Path, prior: str, old, new, scenario: str, seed: int, row: str,
     judge = load_judge(prior)
     result = {"prior": prior, "old": list(old), "new": list(new), "scenario": scenario, "seed": seed, "row": row,
               "round_new_share": round_shares(session, new_user), "round_old_share": round_shares(session, old_user),
-              "per_round": cfg.session.per_round, "changes": session.changes(),
+              "per_round": cfg.session.per_round, "changes": session.state.changes(),
               "final_new": new_user.evaluate(images)["preferred_confident_share"],
               "final_old": old_user.evaluate(images)["preferred_confident_share"],
               "final_new_judge": judge.evaluate(images, new)["preferred_confident_share"], "wall_s": wall}

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from apa.evaluation.novelty import users_liked
-from apa.evaluation.yields import distinct_mask, duplicate_threshold, take_home
+from apa.measures.novelty import users_liked
+from apa.measures.yields import distinct_mask, duplicate_threshold, take_home
 from apa.feedback.tastes import prior_pool
 from apa.priors.calls import counting
-from apa.rounds.final import moved
+from apa.session.final import moved
 from apa.session import Session, with_overrides
 
 
@@ -68,7 +68,7 @@ def main() -> None:
 
         prior_liked = pool[users_liked(user, pool)]  # the user's taste: classes, or one no class names
         threshold = duplicate_threshold(prior_liked)
-        x, _ = s.training_data()
+        x, _ = s.state.training_set()[:2]
         rated = s.prior.decode(x)
         last = len(s.store.rounds()) - 1
         with counting() as drawn:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from apa.session.lifecycle import FINAL, drive
 from apa.config import preset
 from apa.session import Session, with_overrides
 
@@ -28,8 +29,8 @@ def fingerprint(prefer: tuple[int, ...], seed: int, out: Path, prior: str = "mni
     cfg = with_overrides(preset("default"), prior={"name": prior}, feedback={"prefer": prefer},
                          session={"seed": seed})
     session = Session.start(out, cfg, progress=False)
-    session.run()
-    session.save_final()
+    drive(session, until=FINAL)
+    session.store.save_final(session.final_samples())
     with np.load(session.store.final_path) as z:
         images = z["images"]
     share = session.feedback.evaluate(torch.from_numpy(images))["preferred_confident_share"]

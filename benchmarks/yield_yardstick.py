@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from apa.evaluation.novelty import users_liked
-from apa.evaluation.yields import distinct_mask, duplicate_threshold
+from apa.measures.novelty import users_liked
+from apa.measures.yields import distinct_mask, duplicate_threshold
 from apa.feedback.oracle import make_oracle
 from apa.feedback.tastes import prior_pool
 from apa.priors.ddpm import load_prior

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from apa.config import SamplerConfig
 from apa.data import file_sha256
-from apa.evaluation.novelty import REFERENCE_SAMPLES, draw_reference, reference_name
+from apa.measures.novelty import REFERENCE_SAMPLES, draw_reference, reference_name
 from apa.priors.ddpm import load_prior, weights_path
 from apa.shipped import shipped_path
 

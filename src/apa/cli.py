@@ -122,11 +122,11 @@ def refused_on_resume(args: argparse.Namespace) -> list[str]:
                                                 if f.lstrip("-").replace("-", "_") not in RESUME_FLAGS]
 
 
-def open_session(args: argparse.Namespace, progress: bool = True, check=None):
+def open_session(args: argparse.Namespace, progress: bool = True, check=None, comm=None):
     """The session `apa align` runs: resumed (its budget raised if --budget is given) or new. The whole
     configuration is built, and so checked, before anything is written; ``check(cfg, prior)`` too
     (a torchrun launch's: its populations must split over the ranks)."""
-    from apa.session import Session
+    from apa.session import Session, components
 
     if args.resume:
         refused = refused_on_resume(args)
@@ -135,7 +135,7 @@ def open_session(args: argparse.Namespace, progress: bool = True, check=None):
                              "(only --budget may be given, to raise its budget, and --forget-before ROUND, when "
                              "your taste changed at that round)")
         session = Session.resume(Path(args.resume), budget=getattr(args, "budget", None), progress=progress,
-                                 forget_before=getattr(args, "forget_before", None))
+                                 forget_before=getattr(args, "forget_before", None), comm=comm)
         try:
             if check is not None:
                 check(session.cfg, session.prior)
@@ -149,36 +149,36 @@ def open_session(args: argparse.Namespace, progress: bool = True, check=None):
     if cfg.feedback.name == "human":
         raise ValueError("--feedback human: a person rates through `apa serve`; `apa align` runs a simulated user "
                          "(--feedback oracle, clip or imagenet)")
-    components = None
+    parts = None
     if check is not None:
-        components = Session.components(cfg)
-        check(cfg, components[0])
-    return Session.start(Path(args.out), cfg, progress=progress, components=components)
+        parts = components.build(cfg)
+        check(cfg, parts[0])
+    return Session.start(Path(args.out), cfg, progress=progress, parts=parts, comm=comm)
 
 
 def cmd_align(args: argparse.Namespace) -> None:
     import time
 
-    from apa.evaluation.report import write_report
+    from apa.evaluation.report import report_view, write_report
     from apa.evaluation.summary import RoundProgress, closing_summary, summary_lines
     from apa.store import disk_errors
 
-    from apa.ranks import session_of
+    from apa.session.lifecycle import drive
+    from apa.session.ranks import session_of
 
     t0 = time.perf_counter()
     talk = not (args.quiet or args.json)
-    with session_of(lambda check: open_session(args, progress=talk, check=check)) as session:
+    with session_of(lambda check, comm: open_session(args, progress=talk, check=check, comm=comm)) as session:
         if session is None:
             return  # a rank other than 0 of a torchrun launch: it sampled its share
         try:
             bar = RoundProgress(session, enabled=talk)
             try:
-                session.run(on_round=bar.update)
+                drive(session, on_round=bar.update)
             finally:
                 bar.close()
-            session.finish()
             with disk_errors(session.store.root, "write the report"):
-                report = write_report(session)
+                report = write_report(report_view(session))
         finally:
             session.store.close()  # releases the session's lock
     summary = closing_summary(json.loads(report.with_suffix(".json").read_text()), time.perf_counter() - t0,

@@ -56,7 +56,7 @@ PRIORS = Registry("prior", {"mnist": "apa.priors.ddpm", "fashion": "apa.priors.d
                             "sd15": "apa.priors.stable_diffusion"})
 FEEDBACK = Registry("feedback", {"oracle": "apa.feedback.oracle", "clip": "apa.feedback.clip",
                                  "imagenet": "apa.feedback.imagenet", "human": "apa.feedback.human"})
-ACQUISITIONS = Registry("acquisition", {name: "apa.acquisition" for name in ("diverse", "weight", "random", "ucb")})
+ACQUISITIONS = Registry("acquisition", {name: "apa.session.acquisition" for name in ("diverse", "weight", "random", "ucb")})
 RESAMPLERS = Registry("resampling scheme", {name: "apa.smc.resampling"
                                             for name in ("systematic", "stratified", "residual", "multinomial")})
 METHODS = Registry("method", {"fkc": "apa.baselines.fkc", "papa": "apa.baselines.papa", "epapa": "apa.baselines.papa",

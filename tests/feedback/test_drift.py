@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from apa.session.lifecycle import FINAL, drive
 from apa.config import AlignConfig
 from apa.feedback.drift import DriftingUser
 from apa.session import Session, with_overrides
@@ -54,16 +55,16 @@ def test_a_session_resumed_across_the_switch_hears_the_same_answers(tmp_path):
                          session={"budget": 16, "per_round": 4, "eval_samples": 8, "seed": 2},
                          sampler={"particles": 8, "steps": 4}, surrogate={"epochs": 5})
     whole = Session.start(tmp_path / "whole", cfg, progress=False)
-    whole.run()
+    drive(whole, until=FINAL)
     split = Session.start(tmp_path / "split", cfg, progress=False)
     for _ in range(2):  # two rounds (8 ratings, up to the switch), then the process ends
         r = split.next_round()
-        split.answer_with_source(r)
+        split.answer(r)
         split.finish_round(r)
     split.store.close()
     resumed = Session.resume(tmp_path / "split", progress=False)
     assert resumed.feedback is not whole.feedback  # a drifting user is the session's own, never shared
-    resumed.run()
+    drive(resumed, until=FINAL)
     scores = lambda s: [x["score"] for x in s.store.ratings()]  # noqa: E731
     assert scores(resumed) == scores(whole) and len(scores(whole)) == 16
     assert whole.feedback.prefer == (2, 3, 5)

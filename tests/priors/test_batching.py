@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from apa.components import shared_prior
+from apa.session import components
+from apa.session.lifecycle import FINAL, drive
+from apa.session.components import shared_prior
 from apa.config import preset
 from apa.priors.batching import BatchingPrior
 
@@ -95,7 +97,7 @@ def _session(tmp_path, seed: int, prefer, batch_window):
                          sampler={"particles": 8, "steps": 6}, surrogate={"epochs": 20},
                          session={"budget": 12, "per_round": 4, "eval_samples": 8, "seed": seed})
     return Session.start(tmp_path / f"s{seed}_{batch_window}", cfg, progress=False,
-                         components=Session.components(cfg, batch_window))
+                         parts=components.build(cfg, batch_window))
 
 
 def _fingerprint(session):
@@ -112,14 +114,14 @@ def test_a_session_beside_three_others_is_bit_identical_to_it_alone(tmp_path):
     sessions (other seeds and preferences), all four sharing one batching prior: the same ratings,
     round particles and log-weights and final images, bit for bit; and the four did share calls."""
     alone = _session(tmp_path, 0, (1, 4, 7, 9), None)
-    alone.run()
+    drive(alone, until=FINAL)
     want = _fingerprint(alone)
     alone.store.close()
 
     sessions = [_session(tmp_path, s, p, 0.5) for s, p in ((0, (1, 4, 7, 9)), (1, (0,)), (2, (3, 8)), (3, (2, 5)))]
 
     def run(s):
-        s.run()
+        drive(s, until=FINAL)
         return _fingerprint(s)
 
     got = _in_threads([lambda s=s: run(s) for s in sessions])

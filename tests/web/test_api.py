@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[web]' torch==2.13.0")
 
+from apa.session.core import stored_config
 from apa.session import Session  # noqa: E402
 from tests.web.helpers import snapshot, wait_for, wait_phase  # noqa: E402
 
@@ -102,7 +103,7 @@ def test_a_round_rated_but_not_refitted_is_refitted_on_reopening(tmp_path, tiny_
     s = Session.start(data / token, tiny_cfg, progress=False)
     r = s.next_round()
     for p in range(4):
-        s.record(r, p, 3.0, "human")  # the server stopped before it refitted
+        s.record_all(r, [(p, 3.0)], "human")  # the server stopped before it refitted
     s.store.close()
     m = make_manager(data)
     state = wait_for(lambda: m.state(token), ("ready",))
@@ -118,8 +119,8 @@ def test_a_partly_rated_round_keeps_its_stored_ratings(tmp_path, tiny_cfg, make_
     token = "B" * 43
     s = Session.start(data / token, tiny_cfg, progress=False)
     s.next_round()
-    s.record(0, 0, 5.0, "human")
-    s.record(0, 2, None, "human")
+    s.record_all(0, [(0, 5.0)], "human")
+    s.record_all(0, [(2, None)], "human")
     s.store.close()
     with TestClient(create_app(make_manager(data))) as client:
         state = client.get(f"/api/sessions/{token}").json()
@@ -192,11 +193,11 @@ def test_a_person_says_their_taste_changed(client, manager):
     assert state["round"] == 1 and state["taste_changed_at"] is None
     r = client.post(f"/api/sessions/{token}/taste-changed")
     assert r.status_code == 200 and r.json()["taste_changed_at"] == 2
-    assert Session.stored_config(manager.handles[token].session.store, manager.data_dir / token).session.forget_before == 2
+    assert stored_config(manager.handles[token].session.store, manager.data_dir / token).session.forget_before == 2
     state = rate(client, token, 1, [1, 1, 1, 5])
     wait_phase(client, token, "done")
     refused = client.post(f"/api/sessions/{token}/taste-changed")
     assert refused.status_code == 409 and "waiting for your ratings" in refused.text
     session = manager.handles[token].session
-    assert session.forget_point() == 1 and [len(y) for _, _, y in session.rated_rounds()][0] == 4
-    assert session.training_data()[1].tolist() == [-1.0, -1.0, -1.0, 1.0]
+    assert session.state.forget_point() == 1 and [len(y) for _, _, y in session.state.rated_rounds()][0] == 4
+    assert session.state.training_set()[:2][1].tolist() == [-1.0, -1.0, -1.0, 1.0]

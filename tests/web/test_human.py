@@ -21,6 +21,6 @@ def test_the_session_maps_a_persons_ratings_onto_minus_one_to_one(tmp_path, tiny
     s = Session.start(tmp_path / "s", tiny_cfg, progress=False)
     r = s.next_round()
     for p, score in enumerate([1.0, 3.0, None, 5.0]):
-        s.record(r, p, score, "human")
-    _, y = s.training_data()
+        s.record_all(r, [(p, score)], "human")
+    _, y = s.state.training_set()[:2]
     assert y.tolist() == [-1.0, 0.0, 1.0]

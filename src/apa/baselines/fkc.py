@@ -1,10 +1,10 @@
 """The method under comparison: a real ``apa align`` session (FKC-SMC steered by the refit surrogate).
 
-The run starts a :class:`apa.session.Session` in ``workdir`` with the given budget and lets the
-simulated user rate every round. Sessions are deterministic in (seed, round, purpose), so after
-round r the session's ``final_samples`` are exactly those a session whose budget ends at round r
-would produce: the evaluation batch at each checkpoint is that session's final batch. The last
-batch is also stored as the session's final batch, as ``apa align`` does.
+The run starts a :class:`apa.session.Session` in ``workdir`` with the given budget and drives it as
+``apa align`` does (``apa.session.lifecycle.drive``): the simulated user rates every round, and the
+FINAL step stores the final batch with its records. Sessions are deterministic in (seed, round,
+purpose), so after round r the session's ``final_samples`` are exactly those a session whose budget
+ends at round r would produce: the evaluation batch at each checkpoint is that session's final batch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from apa.baselines.common import Clock, CountingUser, MethodRun, RoundRecord, ch
 from apa.config import AlignConfig
 from apa.registry import METHODS
 from apa.session import Session, with_overrides
+from apa.session.lifecycle import drive
 
 
 def session_config(config: AlignConfig | None, user, budget: int, per_round: int, seed: int,
@@ -41,28 +42,26 @@ def _records(session: Session, seconds: dict[int, float]) -> tuple[RoundRecord, 
 def run_session(method: str, prior, user, budget: int, per_round: int, seed: int, *,
                 config: AlignConfig | None, checkpoints: Sequence[int], eval_samples: int,
                 workdir: Path | None) -> MethodRun:
-    """Run an ``apa align`` session (``Session.start``, ``run``, ``save_final``) in ``workdir`` (new or
-    empty), recorded as ``method``, and evaluate it at the checkpoints."""
+    """Run an ``apa align`` session (``Session.start``, then ``drive``) in ``workdir`` (new or empty),
+    recorded as ``method``, and evaluate it at the checkpoints."""
     if workdir is None:
         raise ValueError(f"the {method} method keeps a session on disk: give it a workdir")
     cfg = session_config(config, user, budget, per_round, seed, eval_samples)
     checks = check_checkpoints(checkpoints, budget, per_round)
     user = CountingUser(user)
-    session = Session.start(Path(workdir), cfg, progress=False, kind=method, components=(prior, user))
-    clock, batches, round_seconds = Clock(), {}, {}
+    session = Session.start(Path(workdir), cfg, progress=False, kind=method, parts=(prior, user))
+    clock, batches, round_seconds, seconds = Clock(), {}, {}, [0.0]
 
     def on_round(r: int, s: Session) -> None:
         round_seconds[r] = clock.seconds() - sum(round_seconds.values())
         spent = s.store.spent()
         if spent in checks:
             batches[spent] = clock.evaluate(spent, lambda: s.final_samples(eval_samples))
+        seconds[0] = clock.seconds()  # the method's time ends with its last round (FINAL only measures)
 
-    session.run(on_round)
-    seconds = clock.seconds()
-    if batches:
-        session.save_final(images=batches[max(batches)])
+    drive(session, on_round=on_round)  # its FINAL step stores the last checkpoint's batch (drawn once)
     return MethodRun(method, _records(session, round_seconds), batches, lambda n, gen: session.final_samples(n),
-                     seconds, clock.eval_seconds, user.rated, eval_calls=clock.eval_calls,
+                     seconds[0], clock.eval_seconds, user.rated, eval_calls=clock.eval_calls,
                      info={"config": cfg.to_dict(), "timings": dict(session.timings), "workdir": str(workdir)})
 
 

@@ -1,5 +1,2 @@
-"""Measures of what sampling produced: Fréchet distance, diversity, coverage of preferred classes."""
-
-from apa.evaluation.metrics import coverage_entropy, frechet_distance, mean_pairwise_distance
-
-__all__ = ["coverage_entropy", "frechet_distance", "mean_pairwise_distance"]
+"""What a person or a researcher reads after sessions: a session's report and closing summary, the
+comparison of methods (`apa compare`) and its independent judge, the prior's own quality."""

@@ -133,7 +133,7 @@ class Evaluator:
     def with_yardstick(self, prior, n: int = 2048) -> "Evaluator":
         """Set the yield's yardstick: n plain samples of ``prior`` (drawn once per machine), those the
         simulated user likes."""
-        from apa.evaluation.novelty import users_liked
+        from apa.measures.novelty import users_liked
         from apa.feedback.tastes import prior_pool
 
         pool = prior_pool(prior, n)
@@ -155,8 +155,8 @@ class Evaluator:
         distinct ones (``evaluation.yields``), given the images rated so far [r, ...] and the call rows
         spent for the batch (the rounds' and its own); plain prior samples of the preferred classes
         (``feedback.tastes.prior_pool``, drawn once per machine) are the yardstick."""
-        from apa.evaluation.novelty import users_liked
-        from apa.evaluation.yields import take_home
+        from apa.measures.novelty import users_liked
+        from apa.measures.yields import take_home
 
         home = take_home(images, users_liked(self.user, images), rated, self.prior_liked, calls)
         return {"distinct": home["distinct"], "yield": home["yield"], "calls": calls,
@@ -164,7 +164,7 @@ class Evaluator:
 
     def __call__(self, images) -> dict[str, Any]:
         """Every number of the comparison for images [n, 1, 28, 28] in [0, 1]."""
-        from apa.evaluation.metrics import coverage_entropy, frechet_distance, mean_pairwise_distance
+        from apa.measures.metrics import coverage_entropy, frechet_distance, mean_pairwise_distance
         from apa.feedback.classifier import extract_features
 
         ev = self.user.evaluate(images)
@@ -207,7 +207,7 @@ def method_config(cc: CompareConfig, method: str) -> Any:
 def check(cc: CompareConfig) -> None:
     """Build every method's settings (each section checks its fields) before anything is written."""
     from apa.baselines.fkc import session_config
-    from apa.session import validate
+    from apa.session.checks import validate
 
     for method in all_methods(cc):
         config = method_config(cc, method)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from apa import data
-from apa.evaluation.metrics import frechet_distance
+from apa.measures.metrics import frechet_distance
 from apa.feedback.classifier import extract_features, load_oracle, predict_proba
 from apa.priors.ddpm import load_prior
 from apa.smc.sampler import sample_prior

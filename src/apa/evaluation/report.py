@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,8 @@ from apa.atomic import private  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from apa.evaluation.images import save_grid  # noqa: E402
-from apa.evaluation.records import final_records  # noqa: E402
 from apa.priors.base import class_names  # noqa: E402
+from apa.session.state import SessionState  # noqa: E402
 
 DASH = "–"  # shown where a number does not exist (no rating, no held-out score yet)
 GRID_MAX = 64  # particles drawn per round grid (the heaviest, plus every shown one)
@@ -82,10 +83,28 @@ def heldout_text(h: dict | None) -> str:
 # ---------------------------------------------------------------- what the report is made of
 
 
-def round_rows(session) -> list[dict[str, Any]]:
-    rows, spent, liked, changes = [], 0, session.liked_shares(), set(session.changes())
-    for r in session.store.rounds():
-        ratings = session.store.ratings(r["round"])
+@dataclass(frozen=True)
+class ReportView:
+    """What a session's report shows: its state (store, configuration, read-only queries), the end's
+    records, the prior that decodes its particles, and who rated."""
+
+    state: SessionState
+    records: dict[str, dict[str, Any]]  # final_eval, prior_baseline, final_checks (``Session.records``)
+    prior: Any  # decodes particles; names the classes
+    prefer: tuple | None  # the simulated user's preferred classes (None: a person, or a taste no class names)
+    timings: dict[str, float]  # seconds per part of the work
+
+
+def report_view(session: Any) -> ReportView:
+    """The view of ``session`` (an ``apa.session.Session``) its report is made from."""
+    return ReportView(session.state, session.records(), session.prior, getattr(session.feedback, "prefer", None),  # TEMP
+                      dict(session.timings))
+
+
+def round_rows(state: SessionState) -> list[dict[str, Any]]:
+    rows, spent, liked, changes = [], 0, state.liked_shares(), set(state.changes())
+    for r in state.store.rounds():
+        ratings = state.store.ratings(r["round"])
         scores = [x["score"] for x in sorted(ratings, key=lambda x: x["position"])]
         spent += sum(s is not None for s in scores)
         info = r["info"]
@@ -219,17 +238,15 @@ def weighted_grid(images: torch.Tensor, weights: np.ndarray, rated: dict[int, fl
     return order
 
 
-def round_grid(session, row: dict, path: Path) -> dict[str, Any]:
+def round_grid(view: ReportView, row: dict, path: Path) -> dict[str, Any]:
     """Round ``row``'s particles with their weights and ratings; returns what the caption needs."""
-    t = session.store.round_tensors(row["round"])
+    t = view.state.store.round_tensors(row["round"])
     weights = torch.softmax(t["log_weights"].double(), 0).numpy()
     shown = [int(i) for i in t["shown"].tolist()]
     rated = {shown[p]: s for p, s in enumerate(row["ratings"]) if p < len(shown)}
     with torch.no_grad():
-        images = session.prior.decode(t["particles"])
-    scale = getattr(session.feedback, "scale", None)
-    scale = tuple(scale) if isinstance(scale, (tuple, list)) and len(scale) == 2 else (-1.0, 1.0)
-    drawn = weighted_grid(images, weights, rated, path, scale)
+        images = view.prior.decode(t["particles"])
+    drawn = weighted_grid(images, weights, rated, path, view.state.scale)
     ess = 1.0 / float(np.sum(weights ** 2))
     return {"n": len(weights), "drawn": len(drawn), "drawn_weight": float(weights[drawn].sum()), "ess": ess,
             "rated": sum(s is not None for s in row["ratings"]), "skipped": sum(s is None for s in row["ratings"])}
@@ -368,9 +385,9 @@ def checks_blocks(checks: dict, names: tuple[str, ...]) -> list[tuple]:
     return blocks
 
 
-def document(session, rows, final, baseline, figures, checks: dict | None = None) -> list[tuple]:
-    cfg = session.cfg.to_dict()
-    names = class_names(session.prior)
+def document(view: ReportView, rows, final, baseline, figures, checks: dict | None = None) -> list[tuple]:
+    cfg = view.state.cfg.to_dict()
+    names = class_names(view.prior)
     human = cfg["feedback"]["name"] == "human"
     oracle = any(r["eval"] for r in rows) or bool(final)
     head, body = rounds_table(rows, baseline, oracle)
@@ -381,12 +398,12 @@ def document(session, rows, final, baseline, figures, checks: dict | None = None
     if oracle:
         read += (" The shares are the simulated user's view of the round's particles after resampling by weight; "
                  "the “prior only” row is the same view of plain prior samples, the level feedback has to beat.")
-    blocks: list[tuple] = [("h1", "apa alignment report"), ("p", setup_text(cfg, human, names, getattr(session.feedback, "prefer", None))),
+    blocks: list[tuple] = [("h1", "apa alignment report"), ("p", setup_text(cfg, human, names, view.prefer)),
                            ("h2", "Rounds"), ("table", head, body), ("read", read)]
     liked = liked_text(rows)
     if liked:
         blocks.append(("p", liked))
-    blocks += final_blocks(rows, final, names, session.cfg.sampler.particles)
+    blocks += final_blocks(rows, final, names, view.state.cfg.sampler.particles)
     blocks += take_home_block(checks or {}, call_rows(rows, checks or {}))
     blocks += checks_blocks(checks or {}, names)
     blocks.append(("h2", "Figures"))
@@ -468,10 +485,11 @@ def to_html(blocks: list[tuple]) -> str:
 # ---------------------------------------------------------------- writing it
 
 
-def figures(session, rows: list[dict], final: dict, baseline: dict, root: Path) -> list[tuple[str, str, str]]:
+def figures(view: ReportView, rows: list[dict], final: dict, baseline: dict, root: Path
+            ) -> list[tuple[str, str, str]]:
     """Writes the PNGs; returns (file, caption, how to read it) for each."""
     out = []
-    n = session.cfg.sampler.particles
+    n = view.state.cfg.sampler.particles
     if any(r["eval"] for r in rows):
         plot_share(rows, final, baseline, root / "preferred_share.png")
         out.append(("preferred_share.png", "Preferred share against feedback spent.",
@@ -483,7 +501,7 @@ def figures(session, rows: list[dict], final: dict, baseline: dict, root: Path) 
                 "and a line near zero means a few particles carry nearly all of it."))
     for r in rows:
         name = f"grids/round_{r['round']:02d}.png"
-        c = round_grid(session, r, root / name)
+        c = round_grid(view, r, root / name)
         some = (f"the {c['drawn']} heaviest of {c['n']} particles ({pct(c['drawn_weight'])} of the weight)"
                 if c["drawn"] < c["n"] else f"all {c['n']} particles")
         out.append((name, f"Round {r['round'] + 1}: {some}, ordered by weight; {c['rated']} rated, {c['skipped']} skipped.",
@@ -491,7 +509,7 @@ def figures(session, rows: list[dict], final: dict, baseline: dict, root: Path) 
                     "framed images were shown to the user, the frame's colour and corner giving the rating "
                     f"(red lowest … green highest, grey skipped). "
                     f"These final weights have an effective sample size of {c['ess']:.1f} (equal after resampling)."))
-    final_images = session.store.final_images()
+    final_images = view.state.store.final_images()
     if final_images is not None:
         total = len(final_images)
         save_grid(final_images[:64], root / "grids" / "final.png", nrow=8)
@@ -502,19 +520,20 @@ def figures(session, rows: list[dict], final: dict, baseline: dict, root: Path) 
 
 
 @private  # the report shows a person's ratings and images: 0600 files, 0700 grids/
-def write_report(session) -> Path:
-    root = session.store.root
-    cfg = session.cfg.to_dict()
-    rows = round_rows(session)
-    recorded = final_records(session)
+def write_report(view: ReportView) -> Path:
+    """Write the report of the session ``view`` shows (``report_view(session)``) beside it; returns report.md."""
+    root = view.state.store.root
+    cfg = view.state.cfg.to_dict()
+    rows = round_rows(view.state)
+    recorded = view.records
     final, baseline, checks = recorded["final_eval"], recorded["prior_baseline"], recorded["final_checks"]
-    names = class_names(session.prior)
-    figs = figures(session, rows, final, baseline, root)
-    blocks = document(session, rows, final, baseline, figs, checks)
+    names = class_names(view.prior)
+    figs = figures(view, rows, final, baseline, root)
+    blocks = document(view, rows, final, baseline, figs, checks)
     report = {"config": cfg, "rounds": rows, "final": final, "prior_baseline": baseline, "final_checks": checks,
               "calls": call_rows(rows, checks),
-              "collapse_warning": collapse_warning(final, names), "timings": getattr(session, "timings", {})}
-    md = session.store.report_path
+              "collapse_warning": collapse_warning(final, names), "timings": view.timings}
+    md = view.state.store.report_path
     md.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float))
     md.write_text(to_markdown(blocks))
     (root / "report.css").write_text(CSS)

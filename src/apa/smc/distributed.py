@@ -17,7 +17,7 @@ So a sharded run gives the same particles and weights as one process, for K = 1,
 bit on the CPU, as long as the networks' results do not depend on how many particles share a call:
 ``micro_batch`` makes every network call of a rank take ``micro_batch`` particles (it must divide
 N/K), and the built-in networks give the same rows whether called on 4 particles or on all of
-them (tests/test_ranks.py runs `apa align` both ways). The diversity term L_div couples every
+them (tests/session/test_ranks.py runs `apa align` both ways). The diversity term L_div couples every
 particle to the population and is not sharded: a sharded run refuses it.
 """
 

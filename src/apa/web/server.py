@@ -351,15 +351,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from apa.session import SessionError
         raise SessionError(f"apa serve needs the web extra ({e}); install it with "
                            "`.venv/bin/pip install -e '.[web]' torch==2.13.0`") from e
-    from apa.session import Session, validate_new
+    from apa.session import components
+    from apa.session.checks import validate_new
 
     check_server_flags(args)
     return_freed_memory()
     cfg = serve_config(args)  # every section checked as it is built
     validate_new(cfg)  # and no --forget-before: a new session has no rounds to forget
     window = args.batch_window or None  # 0: no batching
-    shared = Session.components(cfg, window)  # a missing prior fails here, before the server starts or writes anything;
-    # held while the server runs, every session shares this prior (apa.components)
+    shared = components.build(cfg, window)  # a missing prior fails here, before the server starts or writes anything;
+    # held while the server runs, every session shares this prior (apa.session.components)
     sock = bind(args.host, args.port)  # a port in use or an unknown host, too
     try:
         manager = sessions.SessionManager(Path(args.data_dir), cfg, workers=args.workers,

@@ -28,8 +28,8 @@ from typing import Any, Callable
 
 from apa.config import AlignConfig
 from apa.feedback.human import RATINGS, SCALE
-from apa.session import Session, with_overrides
-from apa.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, next_action
+from apa.session import Session, components, with_overrides
+from apa.session.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, drive, next_action
 from apa.store import FITTED, RatingRefused, SessionBusy, StoreError
 from apa.web import render
 
@@ -161,14 +161,7 @@ def advance(handle: SessionHandle, report_lock: threading.Lock) -> None:
     draw the final batch) until the session waits for the person, or is done."""
     s = handle.session
     try:
-        while (action := next_action(s.store, s.cfg.session.budget)).kind in PHASES:
-            handle.enter(PHASES[action.kind], action.round)
-            if action.kind == FIT:
-                s.finish_round(action.round)
-            elif action.kind == SAMPLE:
-                s.sample_round(action.round)
-            else:
-                s.finish()
+        action = drive(s, answers=False, on_step=lambda a: handle.enter(PHASES[a.kind], a.round))
         if action.kind == RATE:
             handle.enter("ready", action.round)
         else:
@@ -184,11 +177,11 @@ def advance(handle: SessionHandle, report_lock: threading.Lock) -> None:
 
 def write_report(session: Session, report_lock: threading.Lock) -> str:
     """The same report `apa align` writes, beside the session (one at a time: plotting is not thread-safe)."""
-    from apa.evaluation.report import write_report as report
+    from apa.evaluation.report import report_view, write_report as report
 
     try:
         with report_lock:
-            report(session)
+            report(report_view(session))
         return "The report is ready."
     except Exception as e:  # the session itself is complete; a failed report is only mentioned
         log.exception("report failed")
@@ -325,7 +318,7 @@ class SessionManager:
                 raise WebError(503, f"this server already holds {self.max_sessions} sessions; "
                                     "ask its operator to raise --max-sessions or use another --data-dir")
             handle = SessionHandle(token, Session.start(self.data_dir / token, cfg, progress=False,
-                                                        components=Session.components(cfg, self.batch_window)))
+                                                        parts=components.build(cfg, self.batch_window)))
         with self.lock:
             self.handles[token] = handle
             self.schedule(handle)
@@ -379,7 +372,7 @@ class SessionManager:
             if handle.phase != "ready":
                 raise WebError(409, f"say it while a round is waiting for your ratings (the session is {handle.phase})")
             s = handle.session
-            s.cfg = Session.changed_on_resume(s.store, s.cfg, None, handle.round + 1)
+            s.change_taste(handle.round + 1)
         return self.state(token)
 
     def retry(self, token: str) -> dict[str, Any]:

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from apa.evaluation.novelty import (NEAR_COPY_QUANTILE, class_mix, effective_sample_size, near_copies,
-                                    nearest_distance, total_variation)
+from apa.measures.metrics import NEAR_COPY_QUANTILE, nearest_distance
+from apa.measures.novelty import (class_mix, effective_sample_size, near_copies,
+                                    total_variation)
 
 
 def test_nearest_distance_is_the_minimum_over_the_reference():
@@ -66,7 +67,7 @@ def test_the_built_in_priors_ship_their_reference_samples_and_a_report_draws_non
     from safetensors import safe_open
 
     from apa.data import file_sha256
-    from apa.evaluation import novelty
+    from apa.measures import novelty
     from apa.priors.ddpm import weights_path
     from apa.shipped import shipped_path
 

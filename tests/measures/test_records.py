@@ -7,9 +7,10 @@ import json
 
 import pytest
 
+from apa.session.lifecycle import FINAL, drive
 import apa.smc.sampler
 from apa.config import preset
-from apa.evaluation import records
+from apa.measures import records
 from apa.evaluation.report import write_report
 from apa.session import Session, with_overrides
 
@@ -27,7 +28,7 @@ def _no_sampling(monkeypatch):
 
 def test_the_report_shows_the_records_and_samples_nothing(tmp_path, monkeypatch):
     s = Session.start(tmp_path / "s", CFG, progress=False)
-    s.run()
+    drive(s, until=FINAL)
     s.finish()
     stored = {name: s.store.record(name) for name in records.RECORDS}
     assert stored["final_eval"]["n"] == 8 and stored["prior_baseline"]["n"] == 8 and stored["final_checks"]
@@ -41,9 +42,9 @@ def test_the_report_shows_the_records_and_samples_nothing(tmp_path, monkeypatch)
 
 def test_a_final_batch_without_records_gets_them_once(tmp_path, monkeypatch):
     s = Session.start(tmp_path / "s", CFG, progress=False)
-    s.run()
+    drive(s, until=FINAL)
     assert records.final_records(s) == {name: {} for name in records.RECORDS}  # no final batch yet
-    s.save_final()  # stopped here: the batch stored, its records not
+    s.store.save_final(s.final_samples())  # stopped here: the batch stored, its records not
     assert all(s.store.record(name) is None for name in records.RECORDS)
     first = records.final_records(s)
     assert {name: s.store.record(name) for name in records.RECORDS} == first

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from apa.session import components
+from apa.session.lifecycle import FINAL, drive
 from apa.cli import main
 from apa.feedback.base import FeedbackError
 from apa.registry import FEEDBACK
 from apa.session import Session
+from apa.session.final import final_start
 from apa.store import SessionStore, StoreError
 
 TINY = ["--budget", "8", "--per-round", "4", "--particles", "8", "--steps", "6", "--eval-samples", "8",
@@ -81,7 +84,7 @@ def test_nan_from_feedback_is_refused_and_the_session_survives(tmp_path, nan_sou
     with pytest.raises(FeedbackError, match="non-finite"):
         session = Session.start(out, __import__("apa.flags", fromlist=["x"]).config_from_args(
             __import__("apa.cli", fromlist=["x"]).build_parser().parse_args(["align", "--feedback", "nan-source", *TINY])))
-        session.run()
+        drive(session, until=FINAL)
     store = SessionStore.read(out)
     assert store.ratings() == [] and store.rounds()[0]["status"] == "sampled"
 
@@ -112,18 +115,17 @@ def test_final_batch_restarts_from_the_liked_rated_particles(tmp_path):
                          surrogate={"epochs": 10}, session={"budget": 8, "per_round": 4, "eval_samples": 8,
                                                              "seed": 3, "final_start": "liked", "restart": 1 / 6})
     session = Session.start(tmp_path / "s", cfg, progress=False)
-    session.run()
-    x, y = session.training_data()
+    drive(session, until=FINAL)
+    x, y = session.state.training_set()[:2]
     assert (y > 0).any() and (y < 0).any()
-    initial, k = session.final_start(64, torch.Generator().manual_seed(0))
+    initial, k = final_start(session.prior, cfg, x[y > 0], 64, torch.Generator().manual_seed(0))
     assert k == 5 and initial.shape == (64, 1, 28, 28)
     dist = torch.cdist(initial.flatten(1), x.flatten(1))  # [64, rated]
     nearest = dist.argmin(1)
     assert (dist.min(1).values < 0.5).all() and (y[nearest] > 0).all()
     assert session.final_samples(8).shape == (8, 1, 28, 28)
     noise_start = with_overrides(cfg, session={"final_start": "noise"})
-    session.cfg = noise_start
-    assert session.final_start(4, torch.Generator()) == (None, 0)
+    assert final_start(session.prior, noise_start, x[y > 0], 4, torch.Generator()) == (None, 0)
     session.store.close()
 
 
@@ -138,12 +140,12 @@ def test_exploration_stops_after_explore_rounds_and_a_logistic_surrogate_runs_th
                          session={"budget": 16, "per_round": 4, "eval_samples": 8, "seed": 3, "explore": 0.5,
                                   "explore_rounds": 1})
     session = Session.start(tmp_path / "s", cfg, progress=False)
-    session.run()
+    drive(session, until=FINAL)
     explored = [row["info"]["explored"] for row in session.store.rounds()]  # a round of 8 particles may hold
     assert explored[:2] == [0, 2] and not any(explored[2:]) and len(explored) >= 4  # fewer than 4 distinct ones
-    shares = session.liked_shares()
+    shares = session.state.liked_shares()
     assert len(shares) == len(explored) and all(0.0 <= s <= 1.0 for s in shares)
-    x, _ = session.training_data()
+    x, _ = session.state.training_set()[:2]
     model = session.surrogate_after(len(explored) - 1)
     with torch.no_grad():
         assert model.loss == "logistic" and (model(x) <= 0).all() and model.rating(x).abs().max() <= 1.0
@@ -171,9 +173,9 @@ def drifting_session(tmp_path, at: int = 8, budget: int = 20, **session):
 
     cfg = with_overrides(preset("default"), sampler={"particles": 8, "steps": 6}, surrogate={"epochs": 30},
                          session={"budget": budget, "per_round": 4, "eval_samples": 8, "seed": 3, **session})
-    prior = Session.components(cfg)[0]
+    prior = components.build(cfg)[0]
     return Session.start(tmp_path / "s", cfg, progress=False,
-                         components=(prior, DriftingUser(Constant(1.0), Constant(-1.0), at)))
+                         parts=(prior, DriftingUser(Constant(1.0), Constant(-1.0), at)))
 
 
 def test_a_detected_change_forgets_the_rounds_before_it_and_explores_again(tmp_path):
@@ -182,12 +184,12 @@ def test_a_detected_change_forgets_the_rounds_before_it_and_explores_again(tmp_p
     so its held-out accuracy is 0 and the change is read there (and nowhere else). The refit then
     uses rounds 4-6 alone, and round 5 explores as the first guided round did."""
     session = drifting_session(tmp_path, at=12, budget=24, detect_change=0.5, explore=0.5, explore_rounds=1)
-    session.run()
+    drive(session, until=FINAL)
     rows = session.store.rounds()
-    assert session.changes() == [3] and rows[3]["info"]["surrogate_heldout"]["accuracy"] == 0.0
+    assert session.state.changes() == [3] and rows[3]["info"]["surrogate_heldout"]["accuracy"] == 0.0
     explored = [r["info"]["explored"] for r in rows]  # a round of 8 particles may show fewer than 4 images
     assert explored[:5] == [0, 2, 0, 0, 2] and not any(explored[5:])
-    x, y, w = session.training_set()
+    x, y, w = session.state.training_set()
     assert len(y) == 12 and (y < 0).all() and w is None  # the ratings from round 4 on, all disliked
     session.store.close()
 
@@ -197,10 +199,10 @@ def test_detection_that_finds_no_change_leaves_the_session_bit_for_bit_as_withou
     and every round's particles and log-weights and the final batch are those of the same session
     with no handling. This is why benchmarks/drift.py --steady counts a lever's cost only where it fired."""
     def fingerprint(session):
-        session.run()
+        drive(session, until=FINAL)
         rounds = [session.store.round_tensors(row["round"]) for row in session.store.rounds()]
         out = ([t["particles"] for t in rounds], [t["log_weights"] for t in rounds], session.final_samples(),
-               session.changes())
+               session.state.changes())
         session.store.close()
         return out
 
@@ -217,12 +219,12 @@ def test_discount_and_window_weigh_and_cut_the_ratings_the_refit_sees(tmp_path):
     from apa.session import with_overrides
 
     session = drifting_session(tmp_path)
-    session.run()
-    x, y, w = session.training_set()
-    assert len(y) == 20 and w is None and session.changes() == []  # no handling: everything, weight 1
-    session.cfg = with_overrides(session.cfg, surrogate={"discount": 0.5, "window": 10})
-    x, y, w = session.training_set()
-    rounds = session.rated_rounds()  # a round of 8 particles may show fewer than 4 distinct ones
+    drive(session, until=FINAL)
+    x, y, w = session.state.training_set()
+    assert len(y) == 20 and w is None and session.state.changes() == []  # no handling: everything, weight 1
+    session.state.cfg = with_overrides(session.cfg, surrogate={"discount": 0.5, "window": 10})
+    x, y, w = session.state.training_set()
+    rounds = session.state.rated_rounds()  # a round of 8 particles may show fewer than 4 distinct ones
     last = rounds[-1][0]
     weights = [0.5 ** (last - r) for r, _, ry in rounds for _ in range(len(ry))][-10:]
     assert len(y) == 10 and y.tolist() == [-1.0] * 10 and w.tolist() == weights
@@ -240,6 +242,6 @@ def test_forget_before_on_resume_is_checked_stored_and_used(tmp_path, capsys):
     assert "--forget-before 9" in capsys.readouterr().err and (out / "config.json").read_bytes() == before
     assert main(["align", "--resume", str(out), "--forget-before", "2", "--budget", "12"]) == 0
     session = Session.resume(out, progress=False)
-    assert session.cfg.session.forget_before == 2 and session.forget_point() == 1
-    assert [r for r, _, _ in session.rated_rounds()] == [0, 1, 2] and len(session.training_data()[1]) == 8
+    assert session.cfg.session.forget_before == 2 and session.state.forget_point() == 1
+    assert [r for r, _, _ in session.state.rated_rounds()] == [0, 1, 2] and len(session.state.training_set()[:2][1]) == 8
     session.store.close()

@@ -2,7 +2,7 @@
 
 import torch
 
-from apa.evaluation.yields import distinct_mask, duplicate_threshold, new_mask, take_home
+from apa.measures.yields import distinct_mask, duplicate_threshold, new_mask, take_home
 
 
 def points(n: int, d: int = 16, seed: int = 0) -> torch.Tensor:

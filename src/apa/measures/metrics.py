@@ -83,3 +83,16 @@ def coverage_entropy(class_counts: Sequence[int] | ArrayLike, classes: Sequence[
         return 1.0
     p = sub[sub > 0] / total
     return float(-(p * np.log(p)).sum() / np.log(len(classes)))
+
+
+NEAR_COPY_QUANTILE = 0.05  # independent prior samples are near-copies this often, by construction
+
+
+def nearest_distance(images: torch.Tensor, reference: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Pixel L2 distance from each image [n, ...] to its nearest reference image [m, ...] -> [n]."""
+    if reference.shape[0] == 0:
+        raise ValueError("no reference images to measure a distance to")
+    ref = reference.reshape(reference.shape[0], -1).double()
+    flat = images.reshape(images.shape[0], -1).double()
+    return torch.cat([torch.cdist(part, ref).min(dim=1).values for part in flat.split(chunk)]) if len(flat) else \
+        torch.zeros(0, dtype=torch.float64)

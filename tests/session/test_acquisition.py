@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from apa import acquisition
-from apa.acquisition import Candidates
+from apa.session import acquisition
+from apa.session.acquisition import Candidates
 
 
 def _cands(n=10, dup=True):

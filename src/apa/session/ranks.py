@@ -4,7 +4,7 @@
 that is how a launch is detected (no flag). Rank 0 opens (or resumes) the session, asks the feedback
 source, refits the surrogate and writes the store, exactly as one process would; before each
 population it broadcasts a request (the sampler's configuration, the surrogate's parameters and the
-generator's state: :func:`apa.rounds.sampling.sharding_request`) and every rank runs its N/K particles of the
+generator's state: :func:`apa.session.sampler.sharding_request`) and every rank runs its N/K particles of the
 same sharded run (:mod:`apa.smc.distributed`); rank 0 receives the whole population. The other ranks
 hold no store and write nothing. A collective that fails or waits longer than APA_DIST_TIMEOUT
 seconds (default 300) ends every rank with a one-line error; what was stored is kept, and the same
@@ -15,9 +15,18 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Callable, Iterator
 
-from apa.smc.distributed import DEFAULT_TIMEOUT_S, Comm, DistributedError, init_from_env, launched
+import torch.distributed as dist
+
+from apa.config import AlignConfig
+from apa.registry import PRIORS
+from apa.session.fitter import SurrogateFitter
+from apa.session.sampler import MICRO_BATCH, RoundSampler
+from apa.smc.distributed import (DEFAULT_TIMEOUT_S, Comm, DistributedError, check_shardable, init_from_env,
+                                 launched)
+from apa.smc.sampler import device_of
 
 TIMEOUT_ENV = "APA_DIST_TIMEOUT"
 
@@ -37,29 +46,22 @@ def timeout_s() -> float:
 def serve(comm: Comm) -> None:
     """Ranks 1..K−1: build the prior from the configuration rank 0 sends, then take part in every
     sampling request until rank 0 sends None (the session is over, or it failed to open)."""
-    from apa.config import AlignConfig
-    from apa.registry import PRIORS
-    from apa.session import Session
-
     cfg = comm.broadcast_object(None)
     if cfg is None:
         return
     cfg = AlignConfig.from_dict(cfg)
-    session = Session(None, cfg, PRIORS.create(cfg.prior.name, vars(cfg.prior)), None, progress=False)
-    session.comm = comm
+    prior = PRIORS.create(cfg.prior.name, vars(cfg.prior))
+    sampler = RoundSampler(prior, cfg.sampler, comm, progress=False)
+    fitter = SurrogateFitter(prior, cfg.surrogate, cfg.session.seed)
     while (request := comm.broadcast_object(None)) is not None:
-        session.sample_sharded(request)
+        params = request["surrogate"]  # the surrogate's parameters, broadcast by rank 0 each round
+        surrogate = None if params is None else fitter.load(0, params, device_of(prior))
+        sampler.sample_shard(request, fitter.reward(surrogate))
 
 
-def check_session(cfg: Any, prior: Any, world_size: int) -> None:
+def check_session(cfg: AlignConfig, prior: Any, world_size: int) -> None:
     """Refuse, before anything is written, a session whose populations (the rounds' and the final
     batch) do not shard over ``world_size`` processes."""
-    from dataclasses import replace
-
-    from apa.rounds.sampling import MICRO_BATCH
-    from apa.smc.distributed import check_shardable
-    from apa.smc.sampler import device_of
-
     micro_batch = MICRO_BATCH if device_of(prior).type == "cpu" else None
     for what, n in (("--particles", cfg.sampler.particles), ("--eval-samples", cfg.session.eval_samples)):
         try:
@@ -69,17 +71,16 @@ def check_session(cfg: Any, prior: Any, world_size: int) -> None:
 
 
 @contextmanager
-def lead(comm: Comm, open_session: Callable[[Callable], Any]) -> Iterator[Any]:
-    """Rank 0: the session ``open_session(check)`` opens (``check(cfg, prior)`` refuses what does not
-    shard, before anything is written), its configuration sent to the other ranks; at the end they
-    are told to stop (unless a collective already failed: they end by their own timeout)."""
+def lead(comm: Comm, open_session: Callable[[Callable, Comm], Any]) -> Iterator[Any]:
+    """Rank 0: the session ``open_session(check, comm)`` opens (``check(cfg, prior)`` refuses what does
+    not shard, before anything is written), its configuration sent to the other ranks; at the end
+    they are told to stop (unless a collective already failed: they end by their own timeout)."""
     try:
-        session = open_session(lambda cfg, prior: check_session(cfg, prior, comm.world_size))
+        session = open_session(lambda cfg, prior: check_session(cfg, prior, comm.world_size), comm)
     except BaseException:
         comm.broadcast_object(None)
         raise
     comm.broadcast_object(session.cfg.to_dict())
-    session.comm = comm
     stop = True
     try:
         yield session
@@ -92,14 +93,12 @@ def lead(comm: Comm, open_session: Callable[[Callable], Any]) -> Iterator[Any]:
 
 
 @contextmanager
-def session_of(open_session: Callable[[Callable | None], Any]) -> Iterator[Any]:
-    """The session this process runs: ``open_session(None)`` in one process; under torchrun rank 0's
+def session_of(open_session: Callable[[Callable | None, Comm | None], Any]) -> Iterator[Any]:
+    """The session this process runs: ``open_session(None, None)`` in one process; under torchrun rank 0's
     session (:func:`lead`), and None on the other ranks once they have served every request."""
     if not launched():
-        yield open_session(None)
+        yield open_session(None, None)
         return
-    import torch.distributed as dist
-
     comm = init_from_env(timeout_s())
     try:
         if comm.rank != 0:

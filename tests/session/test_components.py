@@ -6,7 +6,8 @@ held strongly would keep every prior ever built alive (third test)."""
 
 import gc
 
-from apa import components
+from apa.session import components
+from apa.session import components
 from apa.config import AlignConfig
 from apa.session import Session, with_overrides
 
@@ -14,13 +15,13 @@ CFG = with_overrides(AlignConfig(), feedback={"name": "oracle", "prefer": (1, 4,
 
 
 def test_sessions_of_one_configuration_share_the_prior_and_the_feedback_model():
-    a, b = Session.components(CFG), Session.components(with_overrides(CFG, session={"seed": 7}))
+    a, b = components.build(CFG), components.build(with_overrides(CFG, session={"seed": 7}))
     assert a[0] is b[0] and a[1] is b[1]  # the seed is a session's own; the frozen parts are shared
 
 
 def test_label_noise_wraps_the_shared_source_per_session():
-    plain = Session.components(CFG)
-    noisy = Session.components(with_overrides(CFG, feedback={"label_noise": 0.1}))
+    plain = components.build(CFG)
+    noisy = components.build(with_overrides(CFG, feedback={"label_noise": 0.1}))
     assert noisy[0] is plain[0] and noisy[1] is not plain[1] and noisy[1].source is plain[1]
 
 
@@ -29,7 +30,7 @@ def test_another_configuration_gets_its_own_and_the_last_user_frees_it():
     key = components.options_key(vars(fashion.prior))
     gc.collect()
     assert key not in components._PRIORS  # nothing else in this process holds a fashion prior
-    mnist, other = Session.components(CFG), Session.components(fashion)
+    mnist, other = components.build(CFG), components.build(fashion)
     assert mnist[0] is not other[0] and mnist[1] is not other[1] and key in components._PRIORS
     del other
     gc.collect()

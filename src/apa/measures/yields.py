@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from apa.evaluation.novelty import NEAR_COPY_QUANTILE, nearest_distance
+from apa.measures.metrics import NEAR_COPY_QUANTILE, nearest_distance
 
 DUPLICATE_QUANTILE = 0.01  # independent prior samples of the liked kind repeat one another this often
 YARDSTICK = 256  # ... among this many of them (a final batch's size): more samples lie closer together

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from apa.evaluation import coverage_entropy, frechet_distance, mean_pairwise_distance
+from apa.measures.metrics import coverage_entropy, frechet_distance, mean_pairwise_distance
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero():

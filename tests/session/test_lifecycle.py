@@ -7,7 +7,7 @@ finishing with budget left) fails here."""
 import torch
 
 from apa.config import preset
-from apa.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, Action, next_action
+from apa.session.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, Action, drive, next_action
 from apa.session import Session, with_overrides
 
 CFG = with_overrides(preset("default"), sampler={"particles": 8, "steps": 4}, surrogate={"epochs": 5},
@@ -21,7 +21,7 @@ def test_every_state_of_a_session_names_its_next_step(tmp_path):
     s.sample_round(0)
     assert at() == Action(RATE, 0)  # shown, nothing rated
     k = len(s.store.rounds()[0]["shown"])
-    s.record(0, 0, 1.0, "test")
+    s.record_all(0, [(0, 1.0)], "test")
     assert at() == Action(RATE, 0)  # a crash in the middle of a round's ratings
     s.record_all(0, [(p, -1.0) for p in range(1, k)], "test")
     assert at() == Action(FIT, 0)  # rated, the refit not yet stored
@@ -32,9 +32,9 @@ def test_every_state_of_a_session_names_its_next_step(tmp_path):
     assert at() == Action(FIT, 1)  # a round of skips is complete too, and costs nothing
     s.finish_round(1)
     assert s.store.spent() == k and at() == Action(SAMPLE, 2)
-    s.run()  # the simulated user spends the rest
+    drive(s, until=FINAL)  # the simulated user spends the rest
     assert s.store.spent() == 8 and at() == Action(FINAL)
-    s.save_final()
+    s.store.save_final(s.final_samples())
     assert at() == Action(DONE)
     s.store.extend_budget(12)  # a budget raised after the end samples again
     assert next_action(s.store, 12) == Action(SAMPLE, len(s.store.rounds()))
@@ -45,14 +45,14 @@ def test_a_resumed_session_continues_with_the_interrupted_step(tmp_path):
     """Stopped after a round's ratings but before its refit, the reopened session refits that round
     once (the next step is FIT, not another SAMPLE) and ends where an uninterrupted one ends."""
     whole = Session.start(tmp_path / "whole", CFG, progress=False)
-    whole.run()
+    drive(whole, until=FINAL)
     cut = Session.start(tmp_path / "cut", CFG, progress=False)
     cut.sample_round(0)
-    cut.answer_with_source(0)
+    cut.answer(0)
     cut.store.close()
     again = Session.resume(tmp_path / "cut", progress=False)
     assert next_action(again.store, 8) == Action(FIT, 0)
-    again.run()
+    drive(again, until=FINAL)
     ratings = lambda s: [(x["round"], x["position"], x["score"]) for x in s.store.ratings()]  # noqa: E731
     assert ratings(again) == ratings(whole)
     for a, b in zip(whole.store.rounds(), again.store.rounds()):

@@ -18,7 +18,12 @@ import threading
 import weakref
 from typing import Any
 
+from apa.config import AlignConfig
+from apa.feedback.base import FeedbackSource, with_label_noise
+from apa.feedback.drift import DriftingUser
+from apa.priors.batching import BatchingPrior
 from apa.registry import FEEDBACK, PRIORS
+from apa.session.checks import SessionError, check_device, check_prior, check_tastes
 
 PER_SESSION = ("label_noise", "drift_to", "drift_at", "drift_span")  # feedback options a session wraps on its own
 _LOCK = threading.Lock()  # held while a component is built, so two sessions never build the same one twice
@@ -44,8 +49,6 @@ def shared_prior(options: dict[str, Any], batch_window: float | None = None) -> 
             _PRIORS[key] = prior
         if batch_window is None:
             return prior
-        from apa.priors.batching import BatchingPrior
-
         batching_key = f"{key}|{batch_window}"
         batching = _BATCHING.get(batching_key)
         if batching is None:
@@ -70,3 +73,22 @@ def shared_feedback(options: dict[str, Any], prior: Any, prior_options: dict[str
 def open_count() -> tuple[int, int]:
     """(priors, feedback sources) alive in the caches now."""
     return len(_PRIORS), len(_SOURCES)
+
+
+def build(cfg: AlignConfig, batch_window: float | None = None) -> tuple[Any, FeedbackSource | None]:
+    """A session's prior and feedback source: the shared ones of its configuration (``batch_window``:
+    the prior's network calls batched across sessions), wrapped in what is the session's own (label
+    noise, a change of taste). Errors here happen before anything is written."""
+    check_device(cfg.prior.device)
+    prior = shared_prior(vars(cfg.prior), batch_window)
+    check_prior(cfg, prior)
+    source = shared_feedback(vars(cfg.feedback), prior, vars(cfg.prior))
+    if cfg.feedback.label_noise and cfg.feedback.name == "human":
+        raise SessionError("--label-noise simulates a user who errs; a person's own ratings are not flipped")
+    noise, seed = cfg.feedback.label_noise, cfg.session.seed
+    if cfg.feedback.drift_to is None:
+        return prior, with_label_noise(source, noise, seed)
+    after = shared_feedback({**vars(cfg.feedback), "prefer": cfg.feedback.drift_to}, prior, vars(cfg.prior))
+    check_tastes(source, after)
+    return prior, DriftingUser(with_label_noise(source, noise, seed), with_label_noise(after, noise, seed),
+                               cfg.feedback.drift_at, cfg.feedback.drift_span, seed)

@@ -13,22 +13,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
 
-NEAR_COPY_QUANTILE = 0.05  # independent prior samples are near-copies this often, by construction
-
-
-def nearest_distance(images: torch.Tensor, reference: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Pixel L2 distance from each image [n, ...] to its nearest reference image [m, ...] -> [n]."""
-    if reference.shape[0] == 0:
-        raise ValueError("no reference images to measure a distance to")
-    ref = reference.reshape(reference.shape[0], -1).double()
-    flat = images.reshape(images.shape[0], -1).double()
-    return torch.cat([torch.cdist(part, ref).min(dim=1).values for part in flat.split(chunk)]) if len(flat) else \
-        torch.zeros(0, dtype=torch.float64)
-
+from apa.atomic import write_file
+from apa.measures.metrics import NEAR_COPY_QUANTILE, nearest_distance
+from apa.measures.yields import take_home
+from apa.shipped import shipped_path
+from apa.smc.sampler import sample_prior
 
 def near_copies(final: torch.Tensor, liked: torch.Tensor, prior_preferred: torch.Tensor,
                 quantile: float = NEAR_COPY_QUANTILE) -> dict[str, float]:
@@ -84,7 +79,7 @@ def oracle_classes(user: Any, images: torch.Tensor) -> torch.Tensor:
 def users_liked(user: Any, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
     """bool [n]: the simulated user likes the image [n, C, H, W]: its taste holds (a taste no class
     names), else its confident class (``oracle_classes``, [n]; computed when not given) is a preferred one."""
-    taste = getattr(user, "taste", None)
+    taste = getattr(user, "taste", None)  # TEMP
     if taste is not None:
         return taste.liked(images)
     classes = oracle_classes(user, images) if classes is None else classes
@@ -98,36 +93,23 @@ def reference_name(sha: str, steps: int, n: int) -> str:
 
 def draw_reference(prior: Any, steps: int, n: int = REFERENCE_SAMPLES) -> torch.Tensor:
     """n plain samples of ``prior`` at ``steps`` steps, seed 0, clean particles [n, *event] (CPU)."""
-    from apa.smc.sampler import sample_prior
-
     with torch.no_grad():
         return sample_prior(prior, n, steps, torch.Generator().manual_seed(0), batch_size=256, decode=False).cpu()
 
 
-def prior_reference(session: Any, n: int = REFERENCE_SAMPLES) -> torch.Tensor | None:
-    """n plain samples of the session's prior at its step count, clean particles [n, *event]: shipped
-    beside the built-in priors' weights for the default step count (``scripts/ship_references.py``),
-    else drawn once (seed 0) and cached per prior weights; None for a prior without a weights file."""
-    from safetensors.torch import load_file, save
-
-    from apa.atomic import write_file
-    from apa.evaluation.records import cache_dir, prior_sha
-    from apa.shipped import shipped_path
-
-    sha = prior_sha(session)
-    if sha is None:
-        return None
-    name = reference_name(sha, session.cfg.sampler.steps, n)
-    path = cache_dir() / name
-    if shipped_path(name).is_file():  # named by the weights' digest: it belongs to exactly these weights
-        path = shipped_path(name)
+def prior_reference(prior: Any, sha: str, steps: int, cache: Path, n: int = REFERENCE_SAMPLES) -> torch.Tensor:
+    """n plain samples of ``prior`` (weights sha256 ``sha``) at ``steps`` steps, clean particles [n, *event]:
+    shipped beside the built-in priors' weights for the default step count (``scripts/ship_references.py``),
+    else drawn once (seed 0) and cached in ``cache``."""
+    name = reference_name(sha, steps, n)
+    path = shipped_path(name) if shipped_path(name).is_file() else cache / name  # named by the weights' digest
     if path.is_file():
         try:
             return load_file(path)["particles"]
         except Exception:  # a damaged cache entry is drawn again
             pass
-    z = draw_reference(session.prior, session.cfg.sampler.steps, n)
-    path = cache_dir() / name
+    z = draw_reference(prior, steps, n)
+    path = cache / name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_file(path, save({"particles": z.contiguous()}), mode=0o644, shared=True)
@@ -136,9 +118,9 @@ def prior_reference(session: Any, n: int = REFERENCE_SAMPLES) -> torch.Tensor | 
     return z
 
 
-def final_checks(session: Any, images: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
-    """Novelty and target fidelity of a session's final batch (images [n, C, H, W] in [0, 1]) against
-    ``reference`` plain prior particles [M, *event].
+def final_checks(view: Any, reference: torch.Tensor) -> dict[str, Any]:
+    """Novelty and target fidelity of a session's final batch (``view``: a ``records.FinalView``; its
+    images [n, C, H, W] in [0, 1]) against ``reference`` plain prior particles [M, *event].
 
     - near-copies of the liked rated images (``near_copies``), among the final images the simulated
       user's classifier puts in a preferred class (every image for a person, with every prior sample
@@ -147,16 +129,13 @@ def final_checks(session: Any, images: torch.Tensor, reference: torch.Tensor) ->
       exp(β_end·r(x0)) under the final reward, their total variation, and the reweighting's ESS. The
       reweighted reference is the final batch's own target only from the noise end.
     """
-    from apa.evaluation.yields import take_home
-
-    x, y = session.training_data()
-    prior_images = session.prior.decode(reference)
+    images, prior = view.images, view.prior
     with torch.no_grad():
-        rated = session.prior.decode(x)
-    liked = rated[y > 0]
-    user = session.feedback
+        prior_images, rated = prior.decode(reference), prior.decode(view.rated)
+    liked = rated[view.targets > 0]
+    user = view.user
     out: dict[str, Any] = {"reference_samples": int(reference.shape[0]), "images": int(images.shape[0])}
-    if getattr(user, "probabilities", None) is None:  # a person: no view of what they like in the batch
+    if getattr(user, "probabilities", None) is None:  # TEMP a person: no view of what they like in the batch
         every = torch.ones(images.shape[0], dtype=torch.bool)
         home = take_home(images, every, rated, prior_images)
         return {**out, **near_copies(images, liked, prior_images), "distinct": home["distinct"],
@@ -167,11 +146,9 @@ def final_checks(session: Any, images: torch.Tensor, reference: torch.Tensor) ->
     final_liked, prior_liked = users_liked(user, images, final_cls), users_liked(user, prior_images, prior_cls)
     home = take_home(images, final_liked, rated, prior_images[prior_liked])
     out.update({k: home[k] for k in ("distinct", "distinct_liked", "new_liked", "yield")})
-    last = len(session.store.rounds()) - 1
-    reward = session.reward(session.surrogate_after(last))
     with torch.no_grad():
-        log_w = session.cfg.sampler.beta[1] * torch.cat([reward(z) for z in reference.split(256)]).double()
+        log_w = view.sampler.beta[1] * torch.cat([view.reward(z) for z in reference.split(256)]).double()
     target, batch = class_mix(prior_cls, UNSURE + 1, log_w), class_mix(final_cls, UNSURE + 1)
     return {**out, "target_mix": target.tolist(), "batch_mix": batch.tolist(),
             "target_tv": total_variation(batch, target), "target_ess": effective_sample_size(log_w),
-            "target_is_own": session.cfg.session.final_start == "noise"}
+            "target_is_own": view.target_is_own}

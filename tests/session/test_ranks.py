@@ -116,7 +116,7 @@ def test_a_rank_that_dies_ends_the_run_and_resume_continues(tmp_path, one_proces
 def test_a_population_that_does_not_shard_is_refused_before_anything_is_written():
     from apa.config import AlignConfig
     from apa.priors.gmm import make_gmm
-    from apa.ranks import check_session
+    from apa.session.ranks import check_session
     from apa.session import with_overrides
 
     cfg = with_overrides(AlignConfig(), sampler={"particles": 8}, session={"eval_samples": 12})
@@ -126,7 +126,7 @@ def test_a_population_that_does_not_shard_is_refused_before_anything_is_written(
 
 
 def test_the_timeout_comes_from_the_environment(monkeypatch):
-    from apa.ranks import TIMEOUT_ENV, timeout_s
+    from apa.session.ranks import TIMEOUT_ENV, timeout_s
 
     monkeypatch.delenv(TIMEOUT_ENV, raising=False)
     assert timeout_s() == 300.0

@@ -7,7 +7,7 @@ import torch
 from apa.priors.calls import counting
 from apa.priors.ddpm import DDPMPrior
 from apa.priors.unet import UNet, UNetConfig
-from apa.rounds.final import moved, renoised
+from apa.session.final import moved, renoised
 
 
 def tiny_prior() -> DDPMPrior:

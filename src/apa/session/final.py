@@ -1,0 +1,55 @@
+"""⑥ FINAL: where the final batch starts and the move that turns its copies into new images."""
+
+from __future__ import annotations
+
+import torch
+
+from apa.config import AlignConfig
+from apa.priors.base import HasFeatures
+from apa.session import acquisition
+from apa.smc.sampler import renoised
+
+
+def final_start(prior, cfg: AlignConfig, liked: torch.Tensor, n: int, gen: torch.Generator
+                ) -> tuple[torch.Tensor | None, int]:
+    """Where the final batch starts: the noise end (None, 0), or, with ``final_start="liked"``, n draws
+    from the liked rated particles ``liked`` [m, *event] noised to σ_k, k = steps − round(restart·steps):
+    z = x0 + σ_k·ξ ([n, *event], k). The sampler then targets the prior's plain sampler from those
+    particles tilted by exp(β_end·r): best-of-N's refinement, reweighted by the surrogate.
+    ``"balanced"`` draws the liked particles with weights ∝ 1/local density in the prior's feature
+    space, so a liked mode the rounds showed rarely starts as many particles as a crowded one."""
+    sc, steps = cfg.session, cfg.sampler.steps
+    if sc.final_start == "noise":
+        return None, 0
+    k = steps - round(sc.restart * steps)
+    if liked.shape[0] == 0 or k <= 0:
+        return None, 0  # nothing liked yet: the noise end
+    sigma = float(prior.sigmas(steps)[k])
+    if sc.final_start == "balanced":
+        w = acquisition.balanced_weights(start_features(prior, cfg.surrogate.feature_t, liked))
+        pick = liked[torch.multinomial(w, n, replacement=True, generator=gen)]
+    else:
+        pick = liked[torch.randint(0, liked.shape[0], (n,), generator=gen)]
+    return pick + sigma * torch.randn(pick.shape, generator=gen).to(pick), k
+
+
+def start_features(prior, feature_t: float, x: torch.Tensor) -> torch.Tensor:
+    """What the balanced restart measures crowding in: the prior's denoiser features where it has
+    them (the surrogate's input), else the particles themselves. [m, *event] -> [m, d]."""
+    with torch.no_grad():
+        if isinstance(prior, HasFeatures):
+            return prior.features(x, feature_t)
+        return x.reshape(x.shape[0], -1)
+
+
+@torch.no_grad()
+def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen: torch.Generator) -> torch.Tensor:
+    """One Metropolis-Hastings move of each particle x0 [n, *event] toward p·exp(β·r): the proposal x' is x
+    re-noised to timestep t and denoised (:func:`renoised`; a move that leaves the prior's law invariant
+    when the denoiser is exact), accepted with probability min(1, exp(β·(r(x') − r(x)))). Resampling
+    leaves copies of the heavy particles that the last, nearly noise-free steps cannot separate; an
+    accepted move turns a copy into a new image near it, and the tilted law stays the target."""
+    proposal = renoised(prior, x0, t, steps, gen)
+    log_ratio = beta * (reward(proposal).reshape(-1) - reward(x0).reshape(-1)).double()
+    accept = torch.rand(x0.shape[0], generator=gen, dtype=torch.float64).log().to(log_ratio) < log_ratio
+    return torch.where(accept.reshape(-1, *[1] * (x0.dim() - 1)), proposal, x0)
