@@ -11,13 +11,19 @@ from pathlib import Path
 from typing import Sequence
 
 from apa.baselines.common import Clock, MethodRun, check_checkpoints, plain_samples
+from apa.knobs import at_least, knob
 from apa.registry import METHODS
 from apa.seeding import generator
 
 
 @dataclass(frozen=True)
 class PriorConfig:
-    steps: int = 25  # ancestral steps
+    """The plain prior's one setting."""
+
+    steps: int = knob(25, "ancestral steps")
+
+    def __post_init__(self) -> None:
+        at_least("steps", self.steps, 1)
 
 
 @METHODS.register("prior")
