@@ -109,14 +109,14 @@ def draw(prior, reward, n: int, cfg: BestOfMConfig, how: str, gen: torch.Generat
         return prior.decode(z[choose(scores, n, how, cfg.beta, gen)])
 
 
-@METHODS.register("best_of_m")
+@METHODS.register("best_of_m", config=BestOfMConfig, compare={"steps": "steps"})
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: BestOfMConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Rate plain prior samples, fit the session's surrogate, keep the best n of M fresh samples by it."""
     return _run("top", prior, user, budget, per_round, seed, config, checkpoints, eval_samples)
 
 
-@METHODS.register("best_of_m_is")
+@METHODS.register("best_of_m_is", config=BestOfMConfig, compare={"steps": "steps"})
 def run_resampled(prior, user, budget: int, per_round: int, seed: int, *, config: BestOfMConfig | None = None,
                   checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """As ``best_of_m``, the n drawn from the M by importance resampling ∝ exp(β·r)."""

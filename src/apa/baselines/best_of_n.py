@@ -66,7 +66,7 @@ def sample_around(prior, pool: torch.Tensor, scores: torch.Tensor, n: int, cfg: 
     return refine(prior, pool[chosen], cfg.refine_t, cfg.steps, gen)
 
 
-@METHODS.register("best_of_n")
+@METHODS.register("best_of_n", config=BestOfNConfig, compare={"steps": "steps", "refine_t": "refine_t"})
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: BestOfNConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Rate ``budget`` prior samples in rounds; the sampler refines around the best-rated so far."""

@@ -233,7 +233,7 @@ def das_images(prior, reward: Reward, n: int, cfg: DASOnlineConfig, gen: torch.G
     return population_images(prior, n, cfg.populations_per_call, chosen, log)
 
 
-@METHODS.register("das_online")
+@METHODS.register("das_online", config=DASOnlineConfig, compare={"steps": "steps"})
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: DASOnlineConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """DAS online: ``budget`` ratings in rounds of ``per_round``, each round's images from DAS steered

@@ -212,7 +212,7 @@ def fk_images(prior, reward: Reward, n: int, cfg: FKSteeringConfig, gen: torch.G
     return population_images(prior, n, cfg.populations_per_call, chosen, log)
 
 
-@METHODS.register("fk_steering")
+@METHODS.register("fk_steering", config=FKSteeringConfig, compare={"steps": "steps"})
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: FKSteeringConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """FK steering online: ``budget`` ratings in rounds of ``per_round``, each round's images steered

@@ -8,14 +8,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from apa.baselines import fkc
 from apa.baselines.common import MethodRun
 from apa.baselines.fkc import run_session
 from apa.config import AlignConfig
 from apa.registry import METHODS
 from apa.session import with_overrides
 
+# the `apa compare` settings an `apa align` session takes (``registry.Method``): field -> comparison setting
+SESSION_COMPARE = {"prior.name": "prior", "prior.weights": "prior_weights", "sampler.particles": "particles",
+                   "sampler.steps": "steps", "surrogate.epochs": "epochs", "feedback.prefer": "prefer"}
 
-@METHODS.register("guidance")
+# fkc's settings, declared here until baselines/fkc.py passes them to its own register call
+METHODS.register("fkc", config=AlignConfig, compare=SESSION_COMPARE)(fkc.run)
+
+
+@METHODS.register("guidance", config=AlignConfig, compare=SESSION_COMPARE)
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: AlignConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Surrogate-gradient guidance with the FKC session's loop, weights off (every particle keeps 1/N)."""

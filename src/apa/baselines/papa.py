@@ -68,6 +68,8 @@ class PAPAConfig:
 
 
 EPAPA = PAPAConfig(k=400)
+# the `apa compare` settings PAPA and EPAPA take (``registry.Method``): field -> comparison setting
+COMPARE = {"lr": "papa_lr", "timesteps_per_image": "papa_timesteps", "sample_steps": "steps"}
 
 
 # ---------------------------------------------------------------- the losses
@@ -190,7 +192,7 @@ def finetune(tuned: nn.Module, base: nn.Module, opt: torch.optim.Optimizer, imag
     return sum(losses) / len(losses)
 
 
-@METHODS.register("papa")
+@METHODS.register("papa", config=PAPAConfig, compare=COMPARE)
 def run_papa(prior, user, budget: int, per_round: int, seed: int, *, config: PAPAConfig | None = None,
              checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None,
              method: str = "papa") -> MethodRun:
@@ -225,7 +227,7 @@ def run_papa(prior, user, budget: int, per_round: int, seed: int, *, config: PAP
                      info={"config": asdict(cfg), "losses": losses})
 
 
-@METHODS.register("epapa")
+@METHODS.register("epapa", config=EPAPA, compare=COMPARE)
 def run_epapa(prior, user, budget: int, per_round: int, seed: int, *, config: PAPAConfig | None = None,
               checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """EPAPA: PAPA with the base model kept for timesteps below k (default k = 400)."""

@@ -26,7 +26,7 @@ class PriorConfig:
         at_least("steps", self.steps, 1)
 
 
-@METHODS.register("prior")
+@METHODS.register("prior", config=PriorConfig, compare={"steps": "steps"})
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: PriorConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Plain samples at every checkpoint (the same batch); ``user`` is never asked."""

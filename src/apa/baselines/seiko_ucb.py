@@ -207,7 +207,7 @@ def fit_objective(prior, x: Particles, y: torch.Tensor, seed: int, r: int, cfg: 
     return optimistic_reward(reward, cov, cfg.ucb_coef, cfg.bonus_clip)
 
 
-@METHODS.register("seiko_ucb")
+@METHODS.register("seiko_ucb", config=SEIKOConfig, compare={"steps": "steps"})
 def run_seiko_ucb(prior, user, budget: int, per_round: int, seed: int, *, config: SEIKOConfig | None = None,
                   checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """SEIKO-UCB online: ``budget`` ratings in rounds of ``per_round``; refit r̃, then fine-tune, each round.
