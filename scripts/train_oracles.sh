@@ -11,7 +11,7 @@ for dataset in "${datasets[@]}"; do
 import json, sys
 import torch
 torch.set_num_threads(1)
-from apa.feedback.oracle import export_from_run, train_oracle
+from apa.training.oracle import export_from_run, train_oracle
 dataset = sys.argv[1]
 run_dir = f"runs/oracle-{dataset}"
 train_oracle(dataset, run_dir, progress=False)

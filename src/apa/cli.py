@@ -64,8 +64,8 @@ def _train_config(recipe, args: argparse.Namespace):
 
 
 def cmd_train_prior(args: argparse.Namespace) -> None:
-    from apa.priors import ddpm
-    from apa.training import TrainConfig
+    from apa.training import ddpm
+    from apa.training.common import TrainConfig
 
     run_dir = Path(args.run_dir or f"runs/prior-{args.dataset}")
     cfg = _train_config(TrainConfig(), args)
@@ -75,7 +75,7 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
 
 
 def cmd_train_oracle(args: argparse.Namespace) -> None:
-    from apa import oracle_training
+    from apa.training import oracle as oracle_training
 
     run_dir = Path(args.run_dir or f"runs/oracle-{args.dataset}")
     recipe = oracle_training.default_recipe(args.dataset)
@@ -85,7 +85,7 @@ def cmd_train_oracle(args: argparse.Namespace) -> None:
 
 
 def cmd_train_judge(args: argparse.Namespace) -> None:
-    from apa.evaluation import judge_training
+    from apa.training import judge as judge_training
 
     run_dir = Path(args.run_dir or f"runs/judge-{args.dataset}")
     recipe = judge_training.default_recipe(args.dataset)

@@ -46,3 +46,15 @@ def finite(flag: str, v: Any) -> None:
 
 def choice(flag: str, v: Any, choices: tuple[str, ...]) -> None:
     require(v in choices, f"unknown {flag} {v!r}; choose one of {', '.join(choices)}")
+
+
+def positive(flag: str, v: Any) -> None:
+    require(number(v) and math.isfinite(v) and v > 0, f"{flag} must be a positive finite number, got {v!r}")
+
+
+def non_negative(flag: str, v: Any) -> None:
+    require(number(v) and math.isfinite(v) and v >= 0, f"{flag} must be a finite number from 0, got {v!r}")
+
+
+def fraction(flag: str, v: Any) -> None:
+    require(number(v) and 0.0 <= v <= 1.0, f"{flag} must be in [0, 1], got {v!r}")

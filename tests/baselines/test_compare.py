@@ -56,6 +56,46 @@ def test_compare_runs_every_method_and_writes_its_outputs(tmp_path, mnist_arrays
     assert json.loads((out / "compare.json").read_text())["runs"] == summary["runs"]
 
 
+def test_every_method_declares_its_settings_where_it_registers():
+    """One place per method: its module registers the run function with its settings (knobs with a help
+    sentence) and the comparison settings it takes; the registry's index names exactly those modules."""
+    import importlib
+    import pkgutil
+    from dataclasses import fields
+
+    from apa import baselines
+    from apa.config import AlignConfig
+    from apa.evaluation.compare import CompareConfig
+    from apa.registry import METHODS
+
+    for module in pkgutil.iter_modules(baselines.__path__):
+        importlib.import_module(f"apa.baselines.{module.name}")
+    assert set(METHODS._factories) == set(METHODS.names())  # nothing registered outside the index
+    settings = {f.name for f in fields(CompareConfig)}
+    for name in METHODS.names():
+        method = METHODS.method(name)
+        config = method.defaults()
+        assert config is not None and set(method.compare.values()) <= settings, name
+        if not isinstance(config, AlignConfig):  # the session's sections are config.py's, checked there
+            assert all(f.metadata.get("help") for f in fields(config)), name
+
+
+def test_method_settings_follow_the_comparison():
+    from apa.baselines.papa import EPAPA, PAPAConfig
+    from apa.evaluation.compare import CompareConfig, method_config
+
+    cc = CompareConfig(out="x", steps=4, particles=8, epochs=3, prefer=(2, 5), papa_lr=2e-5, papa_timesteps=7,
+                       refine_t=100)
+    papa = PAPAConfig(lr=2e-5, timesteps_per_image=7, sample_steps=4)
+    assert method_config(cc, "papa") == papa and method_config(cc, "papa@300") == papa
+    assert method_config(cc, "epapa") == PAPAConfig(k=EPAPA.k, lr=2e-5, timesteps_per_image=7, sample_steps=4)
+    assert (method_config(cc, "best_of_n").steps, method_config(cc, "best_of_n").refine_t) == (4, 100)
+    for name in ("fkc", "guidance"):
+        session = method_config(cc, name)
+        assert (session.sampler.particles, session.sampler.steps, session.surrogate.epochs) == (8, 4, 3), name
+        assert session.feedback.prefer == (2, 5) and session.prior.name == "mnist", name
+
+
 def test_compare_runs_the_fields_methods_beside_apa(tmp_path, mnist_arrays):
     """`apa compare --methods fkc,fk_steering,das_online,seiko_ucb,best_of_n,papa`: each peer spends the
     same budget in the same rounds and gets its own settings at the comparison's step count."""

@@ -13,7 +13,7 @@ from torch import nn
 from apa import data
 from apa.evaluation import judge as judge_mod
 from apa.evaluation.judge import NONE, Judge, JudgeConfig, JudgeNet, judge_metadata, load_judge
-from apa.evaluation.judge_training import default_recipe, index_digest, judge_split, pool
+from apa.training.judge import default_recipe, index_digest, judge_split, pool
 
 # sha256 of the shipped files: a deliberate retraining updates these together with the model cards
 SHIPPED_SHA256 = {

@@ -51,3 +51,16 @@ def test_no_count_open_leaves_outputs_untouched_and_threads_count_their_own_rows
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert seen == {2: 6, 7: 21}  # a server's sessions share one prior, each counting its own rows
+
+
+def test_passes_made_uncounted_count_only_in_counts_opened_inside():
+    """Measuring a batch is not its cost: a pass inside ``uncounted`` reaches no count opened outside it
+    (a leak of one row would show), and counts opened inside still see it."""
+    from apa.priors.calls import counted, counting, uncounted
+
+    with counting() as outer:
+        counted("eps", torch.zeros(2, 1))
+        with uncounted(), counting() as inner:
+            counted("eps", torch.zeros(3, 1))
+        counted("features", torch.zeros(1, 1))
+    assert (outer.eps, outer.features, inner.eps) == (2, 1, 3)

@@ -9,8 +9,6 @@ import torch
 from apa import fkc_sample
 from apa.cli import main
 from apa.priors import ddpm
-from apa.priors.unet import UNet, UNetConfig
-from apa.training import TrainConfig
 
 SHIPPED_SHA256 = {"mnist": "dfcbd201af60405f0bdb18638dc2b97432bb073d68609be2dd17c7a199c8bc7d",
                   "fashion": "b7b35c57d10a21a342d686be92cb82e1932b0544b393c4d7c6818eb5383b3e4d"}
@@ -68,19 +66,6 @@ def test_sample_command_writes_images(tmp_path):
     with np.load(out) as z:
         assert z["images"].shape == (3, 1, 28, 28) and z["images"].dtype == np.float32
     assert (tmp_path / "g.png").stat().st_size > 0
-
-
-def test_training_runs_and_resumes(tmp_path, monkeypatch, mnist_arrays):
-    small = UNetConfig(channels=(8, 8, 8), time_dim=16, groups=4)
-    cfg = TrainConfig(steps=3, batch_size=4, checkpoint_every=1, warmup=1)
-    ddpm.train_prior("mnist", tmp_path / "run", cfg, unet=small, progress=False, limit=64)
-    assert (tmp_path / "run" / "loss.csv").read_text().count("\n") == 3
-    ddpm.train_prior("mnist", tmp_path / "run", TrainConfig(steps=5, batch_size=4, checkpoint_every=1, warmup=1),
-                     unet=small, progress=False, limit=64)
-    rows = (tmp_path / "run" / "loss.csv").read_text().splitlines()
-    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4, 5]
-    out = ddpm.export_from_run("mnist", tmp_path / "run", tmp_path / "p.safetensors")
-    assert isinstance(ddpm.load_prior("mnist", out).model, UNet)
 
 
 def test_missing_weights_name_the_path(tmp_path):

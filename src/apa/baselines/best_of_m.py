@@ -25,6 +25,7 @@ import torch
 from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, round_sizes,
                                   to_targets)
 from apa.baselines.online import refit
+from apa.knobs import at_least, choice, knob, non_negative, positive
 from apa.registry import METHODS
 from apa.seeding import generator
 from apa.smc import resampling
@@ -32,18 +33,25 @@ from apa.smc.sampler import sample_prior
 
 DEFAULT_FINAL_ROWS_PER_IMAGE = 18945 / 256  # the default final batch's call rows per image (measured)
 SCORE_CHUNK = 256
+LOSSES = ("mse", "logistic")  # the session's surrogate losses (``config.SurrogateConfig.loss``)
 
 
 @dataclass(frozen=True)
 class BestOfMConfig:
-    steps: int = 25  # ancestral steps of every plain prior sample
-    pool_per_image: float | None = None  # M / n; None: equal calls to the default final batch
-    beta: float = 2.0  # best_of_m_is: the tilt exp(β·r) (the default's β_end)
-    loss: str = "logistic"  # the surrogate's loss (the session's default)
+    """Best-of-M's settings."""
+
+    steps: int = knob(25, "ancestral steps of every plain prior sample")
+    pool_per_image: float | None = knob(None, "M / n (none: equal network calls to the default final batch)")
+    beta: float = knob(2.0, "best_of_m_is: the tilt exp(β·r) (the default's β_end)")
+    loss: str = knob("logistic", "the surrogate's loss (the session's default; see SurrogateConfig.loss)",
+                     choices=LOSSES)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or (self.pool_per_image is not None and not self.pool_per_image > 0) or self.beta < 0:
-            raise ValueError(f"steps >= 1, pool_per_image > 0 (or None) and beta >= 0 are required, got {self}")
+        at_least("steps", self.steps, 1)
+        if self.pool_per_image is not None:
+            positive("pool_per_image", self.pool_per_image)
+        non_negative("beta", self.beta)
+        choice("loss", self.loss, LOSSES)
 
     def pool(self, n: int) -> int:
         """M for a batch of n images: equal network calls to FKC-SMC's default final batch unless set."""
@@ -101,14 +109,14 @@ def draw(prior, reward, n: int, cfg: BestOfMConfig, how: str, gen: torch.Generat
         return prior.decode(z[choose(scores, n, how, cfg.beta, gen)])
 
 
-@METHODS.register("best_of_m")
+@METHODS.register("best_of_m", config=BestOfMConfig, compare={"steps": "steps"})
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: BestOfMConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Rate plain prior samples, fit the session's surrogate, keep the best n of M fresh samples by it."""
     return _run("top", prior, user, budget, per_round, seed, config, checkpoints, eval_samples)
 
 
-@METHODS.register("best_of_m_is")
+@METHODS.register("best_of_m_is", config=BestOfMConfig, compare={"steps": "steps"})
 def run_resampled(prior, user, budget: int, per_round: int, seed: int, *, config: BestOfMConfig | None = None,
                   checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """As ``best_of_m``, the n drawn from the M by importance resampling ∝ exp(β·r)."""

@@ -20,6 +20,8 @@ import torch
 
 from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, plain_samples,
                                   round_sizes)
+from apa.config import NUM_TIMESTEPS
+from apa.knobs import at_least, between, knob, require, whole
 from apa.registry import METHODS
 from apa.seeding import generator
 from apa.smc.sampler import renoised
@@ -27,13 +29,17 @@ from apa.smc.sampler import renoised
 
 @dataclass(frozen=True)
 class BestOfNConfig:
-    steps: int = 25  # ancestral steps of the prior's samples (and of the full grid the refinement follows)
-    refine_t: int = 300  # training timestep the chosen images are re-noised to (0: no refinement)
-    top: int | None = None  # keep this many best-rated images; None: all that share the best score
+    """Best-of-N's settings."""
+
+    steps: int = knob(25, "ancestral steps of the prior's samples (and of the full grid the refinement follows)")
+    refine_t: int = knob(300, "training timestep the chosen images are re-noised to (0: no refinement)")
+    top: int | None = knob(None, "keep this many best-rated images (none: all that share the best score)")
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.refine_t < 0 or (self.top is not None and self.top < 1):
-            raise ValueError(f"steps >= 1, refine_t >= 0 and top >= 1 (or None) are required, got {self}")
+        at_least("steps", self.steps, 1)
+        between("refine_t", self.refine_t, 0, NUM_TIMESTEPS - 1)
+        require(self.top is None or (whole(self.top) and self.top >= 1),
+                f"top must be a whole number of images from 1, or none; got {self.top!r}")
 
 
 def best_indices(scores: torch.Tensor, top: int | None) -> torch.Tensor:
@@ -60,7 +66,7 @@ def sample_around(prior, pool: torch.Tensor, scores: torch.Tensor, n: int, cfg: 
     return refine(prior, pool[chosen], cfg.refine_t, cfg.steps, gen)
 
 
-@METHODS.register("best_of_n")
+@METHODS.register("best_of_n", config=BestOfNConfig, compare={"steps": "steps", "refine_t": "refine_t"})
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: BestOfNConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Rate ``budget`` prior samples in rounds; the sampler refines around the best-rated so far."""

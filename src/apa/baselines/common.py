@@ -99,7 +99,7 @@ class CountingUser:
 def to_targets(scores: torch.Tensor, user: Any) -> torch.Tensor:
     """A user's scores [k] mapped from its scale onto [-1, 1] (binary oracle: +1 / -1 unchanged)."""
     from apa.feedback.base import scale_of
-    from apa.session.fitter import normalise_scores
+    from apa.session.state import normalise_scores
 
     return normalise_scores(scores.float(), scale_of(user))
 

@@ -56,7 +56,8 @@ import torch
 from apa.baselines.common import MethodRun
 from apa.baselines.online import (Draw, last_hidden, pick_per_population, population_ess, population_images,
                                   rated_covariance, resample_populations, run_online)
-from apa.registry import METHODS
+from apa.knobs import at_least, choice, fraction, knob, non_negative, positive
+from apa.registry import METHODS, RESAMPLERS
 from apa.smc import resampling
 from apa.smc.fkc import proposal_log_ratio
 from apa.surrogate.model import Ensemble
@@ -70,25 +71,30 @@ Reward = Callable[[Particles], torch.Tensor]  # particles [M, *event] -> rewards
 class DASOnlineConfig:
     """DAS online's settings: ``SEIKO/config/UCB_smc.py`` (aesthetic) unless the module docstring says otherwise."""
 
-    steps: int = 25  # ancestral steps (code: 100 DDIM steps)
-    particles: int = 4  # particles per population, one image each (code: smc.num_particles = 4)
-    alpha: float = 0.1  # KL coefficient α, target p·exp(r/α) (code: kl_weight 0.1 jpeg, 0.005 aesthetic)
-    gamma: float = 1.008**4 - 1  # exponential tempering rate (code: 0.008 at 100 steps)
-    ess_threshold: float = 0.5  # resample when ESS < threshold·N (code: 0.5)
-    resample: str = "systematic"  # (code: ssp)
-    ucb_c: float = 1e-2  # UCB bonus weight (code: osm_alpha)
-    ucb_lambda: float = 1e-3  # ridge added to the feature covariance (code: osm_lambda)
-    ucb_clip: float = 10.0  # the bonus is clipped at this value (code: osm_clipping)
-    jacobian: str = "exact"  # ∂ẑ0/∂z: through the denoiser (code) or the Gaussian-data s²/(s²+σ²) (cheaper)
-    populations_per_call: int = 32  # populations run together (memory and speed; the random draws follow the chunks)
+    steps: int = knob(25, "ancestral steps (code: 100 DDIM steps)")
+    particles: int = knob(4, "particles per population, one image each (code: smc.num_particles = 4)")
+    alpha: float = knob(0.1, "KL coefficient α, target p·exp(r/α) (code: kl_weight 0.1 jpeg, 0.005 aesthetic)")
+    gamma: float = knob(1.008**4 - 1, "exponential tempering rate (code: 0.008 at 100 steps)")
+    ess_threshold: float = knob(0.5, "resample when ESS < threshold·N (code: 0.5)")
+    resample: str = knob("systematic", "resampling scheme (code: ssp)", choices=RESAMPLERS)
+    ucb_c: float = knob(1e-2, "UCB bonus weight (code: osm_alpha)")
+    ucb_lambda: float = knob(1e-3, "ridge added to the feature covariance (code: osm_lambda)")
+    ucb_clip: float = knob(10.0, "the bonus is clipped at this value (code: osm_clipping)")
+    jacobian: str = knob("exact", "∂ẑ0/∂z: through the denoiser (code) or the Gaussian-data s²/(s²+σ²) (cheaper)",
+                         choices=JACOBIANS)
+    populations_per_call: int = knob(32, "populations run together (memory and speed; the random draws follow "
+                                     "the chunks)")
 
     def __post_init__(self) -> None:
-        if min(self.steps, self.particles, self.populations_per_call) < 1:
-            raise ValueError(f"steps, particles and populations_per_call must be >= 1: {self}")
-        if not (self.alpha > 0 and self.gamma > 0 and 0.0 <= self.ess_threshold <= 1.0):
-            raise ValueError(f"alpha > 0, gamma > 0 and ess_threshold in [0, 1] are required: {self}")
-        if self.jacobian not in JACOBIANS:
-            raise ValueError(f"jacobian must be one of {JACOBIANS}, got {self.jacobian!r}")
+        for name in ("steps", "particles", "populations_per_call"):
+            at_least(name, getattr(self, name), 1)
+        positive("alpha", self.alpha)
+        positive("gamma", self.gamma)
+        fraction("ess_threshold", self.ess_threshold)
+        non_negative("ucb_c", self.ucb_c)
+        positive("ucb_lambda", self.ucb_lambda)
+        positive("ucb_clip", self.ucb_clip)
+        choice("jacobian", self.jacobian, JACOBIANS)
         resampling.get_resampler(self.resample)
 
 
@@ -227,7 +233,7 @@ def das_images(prior, reward: Reward, n: int, cfg: DASOnlineConfig, gen: torch.G
     return population_images(prior, n, cfg.populations_per_call, chosen, log)
 
 
-@METHODS.register("das_online")
+@METHODS.register("das_online", config=DASOnlineConfig, compare={"steps": "steps"})
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: DASOnlineConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """DAS online: ``budget`` ratings in rounds of ``per_round``, each round's images from DAS steered

@@ -53,7 +53,8 @@ import torch
 from apa.baselines.common import MethodRun
 from apa.baselines.online import (Draw, pick_per_population, population_ess, population_images,
                                   resample_populations, run_online)
-from apa.registry import METHODS
+from apa.knobs import at_least, choice, finite, fraction, knob, require, whole
+from apa.registry import METHODS, RESAMPLERS
 from apa.smc import resampling
 from apa.types import Particles
 
@@ -66,29 +67,35 @@ Reward = Callable[[Particles], torch.Tensor]  # particles [M, *event] -> rewards
 class FKSteeringConfig:
     """FK steering's settings: the code's ``launch.sh`` defaults, the grid scaled from 100 to 25 steps."""
 
-    steps: int = 25  # ancestral steps (paper: 100 DDIM steps)
-    particles: int = 4  # particles per population, one image each (paper: k = 4)
-    lam: float = 10.0  # λ, the potentials' inverse temperature (code: 10)
-    potential: str = "max"  # max | difference | sum (launch.sh: max)
-    resample_every: int = 5  # steps between potential steps (code: 20 of 100)
-    resample_start: int = 5  # first potential step (code: 20 of 100)
-    resample_end: int = 20  # last intermediate potential step, inclusive (code: 80 of 100); the last step always
-    adaptive: bool = False  # resample only when ESS < ess_threshold·N (launch.sh: off, always resample)
-    ess_threshold: float = 0.5  # the code's adaptive threshold
-    reward_min: float = 0.0  # the lineage statistic's start value (code: reward_min_value = 0)
-    resample: str = "systematic"  # scheme (code: multinomial)
-    output: str = "best"  # best: highest final reward per population (paper); weighted: one drawn by weight
-    populations_per_call: int = 32  # populations run together (memory and speed; the random draws follow the chunks)
+    steps: int = knob(25, "ancestral steps (paper: 100 DDIM steps)")
+    particles: int = knob(4, "particles per population, one image each (paper: k = 4)")
+    lam: float = knob(10.0, "λ, the potentials' inverse temperature (code: 10)")
+    potential: str = knob("max", "how a lineage's rewards make its potential: its running max, the difference to "
+                          "its last reward, or its running sum (see above; launch.sh: max)", choices=POTENTIALS)
+    resample_every: int = knob(5, "steps between potential steps (code: 20 of 100)")
+    resample_start: int = knob(5, "first potential step (code: 20 of 100)")
+    resample_end: int = knob(20, "last intermediate potential step, inclusive (code: 80 of 100); the last step "
+                             "always")
+    adaptive: bool = knob(False, "resample only when ESS < ess_threshold·N (launch.sh: off, always resample)")
+    ess_threshold: float = knob(0.5, "the code's adaptive threshold")
+    reward_min: float = knob(0.0, "the lineage statistic's start value (code: reward_min_value = 0)")
+    resample: str = knob("systematic", "resampling scheme (code: multinomial)", choices=RESAMPLERS)
+    output: str = knob("best", "best: highest final reward per population (paper); weighted: one drawn by weight",
+                       choices=OUTPUTS)
+    populations_per_call: int = knob(32, "populations run together (memory and speed; the random draws follow "
+                                     "the chunks)")
 
     def __post_init__(self) -> None:
-        if self.potential not in POTENTIALS:
-            raise ValueError(f"potential must be one of {POTENTIALS}, got {self.potential!r}")
-        if self.output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
-        if min(self.steps, self.particles, self.resample_every, self.populations_per_call) < 1:
-            raise ValueError(f"steps, particles, resample_every and populations_per_call must be >= 1: {self}")
-        if not (0.0 <= self.ess_threshold <= 1.0 and math.isfinite(self.lam)):
-            raise ValueError(f"ess_threshold in [0, 1] and a finite lam are required: {self}")
+        choice("potential", self.potential, POTENTIALS)
+        choice("output", self.output, OUTPUTS)
+        for name in ("steps", "particles", "resample_every", "populations_per_call"):
+            at_least(name, getattr(self, name), 1)
+        require(whole(self.resample_start) and whole(self.resample_end),
+                f"resample_start and resample_end must be whole step numbers, got "
+                f"{self.resample_start!r}, {self.resample_end!r}")
+        fraction("ess_threshold", self.ess_threshold)
+        finite("lam", self.lam)
+        finite("reward_min", self.reward_min)
         resampling.get_resampler(self.resample)
 
     def potential_steps(self) -> frozenset[int]:
@@ -205,7 +212,7 @@ def fk_images(prior, reward: Reward, n: int, cfg: FKSteeringConfig, gen: torch.G
     return population_images(prior, n, cfg.populations_per_call, chosen, log)
 
 
-@METHODS.register("fk_steering")
+@METHODS.register("fk_steering", config=FKSteeringConfig, compare={"steps": "steps"})
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: FKSteeringConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """FK steering online: ``budget`` ratings in rounds of ``per_round``, each round's images steered

@@ -18,6 +18,10 @@ from apa.registry import METHODS
 from apa.session import Session, with_overrides
 from apa.session.lifecycle import drive
 
+# the `apa compare` settings an `apa align` session takes (``registry.Method``): field -> comparison setting
+SESSION_COMPARE = {"prior.name": "prior", "prior.weights": "prior_weights", "sampler.particles": "particles",
+                   "sampler.steps": "steps", "surrogate.epochs": "epochs", "feedback.prefer": "prefer"}
+
 
 def session_config(config: AlignConfig | None, user, budget: int, per_round: int, seed: int,
                    eval_samples: int) -> AlignConfig:
@@ -65,7 +69,7 @@ def run_session(method: str, prior, user, budget: int, per_round: int, seed: int
                      info={"config": cfg.to_dict(), "timings": dict(session.timings), "workdir": str(workdir)})
 
 
-@METHODS.register("fkc")
+@METHODS.register("fkc", config=AlignConfig, compare=SESSION_COMPARE)
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: AlignConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """FKC-SMC alignment as ``apa align`` runs it. The final sampler ignores its generator argument:

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Sequence
 
 from apa.baselines.common import MethodRun
-from apa.baselines.fkc import run_session
+from apa.baselines.fkc import SESSION_COMPARE, run_session
 from apa.config import AlignConfig
 from apa.registry import METHODS
 from apa.session import with_overrides
 
 
-@METHODS.register("guidance")
+@METHODS.register("guidance", config=AlignConfig, compare=SESSION_COMPARE)
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: AlignConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Surrogate-gradient guidance with the FKC session's loop, weights off (every particle keeps 1/N)."""

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, plain_samples, round_sizes, to_targets)
+from apa.knobs import at_least, between, choice, knob, non_negative, positive
 from apa.priors.base import VEPrior
 from apa.priors.ddpm import NUM_TRAIN_TIMESTEPS, alphas_cumprod
 from apa.registry import METHODS
@@ -46,25 +47,29 @@ SIMILARITY_AT = ("last", "all")
 class PAPAConfig:
     """PAPA's settings; defaults are the public code's (``config/default_papa.yaml``) unless marked CPU."""
 
-    lr: float = 1e-5  # Adam
-    pref_coef: float = 0.1  # weight of the preference loss
-    sim_coef: float = 0.009  # weight of the model-similarity loss
-    k: int = 0  # EPAPA: timesteps below k keep the frozen base model (EPAPA: 400)
-    batch_size: int = 1  # images per optimiser step
-    similarity_at: str = "last"  # "last": at T−1 (public code); "all": mean over the drawn timesteps
-    timesteps_per_image: int = 50  # CPU: stratified draws estimating the sum over all timesteps (public: all)
-    sample_steps: int = 25  # CPU: respaced ancestral steps per sample (public: 1000)
+    lr: float = knob(1e-5, "Adam learning rate")
+    pref_coef: float = knob(0.1, "weight of the preference loss")
+    sim_coef: float = knob(0.009, "weight of the model-similarity loss")
+    k: int = knob(0, "EPAPA: timesteps below k keep the frozen base model (EPAPA: 400)")
+    batch_size: int = knob(1, "images per optimiser step")
+    similarity_at: str = knob("last", "where the model-similarity loss is taken: at T−1 (public code) or the mean "
+                              "over the drawn timesteps", choices=SIMILARITY_AT)
+    timesteps_per_image: int = knob(50, "CPU: stratified draws estimating the sum over all timesteps (public: all)")
+    sample_steps: int = knob(25, "CPU: respaced ancestral steps per sample (public: 1000)")
 
     def __post_init__(self) -> None:
-        if not 0 <= self.k < NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"k must be in [0, {NUM_TRAIN_TIMESTEPS}), got {self.k}")
-        if self.similarity_at not in SIMILARITY_AT:
-            raise ValueError(f"similarity_at must be one of {SIMILARITY_AT}, got {self.similarity_at!r}")
-        if self.timesteps_per_image < 1 or self.batch_size < 1 or self.sample_steps < 1:
-            raise ValueError("timesteps_per_image, batch_size and sample_steps must be at least 1")
+        positive("lr", self.lr)
+        non_negative("pref_coef", self.pref_coef)
+        non_negative("sim_coef", self.sim_coef)
+        between("k", self.k, 0, NUM_TRAIN_TIMESTEPS - 1)
+        choice("similarity_at", self.similarity_at, SIMILARITY_AT)
+        for name in ("timesteps_per_image", "batch_size", "sample_steps"):
+            at_least(name, getattr(self, name), 1)
 
 
 EPAPA = PAPAConfig(k=400)
+# the `apa compare` settings PAPA and EPAPA take (``registry.Method``): field -> comparison setting
+COMPARE = {"lr": "papa_lr", "timesteps_per_image": "papa_timesteps", "sample_steps": "steps"}
 
 
 # ---------------------------------------------------------------- the losses
@@ -187,7 +192,7 @@ def finetune(tuned: nn.Module, base: nn.Module, opt: torch.optim.Optimizer, imag
     return sum(losses) / len(losses)
 
 
-@METHODS.register("papa")
+@METHODS.register("papa", config=PAPAConfig, compare=COMPARE)
 def run_papa(prior, user, budget: int, per_round: int, seed: int, *, config: PAPAConfig | None = None,
              checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None,
              method: str = "papa") -> MethodRun:
@@ -222,7 +227,7 @@ def run_papa(prior, user, budget: int, per_round: int, seed: int, *, config: PAP
                      info={"config": asdict(cfg), "losses": losses})
 
 
-@METHODS.register("epapa")
+@METHODS.register("epapa", config=EPAPA, compare=COMPARE)
 def run_epapa(prior, user, budget: int, per_round: int, seed: int, *, config: PAPAConfig | None = None,
               checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """EPAPA: PAPA with the base model kept for timesteps below k (default k = 400)."""

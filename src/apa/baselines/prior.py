@@ -11,16 +11,22 @@ from pathlib import Path
 from typing import Sequence
 
 from apa.baselines.common import Clock, MethodRun, check_checkpoints, plain_samples
+from apa.knobs import at_least, knob
 from apa.registry import METHODS
 from apa.seeding import generator
 
 
 @dataclass(frozen=True)
 class PriorConfig:
-    steps: int = 25  # ancestral steps
+    """The plain prior's one setting."""
+
+    steps: int = knob(25, "ancestral steps")
+
+    def __post_init__(self) -> None:
+        at_least("steps", self.steps, 1)
 
 
-@METHODS.register("prior")
+@METHODS.register("prior", config=PriorConfig, compare={"steps": "steps"})
 def run(prior, user, budget: int, per_round: int, seed: int, *, config: PriorConfig | None = None,
         checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """Plain samples at every checkpoint (the same batch); ``user`` is never asked."""

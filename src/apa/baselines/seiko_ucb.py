@@ -65,6 +65,7 @@ from apa.baselines import online
 from apa.baselines.common import (Clock, CountingUser, MethodRun, RoundRecord, check_checkpoints, plain_samples,
                                   round_sizes, to_targets)
 from apa.baselines.papa import SwitchedPrior
+from apa.knobs import at_least, choice, knob, non_negative, positive, require, whole
 from apa.registry import METHODS
 from apa.seeding import generator
 from apa.types import Particles
@@ -77,30 +78,35 @@ Objective = Callable[[Particles], torch.Tensor]  # clean particles [B, *event] -
 class SEIKOConfig:
     """SEIKO-UCB's settings; defaults are the public code's (``config/UCB.py:aesthetic``) unless marked CPU."""
 
-    steps: int = 25  # CPU: ancestral steps for sampling and fine-tuning (public: 50 DDIM, η = 1)
-    lr: float = 1e-4  # CPU: AdamW on the whole ε-network (public: 1e-3 on LoRA layers)
-    weight_decay: float = 0.0  # CPU: none on full weights (public: 0.1 on LoRA, a pull toward the base)
-    max_grad_norm: float = 5.0  # gradient-norm clip
-    reward_coef: float = 0.01  # weight of −r̃ (public loss_coeff)
-    kl_weight: float = 0.01  # weight of the per-coordinate trajectory KL (public kl_weight)
-    ucb_coef: float = 0.01  # c: weight of the UCB bonus (public osm_alpha)
-    ridge: float = 1e-3  # λ of Σ = λI + Σ φφᵀ (public osm_lambda, on their sample covariance)
-    bonus_clip: float = 10.0  # the weighted bonus is clipped at this (public osm_clipping)
-    inner_steps: int = 10  # optimiser steps per round (public: 5 epochs × 2 steps)
-    batch_size: int = 8  # CPU: trajectories per optimiser step (public: 64)
-    truncate_min: int = 0  # backpropagate from a step drawn uniformly in [truncate_min, truncate_max]
-    truncate_max: int = 24  # (public: (0, 50) of 50); earlier steps carry no gradient; capped at steps − 1
-    kl_reference: str = "previous"  # KL to the previous round's model (public) or to the "pretrained" prior
+    steps: int = knob(25, "CPU: ancestral steps for sampling and fine-tuning (public: 50 DDIM, η = 1)")
+    lr: float = knob(1e-4, "CPU: AdamW learning rate, on the whole ε-network (public: 1e-3 on LoRA layers)")
+    weight_decay: float = knob(0.0, "CPU: AdamW weight decay, none on full weights (public: 0.1 on LoRA, a pull "
+                                "toward the base)")
+    max_grad_norm: float = knob(5.0, "gradient-norm clip")
+    reward_coef: float = knob(0.01, "weight of −r̃ (public loss_coeff)")
+    kl_weight: float = knob(0.01, "weight of the per-coordinate trajectory KL (public kl_weight)")
+    ucb_coef: float = knob(0.01, "c: weight of the UCB bonus (public osm_alpha)")
+    ridge: float = knob(1e-3, "λ of Σ = λI + Σ φφᵀ (public osm_lambda, on their sample covariance)")
+    bonus_clip: float = knob(10.0, "the weighted bonus is clipped at this (public osm_clipping)")
+    inner_steps: int = knob(10, "optimiser steps per round (public: 5 epochs × 2 steps)")
+    batch_size: int = knob(8, "CPU: trajectories per optimiser step (public: 64)")
+    truncate_min: int = knob(0, "backpropagate from a step drawn uniformly in [truncate_min, truncate_max]; earlier "
+                             "steps carry no gradient")
+    truncate_max: int = knob(24, "the highest step backpropagation starts from (public: (0, 50) of 50); capped at "
+                             "steps − 1")
+    kl_reference: str = knob("previous", "KL to the previous round's model (public) or to the pretrained prior",
+                             choices=KL_REFERENCES)
 
     def __post_init__(self) -> None:
-        if self.kl_reference not in KL_REFERENCES:
-            raise ValueError(f"kl_reference must be one of {KL_REFERENCES}, got {self.kl_reference!r}")
-        if min(self.steps, self.inner_steps, self.batch_size) < 1:
-            raise ValueError("steps, inner_steps and batch_size must be at least 1")
-        if not 0 <= self.truncate_min <= self.truncate_max:
-            raise ValueError(f"need 0 <= truncate_min <= truncate_max, got ({self.truncate_min}, {self.truncate_max})")
-        if self.ridge <= 0 or self.ucb_coef < 0 or self.kl_weight < 0:
-            raise ValueError("ridge must be positive, ucb_coef and kl_weight non-negative")
+        choice("kl_reference", self.kl_reference, KL_REFERENCES)
+        for name in ("steps", "inner_steps", "batch_size"):
+            at_least(name, getattr(self, name), 1)
+        require(whole(self.truncate_min) and whole(self.truncate_max) and 0 <= self.truncate_min <= self.truncate_max,
+                f"need whole numbers 0 <= truncate_min <= truncate_max, got ({self.truncate_min}, {self.truncate_max})")
+        for name in ("lr", "max_grad_norm", "ridge"):
+            positive(name, getattr(self, name))
+        for name in ("weight_decay", "reward_coef", "kl_weight", "ucb_coef", "bonus_clip"):
+            non_negative(name, getattr(self, name))
 
 
 # ---------------------------------------------------------------- the objective's terms
@@ -201,7 +207,7 @@ def fit_objective(prior, x: Particles, y: torch.Tensor, seed: int, r: int, cfg: 
     return optimistic_reward(reward, cov, cfg.ucb_coef, cfg.bonus_clip)
 
 
-@METHODS.register("seiko_ucb")
+@METHODS.register("seiko_ucb", config=SEIKOConfig, compare={"steps": "steps"})
 def run_seiko_ucb(prior, user, budget: int, per_round: int, seed: int, *, config: SEIKOConfig | None = None,
                   checkpoints: Sequence[int] = (), eval_samples: int = 64, workdir: Path | None = None) -> MethodRun:
     """SEIKO-UCB online: ``budget`` ratings in rounds of ``per_round``; refit r̃, then fine-tune, each round.

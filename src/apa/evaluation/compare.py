@@ -19,24 +19,32 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
 import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from apa.atomic import write_file
-from apa.baselines import METHODS  # names only: the methods' modules load when they run
-from apa.config import NUM_TIMESTEPS
+import numpy as np
+import torch
 
-PEER_CONFIGS = {"fk_steering": ("apa.baselines.fk_steering", "FKSteeringConfig"),
-                "das_online": ("apa.baselines.das_online", "DASOnlineConfig"),
-                "seiko_ucb": ("apa.baselines.seiko_ucb", "SEIKOConfig"),
-                "best_of_m": ("apa.baselines.best_of_m", "BestOfMConfig"),
-                "best_of_m_is": ("apa.baselines.best_of_m", "BestOfMConfig")}
+from apa import baselines, data
+from apa.atomic import write_file
+from apa.baselines.fkc import session_config
+from apa.config import NUM_TIMESTEPS, AlignConfig
+from apa.measures.metrics import coverage_entropy, frechet_distance, mean_pairwise_distance
+from apa.measures.novelty import users_liked
+from apa.measures.yields import take_home
+from apa.feedback.classifier import extract_features
+from apa.feedback.oracle import parse_classes
+from apa.feedback.tastes import prior_pool
+from apa.priors.calls import counting
+from apa.priors.ddpm import weights_path
+from apa.registry import FEEDBACK, METHODS, PRIORS  # METHODS: names only; a method's module loads when it runs
+from apa.session.checks import validate
+
 DEFAULT_METHODS = ("fkc", "papa", "epapa", "best_of_n", "best_of_m", "guidance", "prior")  # peers: --methods
 REFERENCE = "papa@300"  # PAPA at its own budget: 300 labels, 10 per round
 REFERENCE_BUDGET, REFERENCE_PER_ROUND = 300, 10
@@ -116,11 +124,6 @@ class Evaluator:
     """One judge for every batch: the oracle user plus real digits of the preferred classes."""
 
     def __init__(self, user, dataset: str, n_real: int, seed: int = 0):
-        import torch
-
-        from apa import data
-        from apa.feedback.classifier import extract_features
-
         self.user, self.classifier = user, user.classifier
         arrays = data.load(dataset)
         self.real_test = self._preferred(arrays["test_images"], arrays["test_labels"])
@@ -133,20 +136,12 @@ class Evaluator:
     def with_yardstick(self, prior, n: int = 2048) -> "Evaluator":
         """Set the yield's yardstick: n plain samples of ``prior`` (drawn once per machine), those the
         simulated user likes."""
-        from apa.measures.novelty import users_liked
-        from apa.feedback.tastes import prior_pool
-
         pool = prior_pool(prior, n)
         self.prior_liked = pool[users_liked(self.user, pool)]
         return self
 
     def _preferred(self, images, labels):
         """Images uint8 [n, 28, 28] with labels [n] -> those of the preferred classes, [m, 1, 28, 28] in [0, 1]."""
-        import numpy as np
-        import torch
-
-        from apa import data
-
         keep = np.isin(labels, list(self.user.prefer))
         return torch.from_numpy(data.to_unit(images[keep]))
 
@@ -155,18 +150,12 @@ class Evaluator:
         distinct ones (``evaluation.yields``), given the images rated so far [r, ...] and the call rows
         spent for the batch (the rounds' and its own); plain prior samples of the preferred classes
         (``feedback.tastes.prior_pool``, drawn once per machine) are the yardstick."""
-        from apa.measures.novelty import users_liked
-        from apa.measures.yields import take_home
-
         home = take_home(images, users_liked(self.user, images), rated, self.prior_liked, calls)
         return {"distinct": home["distinct"], "yield": home["yield"], "calls": calls,
                 "yield_per_kcall": home.get("yield_per_kcall", 0.0)}
 
     def __call__(self, images) -> dict[str, Any]:
         """Every number of the comparison for images [n, 1, 28, 28] in [0, 1]."""
-        from apa.measures.metrics import coverage_entropy, frechet_distance, mean_pairwise_distance
-        from apa.feedback.classifier import extract_features
-
         ev = self.user.evaluate(images)
         feats = extract_features(self.classifier, images)
         return {**{k: ev[k] for k in ("preferred_confident_share", "preferred_share", "confident_share",
@@ -180,38 +169,18 @@ class Evaluator:
 
 
 def method_config(cc: CompareConfig, method: str) -> Any:
-    """The settings a method runs with under this comparison."""
-    from apa.baselines.best_of_n import BestOfNConfig
-    from apa.baselines.papa import EPAPA, PAPAConfig
-    from apa.baselines.prior import PriorConfig
-    from apa.config import AlignConfig
-    from apa.session import with_overrides
-
-    name = method.split("@")[0]
-    if name in ("fkc", "guidance"):
-        return with_overrides(AlignConfig(), prior={"name": cc.prior, "weights": cc.prior_weights},
-                              sampler={"particles": cc.particles, "steps": cc.steps},
-                              surrogate={"epochs": cc.epochs},
-                              feedback={"prefer": tuple(cc.prefer)})
-    if name in ("papa", "epapa"):
-        base = EPAPA if name == "epapa" else PAPAConfig()
-        return replace(base, lr=cc.papa_lr, timesteps_per_image=cc.papa_timesteps, sample_steps=cc.steps)
-    if name == "best_of_n":
-        return BestOfNConfig(steps=cc.steps, refine_t=cc.refine_t)
-    if name in PEER_CONFIGS:  # the field's methods, at their own defaults on this comparison's step count
-        module, cls = PEER_CONFIGS[name]
-        return getattr(importlib.import_module(module), cls)(steps=cc.steps)
-    return PriorConfig(steps=cc.steps)
+    """The settings a method runs with under this comparison: its registered defaults with the
+    comparison's settings it takes (``registry.Method``); every other field at the method's default."""
+    settings = {f.name: getattr(cc, f.name) for f in fields(cc)}
+    return METHODS.method(method.split("@")[0]).settings({**settings, "prefer": tuple(cc.prefer)})
 
 
 def check(cc: CompareConfig) -> None:
-    """Build every method's settings (each section checks its fields) before anything is written."""
-    from apa.baselines.fkc import session_config
-    from apa.session.checks import validate
-
+    """Build every method's settings (each section checks its fields) before anything is written;
+    a session's settings are checked whole, as `apa align` checks them."""
     for method in all_methods(cc):
         config = method_config(cc, method)
-        if method.split("@")[0] in ("fkc", "guidance"):
+        if isinstance(config, AlignConfig):
             budget, per_round, _ = schedule(cc, method)
             validate(session_config(config, None, budget, per_round, 0, cc.eval_samples))
 
@@ -247,12 +216,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def run_one(cc: CompareConfig, method: str, seed: int, prior, user, evaluate: Evaluator, key: str) -> dict:
     """Run one (method, seed) (or load its cached result); returns its metrics per checkpoint."""
-    import numpy as np
-    import torch
-
-    from apa import baselines
-    from apa.priors.calls import counting
-
     out = Path(cc.out)
     path = out / "runs" / f"{method}_seed{seed}.json"
     if path.exists():
@@ -296,8 +259,6 @@ def summarise(runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    import numpy as np
-
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
             "min": float(a.min()), "max": float(a.max()), "n": int(len(a))}
@@ -314,8 +275,6 @@ def method_summary(runs: list[dict]) -> dict[str, Any]:
 
 
 def weights_file(cc: CompareConfig) -> Path:
-    from apa.priors.ddpm import weights_path
-
     return Path(cc.prior_weights) if cc.prior_weights else weights_path(cc.prior)
 
 
@@ -323,15 +282,13 @@ def file_sha(path: Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"no prior weights at {path}; train them with `apa train-prior` "
                                 "or pass --prior-weights")
-    from apa.data import file_sha256
-
-    return file_sha256(path)
+    return data.file_sha256(path)
 
 
 def compare(cc: CompareConfig, progress: bool = True) -> Path:
     """Run (or load) every (method, seed), then write compare.json, compare.md and the plots."""
+    # matplotlib (0.6 s to import) loads when a comparison writes its plots, not at every `apa` start
     from apa.evaluation.compare_report import write_outputs
-    from apa.registry import FEEDBACK, PRIORS
 
     check(cc)
     out = Path(cc.out)
@@ -358,8 +315,6 @@ def compare(cc: CompareConfig, progress: bool = True) -> Path:
 
 
 def config_from_args(args: argparse.Namespace) -> CompareConfig:
-    from apa.feedback.oracle import parse_classes
-
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     return CompareConfig(out=args.out, prior=args.prior, prior_weights=args.prior_weights,
                          prefer=parse_classes(args.prefer), budgets=args.budgets, seeds=args.seeds, methods=methods,
@@ -377,10 +332,8 @@ def thread_limit(threads: int | None):
     """
     if not threads:
         return contextlib.nullcontext()
-    import torch
-
     torch.set_num_threads(threads)
-    try:
+    try:  # threadpoolctl is optional: without it only torch is limited
         from threadpoolctl import threadpool_limits
     except ImportError:
         return contextlib.nullcontext()

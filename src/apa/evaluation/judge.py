@@ -6,13 +6,13 @@ until now, judged the batch the session ends with. The judge is independent of i
 - another architecture: a residual CNN with GroupNorm, SiLU, strided convolutions, global average
   pooling and dropout (the oracle: plain conv + ReLU + max-pool, a dense hidden layer, no norm);
 - another data split: a seeded reshuffle of the dataset's train and test images together, with the
-  judge's own held-out images (``apa.evaluation.judge_training.judge_split``);
+  judge's own held-out images (``apa.training.judge.judge_split``);
 - an explicit 11th output, "none of the classes" (index :data:`NONE`), trained on real images of the
   other dataset (Fashion-MNIST for the MNIST judge, MNIST for the Fashion judge) and on synthetic
   off-data (noise, blobs, blanks, two-class blends, real images under strong noise), where the
   oracle only learns a flat target.
 
-``apa train-judge`` trains it (``apa.evaluation.judge_training``); the shipped files are
+``apa train-judge`` trains it (``apa.training.judge``); the shipped files are
 ``apa/weights/judge_<dataset>.safetensors`` with model cards ``judge_<dataset>.md``.
 """
 

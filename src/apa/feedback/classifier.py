@@ -1,6 +1,6 @@
 """The oracle classifier: a compact CNN on the dataset's images, with its calibration, loading and export.
 
-It is trained by ``apa.oracle_training`` (the recipe) and turned into a simulated user by
+It is trained by ``apa.training.oracle`` (the recipe) and turned into a simulated user by
 ``apa.feedback.oracle``. Its measured behaviour is recorded in the model cards
 ``apa/weights/oracle_<dataset>.md`` and in the weights' metadata.
 """

@@ -85,3 +85,15 @@ def counting() -> Iterator[CallRows]:
         yield rows
     finally:
         _open().remove(rows)
+
+
+@contextlib.contextmanager
+def uncounted() -> Iterator[None]:
+    """Network passes made in this thread while the block runs count in no count opened outside it:
+    measuring a batch (a report's prior references) is not the cost of drawing it."""
+    outside = _open()[:]
+    _open().clear()
+    try:
+        yield
+    finally:
+        _open()[:] = outside

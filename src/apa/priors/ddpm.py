@@ -1,10 +1,11 @@
-"""The built-in pixel-space DDPM prior (1x28x28 MNIST / Fashion-MNIST): schedule, training, loading.
+"""The built-in pixel-space DDPM prior (1x28x28 MNIST / Fashion-MNIST): schedule, model, loading.
 
-Training follows PAPA: ε-prediction, 1000 steps, linear β from 1e-4 to 0.02, images scaled to
-[-1, 1]. Sampling uses a respacing of those 1000 steps (25 by default) in VE form (see
-``priors/base.py``): z = x/√ᾱ_t, σ_t² = (1 − ᾱ_t)/ᾱ_t, the network called on x = z/√(1+σ²).
-The shipped weights live in ``apa/weights/ddpm_<dataset>.safetensors`` with their config in the
-file's metadata; nothing is downloaded.
+The network is trained as PAPA's is (``apa.training.ddpm``): ε-prediction, 1000 steps, linear β
+from 1e-4 to 0.02, images scaled to [-1, 1]. Sampling uses a respacing of those 1000 steps (25 by
+default) in VE form (see ``priors/base.py``): z = x/√ᾱ_t, σ_t² = (1 − ᾱ_t)/ᾱ_t, the network called on
+x = z/√(1+σ²). The shipped weights live in ``apa/weights/ddpm_<dataset>.safetensors`` with their
+config in the file's metadata (written by :func:`export_prior`, read by :func:`load_prior`);
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from apa import data as data_mod
 from apa.priors.base import VEPrior
 from apa.priors.unet import UNet, UNetConfig
 from apa.registry import PRIORS
-from apa.training import TrainConfig, load_checkpoint_model, train
 from apa.types import Particles
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -115,38 +115,6 @@ class DDPMPrior(VEPrior):
         return ((z0 + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-# ---------------------------------------------------------------- training
-
-
-def diffusion_loss(images: torch.Tensor, batch_size: int):
-    """The DDPM ε-MSE on a uniform timestep; images float32 [n, 1, 28, 28] in [-1, 1]."""
-    acp = alphas_cumprod().float()
-
-    def loss_fn(model: UNet, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        x0 = images[idx]
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        dev = next(model.parameters()).device  # drawn on the CPU, trained wherever the model is
-        return (model(xt.to(dev), t.float().to(dev)) - noise.to(dev)).pow(2).mean()
-
-    return loss_fn
-
-
-def train_prior(dataset: str, run_dir: Path, config: TrainConfig = TrainConfig(),
-                unet: UNetConfig = UNetConfig(), progress: bool = True, limit: int | None = None) -> UNet:
-    """Train (or resume) the ε-UNet on a dataset's training split; returns the EMA network."""
-    torch.manual_seed(config.seed)
-    arrays = data_mod.load(dataset)
-    images = torch.from_numpy(data_mod.to_unit(arrays["train_images"][:limit])) * 2 - 1
-    model = UNet(unet)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "unet.json").write_text(json.dumps(unet.to_dict()))
-    return train(model, diffusion_loss(images, config.batch_size), config, run_dir, progress=progress)
-
-
 # ---------------------------------------------------------------- shipping and loading
 
 
@@ -180,20 +148,6 @@ def load_prior(dataset: str = "mnist", path: Path | None = None) -> DDPMPrior:
         raise ValueError(f"{path} is not a DDPM prior's weights file ({type(e).__name__}: {e}); pass --prior-weights "
                          "a safetensors file written by `apa train-prior`, or drop it for the shipped one") from e
     return DDPMPrior(model, data_std, name=dataset, class_names=names)
-
-
-def data_std_of(dataset: str) -> float:
-    """Per-pixel std of the training images in [-1, 1] units."""
-    x = data_mod.to_unit(data_mod.load(dataset)["train_images"]) * 2 - 1
-    return float(x.std())
-
-
-def export_from_run(dataset: str, run_dir: Path, path: Path | None = None) -> Path:
-    """Export a training run's EMA weights as the dataset's shipped prior."""
-    cfg_path = Path(run_dir) / "unet.json"
-    unet_cfg = UNetConfig.from_dict(json.loads(cfg_path.read_text())) if cfg_path.exists() else UNetConfig()
-    model, info = load_checkpoint_model(UNet(unet_cfg), run_dir)
-    return export_prior(model, path or weights_path(dataset), dataset, data_std_of(dataset), info)
 
 
 def _factory(dataset: str):

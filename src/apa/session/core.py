@@ -19,7 +19,7 @@ from apa.config import AlignConfig
 from apa.feedback.base import FeedbackSource, check_scores, scale_of
 from apa.feedback.drift import DriftingUser
 from apa.measures.records import RECORDS, FinalView, measure_final
-from apa.priors.calls import counting
+from apa.priors.calls import counting, uncounted
 from apa.priors.ddpm import weights_path
 from apa.seeding import generator
 from apa.session import components
@@ -240,7 +240,7 @@ class Session:
         report shows) and the timings; returns the batch's path."""
         images = self.final_samples()
         path = self.store.save_final(images)
-        with self.timings.timer("evaluation"):
+        with self.timings.timer("evaluation"), uncounted():  # measuring the batch is not its cost
             self._record(images, self._final[2])
         self.store.save_record("timings", dict(self.timings))  # a resumed session's report keeps them
         return path

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from apa import data as data_mod
 from apa.feedback.classifier import (NUM_CLASSES, Classifier, ClassifierConfig, export_oracle, fit_temperature,
                                      predict_proba, weights_path)
-from apa.training import TrainConfig, load_checkpoint_model, train
+from apa.training.common import TrainConfig, load_checkpoint_model, train
 
 ORACLE_TRAIN = TrainConfig(steps=3000, batch_size=128, lr=2e-3, warmup=100, ema_decay=0.995,
                            checkpoint_every=200, seed=0)
@@ -149,7 +149,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 def oracle_loss(images: torch.Tensor, labels: torch.Tensor, batch_size: int, off_fraction: float = 0.5,
                 kinds: Sequence[str] = TRAIN_OFF_KINDS, blend_target: str = "flat"):
-    """Loss for ``apa.training.train``: CE on augmented real images + CE on off-data.
+    """Loss for ``apa.training.common.train``: CE on augmented real images + CE on off-data.
 
     images float32 [n, 1, 28, 28] in [0, 1], labels int64 [n]. Each step draws ``batch_size`` real
     images and ``off_fraction * batch_size`` off-data inputs with the loop's generator. Off-data

@@ -4,7 +4,7 @@ The split is a seeded per-class reshuffle of the dataset's train and test images
 (:func:`pool`, :func:`judge_split`), so the judge sees other images than the oracle and keeps its own
 held-out set. The 11th output, NONE, learns from real images of the other dataset (Fashion-MNIST for
 the MNIST judge and the reverse, :func:`other_split`) and from the oracle recipe's synthetic
-off-data (``apa.oracle_training.off_data``: noise, blobs, blanks, two-class blends, noisy images).
+off-data (``apa.training.oracle.off_data``: noise, blobs, blanks, two-class blends, noisy images).
 `apa train-judge` runs :func:`train_judge` then :func:`export_from_run`, which fits a temperature on
 calibration images and records :func:`judge_report` and :func:`oracle_report` in the file's metadata.
 """
@@ -23,9 +23,12 @@ from torch.nn import functional as F
 
 from apa import data as data_mod
 from apa.evaluation.judge import NONE, NUM_CLASSES, Judge, JudgeConfig, JudgeNet, export_judge, weights_path
-from apa.feedback.classifier import fit_temperature
-from apa.oracle_training import TRAIN_OFF_KINDS, augment, off_data, off_data_probes
-from apa.training import TrainConfig, load_checkpoint_model, train
+from apa.feedback.classifier import fit_temperature, load_oracle, predict_proba
+from apa.priors.ddpm import load_prior
+from apa.smc.sampler import sample_prior
+from apa.training.common import TrainConfig, load_checkpoint_model, train
+from apa.training.oracle import (TRAIN_OFF_KINDS, augment, default_recipe as oracle_recipe, off_data, off_data_probes,
+                                 validation_split)
 
 JUDGE_TRAIN = TrainConfig(steps=1200, batch_size=128, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=100,
                           seed=0)
@@ -155,8 +158,6 @@ def judge_data(dataset: str, recipe: JudgeRecipe, arrays: dict | None = None, ot
 def oracle_training_indices(dataset: str, n_train: int) -> np.ndarray:
     """The pool indices the shipped oracle trained on: its recipe's split of the train images (the
     test images it never saw)."""
-    from apa.oracle_training import default_recipe as oracle_recipe, validation_split
-
     held = oracle_recipe(dataset).validation
     return validation_split(n_train, held)[0].numpy() if held else np.arange(n_train)
 
@@ -166,7 +167,7 @@ def oracle_training_indices(dataset: str, n_train: int) -> np.ndarray:
 
 def judge_loss(images: torch.Tensor, labels: torch.Tensor, other: torch.Tensor, batch_size: int,
                other_per_step: int, synthetic_per_step: int):
-    """Loss for ``apa.training.train``: cross-entropy over 11 outputs on one batch of
+    """Loss for ``apa.training.common.train``: cross-entropy over 11 outputs on one batch of
     ``batch_size`` augmented real images (their class), ``other_per_step`` augmented images of the
     other dataset and ``synthetic_per_step`` off-data inputs (both NONE), drawn with the loop's
     generator. images [n, 1, 28, 28] in [0, 1], labels [n], other [m, 1, 28, 28]."""
@@ -275,10 +276,6 @@ def oracle_report(judge: Judge, d: JudgeData, dataset: str, n: int = 512, steps:
     "not confidently any class" (the oracle: max probability < 0.9; the judge: NONE or below 0.9);
     agreement_top_class: the judge's top output is the oracle's top class.
     """
-    from apa.feedback.classifier import load_oracle, predict_proba
-    from apa.priors.ddpm import load_prior
-    from apa.smc.sampler import sample_prior
-
     oracle = load_oracle(dataset)
     report = {}
     if d.held_out_oracle_unseen is not None:

@@ -1,4 +1,4 @@
-"""A seeded, resumable training loop shared by the built-in prior and oracle.
+"""A seeded, resumable training loop shared by the built-in prior, oracle and judge.
 
 The loop checkpoints model, EMA copy, optimiser, step and random state to ``<run_dir>/ckpt.pt``
 every ``checkpoint_every`` steps (atomically), appends ``step,loss,seconds`` to

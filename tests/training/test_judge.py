@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from apa.evaluation import judge_training as jt
+from apa.training import judge as jt
 from apa.evaluation.judge import NONE, JudgeConfig, load_judge
-from apa.training import TrainConfig
+from apa.training.common import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small batches: one thread is fastest
 
