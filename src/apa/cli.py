@@ -8,23 +8,38 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import importlib.util
+import json
 import sqlite3
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
-from apa import __version__
+import numpy as np
+import torch
+
+from apa import __version__, data
+from apa.data import DataError
+from apa.evaluation.images import save_grid
+from apa.evaluation.prior_quality import evaluate_prior
+from apa.evaluation.report import report_view, write_report
+from apa.evaluation.summary import RoundProgress, closing_summary, summary_lines
 from apa.flags import add_align_flags, config_from_args, given_flags
 from apa.registry import PRIORS
+from apa.session import Session, SessionError, components
+from apa.session.lifecycle import drive
+from apa.session.ranks import session_of
+from apa.smc.distributed import DistributedError
+from apa.smc.sampler import sample_prior
+from apa.store import SessionStore, StoreError, disk_errors
+from apa.training import ddpm
+from apa.training import judge as judge_training
+from apa.training import oracle as oracle_training
+from apa.training.common import TrainConfig
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from apa.data import DataError
-    from apa.session import SessionError
-    from apa.smc.distributed import DistributedError
-    from apa.store import StoreError
-
     return (OSError, ValueError, KeyError, FloatingPointError, DataError, StoreError, SessionError, sqlite3.Error,
             DistributedError)
 
@@ -38,7 +53,6 @@ class UsageError(ValueError):
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a command line it cannot read is one line (main prints it), not the usage block."""
-
     def error(self, message: str):
         raise UsageError(f"{message}; see `{self.prog} --help`")
 
@@ -47,8 +61,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from apa import data
-
     kwargs = {"tarball": Path(args.tarball)} if args.tarball else {}
     path = data.prepare(args.dataset, Path(args.dir) if args.dir else None, **kwargs)
     arrays = data.load(args.dataset, path.parent)
@@ -64,9 +76,6 @@ def _train_config(recipe, args: argparse.Namespace):
 
 
 def cmd_train_prior(args: argparse.Namespace) -> None:
-    from apa.training import ddpm
-    from apa.training.common import TrainConfig
-
     run_dir = Path(args.run_dir or f"runs/prior-{args.dataset}")
     cfg = _train_config(TrainConfig(), args)
     ddpm.train_prior(args.dataset, run_dir, cfg)
@@ -75,8 +84,6 @@ def cmd_train_prior(args: argparse.Namespace) -> None:
 
 
 def cmd_train_oracle(args: argparse.Namespace) -> None:
-    from apa.training import oracle as oracle_training
-
     run_dir = Path(args.run_dir or f"runs/oracle-{args.dataset}")
     recipe = oracle_training.default_recipe(args.dataset)
     oracle_training.train_oracle(args.dataset, run_dir, replace(recipe, train=_train_config(recipe.train, args)))
@@ -85,8 +92,6 @@ def cmd_train_oracle(args: argparse.Namespace) -> None:
 
 
 def cmd_train_judge(args: argparse.Namespace) -> None:
-    from apa.training import judge as judge_training
-
     run_dir = Path(args.run_dir or f"runs/judge-{args.dataset}")
     recipe = judge_training.default_recipe(args.dataset)
     judge_training.train_judge(args.dataset, run_dir, replace(recipe, train=_train_config(recipe.train, args)))
@@ -95,13 +100,6 @@ def cmd_train_judge(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    import numpy as np
-    import torch
-
-    from apa.evaluation.images import save_grid
-    from apa.registry import PRIORS
-    from apa.smc.sampler import sample_prior
-
     prior = PRIORS.create(args.prior, {"weights": args.prior_weights})
     images = sample_prior(prior, args.n, args.steps, torch.Generator().manual_seed(args.seed), args.batch_size)
     imgs = images.float().numpy().astype(np.float32)
@@ -126,8 +124,6 @@ def open_session(args: argparse.Namespace, progress: bool = True, check=None, co
     """The session `apa align` runs: resumed (its budget raised if --budget is given) or new. The whole
     configuration is built, and so checked, before anything is written; ``check(cfg, prior)`` too
     (a torchrun launch's: its populations must split over the ranks)."""
-    from apa.session import Session, components
-
     if args.resume:
         refused = refused_on_resume(args)
         if refused:
@@ -157,15 +153,6 @@ def open_session(args: argparse.Namespace, progress: bool = True, check=None, co
 
 
 def cmd_align(args: argparse.Namespace) -> None:
-    import time
-
-    from apa.evaluation.report import report_view, write_report
-    from apa.evaluation.summary import RoundProgress, closing_summary, summary_lines
-    from apa.store import disk_errors
-
-    from apa.session.lifecycle import drive
-    from apa.session.ranks import session_of
-
     t0 = time.perf_counter()
     talk = not (args.quiet or args.json)
     with session_of(lambda check, comm: open_session(args, progress=talk, check=check, comm=comm)) as session:
@@ -192,14 +179,10 @@ def cmd_align(args: argparse.Namespace) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> None:
-    from apa.store import SessionStore
-
     print(SessionStore.repair(Path(args.dir)))
 
 
 def cmd_evaluate_prior(args: argparse.Namespace) -> None:
-    from apa.evaluation.prior_quality import evaluate_prior
-
     print(evaluate_prior(args.dataset, args.n, args.steps, args.seed, prior_path=args.prior_weights,
                          oracle_path=args.oracle_weights, device=args.device))
 

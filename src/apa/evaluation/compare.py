@@ -34,6 +34,7 @@ from apa import baselines, data
 from apa.atomic import write_file
 from apa.baselines.fkc import session_config
 from apa.config import NUM_TIMESTEPS, AlignConfig
+from apa.evaluation.compare_report import write_outputs
 from apa.measures.metrics import coverage_entropy, frechet_distance, mean_pairwise_distance
 from apa.measures.novelty import users_liked
 from apa.measures.yields import take_home
@@ -287,8 +288,6 @@ def file_sha(path: Path) -> str:
 
 def compare(cc: CompareConfig, progress: bool = True) -> Path:
     """Run (or load) every (method, seed), then write compare.json, compare.md and the plots."""
-    # matplotlib (0.6 s to import) loads when a comparison writes its plots, not at every `apa` start
-    from apa.evaluation.compare_report import write_outputs
 
     check(cc)
     out = Path(cc.out)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from apa.config import MAX_POPULATION, NUM_TIMESTEPS, AlignConfig
+from apa.feedback.oracle import NUM_CLASSES
 from apa.priors.base import HasFeatures
 
 
@@ -76,7 +77,6 @@ def check_forget_before(store: Any, cfg: AlignConfig, budget: int, n: int) -> No
 
 def check_tastes(before: Any, after: Any) -> None:
     """Refuse a drifting user whose new taste is the old one, or every class (nothing left to dislike)."""
-    from apa.feedback.oracle import NUM_CLASSES
 
     old, new = set(getattr(before, "prefer", ())), set(getattr(after, "prefer", ()))
     if new and new == old:

@@ -23,7 +23,7 @@ from apa.priors.calls import counting, uncounted
 from apa.priors.ddpm import weights_path
 from apa.seeding import generator
 from apa.session import components
-from apa.session.checks import SessionError, check_forget_before, validate, validate_new
+from apa.session.checks import check_forget_before, validate, validate_new
 from apa.session.final import final_start, moved
 from apa.session.fitter import SurrogateFitter, heldout_score, reads_as_change
 from apa.session.lifecycle import FIT, RATE, SAMPLE, next_action

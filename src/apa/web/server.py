@@ -19,14 +19,25 @@ localStorage, so closing the tab or restarting the server loses nothing.
 # No postponed annotations here: FastAPI reads the route functions' annotations (Request is imported inside).
 
 import argparse
+import ctypes
+import ctypes.util
 import ipaddress
 import json
 import logging
 import socket
 import threading
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from apa.flags import add_align_flags, config_from_args
+from apa.session import SessionError, components
+from apa.session.checks import validate_new
+from apa.web import sessions
+from apa.web.sessions import WebError
 
 MAX_BODY = 64 * 1024  # bytes; larger request bodies are refused with 413
 HEADER_TIMEOUT_S = 10.0  # a connection must send a request's line and headers within this long, or it is closed
@@ -49,8 +60,6 @@ def _reject_constant(name: str) -> Any:
 
 async def read_limited(request: Any) -> bytes:
     """The request's body, refused with 413 past MAX_BODY bytes (declared or streamed)."""
-    from apa.web.sessions import WebError
-
     declared = request.headers.get("content-length")
     if declared is not None and not declared.isdigit():
         raise WebError(400, "the Content-Length header is not a whole number")
@@ -66,8 +75,6 @@ async def read_limited(request: Any) -> bytes:
 
 async def read_json(request: Any) -> Any:
     """The request's JSON body: 413 past MAX_BODY bytes, 415 if not sent as JSON, 400 if unreadable."""
-    from apa.web.sessions import WebError
-
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise WebError(415, "send the ratings as JSON with the header Content-Type: application/json")
     body = await read_limited(request)
@@ -81,8 +88,6 @@ async def read_json(request: Any) -> Any:
 
 def number(text: str, what: str) -> int:
     """A round or image number from the path: plain digits only (no sign, no decimals), else 422."""
-    from apa.web.sessions import WebError
-
     if not (text.isascii() and text.isdigit() and len(text) <= 9):
         raise WebError(422, f"the {what} number must be a whole number from 0, not {text[:20]!r}")
     return int(text)
@@ -90,11 +95,10 @@ def number(text: str, what: str) -> int:
 
 def error_handlers(app: Any) -> None:
     """Every refusal as ``{"error": message}`` with its status."""
+    # the web extra: loaded when a server runs, so `apa` works without it
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
-
-    from apa.web.sessions import WebError
 
     @app.exception_handler(WebError)
     async def web_error(request, exc: WebError):
@@ -120,7 +124,6 @@ def error_handlers(app: Any) -> None:
 
 def security_headers(app: Any) -> None:
     """No framing, no sniffing, no referrer; API answers are never cached."""
-
     @app.middleware("http")
     async def headers(request, call_next):
         response = await call_next(request)
@@ -134,6 +137,7 @@ def security_headers(app: Any) -> None:
 
 
 def page_routes(app: Any) -> None:
+    # the web extra: loaded when a server runs, so `apa` works without it
     from fastapi.responses import Response
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
@@ -148,6 +152,7 @@ def page_routes(app: Any) -> None:
 
 
 def api_routes(app: Any, manager: Any) -> None:
+    # the web extra: loaded when a server runs, so `apa` works without it
     from fastapi import Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import Response
@@ -192,6 +197,7 @@ def api_routes(app: Any, manager: Any) -> None:
 
 def report_routes(app: Any, manager: Any) -> None:
     """The finished session's report and downloads (the token's own files only; names from a fixed pattern)."""
+    # the web extra: loaded when a server runs, so `apa` works without it
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import Response
 
@@ -209,6 +215,7 @@ def report_routes(app: Any, manager: Any) -> None:
 
 def create_app(manager: Any, allowed_hosts: list[str] | None = None) -> Any:
     """The FastAPI app over a SessionManager; ``allowed_hosts`` (Host header names) guards against DNS rebinding."""
+    # the web extra: loaded when a server runs, so `apa` works without it
     from fastapi import FastAPI
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -273,6 +280,7 @@ def header_deadline_protocol() -> type:
     """uvicorn's h11 protocol with a deadline on every request's line and headers: a connection that has
     sent no complete request HEADER_TIMEOUT_S after it opened, or after its last response, is closed,
     so silent or slowly-writing clients hold no sockets (uvicorn closes idle ones only after a response)."""
+    # the web extra: loaded when a server runs, so `apa` works without it
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderDeadline(H11Protocol):
@@ -298,6 +306,7 @@ def header_deadline_protocol() -> type:
 
 def uvicorn_config(app: Any, **settings: Any) -> Any:
     """The uvicorn settings `apa serve` runs with: the header deadline and the keep-alive timeout."""
+    # the web extra: loaded when a server runs, so `apa` works without it
     import uvicorn
 
     settings.setdefault("access_log", False)
@@ -306,9 +315,6 @@ def uvicorn_config(app: Any, **settings: Any) -> Any:
 
 def serve_config(args: argparse.Namespace) -> Any:
     """The align flags as a configuration, with a person (feedback 'human') as the user."""
-    from dataclasses import replace
-
-    from apa.flags import config_from_args
 
     feedback = getattr(args, "feedback", None)  # absent unless given
     if feedback not in (None, "human"):
@@ -320,8 +326,6 @@ def serve_config(args: argparse.Namespace) -> Any:
 
 def warm_up() -> None:
     """Import what the first refit needs (torch's optimisers pull in a large module on first use)."""
-    import torch
-
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
@@ -332,9 +336,6 @@ def return_freed_memory(arenas: int = 2) -> bool:
     """Let the worker threads share ``arenas`` malloc arenas. glibc otherwise gives each thread its
     own (up to 8 per core), and each keeps the round-sized tensors its thread touched after they
     are freed (measured: docs/results.md). False where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(M_ARENA_MAX, arenas))
@@ -344,15 +345,12 @@ def return_freed_memory(arenas: int = 2) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
+        # the web extra: loaded when a server runs, so `apa` works without it
         import uvicorn
 
-        import apa.web.sessions as sessions
     except ImportError as e:
-        from apa.session import SessionError
         raise SessionError(f"apa serve needs the web extra ({e}); install it with "
                            "`.venv/bin/pip install -e '.[web]' torch==2.13.0`") from e
-    from apa.session import components
-    from apa.session.checks import validate_new
 
     check_server_flags(args)
     return_freed_memory()
@@ -379,8 +377,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def register_cli(subparsers: Any) -> None:
     """Add `apa serve` (heavy imports happen inside the command)."""
-    from apa.flags import add_align_flags
-
     p = subparsers.add_parser("serve", help="a web page where people rate images; one aligned session each")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)

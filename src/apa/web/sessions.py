@@ -15,6 +15,7 @@ refitted, which is then refitted).
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import math
 import os
@@ -23,10 +24,13 @@ import re
 import secrets
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 from apa.config import AlignConfig
+from apa.evaluation.report import report_view
+from apa.evaluation.report import write_report as report
 from apa.feedback.human import RATINGS, SCALE
 from apa.session import Session, components, with_overrides
 from apa.session.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, drive, next_action
@@ -177,8 +181,6 @@ def advance(handle: SessionHandle, report_lock: threading.Lock) -> None:
 
 def write_report(session: Session, report_lock: threading.Lock) -> str:
     """The same report `apa align` writes, beside the session (one at a time: plotting is not thread-safe)."""
-    from apa.evaluation.report import report_view, write_report as report
-
     try:
         with report_lock:
             report(report_view(session))
@@ -459,9 +461,6 @@ class SessionManager:
 
     def final_zip(self, token: str) -> bytes:
         """Every final sample as its own PNG, in one zip, once the session is done."""
-        import io
-        import zipfile
-
         handle, images = self.final_images(token)
         if "final.zip" not in handle.pngs:
             buf = io.BytesIO()
