@@ -55,7 +55,7 @@ from apa.session import components
 from apa.session.lifecycle import FINAL, drive
 from apa.config import preset
 from apa.measures.novelty import users_liked
-from apa.evaluation.report import write_report
+from apa.evaluation.report import report_view, write_report
 from apa.session import Session, with_overrides
 
 KEYS = ("yield", "judge_yield", "yield_per_kcall", "judge_yield_per_kcall", "preferred_confident_share",
@@ -187,7 +187,7 @@ def target_fidelity(session, judges: Judges, images: torch.Tensor) -> dict:
     under the session's final reward (``apa.measures.novelty.final_checks``)."""
     from apa.measures.novelty import final_checks
 
-    checks = final_checks(session, images, judges.reference)
+    checks = final_checks(session.final_view(images), judges.reference)
     return {k: checks[k] for k in ("target_tv", "target_ess", "target_mix", "batch_mix")}
 
 
@@ -297,23 +297,23 @@ def session_rows(session, finals: list[Final],
     (rated, liked), seen = rated_images(session), shown_liked(session.state.liked_shares())
     first = first_liked([x["score"] for x in session.store.ratings() if x["score"] is not None])
     rows, kept, equal = {}, None, {}
-    for final in finals:
-        session.cfg = with_overrides(cfg, session={"final_start": final.start, "restart": final.restart,
+    for final in finals:  # each variant: the same store and networks, read with the variant's configuration
+        variant_cfg = with_overrides(cfg, session={"final_start": final.start, "restart": final.restart,
                                                    "final_move": final.move},
                                      sampler={"beta": final.beta or cfg.sampler.beta})
+        variant = Session(session.store, variant_cfg, session.prior, session.feedback, progress=False)
         t1 = time.perf_counter()
         with counting() as final_calls:
-            images = session.final_samples()
+            images = variant.final_samples()
         wall = rounds_s + time.perf_counter() - t1
         rows[final_label(final)] = {
             **judges(images, liked, rated, round_calls.total + final_calls.total, wall), **seen,
-            **target_fidelity(session, judges, images), "first_liked": first, "final_calls": final_calls.total,
+            **target_fidelity(variant, judges, images), "first_liked": first, "final_calls": final_calls.total,
             "wall_s": wall}
         if kept is None:
             kept, equal = images, {"rows_per_image": final_calls.total / images.shape[0]}
-    session.cfg = cfg
     path = session.store.save_final(kept)
-    write_report(session)
+    write_report(report_view(session))
     with np.load(path) as z:
         assert z["images"].shape[0] == cfg.session.eval_samples
     return rows, equal

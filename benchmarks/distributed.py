@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from apa.config import SamplerConfig
 from apa.priors.gmm import GaussianMixturePrior  # noqa: E402
 from apa.smc import distributed as D  # noqa: E402
 
@@ -47,9 +48,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, n: int, 
     a = torch.randn(args.dim, generator=torch.Generator().manual_seed(1)) / args.dim**0.5
     dist.barrier()
     t0 = time.perf_counter()
-    res = D.sharded_sample(prior, lambda z: z @ a, None, comm, generator=torch.Generator().manual_seed(2),
-                           particles=n, steps=args.steps, beta=(1.0, 4.0), reward_at="xt",
-                           ess_threshold=args.ess_threshold)
+    res = D.sharded_sample(prior, lambda z: z @ a, SamplerConfig(particles=n, steps=args.steps, beta=(1.0, 4.0), reward_at="xt",
+                                                       ess_threshold=args.ess_threshold), comm,
+                           generator=torch.Generator().manual_seed(2))
     seconds = time.perf_counter() - t0
     traffic = [None] * world
     dist.all_gather_object(traffic, (comm.traffic.gather, comm.traffic.exchange))
@@ -84,8 +85,9 @@ def plain_ms_step(args: argparse.Namespace, n: int) -> float:
     prior = _prior(args.dim)
     a = torch.randn(args.dim, generator=torch.Generator().manual_seed(1)) / args.dim**0.5
     t0 = time.perf_counter()
-    fkc_sample(prior, lambda z: z @ a, particles=n, steps=args.steps, beta=(1.0, 4.0), reward_at="xt",
-               ess_threshold=args.ess_threshold, generator=torch.Generator().manual_seed(2))
+    fkc_sample(prior, lambda z: z @ a, SamplerConfig(particles=n, steps=args.steps, beta=(1.0, 4.0), reward_at="xt",
+                                                 ess_threshold=args.ess_threshold),
+               generator=torch.Generator().manual_seed(2))
     return 1e3 * (time.perf_counter() - t0) / args.steps
 
 

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from apa.config import SamplerConfig
 from apa import GaussianMixturePrior, fkc_sample
 from apa.priors.gmm import make_gmm
 
@@ -55,8 +56,8 @@ def discrete_reference(prior: GaussianMixturePrior, steps: int, m: int, seed: in
     xs, lws = [], []
     gen = torch.Generator().manual_seed(seed)
     for start in range(0, m, chunk):
-        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), particles=min(chunk, m - start), steps=steps,
-                         beta=(0.0, 0.0), generator=gen)
+        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), SamplerConfig(particles=min(chunk, m - start), steps=steps,
+                                                                   beta=(0.0, 0.0)), generator=gen)
         xs.append(res.particles)
         lws.append(BETA[1] * (res.particles.double() @ A.double()))
     return torch.cat(xs), torch.cat(lws)
@@ -77,8 +78,8 @@ def run_method(prior, target, ref, n: int, steps: int, seeds: int, settings: dic
     """RMS errors over seeds of one sampler variant."""
     errs = []
     for s in range(seeds):
-        res = fkc_sample(prior, lambda z: z @ A, particles=n, steps=steps, beta=BETA,
-                         generator=torch.Generator().manual_seed(100 + s), **settings)
+        res = fkc_sample(prior, lambda z: z @ A, SamplerConfig(particles=n, steps=steps, beta=BETA, **settings),
+                         generator=torch.Generator().manual_seed(100 + s))
         errs.append(errors(statistics(target, res.particles, res.log_weights), ref))
     return rms(errs)
 

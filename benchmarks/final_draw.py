@@ -40,7 +40,7 @@ def move_repeats(session, particles: torch.Tensor, t: int, threshold: float, gen
                  ) -> tuple[torch.Tensor, dict]:
     """Each particle [n, *event] that repeats an earlier one gets one MH move (see the module doc)."""
     prior, beta = session.prior, session.cfg.sampler.beta[1]
-    reward = session.reward(session.surrogate_after(len(session.store.rounds()) - 1))
+    reward = session.fitter.reward(session.surrogate_after(len(session.store.rounds()) - 1))
     repeats = (~distinct_mask(prior.decode(particles), threshold)).nonzero().flatten()
     if repeats.numel() == 0:
         return particles, {"repeats": 0, "accepted": 0}
@@ -80,9 +80,8 @@ def main() -> None:
                 if variant.startswith("set:"):
                     key, value = variant[4:].split("=")
                     section, name = key.split(".")
-                    s.cfg = with_overrides(base, **{section: {name: json.loads(value)}})
-                    images = s.final_samples()
-                    s.cfg = base
+                    images = Session(s.store, with_overrides(base, **{section: {name: json.loads(value)}}), s.prior,
+                                     s.feedback, progress=False).final_samples()
                 elif variant.startswith("renoise:"):
                     z, moved = move_repeats(s, batch * 2.0 - 1.0, int(variant.split(":")[1]), threshold,
                                             torch.Generator().manual_seed(1_000_003 * s.cfg.session.seed + last))

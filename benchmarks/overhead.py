@@ -18,6 +18,7 @@ import time
 import torch
 from torch import nn
 
+from apa.config import SamplerConfig
 from apa import fkc_sample
 from apa.priors.gmm import make_gmm
 
@@ -40,8 +41,8 @@ VARIANTS = {"exact": ((0.5, 2.0), "exact"), "rate": ((0.5, 2.0), "rate"), "plain
 def compare(prior, reward, n: int, steps: int, repeats: int, **kw) -> dict[str, float]:
     """Median seconds of each variant (exact FKC, rate FKC, plain) over interleaved repeats."""
     def go(beta, weights):
-        return lambda: fkc_sample(prior, reward, particles=n, steps=steps, beta=beta, weights=weights,
-                                  generator=torch.Generator().manual_seed(0), **kw)
+        return lambda: fkc_sample(prior, reward, SamplerConfig(particles=n, steps=steps, beta=beta, weights=weights, **kw),
+                                  generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {k: [] for k in VARIANTS}
     go(*VARIANTS["exact"])()  # warm-up
     for _ in range(repeats):

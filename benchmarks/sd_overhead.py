@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from apa.config import SamplerConfig
 from apa.compat import ensure_torchvision
 
 FIXTURE_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny_clip_tokenizer"
@@ -114,8 +115,8 @@ def one_round(prior, reward, particles: int, steps: int, seed: int, **fkc) -> fl
     from apa import fkc_sample
 
     def go():
-        out = fkc_sample(prior, reward, particles=particles, steps=steps,
-                         generator=torch.Generator().manual_seed(seed), **fkc)
+        out = fkc_sample(prior, reward, SamplerConfig(particles=particles, steps=steps, **fkc),
+                         generator=torch.Generator().manual_seed(seed))
         prior.decode(out.particles)
 
     return _timed(prior.device, go)
@@ -184,8 +185,8 @@ def host_traffic(prior, reward, n: int, steps: int, **fkc) -> str:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prior.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        fkc_sample(prior, reward, particles=n, steps=steps, generator=torch.Generator().manual_seed(0),
-                   host_sync=False, **fkc)
+        fkc_sample(prior, reward, SamplerConfig(particles=n, steps=steps, **fkc), generator=torch.Generator().manual_seed(0),
+                   host_sync=False)
         _sync(prior.device)
     events = prof.events()
     reads = sum(1 for e in events if e.name == "aten::_local_scalar_dense")

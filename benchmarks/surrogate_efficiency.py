@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from apa.config import SamplerConfig
 from apa import data, fkc_sample
 from apa.priors.ddpm import load_prior
 from apa.surrogate.fit import FitConfig, fit
@@ -66,7 +67,7 @@ def label_efficiency(prior, kind: str, budgets: list[int], draws: int, ensemble:
 def overhead(prior, models: dict[str, Ensemble], repeats: int) -> dict[str, float]:
     def run(reward, beta):
         t0 = time.perf_counter()
-        fkc_sample(prior, reward, particles=32, steps=25, beta=beta, reward_at="tweedie", jacobian="gaussian",
+        fkc_sample(prior, reward, SamplerConfig(particles=32, steps=25, beta=beta, reward_at="tweedie", jacobian="gaussian"),
                    generator=torch.Generator().manual_seed(0))
         return time.perf_counter() - t0
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from apa.config import SamplerConfig
 from apa import fkc_sample
 from apa.cli import main
 from apa.priors import ddpm
@@ -45,7 +46,7 @@ def test_schedule_is_papas_and_sigmas_come_from_it(prior):
 @pytest.mark.parametrize("dataset", ["mnist", "fashion"])
 def test_samples_have_the_right_shape_and_range(dataset):
     prior = ddpm.load_prior(dataset)
-    res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), particles=4, steps=10, beta=(0.0, 0.0),
+    res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), SamplerConfig(particles=4, steps=10, beta=(0.0, 0.0)),
                      generator=torch.Generator().manual_seed(0))
     images = prior.decode(res.particles)
     assert images.shape == (4, 1, 28, 28)

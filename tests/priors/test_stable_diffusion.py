@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from apa.config import SamplerConfig
 from apa.compat import ensure_torchvision  # noqa: E402
 
 ensure_torchvision()  # before anything imports torchvision
@@ -238,7 +239,7 @@ def test_stable_diffusion_runs_under_fkc_sample(prior):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no silent dtype / device fallbacks
         for reward_at in ("xt", "tweedie"):
-            out = fkc_sample(prior, reward, particles=4, steps=3, reward_at=reward_at,
+            out = fkc_sample(prior, reward, SamplerConfig(particles=4, steps=3, reward_at=reward_at),
                              generator=torch.Generator().manual_seed(0))
             assert out.particles.shape == (4, *prior.event_shape) and torch.isfinite(out.particles).all()
             assert out.log_weights.shape == (4,) and len(out.trace) == 3

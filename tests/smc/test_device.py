@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from apa.config import SamplerConfig
 from apa.compat import ensure_torchvision
 
 ensure_torchvision()
@@ -91,8 +92,8 @@ def steps_recorded(monkeypatch):
                                     dict(weights="rate", resample="stratified")])
 def test_a_step_makes_nothing_off_the_device_and_reads_back_only_the_resampling_decision(
         prior, steps_recorded, kwargs):
-    out = fkc_sample(prior, _surrogate(prior), particles=4, steps=3, beta=(2.0, 8.0), host_sync=False,
-                     generator=torch.Generator().manual_seed(0), **kwargs)
+    out = fkc_sample(prior, _surrogate(prior), SamplerConfig(particles=4, steps=3, beta=(2.0, 8.0), **kwargs), host_sync=False,
+                     generator=torch.Generator().manual_seed(0))
     assert len(steps_recorded) == 3 and torch.isfinite(out.particles).all()
     for rec in steps_recorded:
         assert rec.elsewhere == []  # made on meta (no device named) or copied away
@@ -103,8 +104,9 @@ def test_a_step_makes_nothing_off_the_device_and_reads_back_only_the_resampling_
 
 
 def test_a_plain_step_reads_nothing_back(prior, steps_recorded):
-    fkc_sample(prior, lambda z: torch.zeros(z.shape[0], device=z.device), particles=4, steps=3, beta=(0.0, 0.0),
-               host_sync=False, generator=torch.Generator().manual_seed(0))
+    fkc_sample(prior, lambda z: torch.zeros(z.shape[0], device=z.device), SamplerConfig(particles=4, steps=3,
+                                                                                    beta=(0.0, 0.0)), host_sync=False,
+               generator=torch.Generator().manual_seed(0))
     assert [rec.host_reads for rec in steps_recorded] == [[], [], []]
     assert [rec.elsewhere for rec in steps_recorded] == [[], [], []]
 
@@ -115,14 +117,14 @@ def test_the_recorder_catches_a_tensor_made_off_the_device(prior, steps_recorded
         return torch.randn(shape)  # no device given
 
     with pytest.raises(RuntimeError, match="meta"):
-        fkc_sample(prior, _surrogate(prior), particles=4, steps=2, host_sync=False, noise_fn=noise_fn,
+        fkc_sample(prior, _surrogate(prior), SamplerConfig(particles=4, steps=2), host_sync=False, noise_fn=noise_fn,
                    generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(ess_threshold=1.0, resample="multinomial"), dict(weights="rate")])
 def test_deferring_host_reads_changes_no_number(prior, kwargs):
-    runs = [fkc_sample(prior, _surrogate(prior), particles=4, steps=3, beta=(2.0, 8.0), host_sync=sync,
-                       generator=torch.Generator().manual_seed(1), **kwargs) for sync in (True, False)]
+    runs = [fkc_sample(prior, _surrogate(prior), SamplerConfig(particles=4, steps=3, beta=(2.0, 8.0), **kwargs), host_sync=sync,
+                       generator=torch.Generator().manual_seed(1)) for sync in (True, False)]
     assert torch.equal(runs[0].particles, runs[1].particles)
     assert torch.equal(runs[0].log_weights, runs[1].log_weights)
     assert runs[0].trace == runs[1].trace and runs[0].log_normalizer == runs[1].log_normalizer
@@ -135,7 +137,7 @@ def test_deferred_checks_raise_at_the_end_with_the_same_message(prior):
 
     for sync in (True, False):
         with pytest.raises(FloatingPointError, match=r"step 0: the reward is not finite for particles \[2\]"):
-            fkc_sample(prior, bad, particles=4, steps=2, host_sync=sync, generator=torch.Generator().manual_seed(0))
+            fkc_sample(prior, bad, SamplerConfig(particles=4, steps=2), host_sync=sync, generator=torch.Generator().manual_seed(0))
 
 
 def test_a_session_round_reaches_the_host_once_at_the_store(prior, steps_recorded, monkeypatch):

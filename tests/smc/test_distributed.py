@@ -2,14 +2,15 @@
 
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from apa.config import SamplerConfig
 from apa.priors.gmm import make_gmm
 from apa.smc import distributed as D
-from apa.smc import sampler
 from apa.smc.sampler import fkc_sample
 
 A = torch.tensor([0.8, 0.5])
@@ -23,8 +24,8 @@ def _reward(z: torch.Tensor) -> torch.Tensor:
 
 def _run(comm: D.Comm, exchange_settings: dict | None = None):
     prior = make_gmm({})
-    res = D.sharded_sample(prior, _reward, None, comm, generator=torch.Generator().manual_seed(5),
-                           **{**SETTINGS, **(exchange_settings or {})})
+    res = D.sharded_sample(prior, _reward, SamplerConfig(**{**SETTINGS, **(exchange_settings or {})}), comm,
+                           generator=torch.Generator().manual_seed(5))
     return res.particles, res.log_weights, res.origins, [s.resampled for s in res.trace], [s.ess for s in res.trace]
 
 
@@ -57,7 +58,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_processes_equal_one_bitwise(tmp_path):
     prior = make_gmm({})
-    plain = fkc_sample(prior, _reward, generator=torch.Generator().manual_seed(5), **SETTINGS)
+    plain = fkc_sample(prior, _reward, SamplerConfig(**SETTINGS), generator=torch.Generator().manual_seed(5))
     one = (plain.particles, plain.log_weights, plain.origins, [s.resampled for s in plain.trace],
            [s.ess for s in plain.trace])
     assert any(one[3]), "the test needs a run that resamples"
@@ -76,9 +77,9 @@ def test_two_processes_equal_one_bitwise(tmp_path):
 def test_a_one_rank_population_is_the_single_process_run():
     """A population sharded over one rank (LocalComm, micro-batched) is the plain run, bit for bit."""
     prior = make_gmm({})
-    runs = [fkc_sample(prior, _reward, generator=torch.Generator().manual_seed(3), **SETTINGS),
-            D.sharded_sample(prior, _reward, None, D.LocalComm(), generator=torch.Generator().manual_seed(3),
-                             micro_batch=4, **SETTINGS)]
+    runs = [fkc_sample(prior, _reward, SamplerConfig(**SETTINGS), generator=torch.Generator().manual_seed(3)),
+            D.sharded_sample(prior, _reward, SamplerConfig(**SETTINGS), D.LocalComm(), generator=torch.Generator().manual_seed(3),
+                             micro_batch=4)]
     assert torch.equal(runs[0].particles, runs[1].particles)
     assert torch.equal(runs[0].log_weights, runs[1].log_weights)
     assert [s.resampled for s in runs[0].trace] == [s.resampled for s in runs[1].trace]
@@ -92,10 +93,10 @@ def test_exchange_plan_sends_each_needed_row_once():
 
 
 def test_what_cannot_be_sharded_is_refused():
-    cfg = sampler.sampler_config(None, **SETTINGS)
+    cfg = SamplerConfig(**SETTINGS)
     with pytest.raises(ValueError, match="multiple of 3"):
         D.check_shardable(cfg, 3, None)
     with pytest.raises(ValueError, match="diversity"):
-        D.check_shardable(sampler.sampler_config(cfg, diversity=True), 2, None)
+        D.check_shardable(replace(cfg, diversity=True), 2, None)
     with pytest.raises(ValueError, match="micro-batch"):
         D.check_shardable(cfg, 2, 3)

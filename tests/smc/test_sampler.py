@@ -45,8 +45,8 @@ def _z_scores(weights: str) -> torch.Tensor:
     target = prior.tilted(A, 2.0)
     est = []
     for seed in range(SEEDS):
-        res = fkc_sample(prior, lambda z: z @ A, particles=N, steps=STEPS, beta=(0.5, 2.0), reward_at="xt",
-                         generator=torch.Generator().manual_seed(seed), weights=weights)
+        res = fkc_sample(prior, lambda z: z @ A, SamplerConfig(particles=N, steps=STEPS, beta=(0.5, 2.0), reward_at="xt",
+                                                 weights=weights), generator=torch.Generator().manual_seed(seed))
         est.append(_statistics(target, res.particles, res.log_weights))
     e = torch.stack(est)
     se = e.std(0) / math.sqrt(SEEDS)
@@ -77,8 +77,8 @@ def test_beta_zero_is_the_plain_ancestral_sampler():
     prior = make_gmm({})
     noise = torch.randn(10, 64, 2, generator=torch.Generator().manual_seed(3))
     init = prior.sample_initial(64, float(prior.sigmas(10)[0]), torch.Generator().manual_seed(4))
-    res = fkc_sample(prior, lambda z: z.sum(1), particles=64, steps=10, beta=(0.0, 0.0),
-                     initial=init, noise_fn=lambda i, shape, g: noise[i])
+    res = fkc_sample(prior, lambda z: z.sum(1), SamplerConfig(particles=64, steps=10, beta=(0.0, 0.0)), initial=init,
+                     noise_fn=lambda i, shape, g: noise[i])
     z, sig = init, prior.sigmas(10)
     for i in range(10):
         z = prior.transition(z, prior.eps(z, float(sig[i])), float(sig[i]), float(sig[i + 1]), noise[i])
@@ -88,7 +88,7 @@ def test_beta_zero_is_the_plain_ancestral_sampler():
 
 def test_reproducible_from_seed():
     prior = make_gmm({})
-    runs = [fkc_sample(prior, lambda z: z @ A, particles=32, steps=20, reward_at="xt",
+    runs = [fkc_sample(prior, lambda z: z @ A, SamplerConfig(particles=32, steps=20, reward_at="xt"),
                        generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(runs[0].particles, runs[1].particles)
     assert torch.equal(runs[0].log_weights, runs[1].log_weights)
@@ -146,7 +146,7 @@ def test_resampling_resets_the_weights():
 
 
 def test_resampling_records_the_trace():
-    res = fkc_sample(make_gmm({}), lambda z: 5 * z @ A, particles=64, steps=20, ess_threshold=1.0, reward_at="xt",
+    res = fkc_sample(make_gmm({}), lambda z: 5 * z @ A, SamplerConfig(particles=64, steps=20, ess_threshold=1.0, reward_at="xt"),
                      generator=torch.Generator().manual_seed(0))
     assert len(res.trace) == 20
     assert any(s.resampled for s in res.trace)
@@ -175,7 +175,7 @@ class _Counting:
 def test_exact_weights_cost_one_network_call_per_step(reward_at, extra):
     """One ε call per step; the final potential reuses r(ẑ0) of the last step (tweedie) or costs one reward call (xt)."""
     count = _Counting(make_gmm({}))
-    fkc_sample(count.prior, count.reward, particles=8, steps=7, reward_at=reward_at,
+    fkc_sample(count.prior, count.reward, SamplerConfig(particles=8, steps=7, reward_at=reward_at),
                generator=torch.Generator().manual_seed(0))
     assert count.eps_calls == 7 and count.reward_calls == 7 + extra
 
@@ -200,7 +200,7 @@ def test_nan_reward_raises_naming_the_step():
 
     reward.calls = 0
     with pytest.raises(FloatingPointError, match=r"step 3: the reward is not finite"):
-        fkc_sample(prior, reward, particles=8, steps=10, generator=torch.Generator().manual_seed(0))
+        fkc_sample(prior, reward, SamplerConfig(particles=8, steps=10), generator=torch.Generator().manual_seed(0))
 
 
 def test_seed_clamp_bounds_the_accumulated_log_weights():
@@ -225,17 +225,17 @@ def test_seed_clamp_bounds_the_accumulated_log_weights():
 def test_bad_configuration_is_refused():
     prior = make_gmm({})
     with pytest.raises(ValueError, match="--reward-at"):
-        fkc_sample(prior, lambda z: z[:, 0], particles=4, steps=2, reward_at="x0")
+        fkc_sample(prior, lambda z: z[:, 0], SamplerConfig(particles=4, steps=2, reward_at="x0"))
     with pytest.raises(ValueError, match="--ess-threshold"):
-        fkc_sample(prior, lambda z: z[:, 0], particles=4, steps=2, ess_threshold=2.0)
+        fkc_sample(prior, lambda z: z[:, 0], SamplerConfig(particles=4, steps=2, ess_threshold=2.0))
     with pytest.raises(ValueError, match="unknown --resample 'bogus'"):
-        fkc_sample(prior, lambda z: z[:, 0], particles=4, steps=2, resample="bogus")
+        fkc_sample(prior, lambda z: z[:, 0], SamplerConfig(particles=4, steps=2, resample="bogus"))
     with pytest.raises(ValueError, match="--steps must be a whole number of at least 1"):
-        fkc_sample(prior, lambda z: z[:, 0], particles=4, steps=0)
+        fkc_sample(prior, lambda z: z[:, 0], SamplerConfig(particles=4, steps=0))
     with pytest.raises(ValueError, match="--beta must be two finite numbers"):
         SamplerConfig(beta=(float("nan"), 8.0))
-    with pytest.raises(ValueError, match="unknown sampler settings"):
-        fkc_sample(prior, lambda z: z[:, 0], num_particles=4)
+    with pytest.raises(TypeError, match="particles"):  # settings come in the config object, never as keywords
+        fkc_sample(prior, lambda z: z[:, 0], particles=4)
     with pytest.warns(UserWarning, match="literal"):
         SamplerConfig(reward_at="tweedie", jacobian="identity")
 
@@ -260,7 +260,7 @@ def discrete_reference():
     target = prior.tilted(A, 2.0)
     out = {}
     for steps in (10, 25):
-        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), particles=REF_M, steps=steps, beta=(0.0, 0.0),
+        res = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), SamplerConfig(particles=REF_M, steps=steps, beta=(0.0, 0.0)),
                          generator=torch.Generator().manual_seed(999))
         lw = 2.0 * (res.particles.double() @ A.double())
         full = _disc_statistics(target, res.particles, lw)
@@ -281,8 +281,8 @@ def _disc_z(discrete_reference, steps: int, **settings) -> torch.Tensor:
 
 
 def _run(prior, steps: int, seed: int, settings: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    res = fkc_sample(prior, lambda z: z @ A, particles=DISC_N, steps=steps, beta=(0.5, 2.0),
-                     generator=torch.Generator().manual_seed(seed), **settings)
+    res = fkc_sample(prior, lambda z: z @ A, SamplerConfig(particles=DISC_N, steps=steps, beta=(0.5, 2.0), **settings),
+                     generator=torch.Generator().manual_seed(seed))
     return res.particles, res.log_weights
 
 
@@ -346,7 +346,7 @@ def test_exact_weights_from_a_restart_hit_their_target():
         g = torch.Generator().manual_seed(seed)
         return anchors[torch.randint(0, 4, (n,), generator=g)] + sigma_k * torch.randn(n, 2, generator=g)
 
-    ref_run = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), particles=REF_M, steps=steps, beta=(0.0, 0.0),
+    ref_run = fkc_sample(prior, lambda z: torch.zeros(z.shape[0]), SamplerConfig(particles=REF_M, steps=steps, beta=(0.0, 0.0)),
                          initial=start(REF_M, 999), start_step=k, generator=torch.Generator().manual_seed(998))
     lw = 2.0 * (ref_run.particles.double() @ A.double())
     ref = _disc_statistics(target, ref_run.particles, lw)
@@ -354,8 +354,8 @@ def test_exact_weights_from_a_restart_hit_their_target():
                          zip(ref_run.particles.chunk(REF_BATCHES), lw.chunk(REF_BATCHES))])
     ref_se = parts.std(0) / math.sqrt(REF_BATCHES)
     est = torch.stack([_disc_statistics(target, *(lambda r: (r.particles, r.log_weights))(
-        fkc_sample(prior, lambda z: z @ A, particles=DISC_N, steps=steps, beta=(0.5, 2.0), reward_at="tweedie",
-                   jacobian="gaussian", initial=start(DISC_N, seed), start_step=k,
+        fkc_sample(prior, lambda z: z @ A, SamplerConfig(particles=DISC_N, steps=steps, beta=(0.5, 2.0), reward_at="tweedie",
+                                                 jacobian="gaussian"), initial=start(DISC_N, seed), start_step=k,
                    generator=torch.Generator().manual_seed(seed))))
         for seed in range(DISC_SEEDS)])
     se = (est.var(0) / DISC_SEEDS + ref_se**2).sqrt()
@@ -368,6 +368,6 @@ def test_exact_weights_from_a_restart_hit_their_target():
 def test_a_restart_needs_its_particles_and_a_step_inside_the_grid():
     prior = make_gmm({})
     with pytest.raises(ValueError, match="needs its initial particles"):
-        fkc_sample(prior, lambda z: z @ A, particles=4, steps=5, start_step=2)
+        fkc_sample(prior, lambda z: z @ A, SamplerConfig(particles=4, steps=5), start_step=2)
     with pytest.raises(ValueError, match="start_step must be in"):
-        fkc_sample(prior, lambda z: z @ A, particles=4, steps=5, start_step=5, initial=torch.zeros(4, 2))
+        fkc_sample(prior, lambda z: z @ A, SamplerConfig(particles=4, steps=5), start_step=5, initial=torch.zeros(4, 2))

@@ -8,6 +8,9 @@ sampler over the respaced steps below that noise level. With the default ``refin
 (σ ≈ 1.25, ᾱ ≈ 0.39) a digit keeps its class and most of its shape while strokes vary; a
 higher ``refine_t`` trades faithfulness to the chosen image for diversity, ``refine_t = 0``
 repeats the best images as they are.
+
+Its round loop is not the session driver's (``apa.session.lifecycle.drive``): its rounds rate plain prior
+samples and fit nothing, so a session's SAMPLE (guided by a surrogate) and FIT steps have nothing to do.
 """
 
 from __future__ import annotations

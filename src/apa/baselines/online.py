@@ -14,6 +14,9 @@ the ratings each round, and the UCB bonus of DAS and SEIKO.
   bonus(x) = sqrt(φ(x)ᵀ Σ⁻¹ φ(x)), which is large where the ratings so far say little.
 
 Images are particles in the prior's space [N, *event]; ratings are on [-1, 1].
+
+Its round loop is not the session driver's (``apa.session.lifecycle.drive``): a peer keeps no store and samples
+with its own engine (FK steering's or DAS's populations), so a session's SAMPLE and FINAL steps do not fit it.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ Departures that keep it feasible on a CPU (all documented in :class:`PAPAConfig`
   draws, one per equal-width stratum, each weighted by its stratum's width: an unbiased estimate
   of the full sum (with ``timesteps_per_image`` ≥ the range, every timestep is used once, exactly);
 - images are sampled with the ancestral sampler over ``sample_steps`` respaced steps, not all 1000.
+
+Its round loop is not the session driver's (``apa.session.lifecycle.drive``): each round changes the
+prior's weights, where a session's steps hold the prior frozen and keep only ratings and a surrogate.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ What changed, and why (the public code fine-tunes LoRA layers of SD 1.5 on 4 GPU
   which for r < 10 is −r).
 
 Images are [n, 1, 28, 28] in [0, 1]; particles (what the sampler and the reward see) are images·2 − 1.
+
+Its round loop is not the session driver's (``apa.session.lifecycle.drive``): each round changes the
+prior's weights, where a session's steps hold the prior frozen and keep only ratings and a surrogate.
 """
 
 from __future__ import annotations

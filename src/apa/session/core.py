@@ -258,14 +258,15 @@ class Session:
 
     def _record(self, images: torch.Tensor, final_calls: int | None) -> dict[str, dict[str, Any]]:
         """Measure the end's records of the final batch and store them (durably, one by one)."""
-        measured = measure_final(self._final_view(images))
+        measured = measure_final(self.final_view(images))
         if final_calls is not None:
             measured["final_checks"]["final_calls"] = final_calls
         for name, value in measured.items():
             self.store.save_record(name, value)
         return measured
 
-    def _final_view(self, images: torch.Tensor) -> FinalView:
+    def final_view(self, images: torch.Tensor) -> FinalView:
+        """What the end measures of the final batch ``images`` [n, C, H, W] (``measures.records``)."""
         cfg = self.cfg
         x, y, _ = self.state.training_set()
         weights = cfg.prior.weights or _builtin_weights(cfg.prior.name)

@@ -33,7 +33,7 @@ import torch
 from apa.config import SamplerConfig
 from apa.priors.base import Prior
 from apa.smc import fkc
-from apa.smc.sampler import SMCResult, fkc_sample, sampler_config
+from apa.smc.sampler import SMCResult, fkc_sample
 from apa.types import Indices, Particles
 
 DEFAULT_TIMEOUT_S = 300.0  # how long a collective may wait for a rank before the run ends with an error
@@ -230,13 +230,12 @@ def check_shardable(cfg: SamplerConfig, world_size: int, micro_batch: int | None
 def sharded_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None, comm: Comm, *,
                    generator: torch.Generator, historical: Particles | None = None,
                    initial: Particles | None = None, start_step: int = 0, micro_batch: int | None = None,
-                   progress: bool = False, desc: str = "fkc", host_sync: bool | None = None,
-                   **overrides) -> SMCResult:
+                   progress: bool = False, desc: str = "fkc", host_sync: bool | None = None) -> SMCResult:
     """:func:`apa.smc.sampler.fkc_sample` with the population split over ``comm``'s ranks; every rank
     calls it with the same arguments (``generator`` in the same state) and every rank gets the whole
     result: particles [N, *event], log-weights [N], trace. ``initial`` [N, *event] is the whole
     population's (each rank keeps its block)."""
-    cfg = sampler_config(config, **overrides)
+    cfg = config or SamplerConfig()
     check_shardable(cfg, comm.world_size, micro_batch)
     if micro_batch is not None:
         prior, reward = _Chunked(prior, micro_batch), _chunked_reward(reward, micro_batch)

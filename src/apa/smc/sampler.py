@@ -27,7 +27,7 @@ read once after the last step. On the CPU every check is made at once, as it alw
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -291,25 +291,16 @@ def run(state: SMCState, k: Kernel) -> Iterator[tuple[SMCState, StepInfo]]:
         yield state, info
 
 
-def sampler_config(config: SamplerConfig | None = None, **overrides) -> SamplerConfig:
-    """``config`` (default: ``SamplerConfig()``) with some fields replaced; unknown names are refused."""
-    names = {f.name for f in fields(SamplerConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown sampler settings {unknown}; SamplerConfig has {sorted(names)}")
-    return replace(config or SamplerConfig(), **{k: tuple(v) if isinstance(v, list) else v
-                                                  for k, v in overrides.items()})
-
-
 def fkc_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None = None, *,
                generator: torch.Generator | None = None, historical: Particles | None = None,
                initial: Particles | None = None, start_step: int = 0, noise_fn: NoiseFn = _default_noise,
                progress: bool = False, desc: str = "fkc", host_sync: bool | None = None,
-               population: Population = WHOLE, **overrides) -> SMCResult:
+               population: Population = WHOLE) -> SMCResult:
     """Sample p_disc·exp(β_end·r) with FKC-SMC. ``reward``: [N, *event] -> [N], differentiable.
 
-    ``config`` is the whole sampler configuration; keywords named like its fields override it
-    (``fkc_sample(prior, r, particles=2048, steps=25, beta=(0.5, 2.0))``). Returns the final
+    ``config``: every sampler setting (default ``SamplerConfig()``), e.g.
+    ``fkc_sample(prior, r, SamplerConfig(particles=2048, steps=25, beta=(0.5, 2.0)))``; the keywords are
+    the run's inputs, never settings. Returns the final
     particles [N, *event], normalised log-weights [N] and the per-step trace. With ``beta=(0, 0)``
     it is the prior's plain ancestral sampler. ``initial`` particles [N, *event] replace the draw
     from the noise end; with ``start_step`` k they stand at σ_k and the run takes steps k..S−1
@@ -321,7 +312,7 @@ def fkc_sample(prior: Prior, reward: fkc.Reward, config: SamplerConfig | None = 
     give the same numbers. ``population``: this process's share of a population split over several
     (``smc/distributed``); the result then holds this process's particles [n].
     """
-    cfg = sampler_config(config, **overrides)
+    cfg = config or SamplerConfig()
     dev = device_of(prior)
     kernel = kernel_of(prior, reward, cfg, generator=device_generator(generator, dev),
                        historical=historical.to(dev) if historical is not None else None, noise_fn=noise_fn,
@@ -359,8 +350,8 @@ def sample_prior(prior: Prior, n: int, num_steps: int, generator: torch.Generato
     other settings (a session's; default ``SamplerConfig()``). The one plain-prior sampler."""
     out = []
     for start in range(0, n, batch_size):
-        res = fkc_sample(prior, zero_reward, config, particles=min(batch_size, n - start), steps=num_steps,
-                         beta=(0.0, 0.0), generator=generator)
+        cfg = replace(config or SamplerConfig(), particles=min(batch_size, n - start), steps=num_steps, beta=(0.0, 0.0))
+        res = fkc_sample(prior, zero_reward, cfg, generator=generator)
         out.append(prior.decode(res.particles) if decode else res.particles)
     return torch.cat(out)
 
