@@ -62,8 +62,6 @@ def test_the_built_in_priors_ship_their_reference_samples_and_a_report_draws_non
     """The first report on a machine reads the 512 shipped samples instead of drawing them (12,800 ε rows
     a first session spent); each shipped file is named by, and records, the digest of the weights it
     was drawn from, so a retrained prior never reads another's."""
-    from types import SimpleNamespace
-
     from safetensors import safe_open
 
     from apa.data import file_sha256
@@ -78,8 +76,6 @@ def test_the_built_in_priors_ship_their_reference_samples_and_a_report_draws_non
         path = shipped_path(novelty.reference_name(sha, 25, 512))
         with safe_open(str(path), "pt") as f:
             assert f.metadata()["prior_sha256"] == sha
-        session = SimpleNamespace(cfg=SimpleNamespace(prior=SimpleNamespace(name=dataset, weights=None),
-                                                      sampler=SimpleNamespace(steps=25)), prior=None)
-        z = novelty.prior_reference(session)
+        z = novelty.prior_reference(None, sha, 25, tmp_path / "baselines")
         assert z.shape == (512, 1, 28, 28) and z.abs().max() < 3  # clean particles, in data units
     assert not list(tmp_path.rglob("reference_*"))  # nothing drawn, nothing cached

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from apa.session.lifecycle import FINAL, drive
 import apa.smc.sampler
 from apa.config import preset
+from apa.evaluation.report import report_view, write_report
 from apa.measures import records
-from apa.evaluation.report import write_report
-from apa.session import Session, with_overrides
+from apa.session import Session, core, with_overrides
+from apa.session.lifecycle import FINAL, drive
 
 CFG = with_overrides(preset("default"), sampler={"particles": 8, "steps": 4}, surrogate={"epochs": 5},
                      session={"budget": 8, "per_round": 4, "eval_samples": 8, "seed": 1})
@@ -33,7 +33,7 @@ def test_the_report_shows_the_records_and_samples_nothing(tmp_path, monkeypatch)
     stored = {name: s.store.record(name) for name in records.RECORDS}
     assert stored["final_eval"]["n"] == 8 and stored["prior_baseline"]["n"] == 8 and stored["final_checks"]
     _no_sampling(monkeypatch)
-    report = json.loads(write_report(s).with_suffix(".json").read_text())
+    report = json.loads(write_report(report_view(s)).with_suffix(".json").read_text())
     shown = {"final_eval": report["final"], "prior_baseline": report["prior_baseline"],
              "final_checks": report["final_checks"]}
     assert shown == stored
@@ -43,12 +43,12 @@ def test_the_report_shows_the_records_and_samples_nothing(tmp_path, monkeypatch)
 def test_a_final_batch_without_records_gets_them_once(tmp_path, monkeypatch):
     s = Session.start(tmp_path / "s", CFG, progress=False)
     drive(s, until=FINAL)
-    assert records.final_records(s) == {name: {} for name in records.RECORDS}  # no final batch yet
+    assert s.records() == {name: {} for name in records.RECORDS}  # no final batch yet
     s.store.save_final(s.final_samples())  # stopped here: the batch stored, its records not
     assert all(s.store.record(name) is None for name in records.RECORDS)
-    first = records.final_records(s)
+    first = s.records()
     assert {name: s.store.record(name) for name in records.RECORDS} == first
     _no_sampling(monkeypatch)
-    monkeypatch.setattr(records, "measure_final", lambda session, images: pytest.fail("measured twice"))
-    assert records.final_records(s) == {name: s.store.record(name) for name in records.RECORDS}
+    monkeypatch.setattr(core, "measure_final", lambda view: pytest.fail("measured twice"))
+    assert s.records() == {name: s.store.record(name) for name in records.RECORDS}
     s.store.close()
