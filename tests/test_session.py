@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from apa.cli import main
-from apa.feedback.base import FeedbackError
+from apa.feedback.base import FeedbackError, FeedbackSource
 from apa.registry import FEEDBACK
 from apa.session import Session
 from apa.store import SessionStore, StoreError
@@ -59,7 +59,7 @@ def test_budget_below_k_is_refused(tmp_path, capsys):
     assert "--budget 2 is below --per-round 4" in capsys.readouterr().err
 
 
-class NanSource:
+class NanSource(FeedbackSource):
     """Rates every image 1 except the second, which gets NaN."""
 
     name = "nan-source"
@@ -150,7 +150,7 @@ def test_exploration_stops_after_explore_rounds_and_a_logistic_surrogate_runs_th
     session.store.close()
 
 
-class Constant:
+class Constant(FeedbackSource):
     """A user who gives every image the same score."""
 
     def __init__(self, value: float):
