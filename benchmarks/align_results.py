@@ -138,7 +138,7 @@ class Judges:
         self.prefer = tuple(user.prefer)
         self.reference = reference  # [M, *event] plain prior particles
         images = decode(reference)
-        taste = getattr(user, "taste", None)  # a TasteUser (perhaps inside an ErringUser)
+        taste = user.taste  # a taste no class names (a TasteUser, perhaps inside an ErringUser), or None
         self.judge_taste = None if taste is None else Taste.fit(taste.spec, judge_view(self.judge), images,
                                                                 taste.examples)
         self.prior_liked = {by: images[self.liked(images, by)] for by in ("oracle", "judge")}

@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
+from apa.feedback.base import FeedbackSource
 from apa.feedback.classifier import load_oracle
 from apa.feedback.oracle import OracleUser
 from apa.priors.ddpm import DDPMPrior
@@ -38,7 +39,7 @@ def user() -> OracleUser:
     return OracleUser(load_oracle("mnist"), "1,4,7,9")
 
 
-class AlternatingUser:
+class AlternatingUser(FeedbackSource):
     """Rates images +1, -1, +1, ... in the order it sees them (a user whose answers a test can predict)."""
 
     name = "alternating"

@@ -5,6 +5,8 @@ import torch
 
 from apa import baselines
 from apa.baselines.common import BudgetError, CountingUser, check_checkpoints, round_sizes, to_targets
+from apa.feedback.base import CAPABILITIES, FeedbackSource
+from apa.feedback.human import HumanFeedback
 
 
 def test_round_sizes_spend_exactly_the_budget():
@@ -22,8 +24,9 @@ def test_checkpoints_must_be_reached():
 
 
 def test_counting_user_counts_ratings_only():
-    class U:
-        name, prefer = "u", (1,)
+    class U(FeedbackSource):
+        name, prefer, confidence, mode = "u", (1,), 0.9, "graded"
+        taste, classifier = object(), torch.nn.Identity()
 
         def __call__(self, x):
             return torch.ones(x.shape[0])
@@ -35,14 +38,25 @@ def test_counting_user_counts_ratings_only():
     u(torch.zeros(3, 1, 28, 28))
     u.evaluate(torch.zeros(5, 1, 28, 28))
     assert u.rated == 3 and u.prefer == (1,) and u.name == "u"
+    assert all(getattr(u, c) == getattr(u.user, c) for c in CAPABILITIES)  # each declared one, uncounted
+    with pytest.raises(AttributeError):
+        u.mode  # noqa: B018 - the source's own attribute, declared nowhere, is not forwarded
+
+
+def test_counting_a_person_offers_no_view_of_a_batch():
+    u = CountingUser(HumanFeedback())
+    assert u.scale == (1.0, 5.0) and u.evaluate is None and u.prefer is None and u.probabilities is None
 
 
 def test_targets_map_a_scale_onto_minus_one_one():
-    class Graded:
-        scale = (0.0, 1.0)
+    class Graded(FeedbackSource):
+        name, scale = "graded", (0.0, 1.0)
+
+    class Binary(FeedbackSource):
+        name = "binary"  # declares no scale: the binary default
 
     assert to_targets(torch.tensor([0.0, 0.5, 1.0]), Graded()).tolist() == [-1.0, 0.0, 1.0]
-    assert to_targets(torch.tensor([1.0, -1.0]), object()).tolist() == [1.0, -1.0]
+    assert to_targets(torch.tensor([1.0, -1.0]), Binary()).tolist() == [1.0, -1.0]
 
 
 def test_every_method_is_registered_with_one_signature():

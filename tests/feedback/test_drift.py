@@ -11,19 +11,25 @@ import torch
 
 from apa.session.lifecycle import FINAL, drive
 from apa.config import AlignConfig
+from apa.feedback.base import CAPABILITIES, FeedbackSource
 from apa.feedback.drift import DriftingUser
+from apa.feedback.human import HumanFeedback
 from apa.session import Session, with_overrides
 
 
-class Constant:
+class Constant(FeedbackSource):
     def __init__(self, value: float, name: str):
         self.value, self.name, self.prefer = value, name, (int(value > 0),)
+        self.confidence, self.taste, self.classifier = 0.5 + value / 4, object(), torch.nn.Identity()
 
     def __call__(self, images):
         return torch.full((images.shape[0],), self.value)
 
     def evaluate(self, images):
         return {"taste": self.name}
+
+    def probabilities(self, images):
+        return torch.full((images.shape[0], 2), self.value)
 
 
 def user(at: int, span: int = 0, seed: int = 0) -> DriftingUser:
@@ -35,6 +41,24 @@ def test_an_abrupt_switch_answers_by_the_old_taste_up_to_the_switch_and_by_the_n
     scores = torch.cat([u(torch.zeros(3, 1, 2, 2)) for _ in range(3)])  # ratings 0..8 in three questions
     assert scores.tolist() == [1.0] * 5 + [-1.0] * 4
     assert u.evaluate(None) == {"taste": "new"} and u.prefer == (0,)
+
+
+def test_every_capability_but_the_scale_is_the_current_tastes():
+    """Before the switch the old taste's objects, after it the new one's (a final batch is judged by the
+    taste at the end); the scale is the two tastes' own."""
+    u = user(at=2)
+    for source in (u.before, u.after):
+        assert u.current() is source
+        assert all(getattr(u, c) == getattr(source, c) for c in CAPABILITIES if c != "scale"), source.name
+        assert u.probabilities(torch.zeros(1, 1, 1, 1)).tolist() == [[source.value] * 2]
+        u(torch.zeros(2, 1, 1, 1))
+    assert u.scale == (-1.0, 1.0)
+
+
+def test_a_drifting_person_offers_no_view_of_a_batch():
+    """Around sources that declare no evaluate, the drifting user declares none either (not a method that fails)."""
+    u = DriftingUser(HumanFeedback(), HumanFeedback(), at=1)
+    assert u.evaluate is None and u.prefer is None and u.probabilities is None and u.scale == (1.0, 5.0)
 
 
 def test_a_gradual_change_follows_its_ramp_within_binomial_error_and_only_the_rating_index_decides():

@@ -13,7 +13,7 @@ import torch
 from apa.session import components
 from apa.session.lifecycle import FINAL, drive
 from apa.cli import main
-from apa.feedback.base import FeedbackError
+from apa.feedback.base import FeedbackError, FeedbackSource
 from apa.registry import FEEDBACK
 from apa.session import Session
 from apa.session.final import final_start
@@ -62,7 +62,7 @@ def test_budget_below_k_is_refused(tmp_path, capsys):
     assert "--budget 2 is below --per-round 4" in capsys.readouterr().err
 
 
-class NanSource:
+class NanSource(FeedbackSource):
     """Rates every image 1 except the second, which gets NaN."""
 
     name = "nan-source"
@@ -152,7 +152,7 @@ def test_exploration_stops_after_explore_rounds_and_a_logistic_surrogate_runs_th
     session.store.close()
 
 
-class Constant:
+class Constant(FeedbackSource):
     """A user who gives every image the same score."""
 
     def __init__(self, value: float):

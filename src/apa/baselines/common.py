@@ -19,7 +19,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from apa.feedback.base import FeedbackSource
 from apa.priors.base import Prior
+from apa.priors.calls import counting
+from apa.session.state import normalise_scores
+from apa.smc.sampler import sample_prior
 
 Sampler = Callable[[int, torch.Generator], torch.Tensor]  # (n, generator) -> images [n, C, H, W]
 
@@ -77,38 +81,30 @@ def check_checkpoints(checkpoints: Sequence[int], budget: int, per_round: int) -
     return tuple(sorted(set(checkpoints)))
 
 
-class CountingUser:
-    """Wraps a feedback source and counts the images it rated (``evaluate`` is passed through, uncounted)."""
+class CountingUser(FeedbackSource):
+    """Wraps a feedback source and counts the images it rated; everything the source declares
+    (``feedback.base.CAPABILITIES``: ``evaluate``, ``prefer``, ...) is passed through, uncounted."""
 
-    def __init__(self, user: Any):
-        self.user = user
-        self.name = getattr(user, "name", "user")
-        self.rated = 0
-        if hasattr(user, "scale"):
-            self.scale = user.scale
+    def __init__(self, user: FeedbackSource):
+        self.user, self.name, self.rated = user, user.name, 0
+        self.scale, self.prefer, self.evaluate = user.scale, user.prefer, user.evaluate
+        self.probabilities, self.confidence = user.probabilities, user.confidence
+        self.taste, self.classifier = user.taste, user.classifier
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """images [k, C, H, W] in [0, 1] -> scores [k]."""
         self.rated += int(images.shape[0])
         return self.user(images)
 
-    def __getattr__(self, name: str) -> Any:  # evaluate, prefer, classifier, ...
-        return getattr(self.user, name)
 
-
-def to_targets(scores: torch.Tensor, user: Any) -> torch.Tensor:
+def to_targets(scores: torch.Tensor, user: FeedbackSource) -> torch.Tensor:
     """A user's scores [k] mapped from its scale onto [-1, 1] (binary oracle: +1 / -1 unchanged)."""
-    from apa.feedback.base import scale_of
-    from apa.session.state import normalise_scores
-
-    return normalise_scores(scores.float(), scale_of(user))
+    return normalise_scores(scores.float(), user.scale)
 
 
 @torch.no_grad()
 def plain_samples(prior: Prior, n: int, steps: int, gen: torch.Generator, batch: int = 64) -> torch.Tensor:
     """n samples of a prior by its ancestral sampler over ``steps`` steps: images [n, C, H, W]."""
-    from apa.smc.sampler import sample_prior
-
     return sample_prior(prior, n, steps, gen, batch) if n > 0 else torch.zeros(0, *prior.event_shape)
 
 
@@ -124,8 +120,6 @@ class Clock:
     def evaluate(self, spent: int, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Run ``draw`` (an evaluation batch at ``spent``), its time excluded from the run's time and its
         network-call rows kept apart (``eval_calls``)."""
-        from apa.priors.calls import counting
-
         t0 = time.perf_counter()
         with counting() as calls:
             images = draw()

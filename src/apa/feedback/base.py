@@ -1,36 +1,61 @@
 """④ Who answers: a feedback source scores the images a user is shown.
 
-A source is any callable ``(images [k, C, H, W] float32 in [0, 1]) -> scores [k] float32``.
-Higher is better. Sources that simulate a user also expose ``evaluate`` for reports
-(e.g. the oracle's class histogram); a person's ratings come through the web page instead.
+A source is a callable ``(images [k, C, H, W] float32 in [0, 1]) -> scores [k] float32``; higher
+is better. What else it offers is declared as data on :class:`FeedbackSource`, never found by
+probing: the scale of its answers, the classes a simulated user likes, its report on a batch, the
+classes it sees. A person's ratings come through the web page, so the human source declares only
+its scale. A wrapper (:class:`ErringUser`, ``DriftingUser``, ``baselines.common.CountingUser``)
+forwards each capability (:data:`CAPABILITIES`) explicitly.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from apa.feedback.tastes import Taste
 
 
 class FeedbackError(ValueError):
     """A feedback source gave an answer that cannot be recorded (NaN, wrong shape, out of range)."""
 
 
-@runtime_checkable
-class FeedbackSource(Protocol):
-    name: str
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """images [k, C, H, W] in [0, 1] -> scores [k] (finite floats)."""
-
-
 BINARY_SCALE = (-1.0, 1.0)  # the scale of a source that declares none: +1 liked, -1 not
 
 
-def scale_of(source) -> tuple[float, float]:
-    """The [lo, hi] a source's answers lie on: its ``scale``, else BINARY_SCALE."""
-    return tuple(getattr(source, "scale", BINARY_SCALE))
+@runtime_checkable
+class FeedbackSource(Protocol):
+    """Who answers, and what else it offers. A source subclasses this class, inherits the defaults
+    (nothing offered) and sets what it has; a method of the same name declares a callable one."""
+
+    name: str  # the rater's name, as the store records it
+    scale: tuple[float, float] = BINARY_SCALE  # the [lo, hi] its answers lie on
+    # the classes a simulated user likes; None: a person, or a liking no class set names (CLIP prompts)
+    prefer: tuple[int, ...] | None = None
+    # a simulated user's report on images [k, C, H, W] (shares, histograms); None: a person
+    evaluate: Callable[[torch.Tensor], dict] | None = None
+    # the classes the user sees: images [k, C, H, W] -> P(class | image) [k, classes]; None: it sees none
+    probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None
+    confidence: float | None = None  # the top probability from which the class it sees counts as confident
+    taste: Taste | None = None  # a liking no class names (``feedback.tastes``); None: ``prefer`` is the liking
+    # the network it sees through (the oracle's, whose features measure diversity and FD); None: none
+    classifier: torch.nn.Module | None = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images [k, C, H, W] in [0, 1] -> scores [k] (finite floats on ``scale``)."""
+
+
+# what a wrapper forwards from the source it wraps (its name is its own)
+CAPABILITIES = ("scale", "prefer", "evaluate", "probabilities", "confidence", "taste", "classifier")
+
+
+def scale_of(source: FeedbackSource | None) -> tuple[float, float]:
+    """The [lo, hi] a source's answers lie on: ``source.scale`` (BINARY_SCALE without a source).
+    Kept for callers not yet reading ``source.scale`` themselves."""
+    return BINARY_SCALE if source is None else tuple(source.scale)
 
 
 def check_scores(scores: torch.Tensor, k: int, source: str) -> torch.Tensor:
@@ -45,11 +70,12 @@ def check_scores(scores: torch.Tensor, k: int, source: str) -> torch.Tensor:
     return scores
 
 
-class ErringUser:
+class ErringUser(FeedbackSource):
     """A simulated user who errs: each answer is flipped on the source's scale (s -> lo + hi − s)
     with probability ``p``. Whether an image's answer flips is a function of the image itself and
     ``seed`` (a hash of its pixels), so the same image always gets the same answer: a session
-    resumed after a crash, and every method of a comparison, see the same user.
+    resumed after a crash, and every method of a comparison, see the same user. Everything else
+    (``evaluate``, ``prefer``, ...: :data:`CAPABILITIES`) is the true user's.
     """
 
     def __init__(self, source: FeedbackSource, p: float, seed: int = 0):
@@ -57,7 +83,9 @@ class ErringUser:
             raise ValueError(f"--label-noise must be in [0, 0.5), got {p}")
         self.source, self.p, self.seed = source, float(p), int(seed)
         self.name = f"{source.name}+noise{p:g}"
-        self.scale = scale_of(source)
+        self.scale, self.prefer, self.evaluate = tuple(source.scale), source.prefer, source.evaluate
+        self.probabilities, self.confidence = source.probabilities, source.confidence
+        self.taste, self.classifier = source.taste, source.classifier
 
     def flips(self, images: torch.Tensor) -> torch.Tensor:
         """Which answers this user gets wrong: images [k, ...] -> bool [k]."""
@@ -72,9 +100,6 @@ class ErringUser:
         lo, hi = self.scale
         flip = self.flips(images).to(scores.device)
         return torch.where(flip, lo + hi - scores, scores)
-
-    def __getattr__(self, name: str):  # evaluate, prefer, classifier, ...: the true user's
-        return getattr(self.source, name)
 
 
 def with_label_noise(source: FeedbackSource | None, p: float, seed: int) -> FeedbackSource | None:

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from apa.compat import ensure_torchvision
 from apa.errors import WeightsNotFoundError
+from apa.feedback.base import FeedbackSource
 from apa.feedback.images import as_rgb, normalize, resize_center_crop
 from apa.feedback.shares import first_match, preference_report
 from apa.registry import FEEDBACK
@@ -232,7 +233,7 @@ def union_scores(probs: torch.Tensor, user_index: Sequence[int]) -> torch.Tensor
     return probs[:, list(user_index)].max(dim=1).values
 
 
-class ClipPromptUser:
+class ClipPromptUser(FeedbackSource):
     """One or several simulated users judging images with CLIP. ``__call__``: images [k, 3, H, W] in [0, 1] -> [k]."""
 
     scale = (0.0, 1.0)  # the range of the scores (probabilities)

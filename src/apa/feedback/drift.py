@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import torch
 
-from apa.feedback.base import FeedbackSource, scale_of
+from apa.feedback.base import FeedbackSource
 from apa.seeding import generator
 
 
-class DriftingUser:
+class DriftingUser(FeedbackSource):
     """Feedback from ``before`` up to rating ``at``, then from ``after`` (mixed over ``span`` ratings).
 
     ``__call__(images [k, C, H, W]) -> scores [k]`` answers ratings seen, seen+1, ..., seen+k−1 and
-    advances ``seen``. ``evaluate`` and ``prefer`` are the current taste's (the new one once the
-    change is complete): a final batch is judged by what the user likes at the end.
+    advances ``seen``. The scale is the two tastes' (``before``'s); every other capability
+    (``evaluate``, ``prefer``, ...) is the current taste's (the new one once the change is
+    complete): a final batch is judged by what the user likes at the end.
     """
 
     def __init__(self, before: FeedbackSource, after: FeedbackSource, at: int, span: int = 0, seed: int = 0):
@@ -30,7 +31,7 @@ class DriftingUser:
             raise ValueError(f"--drift-at and --drift-span must be at least 0, got {at} and {span}")
         self.before, self.after, self.at_rating, self.span, self.seed = before, after, int(at), int(span), int(seed)
         self.name = f"{before.name}->{after.name}@{at}" + (f"+{span}" if span else "")
-        self.scale = scale_of(before)
+        self.scale = tuple(before.scale)
         self.seen = 0  # ratings given so far
 
     def at(self, n: int) -> "DriftingUser":
@@ -67,14 +68,26 @@ class DriftingUser:
         """The taste that answers now: the new one from the first rating it surely follows."""
         return self.after if self.p_after(self.seen) >= 1.0 else self.before
 
-    def evaluate(self, images: torch.Tensor) -> dict:
-        return self.current().evaluate(images)
+    @property
+    def evaluate(self):
+        return self.current().evaluate
 
     @property
     def prefer(self):
         return self.current().prefer
 
-    def __getattr__(self, name: str):  # classifier, mode, ...: the two tastes share them
-        if name in ("before", "after"):
-            raise AttributeError(name)
-        return getattr(self.before, name)
+    @property
+    def probabilities(self):
+        return self.current().probabilities
+
+    @property
+    def confidence(self):
+        return self.current().confidence
+
+    @property
+    def taste(self):
+        return self.current().taste
+
+    @property
+    def classifier(self):
+        return self.current().classifier

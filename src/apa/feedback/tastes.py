@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from apa.feedback.base import FeedbackSource
+
 MEASURES = ("thick", "thin", "slant-right", "slant-left", "large", "small")
 KINDS = ("style", "like")
 POOL_STEPS = 25  # the prior's samples that set a taste's threshold are drawn at the default step count
@@ -199,7 +201,7 @@ def example_images(dataset: str, indices: Sequence[int]) -> torch.Tensor:
 # ---------------------------------------------------------------- the simulated user
 
 
-class TasteUser:
+class TasteUser(FeedbackSource):
     """A simulated user with a taste no class names, seen through the oracle classifier.
 
     ``__call__(images [k, 1, 28, 28]) -> scores [k]``: +1 where the taste holds, else −1. ``prefer`` is
