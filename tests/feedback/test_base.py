@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from apa.feedback.base import (BINARY_SCALE, CAPABILITIES, ErringUser, FeedbackError, FeedbackSource, check_scores,
-                               scale_of, with_label_noise)
+                               with_label_noise)
 from apa.feedback.human import HumanFeedback
 
 
@@ -101,7 +101,7 @@ def test_a_source_inherits_the_declared_defaults_nothing_offered():
             return torch.ones(images.shape[0])
 
     bare = Bare()
-    assert bare.scale == BINARY_SCALE and scale_of(bare) == BINARY_SCALE and scale_of(None) == BINARY_SCALE
+    assert bare.scale == BINARY_SCALE
     assert all(getattr(bare, c) is None for c in CAPABILITIES if c != "scale")
     assert isinstance(bare, FeedbackSource)
 

@@ -97,7 +97,7 @@ class ReportView:
 
 def report_view(session: Any) -> ReportView:
     """The view of ``session`` (an ``apa.session.Session``) its report is made from."""
-    return ReportView(session.state, session.records(), session.prior, getattr(session.feedback, "prefer", None),  # TEMP
+    return ReportView(session.state, session.records(), session.prior, session.feedback.prefer,
                       dict(session.timings))
 
 

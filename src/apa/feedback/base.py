@@ -52,12 +52,6 @@ class FeedbackSource(Protocol):
 CAPABILITIES = ("scale", "prefer", "evaluate", "probabilities", "confidence", "taste", "classifier")
 
 
-def scale_of(source: FeedbackSource | None) -> tuple[float, float]:
-    """The [lo, hi] a source's answers lie on: ``source.scale`` (BINARY_SCALE without a source).
-    Kept for callers not yet reading ``source.scale`` themselves."""
-    return BINARY_SCALE if source is None else tuple(source.scale)
-
-
 def check_scores(scores: torch.Tensor, k: int, source: str) -> torch.Tensor:
     """Refuse an answer that cannot be stored: wrong shape or non-finite values."""
     scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)

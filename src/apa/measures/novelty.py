@@ -79,7 +79,7 @@ def oracle_classes(user: Any, images: torch.Tensor) -> torch.Tensor:
 def users_liked(user: Any, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
     """bool [n]: the simulated user likes the image [n, C, H, W]: its taste holds (a taste no class
     names), else its confident class (``oracle_classes``, [n]; computed when not given) is a preferred one."""
-    taste = getattr(user, "taste", None)  # TEMP
+    taste = user.taste
     if taste is not None:
         return taste.liked(images)
     classes = oracle_classes(user, images) if classes is None else classes
@@ -135,7 +135,7 @@ def final_checks(view: Any, reference: torch.Tensor) -> dict[str, Any]:
     liked = rated[view.targets > 0]
     user = view.user
     out: dict[str, Any] = {"reference_samples": int(reference.shape[0]), "images": int(images.shape[0])}
-    if getattr(user, "probabilities", None) is None:  # TEMP a person: no view of what they like in the batch
+    if user.probabilities is None:  # a person: no view of what they like in the batch
         every = torch.ones(images.shape[0], dtype=torch.bool)
         home = take_home(images, every, rated, prior_images)
         return {**out, **near_copies(images, liked, prior_images), "distinct": home["distinct"],

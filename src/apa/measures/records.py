@@ -47,7 +47,7 @@ class FinalView:
 
 def final_eval(view: FinalView) -> dict[str, Any]:
     """The simulated user's view of the final batch ({} for a person)."""
-    evaluate = getattr(view.user, "evaluate", None)  # TEMP
+    evaluate = view.user.evaluate
     return {} if evaluate is None else evaluate(view.images)
 
 
@@ -77,7 +77,7 @@ def baseline_key(view: FinalView, n: int) -> str | None:
 
 def prior_baseline(view: FinalView) -> dict[str, Any]:
     """The simulated user's view of n plain samples of the prior (no feedback), cached per prior and user."""
-    evaluate = getattr(view.user, "evaluate", None)  # TEMP
+    evaluate = view.user.evaluate
     if evaluate is None:
         return {}
     n = view.eval_samples

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from apa.config import AlignConfig
-from apa.feedback.base import FeedbackSource, check_scores, scale_of
+from apa.feedback.base import FeedbackSource, check_scores
 from apa.feedback.drift import DriftingUser
 from apa.measures.records import RECORDS, FinalView, measure_final
 from apa.priors.calls import counting, uncounted
@@ -49,7 +49,7 @@ class Session:
 
     def __init__(self, store: SessionStore, cfg: AlignConfig, prior: Any, feedback: FeedbackSource,
                  progress: bool = True, comm: Comm | None = None):
-        self.state = SessionState(store, cfg, scale_of(feedback), prior.event_shape)
+        self.state = SessionState(store, cfg, feedback.scale, prior.event_shape)
         self.prior, self.feedback = prior, feedback
         self.sampler = RoundSampler(prior, cfg.sampler, comm, progress)
         self.fitter = SurrogateFitter(prior, cfg.surrogate, cfg.session.seed)
@@ -197,13 +197,13 @@ class Session:
 
     def _evaluate_round(self, r: int) -> dict[str, Any]:
         """The simulated user's view of the round's weighted population (no feedback is spent)."""
-        if getattr(self.feedback, "evaluate", None) is None:  # TEMP
+        if self.feedback.evaluate is None:
             return {}
         t = self.store.round_tensors(r)
         res = SMCResult(t["particles"], t["log_weights"])
         with torch.no_grad():
             images = self.prior.decode(res.resample(generator=generator(self.cfg.session.seed, r, "final")))
-        return {"eval": getattr(self.feedback, "evaluate")(images)}  # TEMP
+        return {"eval": self.feedback.evaluate(images)}
 
     # ------------------------------------------------------------ FINAL
 
