@@ -225,9 +225,10 @@ class Session:
         x, y, _ = self.state.training_set()
         initial, start = final_start(self.prior, cfg, x[y > 0], n, generator(seed, last + 1, "restart"))
         reward = self.fitter.reward(surrogate)
+        history = self.state.history_particles() if self.sampler.reads_history else None
         with self.timings.timer("final_sampling"):
-            res = self.sampler.sample(reward, surrogate, n, generator(seed, last + 1, "final"), initial=initial,
-                                      start_step=start, desc="final batch")
+            res = self.sampler.sample(reward, surrogate, n, generator(seed, last + 1, "final"), history=history,
+                                      initial=initial, start_step=start, desc="final batch")
             particles = res.resample(n, generator(seed, last + 1, "select"))
             if cfg.session.final_move is not None:
                 particles = moved(self.prior, reward, particles, cfg.session.final_move, cfg.sampler.beta[1],
@@ -270,11 +271,10 @@ class Session:
         cfg = self.cfg
         x, y, _ = self.state.training_set()
         weights = cfg.prior.weights or _builtin_weights(cfg.prior.name)
-        user = {k: v for k, v in vars(cfg.feedback).items() if k != "label_noise"}  # evaluate sees the true taste
         return FinalView(images, x, y, self.prior, self.feedback,
                          self.fitter.reward(self.surrogate_after(len(self.store.rounds()) - 1)), cfg.sampler,
                          cfg.session.eval_samples, cfg.session.final_start == "noise",
-                         Path(weights) if weights else None, user)
+                         Path(weights) if weights else None)
 
 
 def _builtin_weights(name: str) -> str | None:
