@@ -24,13 +24,13 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from apa.atomic import write_file
 from apa.baselines import METHODS  # names only: the methods' modules load when they run
-from apa.config import NUM_TIMESTEPS
+from apa.config import NUM_TIMESTEPS, AlignConfig
 
 PEER_CONFIGS = {"fk_steering": ("apa.baselines.fk_steering", "FKSteeringConfig"),
                 "das_online": ("apa.baselines.das_online", "DASOnlineConfig"),
@@ -184,7 +184,6 @@ def method_config(cc: CompareConfig, method: str) -> Any:
     from apa.baselines.best_of_n import BestOfNConfig
     from apa.baselines.papa import EPAPA, PAPAConfig
     from apa.baselines.prior import PriorConfig
-    from apa.config import AlignConfig
     from apa.session import with_overrides
 
     name = method.split("@")[0]
@@ -228,9 +227,11 @@ def schedule(cc: CompareConfig, method: str) -> tuple[int, int, tuple[int, ...]]
 
 
 def _as_json(x: Any) -> Any:
-    if hasattr(x, "to_dict"):
+    """A method's settings (``method_config``) as JSON: an align configuration's ``to_dict``, another
+    configuration's dataclass fields."""
+    if isinstance(x, AlignConfig):
         return x.to_dict()
-    return asdict(x) if hasattr(x, "__dataclass_fields__") else x
+    return asdict(x) if is_dataclass(x) else x
 
 
 def run_key(cc: CompareConfig, method: str, seed: int, weights_sha: str) -> str:
