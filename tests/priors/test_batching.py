@@ -16,7 +16,9 @@ from apa.session import components
 from apa.session.lifecycle import FINAL, drive
 from apa.session.components import shared_prior
 from apa.config import preset
-from apa.priors.batching import BatchingPrior
+from apa.priors.base import HasFeatures
+from apa.priors.batching import BatchingPrior, shared_features
+from apa.priors.gmm import make_gmm
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,24 @@ def test_eps_features_and_gradients_are_the_priors_own_bits_in_fewer_calls(prior
         for a, b in zip(w, g):
             assert torch.equal(a, b)
     assert batching.batcher.calls < 3 * 4  # 12 requests (ε, features, gradient per thread)
+
+
+def test_a_prior_without_features_is_not_given_them_by_the_wrapper():
+    """Batching a prior without denoiser features (the mixture) leaves it without them: a features
+    surrogate is refused up front instead of failing mid-round; its ε is the prior's own, unbatched."""
+    gmm = make_gmm({})
+    batching = BatchingPrior(gmm)
+    assert batching.features is None and not isinstance(batching, HasFeatures)
+    assert not batching.batches and batching.model is None and batching.sigma_of_t is None
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(batching.eps(z, 0.5), gmm.eps(z, 0.5))
+
+
+def test_a_prior_with_features_gets_them_in_shared_calls_and_its_backend_parts(prior):
+    batching = BatchingPrior(prior)
+    assert isinstance(batching, HasFeatures) and batching.features.func is shared_features
+    assert batching.batches and batching.model is prior.model and batching.sigma_of_t == prior.sigma_of_t
+    assert (batching.name, batching.class_names, batching.device) == (prior.name, prior.class_names, prior.device)
 
 
 def test_a_failed_network_call_reaches_every_caller_and_strands_none(prior, monkeypatch):

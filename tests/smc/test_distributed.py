@@ -85,6 +85,19 @@ def test_a_one_rank_population_is_the_single_process_run():
     assert [s.resampled for s in runs[0].trace] == [s.resampled for s in runs[1].trace]
 
 
+def test_a_micro_batched_prior_is_the_prior_in_chunks_and_declares_what_it_declares():
+    """ε in chunks of 4 equals ε in one call on the mixture; the wrapper forwards the contract and does
+    not pass for a prior with denoiser features."""
+    from apa.priors.base import HasFeatures
+
+    prior = make_gmm({})
+    chunked = D._Chunked(prior, 4)
+    z = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(chunked.eps(z, 0.7), prior.eps(z, 0.7))
+    assert chunked.features is None and not isinstance(chunked, HasFeatures)
+    assert (chunked.name, chunked.device, chunked.event_shape) == (prior.name, prior.device, prior.event_shape)
+
+
 def test_exchange_plan_sends_each_needed_row_once():
     anc = torch.tensor([0, 0, 5, 7, 1, 4, 4, 4])  # rank 0 holds rows 0-3, rank 1 rows 4-7
     plan = D.exchange_plan(anc, 4, 2)

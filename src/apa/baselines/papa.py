@@ -157,6 +157,7 @@ class SwitchedPrior(VEPrior):
     def __init__(self, base: VEPrior, tuned: nn.Module, k: int = 0):
         self.base, self.tuned, self.k = base, tuned, int(k)
         self.event_shape, self.data_std = base.event_shape, base.data_std
+        self.name, self.class_names = base.name, base.class_names
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         return self.base.sigmas(num_steps)

@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,9 +198,11 @@ def schedule(cc: CompareConfig, method: str) -> tuple[int, int, tuple[int, ...]]
 
 
 def _as_json(x: Any) -> Any:
-    if hasattr(x, "to_dict"):
+    """A method's settings (``method_config``) as JSON: an align configuration's ``to_dict``, another
+    configuration's dataclass fields."""
+    if isinstance(x, AlignConfig):
         return x.to_dict()
-    return asdict(x) if hasattr(x, "__dataclass_fields__") else x
+    return asdict(x) if is_dataclass(x) else x
 
 
 def run_key(cc: CompareConfig, method: str, seed: int, weights_sha: str) -> str:

@@ -8,12 +8,14 @@ variance-preserving (DDPM) model with x_t = √ᾱ·x0 + √(1−ᾱ)·ε enters
 
 A backend implements four things (``event_shape``, ``sigmas``, ``sample_initial``, ``eps``)
 and ``decode``; :class:`VEPrior` derives from ``eps`` the score, the Tweedie estimate, the
-forward drift and diffusion, and the stochastic (ancestral) transition.
+forward drift and diffusion, and the stochastic (ancestral) transition. What else a prior offers
+(its device, its class names, denoiser features) is declared as data with a default on
+:class:`VEPrior`, never found by probing; a wrapper (:class:`PriorWrapper`) forwards each one.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -26,8 +28,11 @@ class Prior(Protocol):
 
     event_shape: tuple[int, ...]
     data_std: float  # per-coordinate std of the data: the Gaussian-data Jacobian s²/(s²+σ²)
-    # optional ``device``: where the networks run (the CPU when absent); a run keeps every per-step
-    # tensor there, so eps/tweedie/transition see particles on it (``smc.sampler.device_of``)
+    name: str  # the registry name ("mnist", "gmm", "sd15", ...)
+    class_names: tuple[str, ...]  # the names of the data's classes; () for a prior without classes
+    device: torch.device  # where the networks run; a run keeps every per-step tensor there, so
+    #                       eps/tweedie/transition see particles on it (``smc.sampler.device_of``)
+    features: Callable[..., torch.Tensor] | None  # :class:`HasFeatures`' method; None: no denoiser features
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """Noise levels of the time grid, [num_steps + 1], decreasing, the last one 0."""
@@ -63,15 +68,19 @@ class Prior(Protocol):
 
 @runtime_checkable
 class HasFeatures(Protocol):
-    """A prior whose denoiser gives features of clean images (the features surrogate reads them)."""
+    """A prior whose denoiser gives features of clean images (the features surrogate reads them).
+
+    A prior without them declares ``features = None``, which ``isinstance`` reads as absent (a
+    protocol method set to None is blocked); ``prior.features is not None`` says the same.
+    """
 
     def features(self, z0: Particles, t: int = 200) -> torch.Tensor:
         """Clean particles [N, *event] -> features [N, D], differentiable in z0."""
 
 
-def class_names(prior) -> tuple[str, ...]:
-    """The names of a prior's data classes (``class_names``), empty for a prior without classes."""
-    return tuple(getattr(prior, "class_names", ()) or ())
+def class_names(prior: Prior) -> tuple[str, ...]:
+    """The names of a prior's data classes: ``prior.class_names`` (kept for callers not yet reading it)."""
+    return tuple(prior.class_names)
 
 
 class VEPrior:
@@ -79,7 +88,17 @@ class VEPrior:
 
     event_shape: tuple[int, ...]
     data_std: float = 1.0
+    name: str
+    class_names: tuple[str, ...] = ()
     device: torch.device = torch.device("cpu")  # where the networks run; the sampler keeps its particles there
+    features: Callable[..., torch.Tensor] | None = None  # a backend with denoiser features defines the method
+    # backend parts some callers read, None where a backend has none:
+    model: torch.nn.Module | None = None  # the ε-network as one module (DDPM): fine-tuning copies it
+    sigma_of_t: Callable[[torch.Tensor], torch.Tensor] | None = None  # training timestep t -> σ_t (DDPM, SD)
+    # the split network (DDPM): ε and the features as network calls apart from their inputs (``eps_input``,
+    # ``features_input``), which ``priors.batching`` makes once for many sessions; None: called whole
+    eps_network: Callable[..., torch.Tensor] | None = None
+    features_network: Callable[..., torch.Tensor] | None = None
 
     def score(self, z: Particles, sigma: float, eps: Particles | None = None) -> Particles:
         eps = self.eps(z, sigma) if eps is None else eps
@@ -110,3 +129,26 @@ class VEPrior:
     def transition_variance(self, sigma: float, sigma_next: float) -> float:
         """Per-coordinate variance of :meth:`transition`'s noise: σ'²(1 − σ'²/σ²)."""
         return sigma_next**2 * (1.0 - (sigma_next / sigma) ** 2)
+
+
+class PriorWrapper:
+    """A prior around ``inner`` that changes how some of its calls are made (``priors.batching``,
+    ``smc.distributed``): the contract and its declared capabilities are the inner prior's, each
+    forwarded by name; a subclass overrides :meth:`eps` and may set ``features``."""
+
+    def __init__(self, inner: Prior):
+        self.inner = inner
+        self.event_shape, self.data_std = inner.event_shape, inner.data_std
+        self.name, self.class_names, self.features = inner.name, inner.class_names, inner.features
+        self.sigmas, self.sample_initial, self.decode = inner.sigmas, inner.sample_initial, inner.decode
+        self.score, self.tweedie, self.forward_drift = inner.score, inner.tweedie, inner.forward_drift
+        self.g2_ds, self.transition = inner.g2_ds, inner.transition
+        self.transition_variance = inner.transition_variance
+
+    @property
+    def device(self) -> torch.device:
+        """The inner prior's, read when asked (its networks may be moved)."""
+        return self.inner.device
+
+    def eps(self, z: Particles, sigma: float) -> Particles:
+        return self.inner.eps(z, sigma)

@@ -23,6 +23,7 @@ is waiting, or ``window_s`` after the oldest waiting call, whichever is first.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
+from apa.priors.base import PriorWrapper, VEPrior
 from apa.priors.calls import counted
 from apa.types import Particles
 
@@ -200,19 +202,22 @@ class _SharedFeatures(torch.autograd.Function):
         return dx, None, None, None
 
 
-class BatchingPrior:
-    """``prior`` with its network calls batched across threads (module docstring); otherwise the prior itself."""
+class BatchingPrior(PriorWrapper):
+    """``prior`` with its network calls batched across threads (module docstring); everything else is
+    the prior's own, forwarded (``PriorWrapper``). ``features`` is None when the prior has none."""
 
-    def __init__(self, prior: Any, window_s: float = 0.01):
-        self.inner = prior
+    def __init__(self, prior: VEPrior, window_s: float = 0.01):
+        super().__init__(prior)
         self.batcher = Batcher(prior, window_s)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        self.model, self.sigma_of_t = prior.model, prior.sigma_of_t  # what taste pools and re-noising read
+        if prior.features is not None and prior.features_network is not None:  # else the prior's own, or None
+            # in shared calls; not a bound method, so no reference cycle keeps an unused wrapper alive
+            self.features = functools.partial(shared_features, prior, self.batcher)
 
     @property
     def batches(self) -> bool:
-        return hasattr(self.inner, "eps_network")
+        """Whether ε is made in shared calls: the prior's network is split from its inputs."""
+        return self.inner.eps_network is not None
 
     def running(self) -> contextlib.AbstractContextManager:
         """Around a sampling run: the leader waits for this thread's calls too."""
@@ -225,13 +230,13 @@ class BatchingPrior:
         x, t = self.inner.eps_input(z, sigma)
         return counted("eps", self.batcher.submit(_Call("eps", x, t)).to(z.device))
 
-    def features(self, z0: Particles, t: int = 200) -> torch.Tensor:
-        """The prior's features of z0 [N, *event]: [N, C], differentiable in z0, computed in a shared call."""
-        if not hasattr(self.inner, "features_network"):
-            return self.inner.features(z0, t)
-        x, tt = self.inner.features_input(z0, t)
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        return counted("features", _SharedFeatures.apply(x, tt, self.batcher, needs_grad).to(z0.device))
+
+def shared_features(prior: VEPrior, batcher: Batcher, z0: Particles, t: int = 200) -> torch.Tensor:
+    """The prior's features of z0 [N, *event]: [N, C], differentiable in z0, computed in a call ``batcher``
+    shares (a :class:`BatchingPrior`'s ``features``)."""
+    x, tt = prior.features_input(z0, t)
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    return counted("features", _SharedFeatures.apply(x, tt, batcher, needs_grad).to(z0.device))
 
 
 def running(prior: Any) -> contextlib.AbstractContextManager:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from apa.config import SamplerConfig
-from apa.priors.base import Prior
+from apa.priors.base import Prior, PriorWrapper
 from apa.smc import fkc
 from apa.smc.sampler import SMCResult, fkc_sample
 from apa.types import Indices, Particles
@@ -197,17 +197,16 @@ class Sharded:
         return self.comm.take(x, ancestors)
 
 
-class _Chunked:
-    """A prior whose network ε̂ runs on micro-batches of ``size`` particles (everything else as ``prior``)."""
+class _Chunked(PriorWrapper):
+    """A prior whose network ε̂ runs on micro-batches of ``size`` particles (everything else is
+    ``prior``'s, forwarded by ``PriorWrapper``)."""
 
     def __init__(self, prior: Prior, size: int) -> None:
-        self._prior, self._size = prior, size
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._prior, name)
+        super().__init__(prior)
+        self._size = size
 
     def eps(self, z: Particles, sigma: float) -> Particles:
-        return torch.cat([self._prior.eps(c, sigma) for c in z.split(self._size)])
+        return torch.cat([self.inner.eps(c, sigma) for c in z.split(self._size)])
 
 
 def _chunked_reward(reward: fkc.Reward, size: int) -> fkc.Reward:

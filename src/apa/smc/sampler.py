@@ -105,8 +105,8 @@ def _default_noise(step: int, shape: tuple[int, ...], generator: torch.Generator
 
 
 def device_of(prior: Prior) -> torch.device:
-    """Where the prior's networks run, and so where a run's per-step tensors live (CPU by default)."""
-    return torch.device(getattr(prior, "device", None) or "cpu")
+    """Where the prior's networks run (its declared ``device``), and so where a run's per-step tensors live."""
+    return torch.device(prior.device)
 
 
 def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:

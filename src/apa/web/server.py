@@ -107,7 +107,7 @@ def error_handlers(app: Any) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
         message = "no such page or API endpoint" if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def failure(request, exc: Exception):  # the details (paths, say) go to the log, not to the client
@@ -362,7 +362,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     sock = bind(args.host, args.port)  # a port in use or an unknown host, too
     try:
         manager = sessions.SessionManager(Path(args.data_dir), cfg, workers=args.workers,
-                                          fixed_seed=getattr(args, "seed", None) is not None,
+                                          fixed_seed=getattr(args, "seed", None) is not None,  # absent unless given
                                           max_sessions=args.max_sessions,
                                           batch_window=window)
         app = create_app(manager, loopback_hosts(args.host))
