@@ -130,8 +130,10 @@ def open_session(args: argparse.Namespace, progress: bool = True, check=None, co
             raise ValueError(f"--resume continues a session with the settings it was made with; drop {', '.join(refused)} "
                              "(only --budget may be given, to raise its budget, and --forget-before ROUND, when "
                              "your taste changed at that round)")
-        session = Session.resume(Path(args.resume), budget=getattr(args, "budget", None), progress=progress,
-                                 forget_before=getattr(args, "forget_before", None), comm=comm)
+        budget = getattr(args, "budget", None)  # a flag is absent unless given
+        forget_before = getattr(args, "forget_before", None)  # a flag is absent unless given
+        session = Session.resume(Path(args.resume), budget=budget, progress=progress, forget_before=forget_before,
+                                 comm=comm)
         try:
             if check is not None:
                 check(session.cfg, session.prior)

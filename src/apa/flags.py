@@ -155,7 +155,7 @@ def add_align_flags(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> AlignConfig:
     """The whole configuration the flags give; each section checks its fields as it is built (ValueError)."""
-    cfg = preset(getattr(args, "preset", None) or "default")
+    cfg = preset(getattr(args, "preset", None) or "default")  # a flag is absent unless given
     given = vars(args)  # flags not given are absent (SUPPRESS), so "--clamp none" can set None
     updates: dict[str, dict] = {}
     for flag in flag_table():

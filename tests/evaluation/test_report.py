@@ -7,7 +7,7 @@ import math
 import pytest
 
 from apa.evaluation import report as rp
-from apa.feedback.oracle import parse_classes
+from apa.feedback.classifier import parse_classes
 from apa.data import class_names
 
 FASHION = class_names("fashion")

@@ -39,7 +39,7 @@ from apa.measures.metrics import coverage_entropy, frechet_distance, mean_pairwi
 from apa.measures.novelty import users_liked
 from apa.measures.yields import take_home
 from apa.feedback.classifier import extract_features
-from apa.feedback.oracle import parse_classes
+from apa.feedback.classifier import parse_classes
 from apa.feedback.tastes import prior_pool
 from apa.priors.calls import counting
 from apa.priors.ddpm import weights_path

@@ -8,9 +8,12 @@ It is trained by ``apa.training.oracle`` (the recipe) and turned into a simulate
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -127,3 +130,50 @@ def load_oracle(dataset: str = "mnist", path: Path | None = None) -> Classifier:
         raise ValueError(f"{path} is not an oracle's weights file ({type(e).__name__}: {e}); pass --oracle-weights "
                          "a safetensors file written by `apa train-oracle`, or drop it for the shipped one") from e
     return model.eval().requires_grad_(False)
+
+
+def _class_key(name: str) -> str:
+    """A class name as matched: case-insensitive, spaces, hyphens and underscores alike."""
+    return re.sub(r"[\s_-]+", " ", str(name).strip().lower())
+
+
+def parse_classes(prefer: int | str | Iterable[int | str], names: Sequence[str] = ()) -> tuple[int, ...]:
+    """A preference set from ints, class names or a string such as "1,4,7,9" or "sandal,sneaker,ankle-boot"
+    -> sorted unique tuple of class indices.
+
+    Names are resolved against ``names`` (the dataset's class names, e.g. ``apa.data.class_names("fashion")``),
+    case-insensitive, with spaces, hyphens and underscores equivalent; a name with a slash ("T-shirt/top")
+    also answers to each of its parts. Raises ValueError for an empty set, an unknown name, or a class
+    outside 0..9.
+    """
+    if isinstance(prefer, str):
+        items: list = [p for p in prefer.split(",") if p.strip()]
+    elif isinstance(prefer, (int, np.integer)):
+        items = [prefer]
+    else:
+        items = list(prefer)
+    lookup: dict[str, int] = {}
+    for i, name in enumerate(names):
+        lookup[_class_key(name)] = i
+        for part in str(name).split("/"):
+            lookup.setdefault(_class_key(part), i)
+    classes = set()
+    for item in items:
+        text = str(item).strip()
+        if isinstance(item, (int, np.integer)) or re.fullmatch(r"-?\d+", text):
+            classes.add(int(text))
+        elif _class_key(text) in lookup:
+            classes.add(lookup[_class_key(text)])
+        elif names:
+            raise ValueError(f"unknown class name {text!r} in the preference set; the classes are "
+                             + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
+        else:
+            raise ValueError(f"preference set {prefer!r} is not a comma-separated list of class indices "
+                             f"such as '1,4,7,9' (class names need the dataset's names)")
+    classes = tuple(sorted(classes))
+    if not classes:
+        raise ValueError(f"the preference set is empty; give class indices in 0..{NUM_CLASSES - 1}")
+    bad = [c for c in classes if not 0 <= c < NUM_CLASSES]
+    if bad:
+        raise ValueError(f"unknown class(es) {bad} in the preference set; valid classes are 0..{NUM_CLASSES - 1}")
+    return classes

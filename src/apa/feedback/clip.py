@@ -137,6 +137,7 @@ def _checkpoint_in(folder: Path) -> Path | None:
 
 def _cached_hf_checkpoint(repo_id: str) -> tuple[Path, Path | None]:
     """(the repo's HF cache folder, a checkpoint in one of its snapshots or None); no network."""
+    # the clip extra: loaded only for --feedback clip
     from huggingface_hub import constants
 
     repo_dir = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.strip('/').replace('/', '--')}"
@@ -147,6 +148,7 @@ def _cached_hf_checkpoint(repo_id: str) -> tuple[Path, Path | None]:
 
 def find_clip_weights(model: str, tag: str, weights: str | None) -> Path:
     """The checkpoint to load, or WeightsNotFoundError naming every path looked at."""
+    # the clip extra: loaded only for --feedback clip
     from open_clip import get_pretrained_cfg
 
     looked: list[str] = []
@@ -173,6 +175,7 @@ def find_clip_weights(model: str, tag: str, weights: str | None) -> Path:
 
 
 def _how_to_get_clip(model: str, tag: str) -> str:
+    # the clip extra: loaded only for --feedback clip
     from open_clip import get_pretrained_cfg
 
     repo = get_pretrained_cfg(model, tag).get("hf_hub", "").strip("/") or "<the open_clip repo of the model>"
@@ -185,6 +188,7 @@ def _how_to_get_clip(model: str, tag: str) -> str:
 
 def resolve_model_name(clip_model: str) -> str:
     """An open_clip model name; a path to a JSON config is registered with open_clip under its stem."""
+    # the clip extra: loaded only for --feedback clip
     import open_clip
 
     path = Path(clip_model).expanduser()
@@ -200,6 +204,7 @@ def resolve_model_name(clip_model: str) -> str:
 def load_clip(options: "ClipOptions") -> tuple[torch.nn.Module, Any]:
     """(the frozen open_clip model on its device, its tokenizer); fp16 on CUDA, fp32 on CPU."""
     ensure_torchvision()
+    # the clip extra: loaded only for --feedback clip
     import open_clip
 
     name = resolve_model_name(options.clip_model)
@@ -245,6 +250,7 @@ class ClipPromptUser(FeedbackSource):
         self.temperature = float(options.temperature)
         self.name = f"clip[{','.join(self.users)}]"
         self.device = next(model.parameters()).device
+        # the clip extra: loaded only for --feedback clip
         from open_clip import get_model_preprocess_cfg
 
         cfg = get_model_preprocess_cfg(model)

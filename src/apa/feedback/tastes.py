@@ -22,8 +22,14 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from safetensors.torch import load_file, save
 
+from apa import data
+from apa.atomic import write_file
+from apa.data import data_dir
 from apa.feedback.base import FeedbackSource
+from apa.feedback.classifier import extract_features, parse_classes
+from apa.smc.sampler import sample_prior
 
 MEASURES = ("thick", "thin", "slant-right", "slant-left", "large", "small")
 KINDS = ("style", "like")
@@ -48,8 +54,6 @@ class TasteSpec:
 
 def parse_taste(text: str, share: float = 0.02, names: Sequence[str] = ()) -> TasteSpec:
     """"style:7:thick" | "style:sneaker:thin" | "like:3,17,42" -> TasteSpec; ValueError saying the form."""
-    from apa.feedback.oracle import parse_classes
-
     form = "--taste must be style:CLASS:MEASURE (MEASURE one of " + ", ".join(MEASURES) + ") or like:I,J,... " \
            f"(held-out image indices), got {text!r}"
     if not 0.0 < share < 0.5:
@@ -165,12 +169,6 @@ def prior_key(prior) -> str:
 def prior_pool(prior, n: int) -> torch.Tensor:
     """n plain samples of ``prior`` at POOL_STEPS steps, decoded [n, C, H, W]: drawn once per machine
     (seed 1) and cached beside the prior-only baselines; a damaged cache entry is drawn again."""
-    from safetensors.torch import load_file, save
-
-    from apa.atomic import write_file
-    from apa.data import data_dir
-    from apa.smc.sampler import sample_prior
-
     path = data_dir() / "baselines" / f"pool_{prior_key(prior)}_{POOL_STEPS}_{n}.safetensors"
     if path.is_file():
         try:
@@ -189,8 +187,6 @@ def prior_pool(prior, n: int) -> torch.Tensor:
 
 def example_images(dataset: str, indices: Sequence[int]) -> torch.Tensor:
     """Held-out real images of a dataset by index: [k, 1, 28, 28] in [0, 1]."""
-    from apa import data
-
     x = data.load(dataset)["test_images"]
     bad = [i for i in indices if not 0 <= i < len(x)]
     if bad:
@@ -236,8 +232,6 @@ class TasteUser(FeedbackSource):
 
 def oracle_view(oracle) -> View:
     """The simulated user's view: the oracle classifier's probabilities and penultimate features."""
-    from apa.feedback.classifier import extract_features
-
     return View(oracle.probabilities, lambda x: extract_features(oracle.classifier, x), oracle.confidence)
 
 

@@ -61,6 +61,7 @@ class SDComponents:
 
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache (honours HF_HUB_CACHE / HF_HOME)."""
+    # the sd extra: loaded only for --prior sd15
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
@@ -116,6 +117,7 @@ _HOW_TO_GET_SD = (
 def load_components(folder: Path, device: torch.device, dtype: torch.dtype) -> SDComponents:
     """Load the five components from a diffusers-layout folder, frozen, on ``device`` in ``dtype``."""
     ensure_torchvision()
+    # the sd extra: loaded only for --prior sd15
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -95,7 +95,7 @@ def check_device(device: str | None) -> None:
     if dev.type == "mps":
         present = torch.backends.mps.is_available()
     else:
-        backend = getattr(torch, dev.type, None)
+        backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, ...: a build may lack the module
         present = dev.type == "cpu" or (backend is not None and backend.is_available()
                                         and (dev.index is None or dev.index < backend.device_count()))
     if not present:

@@ -102,6 +102,7 @@ class TorchComm:
     gathers every rank's rows and indexes them (simpler, K−1 times the traffic; for comparison)."""
 
     def __init__(self, exchange: str = "all_to_all") -> None:
+        # torch.distributed: absent from some torch builds; loaded only by a sharded run
         import torch.distributed as dist
 
         if exchange not in ("all_to_all", "all_gather"):
@@ -252,6 +253,7 @@ def launched() -> bool:
 def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S) -> TorchComm:
     """Join the process group torchrun describes (gloo on CPUs, NCCL with one GPU per rank); every
     collective then fails after ``timeout_s`` seconds without an answer."""
+    # torch.distributed: absent from some torch builds; loaded only by a sharded run
     import torch.distributed as dist
 
     if not dist.is_initialized():
