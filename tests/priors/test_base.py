@@ -7,7 +7,7 @@ prior whose device is found by probing rather than declared.
 
 import torch
 
-from apa.priors.base import HasFeatures, Prior, PriorWrapper, class_names
+from apa.priors.base import HasFeatures, Prior, PriorWrapper
 from apa.priors.gmm import GaussianMixturePrior, make_gmm
 from apa.smc.sampler import device_of
 
@@ -17,7 +17,7 @@ CONTRACT = ("event_shape", "data_std", "name", "class_names", "features", "sigma
 
 def test_a_prior_declares_its_optional_capabilities_with_defaults():
     gmm = make_gmm({})
-    assert gmm.features is None and gmm.class_names == () and class_names(gmm) == ()
+    assert gmm.features is None and gmm.class_names == ()
     assert gmm.device == torch.device("cpu") and device_of(gmm) == torch.device("cpu")
     assert gmm.model is None and gmm.sigma_of_t is None and gmm.eps_network is None
     assert isinstance(gmm, Prior) and not isinstance(gmm, HasFeatures)

@@ -27,7 +27,7 @@ def session_config(config: AlignConfig | None, user, budget: int, per_round: int
                    eval_samples: int) -> AlignConfig:
     """The session's configuration: ``config`` (default: the project defaults) with the run's budget."""
     cfg = config or AlignConfig()
-    prefer = tuple(getattr(user, "prefer", cfg.feedback.prefer))
+    prefer = cfg.feedback.prefer if user is None or user.prefer is None else tuple(user.prefer)
     return with_overrides(cfg, session={"budget": budget, "per_round": per_round, "seed": seed,
                                         "eval_samples": eval_samples}, feedback={"prefer": prefer})
 

@@ -29,7 +29,6 @@ from apa.atomic import private  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from apa.evaluation.images import save_grid  # noqa: E402
-from apa.priors.base import class_names  # noqa: E402
 from apa.session.state import SessionState  # noqa: E402
 
 DASH = "–"  # shown where a number does not exist (no rating, no held-out score yet)
@@ -387,7 +386,7 @@ def checks_blocks(checks: dict, names: tuple[str, ...]) -> list[tuple]:
 
 def document(view: ReportView, rows, final, baseline, figures, checks: dict | None = None) -> list[tuple]:
     cfg = view.state.cfg.to_dict()
-    names = class_names(view.prior)
+    names = view.prior.class_names
     human = cfg["feedback"]["name"] == "human"
     oracle = any(r["eval"] for r in rows) or bool(final)
     head, body = rounds_table(rows, baseline, oracle)
@@ -527,7 +526,7 @@ def write_report(view: ReportView) -> Path:
     rows = round_rows(view.state)
     recorded = view.records
     final, baseline, checks = recorded["final_eval"], recorded["prior_baseline"], recorded["final_checks"]
-    names = class_names(view.prior)
+    names = view.prior.class_names
     figs = figures(view, rows, final, baseline, root)
     blocks = document(view, rows, final, baseline, figs, checks)
     report = {"config": cfg, "rounds": rows, "final": final, "prior_baseline": baseline, "final_checks": checks,

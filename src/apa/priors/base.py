@@ -78,11 +78,6 @@ class HasFeatures(Protocol):
         """Clean particles [N, *event] -> features [N, D], differentiable in z0."""
 
 
-def class_names(prior: Prior) -> tuple[str, ...]:
-    """The names of a prior's data classes: ``prior.class_names`` (kept for callers not yet reading it)."""
-    return tuple(prior.class_names)
-
-
 class VEPrior:
     """Shared VE-form numerics; subclasses provide event_shape, data_std, sigmas, sample_initial, eps, decode."""
 

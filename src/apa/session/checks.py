@@ -8,7 +8,6 @@ import torch
 
 from apa.config import MAX_POPULATION, NUM_TIMESTEPS, AlignConfig
 from apa.feedback.oracle import NUM_CLASSES
-from apa.priors.base import HasFeatures
 
 
 class SessionError(ValueError):
@@ -77,8 +76,10 @@ def check_forget_before(store: Any, cfg: AlignConfig, budget: int, n: int) -> No
 
 def check_tastes(before: Any, after: Any) -> None:
     """Refuse a drifting user whose new taste is the old one, or every class (nothing left to dislike)."""
-
-    old, new = set(getattr(before, "prefer", ())), set(getattr(after, "prefer", ()))
+    if before.prefer is None or after.prefer is None:
+        raise SessionError("--drift-to changes the classes a simulated user prefers; this feedback source names "
+                           "no classes it prefers (use --feedback oracle)")
+    old, new = set(before.prefer), set(after.prefer)
     if new and new == old:
         raise SessionError(f"--drift-to {','.join(map(str, sorted(new)))} is the taste --prefer already gives; "
                            "give the classes the user prefers after the change")
@@ -110,5 +111,5 @@ def check_prior(cfg: AlignConfig, prior: Any) -> None:
         raise SessionError(f"--prior {cfg.prior.name} draws points of shape {tuple(prior.event_shape)}, not images, "
                            "so no feedback source can rate them (it serves the sampler's exactness tests); choose an "
                            "image prior such as mnist")
-    if cfg.surrogate.kind == "features" and not isinstance(prior, HasFeatures):
+    if cfg.surrogate.kind == "features" and prior.features is None:
         raise SessionError(f"--prior {cfg.prior.name} has no denoiser features; use --surrogate pixels")

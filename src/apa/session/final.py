@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from apa.config import AlignConfig
-from apa.priors.base import HasFeatures
 from apa.session import acquisition
 from apa.smc.sampler import renoised
 
@@ -37,7 +36,7 @@ def start_features(prior, feature_t: float, x: torch.Tensor) -> torch.Tensor:
     """What the balanced restart measures crowding in: the prior's denoiser features where it has
     them (the surrogate's input), else the particles themselves. [m, *event] -> [m, d]."""
     with torch.no_grad():
-        if isinstance(prior, HasFeatures):
+        if prior.features is not None:
             return prior.features(x, feature_t)
         return x.reshape(x.shape[0], -1)
 

@@ -11,7 +11,6 @@ from typing import Callable
 import torch
 
 from apa.config import SurrogateConfig
-from apa.priors.base import HasFeatures
 from apa.seeding import generator, seeded_global
 from apa.session.checks import SessionError
 from apa.smc.sampler import zero_reward
@@ -26,7 +25,7 @@ class SurrogateFitter:
     surrogate's input, or its event shape the pixels'), the surrogate's configuration, the session's seed."""
 
     def __init__(self, prior, cfg: SurrogateConfig, seed: int):
-        if cfg.kind == "features" and not isinstance(prior, HasFeatures):
+        if cfg.kind == "features" and prior.features is None:
             raise SessionError("the prior has no denoiser features; use --surrogate pixels")
         self.prior, self.cfg, self.seed = prior, cfg, seed
 

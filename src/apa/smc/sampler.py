@@ -15,8 +15,8 @@ deterministic step lands on). A :class:`Kernel` holds what a run fixes; a ``popu
 (``smc/population``) says which rows of the whole population this process holds, so the same
 step runs one process or one of K, drawing the same noise for the whole population.
 
-Devices: a run lives where the prior's networks live (``prior.device``; the CPU for priors
-without one): particles, log-weights, the reward and its gradient, resampling indices and the
+Devices: a run lives where the prior's networks live (``prior.device``, declared by every prior; the CPU
+by default): particles, log-weights, the reward and its gradient, resampling indices and the
 noise. Off the CPU, the noise and the resampling uniforms come from a generator on that device
 seeded from the caller's generator (:func:`device_generator`): reproducible from the seed, but
 not the CPU's random stream, so a GPU run does not repeat a CPU run bit for bit. There a step
