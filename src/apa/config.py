@@ -236,8 +236,8 @@ class SessionConfig:
                             choices=FINAL_STARTS)
     final_move: int | None = knob(500, "after the final batch is drawn, move each image once by Metropolis-Hastings: "
                                   "re-noised to this training timestep, denoised by the prior, accepted by "
-                                  "exp(β_end·Δr) (none: no move; 500 doubles the distinct liked images at +9% of "
-                                  "the calls on every set of the 3-seed run: docs/results.md)")
+                                  "exp(β_end·Δr) (none: no move; 500 doubled the distinct liked images on every set "
+                                  "of the 3-seed run for a tenth more calls: docs/results.md)")
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
                           "(0.3 of 25: the last 8, from t≈291 of 1000)")
     detect_change: float | None = knob(None, "read a round as a change of taste when the surrogate fitted before "
