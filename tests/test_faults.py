@@ -555,12 +555,12 @@ def test_a_full_disk_at_creation_says_nothing_was_created(tmp_path, monkeypatch,
 
 
 def test_a_full_disk_at_the_report_says_so_in_one_line(finished, monkeypatch, capsys, one_thread):
-    import apa.evaluation.report
+    import apa.cli
 
-    def full(session):
-        raise OSError(errno.ENOSPC, "No space left on device", str(session.store.root / "report.html"))
+    def full(view):
+        raise OSError(errno.ENOSPC, "No space left on device", str(view.state.store.root / "report.html"))
 
-    monkeypatch.setattr(apa.evaluation.report, "write_report", full)
+    monkeypatch.setattr(apa.cli, "write_report", full)
     assert main(["align", "--resume", str(finished)]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert "disk is full" in line and "report" in line and f"--resume {finished}" in line, line

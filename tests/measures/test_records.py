@@ -19,11 +19,12 @@ CFG = with_overrides(preset("default"), sampler={"particles": 8, "steps": 4}, su
 
 
 def _no_sampling(monkeypatch):
+    """Every population, plain or tilted and wherever its caller imported the sampler from, starts in
+    ``init_state``: refusing it there catches any sampling."""
     def refuse(*args, **kwargs):
         raise AssertionError("the report sampled")
 
-    monkeypatch.setattr(apa.smc.sampler, "fkc_sample", refuse)
-    monkeypatch.setattr(apa.smc.sampler, "sample_prior", refuse)
+    monkeypatch.setattr(apa.smc.sampler, "init_state", refuse)
 
 
 def test_the_report_shows_the_records_and_samples_nothing(tmp_path, monkeypatch):
