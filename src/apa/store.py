@@ -827,7 +827,16 @@ class SessionStore:
         np.savez_compressed(buffer, images=images.detach().float().cpu().numpy().astype(np.float32))
         with disk_errors(self.root, "write the final batch"):
             write_file(self.final_path, buffer.getvalue())
+        self.save_record("final_batch", {"rounds": len(self.rounds())})  # the rounds it was drawn after
         return self.final_path
+
+    def final_is_current(self) -> bool:
+        """The final batch exists and was drawn after the last round: one drawn before the budget was
+        raised (and more rounds run) is not (a batch stored before this was recorded counts as current)."""
+        if not self.final_path.exists():
+            return False
+        drawn = self.record("final_batch")
+        return drawn is None or drawn["rounds"] == len(self.rounds())
 
     def final_images(self) -> torch.Tensor | None:
         """The final batch [n, C, H, W] if it was written, else None."""

@@ -27,14 +27,15 @@ def next_action(store: SessionStore, budget: int) -> Action:
 
     - the last round is open: RATE it while any shown image waits for a rating, else FIT it;
     - otherwise, with budget left: SAMPLE the next round;
-    - otherwise FINAL until the final batch is stored, then DONE.
+    - otherwise FINAL until a final batch drawn after the last round is stored, then DONE (a budget
+      raised on a finished session adds rounds, and then a new final batch).
     """
     r = store.open_round()
     if r is not None:
         return Action(RATE if store.stage(r) == SAMPLED else FIT, r)
     if store.spent() < budget:
         return Action(SAMPLE, len(store.rounds()))
-    return Action(DONE) if store.final_path.exists() else Action(FINAL)
+    return Action(DONE) if store.final_is_current() else Action(FINAL)
 
 
 def drive(session: Any, answers: bool = True, on_step: Callable[[Action], None] | None = None,
