@@ -81,12 +81,24 @@ def kept(before: dict, after: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def whole(tmp_path_factory) -> dict:
-    """The uninterrupted run every interrupted one must end equal to."""
+def whole_run(tmp_path_factory) -> Path:
+    """The uninterrupted run's directory, as `apa align` left it; never opened (tests get copies)."""
     out = tmp_path_factory.mktemp("whole") / "s"
     run = cli("align", "--out", str(out), *TINY)
     assert run.returncode == 0, run.stderr[-3000:]
-    return fingerprint(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def whole(whole_run, tmp_path_factory) -> dict:
+    """The uninterrupted run every interrupted one must end equal to."""
+    return fingerprint(copied(whole_run, tmp_path_factory.mktemp("whole_read") / "s"))
+
+
+def copied(session: Path, to: Path) -> Path:
+    """A byte-for-byte copy of a closed session's directory, its files' modes kept."""
+    shutil.copytree(session, to)
+    return to
 
 
 def finish(out: Path, whole: dict, context: str) -> None:
@@ -181,10 +193,10 @@ def test_a_full_disk_says_so_and_the_session_resumes(tmp_path, whole, monkeypatc
 
 
 @pytest.fixture
-def finished(tmp_path, whole) -> Path:
-    out = tmp_path / "s"
-    assert cli("align", "--out", str(out), *TINY).returncode == 0
-    return out
+def finished(tmp_path, whole_run) -> Path:
+    """A finished session of its own to damage or extend: a copy of the uninterrupted run, which is the
+    session `align --out` with the same flags writes (its ratings' timestamps aside)."""
+    return copied(whole_run, tmp_path / "s")
 
 
 def digests(out: Path) -> dict:

@@ -21,6 +21,18 @@ from apa.priors.batching import BatchingPrior, shared_features
 from apa.priors.gmm import make_gmm
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Two torch threads, not the suite's one. With one thread, oneDNN's 1x1 convolutions (the UNet's
+    skips and attention projections) round a row differently in a batch of another size, so a batched
+    call is not each caller's own call to the bit; with two they agree on this project's CPU. These
+    tests check the batcher as the suite ran them before it moved to one thread per xdist worker."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def prior():
     return shared_prior(vars(preset("default").prior))

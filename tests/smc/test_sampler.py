@@ -58,11 +58,6 @@ def _critical(num_stats: int) -> float:
     return float(stats.t.ppf(1 - 1e-4 / (2 * num_stats), df=SEEDS - 1))
 
 
-@pytest.fixture(scope="module")
-def threads():
-    torch.set_num_threads(1)
-
-
 def test_fkc_matches_closed_form_tilted_mixture():
     z = _z_scores("exact")
     assert z.abs().max() < _critical(len(z)), z
