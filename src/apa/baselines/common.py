@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from apa.feedback.base import FeedbackSource
+from apa.feedback.base import FeedbackSource, forward_capabilities
 from apa.priors.base import Prior
 from apa.priors.calls import counting
 from apa.session.state import normalise_scores
@@ -87,9 +87,7 @@ class CountingUser(FeedbackSource):
 
     def __init__(self, user: FeedbackSource):
         self.user, self.name, self.rated = user, user.name, 0
-        self.scale, self.prefer, self.evaluate = user.scale, user.prefer, user.evaluate
-        self.probabilities, self.confidence = user.probabilities, user.confidence
-        self.taste, self.classifier = user.taste, user.classifier
+        forward_capabilities(self, user)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """images [k, C, H, W] in [0, 1] -> scores [k]."""

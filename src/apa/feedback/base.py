@@ -52,6 +52,13 @@ class FeedbackSource(Protocol):
 CAPABILITIES = ("scale", "prefer", "evaluate", "probabilities", "confidence", "taste", "classifier")
 
 
+def forward_capabilities(wrapper: FeedbackSource, source: FeedbackSource) -> None:
+    """Give ``wrapper`` each capability ``source`` declares (:data:`CAPABILITIES`), by name: what a
+    wrapper that changes only the answers (or counts them) offers is its source's."""
+    for name in CAPABILITIES:
+        setattr(wrapper, name, getattr(source, name))
+
+
 def check_scores(scores: torch.Tensor, k: int, source: str) -> torch.Tensor:
     """Refuse an answer that cannot be stored: wrong shape or non-finite values."""
     scores = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
@@ -77,9 +84,7 @@ class ErringUser(FeedbackSource):
             raise ValueError(f"--label-noise must be in [0, 0.5), got {p}")
         self.source, self.p, self.seed = source, float(p), int(seed)
         self.name = f"{source.name}+noise{p:g}"
-        self.scale, self.prefer, self.evaluate = tuple(source.scale), source.prefer, source.evaluate
-        self.probabilities, self.confidence = source.probabilities, source.confidence
-        self.taste, self.classifier = source.taste, source.classifier
+        forward_capabilities(self, source)
 
     def flips(self, images: torch.Tensor) -> torch.Tensor:
         """Which answers this user gets wrong: images [k, ...] -> bool [k]."""

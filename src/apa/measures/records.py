@@ -58,12 +58,12 @@ def prior_sha(view: FinalView) -> str | None:
     return data.file_sha256(weights) if weights is not None and weights.is_file() else None
 
 
-def prior_baseline(view: FinalView) -> dict[str, Any]:
+def prior_baseline(view: FinalView, sha: str | None) -> dict[str, Any]:
     """The simulated user's view of n plain samples of the prior (no feedback): the first n of the
     prior's reference samples (:func:`novelty.prior_reference`: shipped with the built-in priors'
     weights, else drawn once and cached), so a report samples nothing the prior has not drawn before;
-    {} for a person or a prior without a weights file."""
-    evaluate, sha = view.user.evaluate, prior_sha(view)
+    {} for a person or a prior without a weights file (``sha``: its weights' digest, :func:`prior_sha`)."""
+    evaluate = view.user.evaluate
     if evaluate is None or sha is None:
         return {}
     n = view.eval_samples
@@ -73,10 +73,9 @@ def prior_baseline(view: FinalView) -> dict[str, Any]:
         return {**evaluate(view.prior.decode(reference[:n])), "n": n}
 
 
-def final_checks_of(view: FinalView) -> dict[str, Any]:
+def final_checks_of(view: FinalView, sha: str | None) -> dict[str, Any]:
     """Novelty and target fidelity of the final batch ({} for a prior with no weights file to cache a
-    reference on)."""
-    sha = prior_sha(view)
+    reference on; ``sha``: its weights' digest, :func:`prior_sha`)."""
     if sha is None:
         return {}
     return novelty.final_checks(view, novelty.prior_reference(view.prior, sha, view.sampler.steps, cache_dir()))
@@ -84,6 +83,7 @@ def final_checks_of(view: FinalView) -> dict[str, Any]:
 
 def measure_final(view: FinalView) -> dict[str, dict[str, Any]]:
     """The end's records of the final batch, measured now, in JSON types (str class keys): {name: record}."""
-    measured = {"final_eval": final_eval(view), "prior_baseline": prior_baseline(view),
-                "final_checks": final_checks_of(view)}
+    sha = prior_sha(view)  # the weights read once: both prior views are keyed on them
+    measured = {"final_eval": final_eval(view), "prior_baseline": prior_baseline(view, sha),
+                "final_checks": final_checks_of(view, sha)}
     return {name: json.loads(json.dumps(value, default=float)) for name, value in measured.items()}

@@ -184,10 +184,8 @@ class Session:
 
     def _heldout(self, r: int) -> dict[str, float] | None:
         """How the surrogate fitted before round r predicted its ratings (``fitter.heldout_score``)."""
-        rated = [row for row in self.state.rated_rounds() if row[0] == r]
-        if r == 0 or not rated:
-            return None
-        return heldout_score(self.surrogate_after(r - 1), rated[0][1], rated[0][2])
+        rated = self.state.rated(r) if r > 0 else None
+        return None if rated is None else heldout_score(self.surrogate_after(r - 1), *rated)
 
     def _reads_as_change(self, r: int, heldout: dict[str, float] | None) -> bool:
         start = self.state.forget_point()

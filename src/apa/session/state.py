@@ -46,17 +46,19 @@ class SessionState:
                  event_shape: tuple[int, ...]):
         self.store, self.cfg, self.scale, self.event_shape = store, cfg, tuple(scale), tuple(event_shape)
 
+    def rated(self, r: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Round r's rated particles [m, *event] and their targets in [-1, 1] [m]; None without a rating."""
+        rated = [x for x in self.store.ratings(r) if x["score"] is not None]
+        if not rated:
+            return None
+        parts = self.store.round_tensors(r)["particles"]
+        scores = torch.tensor([x["score"] for x in rated], dtype=torch.float32)
+        return parts[torch.tensor([x["particle"] for x in rated])], normalise_scores(scores, self.scale)
+
     def rated_rounds(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         """Per round with ratings: (round, its rated particles [m, *event], their targets in [-1, 1] [m])."""
-        out = []
-        for row in self.store.rounds():
-            rated = [x for x in self.store.ratings(row["round"]) if x["score"] is not None]
-            if rated:
-                parts = self.store.round_tensors(row["round"])["particles"]
-                scores = torch.tensor([x["score"] for x in rated], dtype=torch.float32)
-                out.append((row["round"], parts[torch.tensor([x["particle"] for x in rated])],
-                            normalise_scores(scores, self.scale)))
-        return out
+        rounds = [(row["round"], self.rated(row["round"])) for row in self.store.rounds()]
+        return [(r, *got) for r, got in rounds if got is not None]
 
     def training_set(self, since: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """What the surrogate is refit on: the rated particles of the rounds remembered (from
