@@ -6,7 +6,7 @@ the last, nearly noise-free steps cannot separate (86–201 distinct images of 2
 `benchmarks/align_results.py`). Variants:
 
 - ``default``: the session's own final batch;
-- ``set:SECTION.KEY=VALUE``: the final batch redrawn with one setting changed (``set:sampler.drift=3``,
+- ``set:SECTION.KEY=VALUE[;SECTION.KEY=VALUE]``: the final batch redrawn with settings changed (``set:sampler.drift=3``,
   ``set:sampler.ess_threshold=0.2``: with the exact weights the target stays the same;
   ``set:session.final_move=500``: every image moved once, the package's own move);
 - ``renoise:T``: every repeat of an image already in the batch is moved once by a Metropolis–Hastings
@@ -50,6 +50,16 @@ def move_repeats(session, particles: torch.Tensor, t: int, threshold: float, gen
     return out, {"repeats": int(repeats.numel()), "accepted": int(accept.sum())}
 
 
+def settings(text: str) -> dict[str, dict]:
+    """``SECTION.KEY=VALUE[;SECTION.KEY=VALUE...]`` as ``with_overrides`` keywords."""
+    out: dict[str, dict] = {}
+    for item in text.split(";"):
+        key, value = item.split("=")
+        section, name = key.split(".")
+        out.setdefault(section, {})[name] = json.loads(value)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sessions", nargs="+", help="finished session directories (copied; never written)")
@@ -78,9 +88,7 @@ def main() -> None:
             images, moved = batch, {}
             with counting() as calls:
                 if variant.startswith("set:"):
-                    key, value = variant[4:].split("=")
-                    section, name = key.split(".")
-                    images = Session(s.store, with_overrides(base, **{section: {name: json.loads(value)}}), s.prior,
+                    images = Session(s.store, with_overrides(base, **settings(variant[4:])), s.prior,
                                      s.feedback, progress=False).final_samples()
                 elif variant.startswith("renoise:"):
                     z, moved = move_repeats(s, batch * 2.0 - 1.0, int(variant.split(":")[1]), threshold,
