@@ -83,6 +83,10 @@ class SamplerConfig:
     drift: float = knob(1.0, "scale of the FKC drift (g²·ds/2)·∇φ that moves the particles toward the reward; "
                         "0: the prior's own kernel, steered by resampling alone (no reward gradient). With exact "
                         "weights any scale has the same target")
+    reweight_every: int = knob(1, "evaluate the potential (reward features and, with a drift, their gradient), "
+                               "reweight and resample at every k-th step only, counted back from the last; the "
+                               "steps between are the prior's own moves (ε alone). With exact weights the target "
+                               "is the same for any k")
     resample: str = knob("systematic", "resampling scheme (seed: none)", choices=RESAMPLE)
     ess_threshold: float = knob(0.5, "resample when the ESS falls below this fraction of the particles")
     clamp: float | None = knob(None, "clamp accumulated log-weights to [-c, c] (seed: 100; none: no clamp)")
@@ -104,6 +108,9 @@ class SamplerConfig:
                  f"--drift must be a finite number from 0, got {self.drift!r}")
         _require(self.drift == 1.0 or self.weights == "exact",
                  f"--drift {self.drift:g} needs --weights exact (the other weights assume the full drift)")
+        _at_least("--reweight-every", self.reweight_every, 1)
+        _require(self.reweight_every == 1 or self.weights == "exact",
+                 f"--reweight-every {self.reweight_every} needs --weights exact (the other weights are rates per step)")
         _require(_number(self.ess_threshold) and 0.0 <= self.ess_threshold <= 1.0,
                  f"--ess-threshold must be in [0, 1], got {self.ess_threshold!r}")
         _require(self.clamp is None or (_number(self.clamp) and self.clamp > 0),

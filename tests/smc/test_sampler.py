@@ -175,6 +175,16 @@ def test_exact_weights_cost_one_network_call_per_step(reward_at, extra):
     assert count.eps_calls == 7 and count.reward_calls == 7 + extra
 
 
+def test_reweighting_every_kth_step_calls_the_reward_at_those_steps_alone():
+    """--reweight-every 3 over 7 steps: ε at every step, the reward at steps 6, 3 and 0 (counted back
+    from the last), so a step between reweights costs one network row, not the reward's too."""
+    count = _Counting(make_gmm({}))
+    res = fkc_sample(count.prior, count.reward, SamplerConfig(particles=8, steps=7, reweight_every=3),
+                     generator=torch.Generator().manual_seed(0))
+    assert count.eps_calls == 7 and count.reward_calls == 3
+    assert [s.resampled for s in res.trace if s.step not in (0, 3, 6)] == [False] * 4
+
+
 def test_final_potential_reuse_equals_a_fresh_reward_call():
     """With r read at ẑ0 the last (deterministic) step lands on ẑ0, so reusing r(ẑ0) is exact: the final
     weights equal the previous state's plus β_end·r called afresh on the clean sample."""
@@ -300,11 +310,16 @@ def test_exact_weights_hit_the_discrete_target(discrete_reference, steps, twist)
     assert z.abs().max() < _disc_critical(len(z)), z
 
 
-@pytest.mark.parametrize("settings", [dict(beta_schedule="signal"), dict(beta_schedule="signal", drift=0.0)],
-                         ids=["signal beta", "signal beta, no drift"])
+@pytest.mark.parametrize("settings", [dict(beta_schedule="signal"), dict(beta_schedule="signal", drift=0.0),
+                                      dict(beta_schedule="signal", reweight_every=5),
+                                      dict(beta_schedule="signal", drift=0.0, reweight_every=5)],
+                         ids=["signal beta", "signal beta, no drift", "reweight every 5th step",
+                              "reweight every 5th step, no drift"])
 def test_the_beta_schedule_and_the_drift_change_the_variance_not_the_target(discrete_reference, settings):
-    """The signal-share β schedule (β_i from s²/(s²+σ_i²)) and the gradient-free move (drift 0, the prior's
-    own kernel) keep the exact weights' target at 25 steps: the same test, the same power, as above."""
+    """The signal-share β schedule (β_i from s²/(s²+σ_i²)), the gradient-free move (drift 0, the prior's
+    own kernel) and reweighting at every 5th step only (the prior's own moves between, the last shifted
+    move's proposal ratio carried to the next reweight) keep the exact weights' target at 25 steps: the
+    same test, the same power, as above."""
     z = _disc_z(discrete_reference, 25, weights="exact", reward_at="tweedie", jacobian="gaussian", **settings)
     assert z.abs().max() < _disc_critical(len(z)), z
 

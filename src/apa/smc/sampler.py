@@ -209,6 +209,27 @@ def _phi_end(z_end: Particles, pe: fkc.PotentialEval, move: Move, i: int, k: Ker
     return fkc.clean_potential(k.reward, z_end, beta_n, gamma_n, k.cfg, k.historical, i, k.deferred)
 
 
+def reweighs(i: int, cfg: SamplerConfig) -> bool:
+    """Whether step i evaluates the potential and reweights: every ``reweight_every``-th step counted
+    back from the last (so the last step always does), or every step of an unguided run's trace."""
+    return (cfg.steps - 1 - i) % cfg.reweight_every == 0
+
+
+def _prior_step(state: SMCState, k: Kernel) -> tuple[SMCState, StepInfo]:
+    """A step between reweights: the prior's own move (ε alone, no shift), the weights and the last
+    reweighted step's move carried unchanged. Exact: the next increment, φ_j(z_j) − φ_i(z_i) + the
+    log-ratio of move i, covers every move since step i, the unshifted ones adding nothing."""
+    i, z, pop = state.step, state.particles, k.population
+    sig, sig_next = k.sched.at(i)[:2]
+    with torch.no_grad():
+        eps = k.prior.eps(z, sig)
+        noise = pop.local(k.noise_fn(i, (state.log_weights.shape[0], *z.shape[1:]), k.generator)).to(z)
+        z_next = k.prior.transition(z, eps, sig, sig_next, noise)
+    ess = _scalar(ess_tensor(state.log_weights, _check(k.deferred)), k.deferred)
+    info = StepInfo(i, sig, ess, False, float("nan"), 0.0, _unique(state.origins, k.deferred))
+    return replace(state, particles=z_next, step=i + 1), info
+
+
 def step(state: SMCState, k: Kernel) -> tuple[SMCState, StepInfo]:
     """One FKC-SMC step σ_i -> σ_{i+1}: reweight -> resample -> move. Pure: returns a new state and info.
 
@@ -218,6 +239,8 @@ def step(state: SMCState, k: Kernel) -> tuple[SMCState, StepInfo]:
     leaves the info's numbers as device tensors, so the step reads back only the resampling decision.
     """
     i, z, origins, pop = state.step, state.particles, state.origins, k.population
+    if k.cfg.guided and not reweighs(i, k.cfg):
+        return _prior_step(state, k)
     pe = _evaluate(z, i, k)
     beta = k.sched.at(i)[2]
     grad_phi = beta * pe.grad if pe.grad is not None else None
