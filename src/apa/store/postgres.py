@@ -370,7 +370,8 @@ class PostgresStore:
         rows = self._query("SELECT value FROM apa_meta WHERE session=%s AND key='commits'", (self.name,))
         return int(rows[0][0]) if rows else 0
 
-    def _transaction(self, body: Callable[[Any], None], files: dict[str, bytes] | None, counted: bool) -> None:
+    def _transaction(self, body: Callable[[Any], None], files: dict[str, bytes] | None, counted: bool,
+                     ledger: bool = True) -> None:
         staged: dict[Path, Path] = {}
         try:
             with self._conn.transaction():
@@ -378,9 +379,10 @@ class PostgresStore:
                 if counted:
                     self._conn.execute("INSERT INTO apa_meta VALUES (%s, 'commits', '1') ON CONFLICT (session, key) "
                                        "DO UPDATE SET value = (apa_meta.value::bigint + 1)::text", (self.name,))
-                ledger = json.dumps(public(self.tally(self._conn)))
-                self._conn.execute("INSERT INTO apa_ledgers VALUES (%s, %s) ON CONFLICT (session) DO UPDATE "
-                                   "SET ledger = excluded.ledger", (self.name, ledger))
+                if ledger:
+                    self._conn.execute("INSERT INTO apa_ledgers VALUES (%s, %s) ON CONFLICT (session) DO UPDATE "
+                                       "SET ledger = excluded.ledger",
+                                       (self.name, json.dumps(public(self.tally(self._conn)))))
                 with disk_errors(self.root, "stage a file", retry=True):
                     for name, data in (files or {}).items():
                         staged[self.root / name] = stage_file(self.root / name, data)
@@ -613,6 +615,35 @@ class PostgresStore:
         """Feedback spent: ratings with a score (skips cost nothing)."""
         return int(self._query("SELECT count(*) FROM apa_ratings WHERE session=%s AND score IS NOT NULL",
                                (self.name,))[0][0])
+
+    def rows(self) -> dict[str, list[tuple]]:
+        """Every row of the session, table -> rows (the SQLite store's columns in key order; ratings in
+        commit order): what ``apa.store.copy`` moves and compares."""
+        return {t: [tuple(row) for row in self._query(
+            f"SELECT {COLUMNS[t]} FROM apa_{t} WHERE session=%s ORDER BY {'seq' if t == 'ratings' else ORDER[t]}",
+            (self.name,))] for t in STATE_TABLES}
+
+    def load_rows(self, rows: dict[str, list[tuple]]) -> None:
+        """Into a session just created: every row of another (see ``rows``), in one commit; its meta rows
+        replace this one's (its "commits" aside: this session counts its own)."""
+        def body(conn: Any) -> None:
+            for t in STATE_TABLES:
+                keep = [row for row in rows[t] if t != "meta" or row[0] != "commits"]
+                if t == "meta":
+                    conn.execute("DELETE FROM apa_meta WHERE session=%s AND key = ANY(%s)",
+                                 (self.name, [row[0] for row in keep]))
+                marks = ", ".join(["%s"] * (1 + len(COLUMNS[t].split(","))))
+                conn.cursor().executemany(f"INSERT INTO apa_{t} (session, {COLUMNS[t]}) VALUES ({marks})",
+                                          [(self.name, *row) for row in keep])
+        self._commit("copy the session's rows", body)
+
+    def drop(self) -> None:
+        """Delete every row of this session (a copy that failed its check); its files are the caller's."""
+        def body(conn: Any) -> None:
+            for t in (*STATE_TABLES, "ledgers"):
+                conn.execute(f"DELETE FROM apa_{t} WHERE session=%s", (self.name,))
+        with self._lock:
+            self._transaction(body, None, counted=False, ledger=False)
 
     def close(self) -> None:
         """Close the connection, which releases the session's lock."""

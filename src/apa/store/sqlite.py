@@ -722,6 +722,23 @@ class SessionStore:
         """Feedback spent: ratings with a score (skips cost nothing)."""
         return int(self._conn.execute("SELECT count(*) FROM ratings WHERE score IS NOT NULL").fetchone()[0])
 
+    def rows(self) -> dict[str, list[tuple]]:
+        """Every row of the session, table -> rows (STATE_TABLES' columns in key order; ratings in commit
+        order): what ``apa.store.copy`` moves and compares."""
+        return {table: [tuple(row) for row in self._conn.execute(
+            f"SELECT * FROM {table} ORDER BY {'rowid' if table == 'ratings' else key}")]
+            for table, key in STATE_TABLES.items()}
+
+    def load_rows(self, rows: dict[str, list[tuple]]) -> None:
+        """Into a session just created: every row of another (see ``rows``), in one commit; its meta rows
+        replace this one's (its "commits" aside: this session counts its own)."""
+        with self._commit("copy the session's rows"):
+            for table in STATE_TABLES:
+                for row in rows[table]:
+                    if table != "meta" or row[0] != "commits":
+                        self._conn.execute(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * len(row))})",
+                                           row)
+
     def close(self) -> None:
         """Close the database, then release the session's lock."""
         for conn in {id(c): c for c in (self._reader, self._writer, self._conn) if c is not None}.values():
