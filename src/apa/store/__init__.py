@@ -10,17 +10,11 @@ the database is the directory's name. Nothing here imports psycopg unless a data
 
 from __future__ import annotations
 
-import shutil  # noqa: F401  (re-exported: the fault tests patch ``apa.store.shutil.disk_usage``)
-import sqlite3  # noqa: F401  (re-exported: the fault tests patch ``apa.store.sqlite3.connect``)
-import sys
-import time  # noqa: F401  (re-exported: see _SHARED)
-import types
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from apa.atomic import stage_file, write_file  # noqa: F401  (re-exported: see _SHARED)
 from apa.store.base import (CONFIG_NAME, FINAL_NAME, FITTED, FORMAT, RATED, REPORT_NAME, SAMPLED, RatingRefused,
                             SessionBusy, StoreError, disk_errors)
 from apa.store.sqlite import DB_NAME, LEDGER_NAME, LOCK_NAME, SessionStore, lock_new, sweep_partials
@@ -112,21 +106,3 @@ def exists(root: Path, database: str | None = None) -> bool:
     if database is None:
         return (Path(root) / DB_NAME).is_file()
     return _postgres().PostgresStore.exists(database, root)
-
-
-_SHARED = ("write_file", "stage_file", "time")  # the names the store modules write files and stamp rows with
-
-
-class _Package(types.ModuleType):
-    """A name in _SHARED stays one name: rebinding it on ``apa.store`` (a test patching
-    ``apa.store.write_file`` or ``apa.store.time``) rebinds it in every store module that uses it."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if name in _SHARED:
-            for key, module in list(sys.modules.items()):
-                if key.startswith(__name__ + ".") and name in vars(module):
-                    setattr(module, name, value)
-
-
-sys.modules[__name__].__class__ = _Package
