@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # every pip call carries this constraint: a plain `torch` requirement would pull a CUDA build
 TORCH := torch==2.13.0
-EXTRAS := test,test-extra,web
+EXTRAS := test,test-extra,web,cluster
 
 .PHONY: setup demo test system-deps
 

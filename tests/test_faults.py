@@ -22,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apa import atomic
 from apa import store as store_module
+from apa.store import base as store_base
+from apa.store import sqlite as store_sqlite
 from apa.cli import main
 from apa.store import DB_NAME, LEDGER_NAME, SessionStore
 
@@ -31,6 +34,13 @@ TINY = ["--budget", "8", "--per-round", "4", "--particles", "8", "--steps", "4",
         "--epochs", "10", "--seed", "3"]
 CREATE_WRITES = 4  # directory, database, config, renamed into place
 WRITES = CREATE_WRITES + 2 * 8  # per round: tensors, row, 4 ratings, surrogate, complete
+
+
+def patch_store(monkeypatch, name: str, value) -> None:
+    """Replace ``name`` (``write_file``, ``stage_file``) in every SQLite-store module that writes with it."""
+    for module in (store_base, store_sqlite):
+        if name in vars(module):
+            monkeypatch.setattr(module, name, value)
 
 
 def cli(*args: str, crash_after: int | None = None) -> subprocess.CompletedProcess:
@@ -168,7 +178,7 @@ def test_two_concurrent_resumes_leave_one_writer(tmp_path, whole):
 
 def test_a_full_disk_says_so_and_the_session_resumes(tmp_path, whole, monkeypatch, capsys, one_thread):
     """Every file write (tensors, the ledger, config.json) from a seeded one on fails with ENOSPC."""
-    real, calls = store_module.write_file, {"n": 0}
+    real, calls = atomic.write_file, {"n": 0}
     fail_from = random.Random(SEED + 1).randint(1, 12)
 
     def full(path, data):
@@ -178,11 +188,11 @@ def test_a_full_disk_says_so_and_the_session_resumes(tmp_path, whole, monkeypatc
         real(path, data)
 
     out = tmp_path / "s"
-    monkeypatch.setattr(store_module, "write_file", full)
+    patch_store(monkeypatch, "write_file", full)
     assert main(["align", "--out", str(out), *TINY]) == 2, f"APA_FAULT_SEED={SEED}: full from write {fail_from}"
     line = one_line_error(capsys.readouterr().err)
     assert "disk is full" in line and "--resume" in line, line
-    monkeypatch.setattr(store_module, "write_file", real)
+    patch_store(monkeypatch, "write_file", real)
     if out.exists():
         finish(out, whole, f"APA_FAULT_SEED={SEED}: full from write {fail_from}")
     else:  # the disk filled while the session was being created: nothing is left at its path
@@ -529,7 +539,7 @@ def test_a_refused_budget_raise_changes_nothing(finished, monkeypatch, capsys, o
     """config.json cannot be written: the database keeps the old budget too."""
     import json
 
-    real = store_module.stage_file
+    real = atomic.stage_file
 
     def denied(path, data, *args, **kwargs):
         if path.name == "config.json":
@@ -537,7 +547,7 @@ def test_a_refused_budget_raise_changes_nothing(finished, monkeypatch, capsys, o
         return real(path, data, *args, **kwargs)
 
     before = every_file(finished)
-    monkeypatch.setattr(store_module, "stage_file", denied)
+    patch_store(monkeypatch, "stage_file", denied)
     assert main(["align", "--resume", str(finished), "--budget", "12"]) == 2
     assert "budget" in one_line_error(capsys.readouterr().err)
     assert every_file(finished) == before  # no -shm, no -wal, no *.tmp
@@ -558,7 +568,7 @@ def test_a_full_disk_at_creation_says_nothing_was_created(tmp_path, monkeypatch,
     def full(path, data, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(store_module, "write_file", full)
+    patch_store(monkeypatch, "write_file", full)
     out = tmp_path / "s"
     assert main(["align", "--out", str(out), *TINY]) == 2
     line = one_line_error(capsys.readouterr().err)
@@ -671,7 +681,7 @@ def test_leftover_temporary_files_are_cleaned_by_the_next_write(finished, capsys
 
 def test_a_disk_io_error_on_a_full_disk_says_the_disk_is_full(finished, monkeypatch, capsys, one_thread):
     """Hole 3: SQLite's "disk I/O error" with a few KB free is the disk being full; nothing was changed."""
-    import sqlite3
+    import sqlite3  # patched where every store connection is made
 
     real = sqlite3.connect
 
@@ -681,8 +691,8 @@ def test_a_disk_io_error_on_a_full_disk_says_the_disk_is_full(finished, monkeypa
         return real(target, *args, **kwargs)
 
     before = every_file(finished)
-    monkeypatch.setattr(store_module.sqlite3, "connect", shm_fails)
-    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(4 << 20, 4 << 20, 8192))
+    monkeypatch.setattr(sqlite3, "connect", shm_fails)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(4 << 20, 4 << 20, 8192))
     assert main(["align", "--resume", str(finished), "--budget", "12"]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert "disk is full" in line and "nothing was changed" in line.lower() and "again" in line, line

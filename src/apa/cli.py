@@ -10,6 +10,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -32,7 +33,7 @@ from apa.session.lifecycle import drive
 from apa.session.ranks import session_of
 from apa.smc.distributed import DistributedError
 from apa.smc.sampler import sample_prior
-from apa.store import SessionStore, StoreError, disk_errors
+from apa.store import StoreError, disk_errors, repair
 from apa.training import ddpm
 from apa.training import judge as judge_training
 from apa.training import oracle as oracle_training
@@ -133,7 +134,7 @@ def open_session(args: argparse.Namespace, progress: bool = True, check=None, co
         budget = getattr(args, "budget", None)  # a flag is absent unless given
         forget_before = getattr(args, "forget_before", None)  # a flag is absent unless given
         session = Session.resume(Path(args.resume), budget=budget, progress=progress, forget_before=forget_before,
-                                 comm=comm)
+                                 comm=comm, database=args.database)
         try:
             if check is not None:
                 check(session.cfg, session.prior)
@@ -151,7 +152,7 @@ def open_session(args: argparse.Namespace, progress: bool = True, check=None, co
     if check is not None:
         parts = components.build(cfg)
         check(cfg, parts[0])
-    return Session.start(Path(args.out), cfg, progress=progress, parts=parts, comm=comm)
+    return Session.start(Path(args.out), cfg, progress=progress, parts=parts, comm=comm, database=args.database)
 
 
 def cmd_align(args: argparse.Namespace) -> None:
@@ -181,7 +182,22 @@ def cmd_align(args: argparse.Namespace) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> None:
-    print(SessionStore.repair(Path(args.dir)))
+    print(repair(Path(args.dir), args.database))
+
+
+def cmd_copy_session(args: argparse.Namespace) -> None:
+    from apa.store.copy import copy_session
+
+    print(copy_session(Path(args.src), Path(args.dst), args.from_database, args.to_database))
+
+
+def add_database_flag(p: argparse.ArgumentParser) -> None:
+    """``--database URL``: the session's rows in PostgreSQL, its directory holding only tensors and outputs."""
+    p.add_argument("--database", default=os.environ.get("APA_DATABASE") or None, metavar="URL",
+                   help="keep the session's records in this PostgreSQL database (postgresql://user@host:port/db; "
+                        "default: $APA_DATABASE, else SQLite inside the session directory); the session directory "
+                        "then holds its tensors and outputs and must be reachable by every machine that opens it. "
+                        "Needs pip install 'apa[cluster]'; see docs/cluster.md")
 
 
 def cmd_evaluate_prior(args: argparse.Namespace) -> None:
@@ -234,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: this project's measured defaults; seed: every value of the seed design")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no summary (errors and warnings only)")
     p.add_argument("--json", action="store_true", help="print the closing summary as one JSON object, nothing else")
+    add_database_flag(p)
     add_align_flags(p)
     p.set_defaults(func=cmd_align)
 
@@ -241,7 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
                                       "unreadable ledger (the database accepted as it stands, recorded in the "
                                       "session), temporary files and config.json; refuse anything else")
     p.add_argument("dir", help="the session directory")
+    add_database_flag(p)
     p.set_defaults(func=cmd_repair)
+
+    p = sub.add_parser("copy-session", help="copy a session between a SQLite directory and a PostgreSQL database "
+                                            "(either way), checked: every rating, round, record and file compared; "
+                                            "never overwrites")
+    p.add_argument("src", help="the session directory to copy (left unchanged)")
+    p.add_argument("dst", help="the new session directory (missing or empty)")
+    p.add_argument("--from-database", metavar="URL", help="the source's records are in this PostgreSQL database")
+    p.add_argument("--to-database", metavar="URL", help="keep the copy's records in this PostgreSQL database")
+    p.set_defaults(func=cmd_copy_session)
 
     p = sub.add_parser("evaluate-prior", help="quality of a shipped prior, judged by the shipped oracle")
     p.add_argument("--dataset", choices=["mnist", "fashion"], default="mnist")

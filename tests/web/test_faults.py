@@ -29,12 +29,12 @@ class Crash(Exception):
 
 
 def test_a_submission_cut_by_a_crash_stores_nothing_and_a_resubmission_counts(client, manager, monkeypatch):
-    import apa.store
+    import apa.store.sqlite
 
     token = client.post("/api/sessions").json()["token"]
     wait_phase(client, token, "ready")
     before = snapshot(manager.data_dir)
-    real, calls = apa.store.time, {"n": 0}
+    real, calls = apa.store.sqlite.time, {"n": 0}
 
     class DiesOnThirdInsert:
         @staticmethod
@@ -44,10 +44,10 @@ def test_a_submission_cut_by_a_crash_stores_nothing_and_a_resubmission_counts(cl
                 raise Crash
             return real.time()
 
-    monkeypatch.setattr(apa.store, "time", DiesOnThirdInsert)
+    monkeypatch.setattr(apa.store.sqlite, "time", DiesOnThirdInsert)
     with pytest.raises(Crash):
         client.post(f"/api/sessions/{token}/rounds/0/ratings", json={"ratings": [1, 1, 1, 1]})
-    monkeypatch.setattr(apa.store, "time", real)
+    monkeypatch.setattr(apa.store.sqlite, "time", real)
     assert snapshot(manager.data_dir) == before  # none of the four, not one of them
     r = client.post(f"/api/sessions/{token}/rounds/0/ratings", json={"ratings": [5, 4, None, 2]})
     assert r.status_code == 200, r.text

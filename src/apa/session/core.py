@@ -31,7 +31,7 @@ from apa.session.sampler import RoundSampler, choose_shown, with_explored
 from apa.session.state import SessionState, Timings
 from apa.smc.distributed import Comm
 from apa.smc.sampler import SMCResult, device_of
-from apa.store import SessionStore, StoreError
+from apa.store import Store, StoreError, create, open_store
 from apa.surrogate.model import Ensemble
 
 CHANGES = {"budget": "raise the budget", "forget_before": "forget the ratings before a change of taste"}
@@ -47,7 +47,7 @@ class Session:
     - ``timings``: seconds per part of the work, over all of the session's runs.
     """
 
-    def __init__(self, store: SessionStore, cfg: AlignConfig, prior: Any, feedback: FeedbackSource,
+    def __init__(self, store: Store, cfg: AlignConfig, prior: Any, feedback: FeedbackSource,
                  progress: bool = True, comm: Comm | None = None):
         self.state = SessionState(store, cfg, feedback.scale, prior.event_shape)
         self.prior, self.feedback = prior, feedback
@@ -57,7 +57,7 @@ class Session:
         self._final: tuple[tuple[int, int], torch.Tensor, int] | None = None  # the last final batch drawn
 
     @property
-    def store(self) -> SessionStore:
+    def store(self) -> Store:
         return self.state.store
 
     @property
@@ -68,22 +68,25 @@ class Session:
 
     @classmethod
     def start(cls, out: Path, cfg: AlignConfig, progress: bool = True, kind: str = "fkc",
-              parts: tuple[Any, FeedbackSource] | None = None, comm: Comm | None = None) -> "Session":
+              parts: tuple[Any, FeedbackSource] | None = None, comm: Comm | None = None,
+              database: str | None = None) -> "Session":
         """A new session in ``out``. ``kind`` names the method that runs it (a comparison's baselines run
-        here too); ``parts``: a prior and feedback source already built (else ``components.build(cfg)``)."""
+        here too); ``parts``: a prior and feedback source already built (else ``components.build(cfg)``);
+        ``database``: a PostgreSQL URL holding the session's rows (``out`` then holds its tensors and
+        outputs; see ``apa.store.create``), else SQLite in ``out``."""
         validate_new(cfg)
         prior, source = parts if parts is not None else components.build(cfg)
-        store = SessionStore.create(out, cfg.to_dict(), kind=kind)  # config.json included
+        store = create(out, cfg.to_dict(), kind=kind, database=database)  # config.json included
         return cls(store, cfg, prior, source, progress, comm)
 
     @classmethod
     def resume(cls, out: Path, progress: bool = True, budget: int | None = None, kind: str = "fkc",
                forget_before: int | None = None, batch_window: float | None = None,
-               comm: Comm | None = None) -> "Session":
+               comm: Comm | None = None, database: str | None = None) -> "Session":
         """Reopen the session in ``out`` (holding its lock); ``budget``: raise its budget to this first;
         ``forget_before``: the person's taste changed at this round (numbered from 1): forget the earlier
-        ones; ``batch_window``: see ``components.build``."""
-        store = SessionStore.open(out)
+        ones; ``batch_window``: see ``components.build``; ``database``: see ``start``."""
+        store = open_store(out, database)
         try:
             cfg = stored_config(store, out, kind)
             prior, source = components.build(cfg, batch_window)
@@ -283,7 +286,7 @@ def _builtin_weights(name: str) -> str | None:
         return None
 
 
-def stored_config(store: SessionStore, out: Path, kind: str = "fkc") -> AlignConfig:
+def stored_config(store: Store, out: Path, kind: str = "fkc") -> AlignConfig:
     """The configuration the session was made with; refuses a session of another kind."""
     if store.kind() != kind:
         raise StoreError(f"{out} holds a {store.kind()!r} session (a baseline run by `apa compare`), not an "
@@ -294,7 +297,7 @@ def stored_config(store: SessionStore, out: Path, kind: str = "fkc") -> AlignCon
         raise StoreError(f"{out}: the stored configuration is not readable ({e}); it was left untouched") from e
 
 
-def changed_on_resume(store: SessionStore, cfg: AlignConfig, budget: int | None,
+def changed_on_resume(store: Store, cfg: AlignConfig, budget: int | None,
                       forget_before: int | None) -> AlignConfig:
     """Raise the budget and record the round the person's taste changed at (numbered from 1: the
     ratings of earlier rounds no longer hold; see ``check_forget_before``): both checked, then

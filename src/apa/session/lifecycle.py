@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 from apa.session.checks import SessionError
-from apa.store import SAMPLED, SessionStore
+from apa.store import SAMPLED, Store
 
 SAMPLE, RATE, FIT, FINAL, DONE = "sample", "rate", "fit", "final", "done"
 
@@ -22,7 +22,7 @@ class Action(NamedTuple):
     round: int | None = None  # the round it concerns (None for FINAL and DONE)
 
 
-def next_action(store: SessionStore, budget: int) -> Action:
+def next_action(store: Store, budget: int) -> Action:
     """The next step of a session with this store and budget (reads the store, writes nothing).
 
     - the last round is open: RATE it while any shown image waits for a rating, else FIT it;

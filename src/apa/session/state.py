@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 
 from apa.config import AlignConfig
-from apa.store import SessionStore
+from apa.store import Store
 
 
 def normalise_scores(scores: torch.Tensor, scale: tuple[float, float]) -> torch.Tensor:
@@ -42,7 +42,7 @@ class SessionState:
     """One session's store and configuration, with the queries the steps and the reports ask.
     ``scale``: the [lo, hi] the ratings lie on (the feedback source's); ``event_shape``: a particle's."""
 
-    def __init__(self, store: SessionStore, cfg: AlignConfig, scale: tuple[float, float],
+    def __init__(self, store: Store, cfg: AlignConfig, scale: tuple[float, float],
                  event_shape: tuple[int, ...]):
         self.store, self.cfg, self.scale, self.event_shape = store, cfg, tuple(scale), tuple(event_shape)
 

@@ -24,6 +24,7 @@ import ctypes.util
 import ipaddress
 import json
 import logging
+import os
 import socket
 import threading
 from dataclasses import replace
@@ -364,7 +365,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         manager = sessions.SessionManager(Path(args.data_dir), cfg, workers=args.workers,
                                           fixed_seed=getattr(args, "seed", None) is not None,  # absent unless given
                                           max_sessions=args.max_sessions,
-                                          batch_window=window)
+                                          batch_window=window, database=args.database)
         app = create_app(manager, loopback_hosts(args.host))
         threading.Thread(target=warm_up, name="apa-web-warm-up", daemon=True).start()
         shown_host = f"[{args.host}]" if ":" in args.host else args.host
@@ -389,6 +390,10 @@ def register_cli(subparsers: Any) -> None:
                         "(0, the default: every session calls the network on its own, which measured faster on "
                         "a 2-core CPU; see benchmarks/serve_load.py)")
     p.add_argument("--max-sessions", type=int, default=1000, help="refuse new sessions past this many (default: 1000)")
+    p.add_argument("--database", default=os.environ.get("APA_DATABASE") or None, metavar="URL",
+                   help="keep the sessions' records in this PostgreSQL database (default: $APA_DATABASE, else SQLite "
+                        "in each session's directory); --data-dir then holds their tensors and outputs and must be "
+                        "shared by every replica. Needs pip install 'apa[cluster]'; see docs/cluster.md")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--preset", choices=["default", "seed"], default="default",
                    help="default: this project's measured defaults; seed: every value of the seed design")

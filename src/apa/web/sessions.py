@@ -34,7 +34,7 @@ from apa.evaluation.report import write_report as report
 from apa.feedback.human import RATINGS, SCALE
 from apa.session import Session, components, with_overrides
 from apa.session.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, drive, next_action
-from apa.store import FITTED, RatingRefused, SessionBusy, StoreError
+from apa.store import FITTED, RatingRefused, SessionBusy, StoreError, exists
 from apa.web import render
 
 log = logging.getLogger("apa.web")
@@ -219,7 +219,7 @@ class SessionManager:
     """Creates, reopens and serves every session under ``data_dir`` (all with the server's settings)."""
 
     def __init__(self, data_dir: Path, cfg: AlignConfig, workers: int = 1, fixed_seed: bool = False,
-                 max_sessions: int = 1000, batch_window: float | None = None):
+                 max_sessions: int = 1000, batch_window: float | None = None, database: str | None = None):
         if cfg.feedback.name != "human":
             raise ValueError(f"apa serve collects a person's ratings; feedback must be 'human', not {cfg.feedback.name!r}")
         if workers < 1 or max_sessions < 1:  # before the data directory is made
@@ -231,6 +231,7 @@ class SessionManager:
         self.data_dir.chmod(0o700)  # the directory names are the tokens: no other local user may list them
         self.cfg, self.fixed_seed, self.max_sessions = cfg, fixed_seed, max_sessions
         self.batch_window = batch_window  # seconds; None: every session calls the network alone
+        self.database = database  # a PostgreSQL URL holding the sessions' records (None: SQLite in each directory)
         self.workers = Workers(workers)
         self.handles: dict[str, SessionHandle] = {}
         self.lock = threading.Lock()  # guards ``handles`` and the creation of sessions
@@ -243,7 +244,7 @@ class SessionManager:
         if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
             return None
         path = self.data_dir / token
-        return path if (path / "session.sqlite").is_file() else None
+        return path if path.is_dir() and exists(path, self.database) else None
 
     def get(self, token: str) -> SessionHandle:
         """The open session of ``token``, reopened from disk if the server has not seen it since starting."""
@@ -257,7 +258,8 @@ class SessionManager:
             if path is None:
                 raise WebError(404, "no session has this token; check the link, or start a new session")
             try:
-                handle = SessionHandle(token, Session.resume(path, progress=False, batch_window=self.batch_window))
+                handle = SessionHandle(token, Session.resume(path, progress=False, batch_window=self.batch_window,
+                                                                database=self.database))
             except SessionBusy as e:
                 raise WebError(503, "this session is open in another process; try again once it is closed") from e
             except StoreError as e:  # damaged, or its ledger lost: refused before it could take a rating
@@ -320,7 +322,8 @@ class SessionManager:
                 raise WebError(503, f"this server already holds {self.max_sessions} sessions; "
                                     "ask its operator to raise --max-sessions or use another --data-dir")
             handle = SessionHandle(token, Session.start(self.data_dir / token, cfg, progress=False,
-                                                        parts=components.build(cfg, self.batch_window)))
+                                                        parts=components.build(cfg, self.batch_window),
+                                                        database=self.database))
         with self.lock:
             self.handles[token] = handle
             self.schedule(handle)

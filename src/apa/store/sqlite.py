@@ -28,17 +28,14 @@ else but temporary files and a config.json that disagrees with the database.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
-import io
 import json
 import math
 import os
 import secrets
 import shutil
 import sqlite3
-import sys
 import tempfile
 import threading
 import time
@@ -46,24 +43,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
 
 from apa.atomic import fsync_dir, place, stage_file, write_file
+from apa.store.base import (CONFIG_NAME, FINAL_NAME, FITTED, FORMAT, RATED, REPORT_NAME, SAMPLED, STATE_TABLES,
+                            RatingRefused, SessionBusy, StoreError, atomic_save, describe, disk_errors, failpoint,
+                            file_problems, final_bytes, public, read_final, rating_chain, round_name, state_hash, surrogate_name,
+                            tensor_files)
 
-FORMAT = "apa-session-1"
 DB_NAME = "session.sqlite"
 LEDGER_NAME = "session.ledger"
 LOCK_NAME = "session.lock"
-CONFIG_NAME = "config.json"
-FINAL_NAME = "final_samples.npz"  # the final batch: ``images`` float32 [n, C, H, W] in [0, 1]
-REPORT_NAME = "report.md"  # beside it: report.json, report.html, the plots and grids/
-# The round lifecycle: sampled (tensors stored, shown images chosen) -> rated (every shown image has its
-# rating, or a skip) -> fitted (the surrogate refit on all ratings; stored as "complete") -> ... -> final.
-SAMPLED, RATED, FITTED = "sampled", "rated", "complete"
 PARTIAL = ".apa-new-"  # a session being created: ``.<name>.apa-new-<random>`` beside its final path
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -76,41 +68,6 @@ CREATE TABLE IF NOT EXISTS ratings (
   PRIMARY KEY (round, position));
 CREATE TABLE IF NOT EXISTS files (name TEXT PRIMARY KEY, sha256 TEXT NOT NULL);
 """
-_FAILPOINT = {"count": 0}
-
-
-class StoreError(RuntimeError):
-    """The session directory cannot be used as asked; the message says why and what to do."""
-
-
-class SessionBusy(StoreError):
-    """Another process is writing the session."""
-
-
-class RatingRefused(ValueError):
-    """A rating was refused (duplicate, unknown position, non-finite); nothing was written."""
-
-
-def failpoint(what: str) -> None:
-    """Crash on purpose (exit 70) after the N-th durable write when APA_CRASH_AFTER=N (the fault tests)."""
-    target = os.environ.get("APA_CRASH_AFTER")
-    if target is None:
-        return
-    _FAILPOINT["count"] += 1
-    if _FAILPOINT["count"] == int(target):
-        print(f"apa: crash point {target}: after {what}", file=sys.stderr, flush=True)
-        os._exit(70)
-
-
-# ---------------------------------------------------------------- files
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> str:
-    """safetensors written atomically (see ``write_file``); returns the file's sha256."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    data = save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    write_file(path, data)
-    return hashlib.sha256(data).hexdigest()
 
 
 def lock(root: Path, create: bool = True) -> IO[bytes]:
@@ -169,16 +126,10 @@ def sweep_partials(parent: Path) -> None:
 # ---------------------------------------------------------------- the ledger
 
 
-STATE_TABLES = {"meta": "key", "rounds": "round", "ratings": "round, position", "files": "name"}
-
-
 def tally(conn: sqlite3.Connection) -> dict[str, Any]:
     """The ledger of a database: its rounds, its ratings and the running sha256 of the ratings in commit
     order, its commits (meta "commits") and ``state``, a sha256 of every row of every table."""
-    chain, prefixes = hashlib.sha256(), [hashlib.sha256().hexdigest()]
-    for row in conn.execute("SELECT round, position, particle, score, source FROM ratings ORDER BY rowid"):
-        chain.update(json.dumps(list(row)).encode())
-        prefixes.append(chain.hexdigest())
+    prefixes = rating_chain(conn.execute("SELECT round, position, particle, score, source FROM ratings ORDER BY rowid"))
     rounds = conn.execute("SELECT count(*) FROM rounds").fetchone()[0]
     commits = conn.execute("SELECT value FROM meta WHERE key='commits'").fetchone()
     return {"rounds": rounds, "ratings": len(prefixes) - 1, "chain": prefixes[-1], "prefixes": prefixes,
@@ -187,13 +138,9 @@ def tally(conn: sqlite3.Connection) -> dict[str, Any]:
 
 def state_digest(conn: sqlite3.Connection) -> str:
     """A sha256 of every row of the tables a session records (STATE_TABLES), in key order."""
-    h = hashlib.sha256()
     present = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    for table, key in STATE_TABLES.items():
-        if table in present:
-            for row in conn.execute(f"SELECT * FROM {table} ORDER BY {key}"):
-                h.update(json.dumps([table, *row]).encode())
-    return h.hexdigest()
+    return state_hash((table, conn.execute(f"SELECT * FROM {table} ORDER BY {key}"))
+                      for table, key in STATE_TABLES.items() if table in present)
 
 
 def read_ledger(root: Path) -> dict[str, Any] | None:
@@ -265,28 +212,7 @@ def check_database(root: Path) -> tuple[dict[str, Any], sqlite3.Connection]:
 def holds_anything(root: Path, found: dict[str, Any]) -> bool:
     """Whether a session has begun: a round or rating in its database, or a tensor file on disk (a
     database whose write-ahead log was lost may show none of its rounds, but their files remain)."""
-    return bool(found["rounds"] or found["ratings"] or any((root / d).glob("*.safetensors")
-                                                           for d in ("rounds", "surrogate")))
-
-
-def describe(name: str) -> str:
-    """What a tensor file holds: "rounds/round_0003.safetensors" -> "round 3's tensors"."""
-    folder, _, file = name.partition("/")
-    r = file.removeprefix("round_").removesuffix(".safetensors").lstrip("0") or "0"
-    return f"the surrogate fitted after round {r}" if folder == "surrogate" else f"round {r}'s tensors"
-
-
-def file_problems(root: Path, files: dict[str, str]) -> list[str]:
-    """What is wrong with the tensor files the database names: each one missing, or whose sha256 is
-    not the one stored when it was written ("round 1's tensors (rounds/round_0001.safetensors) is missing")."""
-    out = []
-    for name, digest in sorted(files.items()):
-        path = root / name
-        if not path.is_file():
-            out.append(f"{describe(name)} ({name}) is missing")
-        elif _sha256(path) != digest:
-            out.append(f"{describe(name)} ({name}) is damaged: its sha256 is not the one stored when it was written")
-    return out
+    return bool(found["rounds"] or found["ratings"] or tensor_files(root))
 
 
 def check_files(root: Path, files: dict[str, str]) -> None:
@@ -295,14 +221,6 @@ def check_files(root: Path, files: dict[str, str]) -> None:
     if problems:
         raise StoreError(f"{problems[0].replace(') is', f') in {root} is', 1)}; the session was left untouched. "
                          "Restore the directory from a backup")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(root: Path) -> sqlite3.Connection:
@@ -324,54 +242,6 @@ def verify(root: Path) -> sqlite3.Connection:
         snapshot.close()
         raise
     return snapshot
-
-
-def _public(found: dict[str, Any]) -> dict[str, Any]:
-    return {k: found[k] for k in ("rounds", "ratings", "chain", "commits", "state")}
-
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-LOW_SPACE = 1 << 20  # bytes free below which SQLite's "disk I/O error" (a -shm or -wal it could not grow) is a full disk
-
-
-def is_full(e: BaseException, root: Path) -> bool:
-    """Whether a write failed for want of space: ENOSPC/EDQUOT, SQLITE_FULL, or an I/O error with almost
-    nothing free where the session is."""
-    if isinstance(e, OSError):
-        return e.errno in DISK_FULL
-    if "disk is full" in str(e):
-        return True
-    if "disk I/O error" not in str(e):
-        return False
-    try:
-        return shutil.disk_usage(root).free < LOW_SPACE
-    except OSError:
-        return False
-
-
-@contextmanager
-def disk_errors(root: Path, what: str, created: bool = True, retry: bool = False) -> Iterator[None]:
-    """OS and SQLite write failures as one StoreError saying what failed and what to do
-    (``created``: whether the session is in place, so that ``--resume`` can continue it; ``retry``:
-    the failed step changed nothing and the command that asked for it may simply be run again)."""
-    try:
-        yield
-    except (StoreError, RatingRefused):
-        raise
-    except (OSError, sqlite3.OperationalError) as e:
-        full = is_full(e, root)
-        if full and retry:
-            raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing was changed; free some "
-                             "space, then run the same command again") from e
-        if full and not created:
-            raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing was created; free some "
-                             "space, then run the same command again") from e
-        if full:
-            raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing already stored was "
-                             f"lost; free some space, then continue with `apa align --resume {root}`") from e
-        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise StoreError(f"could not {what} in {root} ({detail}); check that the directory exists and that you "
-                         "can write to it") from e
 
 
 class SessionStore:
@@ -439,7 +309,7 @@ class SessionStore:
                 conn.executemany("INSERT INTO meta VALUES (?, ?)", [
                     ("format", FORMAT), ("config", json.dumps(config)), ("created", str(time.time())), ("kind", kind)])
             failpoint("create: database")
-            write_file(tmp / LEDGER_NAME, json.dumps(_public(tally(conn))).encode())
+            write_file(tmp / LEDGER_NAME, json.dumps(public(tally(conn))).encode())
         finally:
             conn.close()
         write_file(tmp / CONFIG_NAME, json.dumps(config, indent=2).encode())
@@ -542,9 +412,7 @@ class SessionStore:
     def _unknown_loss(self, found: dict[str, Any]) -> str:
         """What a database accepted without its ledger may have lost: tensor files on disk it does not
         name are rounds whose commits it lost (with their ratings); otherwise a loss cannot be told."""
-        on_disk = {str(p.relative_to(self.root)) for d in ("rounds", "surrogate")
-                   for p in (self.root / d).glob("*.safetensors")}
-        orphans = sorted(on_disk - set(found["files"]))
+        orphans = sorted(tensor_files(self.root) - set(found["files"]))
         if not orphans:
             return "Without the ledger, ratings the database may have lost cannot be told; none is evident"
         return (f"It lost the commits that stored {', '.join(describe(n) for n in orphans)} (the files are on "
@@ -633,7 +501,7 @@ class SessionStore:
                 yield
                 conn.execute("INSERT INTO meta VALUES ('commits', '1') ON CONFLICT(key) DO UPDATE "
                              "SET value = CAST(value AS INTEGER) + 1")
-                ledger = json.dumps(_public(tally(conn))).encode()
+                ledger = json.dumps(public(tally(conn))).encode()
                 for name, data in {**(files or {}), LEDGER_NAME: ledger}.items():
                     staged[self.root / name] = stage_file(self.root / name, data)
                 conn.execute("COMMIT")
@@ -663,10 +531,10 @@ class SessionStore:
     # ------------------------------------------------------------ rounds
 
     def round_path(self, r: int) -> Path:
-        return self.root / "rounds" / f"round_{r:04d}.safetensors"
+        return self.root / round_name(r)
 
     def surrogate_path(self, r: int) -> Path:
-        return self.root / "surrogate" / f"round_{r:04d}.safetensors"
+        return self.root / surrogate_name(r)
 
     def _save_tensors(self, path: Path, tensors: dict[str, torch.Tensor], what: str) -> str:
         with disk_errors(self.root, f"write {what}"):
@@ -823,10 +691,8 @@ class SessionStore:
 
     def save_final(self, images: torch.Tensor) -> Path:
         """The final batch, images [n, C, H, W] in [0, 1], written atomically as ``final_samples.npz``."""
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, images=images.detach().float().cpu().numpy().astype(np.float32))
         with disk_errors(self.root, "write the final batch"):
-            write_file(self.final_path, buffer.getvalue())
+            write_file(self.final_path, final_bytes(images))
         self.save_record("final_batch", {"rounds": len(self.rounds())})  # the rounds it was drawn after
         return self.final_path
 
@@ -840,10 +706,7 @@ class SessionStore:
 
     def final_images(self) -> torch.Tensor | None:
         """The final batch [n, C, H, W] if it was written, else None."""
-        if not self.final_path.exists():
-            return None
-        with np.load(self.final_path) as z:
-            return torch.from_numpy(z["images"])
+        return read_final(self.final_path)
 
     def save_record(self, name: str, value: dict[str, Any]) -> None:
         """Store a number the session measured (JSON), replacing an earlier one of that name, durably."""
@@ -858,6 +721,23 @@ class SessionStore:
     def spent(self) -> int:
         """Feedback spent: ratings with a score (skips cost nothing)."""
         return int(self._conn.execute("SELECT count(*) FROM ratings WHERE score IS NOT NULL").fetchone()[0])
+
+    def rows(self) -> dict[str, list[tuple]]:
+        """Every row of the session, table -> rows (STATE_TABLES' columns in key order; ratings in commit
+        order): what ``apa.store.copy`` moves and compares."""
+        return {table: [tuple(row) for row in self._conn.execute(
+            f"SELECT * FROM {table} ORDER BY {'rowid' if table == 'ratings' else key}")]
+            for table, key in STATE_TABLES.items()}
+
+    def load_rows(self, rows: dict[str, list[tuple]]) -> None:
+        """Into a session just created: every row of another (see ``rows``), in one commit; its meta rows
+        replace this one's (its "commits" aside: this session counts its own)."""
+        with self._commit("copy the session's rows"):
+            for table in STATE_TABLES:
+                for row in rows[table]:
+                    if table != "meta" or row[0] != "commits":
+                        self._conn.execute(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * len(row))})",
+                                           row)
 
     def close(self) -> None:
         """Close the database, then release the session's lock."""

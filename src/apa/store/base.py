@@ -1,0 +1,210 @@
+"""What every session store shares: the names of a session's parts and of the round lifecycle, the
+errors, the tensor files (written atomically, each checked by its sha256) and the digests that
+tell whether the recorded ratings and rows are the ones written.
+
+A store keeps four kinds of rows per session, whatever holds them (SQLite or PostgreSQL):
+  meta     key -> value (TEXT): "format", "config" (JSON), "kind", "created", "commits" (a count of
+           write transactions), "forget_marks", "record:<name>" (JSON), "repairs"
+  rounds   round, status, shown (JSON), fit_loss, info (JSON), created
+  ratings  round, position, particle, score (NULL: skipped), source, created; in commit order
+  files    name (relative to the session's root) -> sha256 of the tensor file when it was written
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import sqlite3
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import save as save_bytes
+
+from apa.atomic import write_file
+
+FORMAT = "apa-session-1"
+CONFIG_NAME = "config.json"
+FINAL_NAME = "final_samples.npz"  # the final batch: ``images`` float32 [n, C, H, W] in [0, 1]
+REPORT_NAME = "report.md"  # beside it: report.json, report.html, the plots and grids/
+# The round lifecycle: sampled (tensors stored, shown images chosen) -> rated (every shown image has its
+# rating, or a skip) -> fitted (the surrogate refit on all ratings; stored as "complete") -> ... -> final.
+SAMPLED, RATED, FITTED = "sampled", "rated", "complete"
+TENSOR_DIRS = ("rounds", "surrogate")  # where a session's tensor files live, below its root
+# The tables a session records, each with the key its rows are digested in (see ``state_hash``).
+STATE_TABLES = {"meta": "key", "rounds": "round", "ratings": "round, position", "files": "name"}
+_FAILPOINT = {"count": 0}
+
+
+class StoreError(RuntimeError):
+    """The session cannot be used as asked; the message says why and what to do."""
+
+
+class SessionBusy(StoreError):
+    """Another process is writing the session."""
+
+
+class RatingRefused(ValueError):
+    """A rating was refused (duplicate, unknown position, non-finite); nothing was written."""
+
+
+def failpoint(what: str) -> None:
+    """Crash on purpose (exit 70) after the N-th durable write when APA_CRASH_AFTER=N (the fault tests)."""
+    target = os.environ.get("APA_CRASH_AFTER")
+    if target is None:
+        return
+    _FAILPOINT["count"] += 1
+    if _FAILPOINT["count"] == int(target):
+        print(f"apa: crash point {target}: after {what}", file=sys.stderr, flush=True)
+        os._exit(70)
+
+
+# ---------------------------------------------------------------- tensor files
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> str:
+    """safetensors written atomically (see ``write_file``); returns the file's sha256."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    write_file(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def final_bytes(images: torch.Tensor) -> bytes:
+    """The final batch's file: images [n, C, H, W] in [0, 1] as float32 ``images`` in a compressed npz."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, images=images.detach().float().cpu().numpy().astype(np.float32))
+    return buffer.getvalue()
+
+
+def read_final(path: Path) -> torch.Tensor | None:
+    """The final batch [n, C, H, W] stored at ``path`` (see ``final_bytes``), None if it was not written."""
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return torch.from_numpy(z["images"])
+
+
+def round_name(r: int) -> str:
+    """Round r's tensor file, relative to the session's root: "rounds/round_0003.safetensors"."""
+    return f"rounds/round_{r:04d}.safetensors"
+
+
+def surrogate_name(r: int) -> str:
+    """The file of the surrogate fitted after round r, relative to the session's root."""
+    return f"surrogate/round_{r:04d}.safetensors"
+
+
+def describe(name: str) -> str:
+    """What a tensor file holds: "rounds/round_0003.safetensors" -> "round 3's tensors"."""
+    folder, _, file = name.partition("/")
+    r = file.removeprefix("round_").removesuffix(".safetensors").lstrip("0") or "0"
+    return f"the surrogate fitted after round {r}" if folder == "surrogate" else f"round {r}'s tensors"
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_problems(root: Path, files: dict[str, str]) -> list[str]:
+    """What is wrong with the tensor files the database names: each one missing, or whose sha256 is
+    not the one stored when it was written ("round 1's tensors (rounds/round_0001.safetensors) is missing")."""
+    out = []
+    for name, digest in sorted(files.items()):
+        path = root / name
+        if not path.is_file():
+            out.append(f"{describe(name)} ({name}) is missing")
+        elif sha256_file(path) != digest:
+            out.append(f"{describe(name)} ({name}) is damaged: its sha256 is not the one stored when it was written")
+    return out
+
+
+def tensor_files(root: Path) -> set[str]:
+    """The tensor files on disk below ``root`` (names relative to it)."""
+    return {str(p.relative_to(root)) for d in TENSOR_DIRS for p in (root / d).glob("*.safetensors")}
+
+
+# ---------------------------------------------------------------- digests of the rows
+
+
+def rating_chain(rows: Iterable[Iterable[Any]]) -> list[str]:
+    """The running sha256 of ratings rows (round, position, particle, score, source) in commit order:
+    the digest before any rating, then after each one (so a prefix of the ratings can be checked)."""
+    chain, prefixes = hashlib.sha256(), [hashlib.sha256().hexdigest()]
+    for row in rows:
+        chain.update(json.dumps(list(row)).encode())
+        prefixes.append(chain.hexdigest())
+    return prefixes
+
+
+def state_hash(tables: Iterable[tuple[str, Iterable[Iterable[Any]]]]) -> str:
+    """A sha256 of every row of every table, each table's rows in its key order (STATE_TABLES)."""
+    h = hashlib.sha256()
+    for table, rows in tables:
+        for row in rows:
+            h.update(json.dumps([table, *row]).encode())
+    return h.hexdigest()
+
+
+def public(found: dict[str, Any]) -> dict[str, Any]:
+    """The part of a tally a ledger records."""
+    return {k: found[k] for k in ("rounds", "ratings", "chain", "commits", "state")}
+
+
+# ---------------------------------------------------------------- write failures
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE = 1 << 20  # bytes free below which SQLite's "disk I/O error" (a -shm or -wal it could not grow) is a full disk
+
+
+def is_full(e: BaseException, root: Path) -> bool:
+    """Whether a write failed for want of space: ENOSPC/EDQUOT, SQLITE_FULL, or an I/O error with almost
+    nothing free where the session is."""
+    if isinstance(e, OSError):
+        return e.errno in DISK_FULL
+    if "disk is full" in str(e):
+        return True
+    if "disk I/O error" not in str(e):
+        return False
+    try:
+        return shutil.disk_usage(root).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+@contextmanager
+def disk_errors(root: Path, what: str, created: bool = True, retry: bool = False) -> Iterator[None]:
+    """OS and SQLite write failures as one StoreError saying what failed and what to do
+    (``created``: whether the session is in place, so that ``--resume`` can continue it; ``retry``:
+    the failed step changed nothing and the command that asked for it may simply be run again)."""
+    try:
+        yield
+    except (StoreError, RatingRefused):
+        raise
+    except (OSError, sqlite3.OperationalError) as e:
+        full = is_full(e, root)
+        if full and retry:
+            raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing was changed; free some "
+                             "space, then run the same command again") from e
+        if full and not created:
+            raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing was created; free some "
+                             "space, then run the same command again") from e
+        if full:
+            raise StoreError(f"the disk is full: could not {what} in {root} ({e}). Nothing already stored was "
+                             f"lost; free some space, then continue with `apa align --resume {root}`") from e
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise StoreError(f"could not {what} in {root} ({detail}); check that the directory exists and that you "
+                         "can write to it") from e
