@@ -295,7 +295,8 @@ def session_rows(session, finals: list[Final],
     judges = Judges(session.feedback, cfg.prior.name, cfg.session.eval_samples, torch.load(reference),
                     session.prior.decode)
     (rated, liked), seen = rated_images(session), shown_liked(session.state.liked_shares())
-    first = first_liked([x["score"] for x in session.store.ratings() if x["score"] is not None])
+    first = first_liked([x["score"] for x in session.store.ratings()  # the search's: given examples are not found
+                         if x["score"] is not None and x["source"] != "given"])
     rows, kept, equal = {}, None, {}
     for final in finals:  # each variant: the same store and networks, read with the variant's configuration
         variant_cfg = with_overrides(cfg, session={"final_start": final.start, "restart": final.restart,

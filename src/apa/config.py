@@ -253,6 +253,9 @@ class SessionConfig:
                                        "the next round explores (none: never; off by default: measured in docs/results.md)")
     forget_before: int | None = knob(None, "forget the ratings of the rounds before this one (rounds numbered from "
                                      "1, as the report shows them): the user's taste changed there")
+    examples: int = knob(0, "start from this many images the user already likes, given as the first round's "
+                         "liked ratings (counted in the budget): a simulated user gives real held-out images of "
+                         "the prior's data set that it likes (mnist, fashion)")
 
     def __post_init__(self) -> None:
         _at_least("--budget", self.budget, 1)
@@ -273,6 +276,7 @@ class SessionConfig:
                  f"--detect-change must be a share in [0, 1) or none, got {self.detect_change!r}")
         _require(self.forget_before is None or (_whole(self.forget_before) and self.forget_before >= 1),
                  f"--forget-before must be a round number from 1, or none; got {self.forget_before!r}")
+        _between("--examples", self.examples, 0, self.budget)
 
 
 # What a stored config written before a field existed meant, so that an old session resumes to the same result:

@@ -33,6 +33,8 @@ class Prior(Protocol):
     device: torch.device  # where the networks run; a run keeps every per-step tensor there, so
     #                       eps/tweedie/transition see particles on it (``smc.sampler.device_of``)
     features: Callable[..., torch.Tensor] | None  # :class:`HasFeatures`' method; None: no denoiser features
+    encode: Callable[[torch.Tensor], Particles] | None  # what a user sees -> clean particles (decode's inverse
+    #                                                    on the data); None: the prior cannot take given images
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """Noise levels of the time grid, [num_steps + 1], decreasing, the last one 0."""
@@ -87,6 +89,7 @@ class VEPrior:
     class_names: tuple[str, ...] = ()
     device: torch.device = torch.device("cpu")  # where the networks run; the sampler keeps its particles there
     features: Callable[..., torch.Tensor] | None = None  # a backend with denoiser features defines the method
+    encode: Callable[[torch.Tensor], Particles] | None = None  # a backend that can take a person's images defines it
     # backend parts some callers read, None where a backend has none:
     model: torch.nn.Module | None = None  # the ε-network as one module (DDPM): fine-tuning copies it
     sigma_of_t: Callable[[torch.Tensor], torch.Tensor] | None = None  # training timestep t -> σ_t (DDPM, SD)
@@ -135,6 +138,7 @@ class PriorWrapper:
         self.inner = inner
         self.event_shape, self.data_std = inner.event_shape, inner.data_std
         self.name, self.class_names, self.features = inner.name, inner.class_names, inner.features
+        self.encode = inner.encode
         self.sigmas, self.sample_initial, self.decode = inner.sigmas, inner.sample_initial, inner.decode
         self.score, self.tweedie, self.forward_drift = inner.score, inner.tweedie, inner.forward_drift
         self.g2_ds, self.transition = inner.g2_ds, inner.transition

@@ -114,6 +114,10 @@ class DDPMPrior(VEPrior):
         """[-1, 1] -> images [N, 1, 28, 28] in [0, 1]."""
         return ((z0 + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    def encode(self, images: torch.Tensor) -> Particles:
+        """Images [N, 1, 28, 28] in [0, 1] -> clean particles in [-1, 1] (``decode``'s inverse)."""
+        return (images * 2.0 - 1.0).to(self.device)
+
 
 # ---------------------------------------------------------------- shipping and loading
 

@@ -23,7 +23,8 @@ from apa.priors.calls import counting, uncounted
 from apa.priors.ddpm import weights_path
 from apa.seeding import generator
 from apa.session import components
-from apa.session.checks import check_forget_before, validate, validate_new
+from apa.session.checks import SessionError, check_forget_before, validate, validate_new
+from apa.session.examples import examples_round, liked_examples
 from apa.session.final import final_start, moved
 from apa.session.fitter import SurrogateFitter, heldout_score, reads_as_change
 from apa.session.lifecycle import FIT, RATE, SAMPLE, next_action
@@ -103,8 +104,11 @@ class Session:
     # ------------------------------------------------------------ SAMPLE
 
     def sample_round(self, r: int) -> None:
-        """Sample round r, choose what to show, persist both (the round reaches the host once, here)."""
+        """Sample round r, choose what to show, persist both (the round reaches the host once, here).
+        Round 0 of a session started from examples (``--examples``) holds the simulated user's instead."""
         cfg, dev = self.cfg, device_of(self.prior)
+        if r == 0 and cfg.session.examples:
+            return self.give(liked_examples(self.feedback, cfg.prior.name, cfg.session.examples, cfg.session.seed))
         surrogate = self.surrogate_after(r - 1, dev)
         n, k = cfg.sampler.particles, min(cfg.session.per_round, cfg.session.budget - self.store.spent())
         m = round(self.state.explore_share(r) * k) if surrogate is not None else 0
@@ -124,6 +128,16 @@ class Session:
         with self.timings.timer("io"):
             self.store.save_round(r, {"particles": res.particles, "log_weights": res.log_weights, "shown": shown},
                                   shown.tolist(), info)
+
+    def give(self, images: torch.Tensor) -> None:
+        """Start the session from ``images`` [n, C, H, W] in [0, 1] the user already likes: round 0 holds
+        them, each rated at the top of the user's scale (source "given"), counted in the budget."""
+        if self.store.rounds():
+            raise SessionError("examples start a session: this one already has rounds")
+        tensors, info = examples_round(self.prior, images)
+        with self.timings.timer("io"):
+            self.store.save_round(0, tensors, tensors["shown"].tolist(), info)
+            self.store.add_ratings(0, [(p, self.feedback.scale[1]) for p in range(images.shape[0])], "given")
 
     def next_round(self) -> int | None:
         """The round waiting for ratings (sampling it first if needed); None when the budget is spent."""

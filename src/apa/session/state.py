@@ -102,11 +102,13 @@ class SessionState:
 
     def liked_shares(self) -> list[float | None]:
         """Per round, the share of its rated shown images the user liked (a rating above the scale's
-        midpoint); None for a round with no rating. What a person saw, round by round."""
+        midpoint); None for a round with no rating, and for the round of images the user gave
+        (``--examples``). What a person was shown, round by round."""
         lo, hi = self.scale
         out = []
         for row in self.store.rounds():
-            scores = [x["score"] for x in self.store.ratings(row["round"]) if x["score"] is not None]
+            scores = [x["score"] for x in self.store.ratings(row["round"])
+                      if x["score"] is not None and x["source"] != "given"]
             out.append(sum(s > (lo + hi) / 2 for s in scores) / len(scores) if scores else None)
         return out
 
