@@ -369,7 +369,7 @@ def _num(v) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prior", default="mnist", choices=("mnist", "fashion"))
-    ap.add_argument("--prefer", nargs="+", default=["1,4,7,9"])
+    ap.add_argument("--prefer", nargs="*", default=["1,4,7,9"], help="class sets (none: the --taste ones alone)")
     ap.add_argument("--taste", nargs="*", default=[],
                     help="tastes no class names, run beside the --prefer sets: style:CLASS:MEASURE or like:I,J,...")
     ap.add_argument("--seeds", default="0,1,2")
