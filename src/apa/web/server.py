@@ -103,7 +103,8 @@ def error_handlers(app: Any) -> None:
 
     @app.exception_handler(WebError)
     async def web_error(request, exc: WebError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
