@@ -337,3 +337,31 @@ def test_a_damaged_session_is_refused_before_anything_is_written(cluster):
     assert answer.status_code == 500 and "damaged" in answer.json()["error"], answer.text
     assert stored(root, cluster.pg.url)["ratings"] == before["ratings"][1:]  # nothing written
     assert glob.glob(str(root / "rounds" / "*.tmp")) == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--ray", "local"], "--ray keeps every session in PostgreSQL: give --database"),
+    (["--ray", "127.0.0.1:1", "--database", "postgresql://apa@127.0.0.1:1/apa"], "--ray 127.0.0.1:1: nothing answers"),
+    (["--ray", "local", "--database", "postgresql://apa@127.0.0.1:1/apa"], "cannot reach the database"),
+    (["--ray", "local", "--database", "postgresql://apa@127.0.0.1:1/apa", "--engines", "0"], "--engines must be"),
+])
+def test_the_command_refuses_bad_settings_in_one_line(argv, says, capsys, monkeypatch):
+    from apa.cli import main
+
+    monkeypatch.delenv("APA_DATABASE", raising=False)
+    assert main(["serve", "--prior", "mnist", *argv]) != 0
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1, err
+
+
+def test_without_ray_the_command_says_what_to_install(capsys, monkeypatch):
+    import sys
+
+    import apa.web
+    from apa.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.delitem(sys.modules, "apa.web.cluster", raising=False)
+    monkeypatch.delattr(apa.web, "cluster", raising=False)
+    assert main(["serve", "--prior", "mnist", "--ray", "local", "--database", "postgresql://apa@127.0.0.1:1/apa"]) != 0
+    assert "pip install 'apa[cluster]'" in capsys.readouterr().err

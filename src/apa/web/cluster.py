@@ -42,7 +42,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -452,3 +454,60 @@ def application(cfg: AlignConfig, data_dir: Path, database: str, replicas: int =
                 "fixed_seed": fixed_seed, "max_sessions": max_sessions, "allowed_hosts": allowed_hosts}
     engine = Engine.options(num_replicas=engines).bind(settings)
     return Web.options(num_replicas=replicas).bind(engine, settings)
+
+
+# ---------------------------------------------------------------- the command
+
+
+APP = "apa"  # the Serve application's name
+
+
+def check_ray_address(address: str) -> None:
+    """Refuse an address nothing listens on, in one line (``ray.init`` would wait a minute first)."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit()):
+        raise ValueError(f"--ray {address!r}: give a Ray cluster's address as HOST:PORT (its GCS, port 6379 by "
+                         "default, or ray://HOST:10001), 'auto' on one of its machines, or 'local' to start one here")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except OSError as e:
+        raise ValueError(f"--ray {address}: nothing answers there ({e.strerror or e}); start the cluster with "
+                         "`ray start --head` and give its address, or use --ray local") from e
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster at ``address``, or start one on this machine (``local``)."""
+    import ray
+
+    if address == "local":
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        return
+    try:
+        ray.init(address=address)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--ray {address}: cannot join a Ray cluster there ({first})") from e
+
+
+def run(app: Any, address: str, host: str, port: int) -> None:
+    """Serve ``app`` on ``host:port`` of every node of the cluster at ``address`` until interrupted; then
+    remove it (and stop a ``local`` cluster)."""
+    import ray
+
+    connect(address)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app, name=APP, route_prefix="/")
+        shown = f"[{host}]" if ":" in host else host
+        print(f"apa serve: on Ray ({address}); open http://{shown}:{port}/", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            serve.shutdown() if address == "local" else serve.delete(APP)
+        finally:
+            ray.shutdown()
