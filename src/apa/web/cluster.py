@@ -44,6 +44,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -496,6 +497,10 @@ def run(app: Any, address: str, host: str, port: int) -> None:
     remove it (and stop a ``local`` cluster)."""
     import ray
 
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops it as Ctrl-C does: the application removed, a local Ray stopped
+
+    signal.signal(signal.SIGTERM, interrupted)
     connect(address)
     try:
         serve.start(http_options={"host": host, "port": port})
