@@ -449,11 +449,14 @@ class Web:
 
 
 def application(cfg: AlignConfig, data_dir: Path, database: str, replicas: int = 2, engines: int = 2,
-                fixed_seed: bool = False, max_sessions: int = 1000, allowed_hosts: list[str] | None = None) -> Any:
-    """The Serve application: ``replicas`` ingress replicas over ``engines`` engine replicas."""
+                fixed_seed: bool = False, max_sessions: int = 1000, allowed_hosts: list[str] | None = None,
+                engine_gpus: float = 0.0) -> Any:
+    """The Serve application: ``replicas`` ingress replicas over ``engines`` engine replicas, each engine
+    given ``engine_gpus`` GPUs by Ray (run the prior with ``--device cuda`` then)."""
     settings = {"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "database": database,
                 "fixed_seed": fixed_seed, "max_sessions": max_sessions, "allowed_hosts": allowed_hosts}
-    engine = Engine.options(num_replicas=engines).bind(settings)
+    engine = Engine.options(num_replicas=engines, ray_actor_options={"num_cpus": 0, "num_gpus": engine_gpus}
+                            ).bind(settings)
     return Web.options(num_replicas=replicas).bind(engine, settings)
 
 

@@ -387,6 +387,8 @@ def serve_on_ray(args: argparse.Namespace) -> None:
                            "(or set APA_DATABASE); see docs/cluster.md")
     if args.replicas < 1 or args.engines < 1:
         raise ValueError(f"--replicas and --engines must be at least 1, got {args.replicas} and {args.engines}")
+    if not 0 <= args.engine_gpus <= 64:
+        raise ValueError(f"--engine-gpus must be from 0 to 64, got {args.engine_gpus}")
     try:
         from apa.web import cluster
     except ImportError as e:
@@ -401,7 +403,7 @@ def serve_on_ray(args: argparse.Namespace) -> None:
     bind(args.host, args.port).close()  # and a port in use on this machine
     app = cluster.application(cfg, Path(args.data_dir), args.database, replicas=args.replicas, engines=args.engines,
                               fixed_seed=getattr(args, "seed", None) is not None, max_sessions=args.max_sessions,
-                              allowed_hosts=loopback_hosts(args.host))
+                              allowed_hosts=loopback_hosts(args.host), engine_gpus=args.engine_gpus)
     cluster.run(app, args.ray, args.host, args.port)
 
 
@@ -430,6 +432,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas serving the page and API (default: 2)")
     p.add_argument("--engines", type=int, default=2,
                    help="with --ray: replicas holding the prior, where rounds are refitted and sampled (default: 2)")
+    p.add_argument("--engine-gpus", type=float, default=0.0,
+                   help="with --ray: GPUs Ray reserves for each engine replica (e.g. 1, or 0.5 to pack two on one GPU; "
+                        "with --device cuda); default 0")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--preset", choices=["default", "seed"], default="default",
                    help="default: this project's measured defaults; seed: every value of the seed design")
