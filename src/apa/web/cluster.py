@@ -108,7 +108,8 @@ class Steps:
             return ERROR + DAMAGED.format("continued")
         try:
             if drive(session, answers=False).kind == DONE and not report_ready(session.store):
-                write_report(session, self.report_lock)
+                message = write_report(session, self.report_lock)
+                return OK if report_ready(session.store) else ERROR + message  # complete, without its report
             return OK
         except DatabaseUnavailable:
             return UNAVAILABLE
@@ -350,12 +351,14 @@ class ClusterSessions:
             cfg = stored_config(store, store.root)
             action = next_action(store, cfg.session.budget)
             rounds, ratings = store.rounds(), store.ratings()
-            failure, since = self.advancer.failure(token), self.advancer.since(token)
-            pending = action.kind != RATE and (action.kind != DONE or not report_ready(store))
-            phase = "error" if failure and pending else phase_of(action)
-            message = failure if phase == "error" else ""
-            if action.kind == DONE:
-                message = "The report is ready." if report_ready(store) else "The report is being written."
+            failure, since, report = self.advancer.failure(token), self.advancer.since(token), report_ready(store)
+            pending = action.kind != RATE and (action.kind != DONE or not report)
+            if action.kind == DONE and (report or failure):  # failure: complete, but its report failed
+                phase, message = "done", "The report is ready." if report else failure
+            elif failure and pending:
+                phase, message = "error", failure
+            else:  # done but for its report: still at the final step, as on one process
+                phase, message = PHASES[FINAL] if action.kind == DONE else phase_of(action), ""
             now = {"phase": phase, "round": action.round if action.kind in (RATE, FIT, SAMPLE) else None,
                    "message": message, "progress": {"elapsed": round(time.time() - since, 1) if since else 0.0,
                                                     "estimate": None}}
@@ -503,8 +506,8 @@ def run(app: Any, address: str, host: str, port: int) -> None:
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM stops it as Ctrl-C does: the application removed, a local Ray stopped
 
-    signal.signal(signal.SIGTERM, interrupted)
     connect(address)
+    signal.signal(signal.SIGTERM, interrupted)  # after ray.init, which sets a handler of its own
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP, route_prefix="/")
