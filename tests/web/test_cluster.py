@@ -219,41 +219,6 @@ def test_a_session_rated_through_both_replicas_ends_as_on_one_process(cluster, r
     assert request(cluster.http, "GET", f"/api/sessions/{token}/report/report.html", a).status_code == 200
 
 
-def engine_at_work(cluster) -> int | None:
-    """The pid of the engine replica holding a session open now (connected to PostgreSQL), if any."""
-    import psutil
-
-    port = int(cluster.pg.url.rsplit(":", 1)[1].split("/")[0])
-    for pid in cluster.replica_pids("Engine"):
-        try:
-            if any(c.raddr and c.raddr.port == port for c in psutil.Process(pid).net_connections("tcp")):
-                return pid
-        except psutil.NoSuchProcess:
-            continue
-    return None
-
-
-def test_an_engine_killed_mid_round_loses_nothing(cluster, reference):
-    killed = []
-
-    def kill_while_working(r: int, token: str) -> None:
-        if killed or r != 1:
-            return
-        deadline = time.monotonic() + 30
-        while (pid := engine_at_work(cluster)) is None:
-            assert time.monotonic() < deadline, "no engine replica took the round"
-            time.sleep(0.01)
-        os.kill(pid, signal.SIGKILL)  # mid-round: refitting round 1 or sampling round 2
-        killed.append(pid)
-
-    token, acknowledged = run_person(cluster.http, on_rated=kill_while_working)
-    assert killed
-    after = stored(cluster.data_dir / token, cluster.pg.url)
-    for post in acknowledged:  # every acknowledged rating kept
-        assert [s for (r, _, s) in after["ratings"] if r == post["round"]] == [float(x) for x in post["ratings"]]
-    assert_same(after, reference)  # and the session ended like the uninterrupted one
-
-
 def test_two_writers_never_write_one_session_at_once(cluster):
     from apa.store import open_store
 
@@ -337,6 +302,45 @@ def test_a_damaged_session_is_refused_before_anything_is_written(cluster):
     assert answer.status_code == 500 and "damaged" in answer.json()["error"], answer.text
     assert stored(root, cluster.pg.url)["ratings"] == before["ratings"][1:]  # nothing written
     assert glob.glob(str(root / "rounds" / "*.tmp")) == []
+
+
+def engine_at_work(cluster) -> int | None:
+    """The pid of the engine replica holding a session open now (connected to PostgreSQL), if any."""
+    import psutil
+
+    port = int(cluster.pg.url.rsplit(":", 1)[1].split("/")[0])
+    for pid in cluster.replica_pids("Engine"):
+        try:
+            if any(c.raddr and c.raddr.port == port for c in psutil.Process(pid).net_connections("tcp")):
+                return pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+# last of the cluster's tests: the killed replicas are replaced, with new ids, after it
+def test_replicas_killed_mid_round_lose_nothing(cluster, reference):
+    killed = []
+
+    def kill_while_working(r: int, token: str) -> None:
+        if r == 1:  # the engine replica refitting round 1 or sampling round 2
+            deadline = time.monotonic() + 30
+            while (pid := engine_at_work(cluster)) is None:
+                assert time.monotonic() < deadline, "no engine replica took the round"
+                time.sleep(0.01)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        if r == 2:  # an ingress replica, while the page polls and the next ratings are posted
+            pid = cluster.replica_pids("Web")[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    token, acknowledged = run_person(cluster.http, on_rated=kill_while_working)
+    assert len(killed) == 2
+    after = stored(cluster.data_dir / token, cluster.pg.url)
+    for post in acknowledged:  # every acknowledged rating kept
+        assert [s for (r, _, s) in after["ratings"] if r == post["round"]] == [float(x) for x in post["ratings"]]
+    assert_same(after, reference)  # and the session ended like the uninterrupted one
 
 
 @pytest.mark.parametrize("argv, says", [
