@@ -401,8 +401,9 @@ def serve_on_ray(args: argparse.Namespace) -> None:
     components.build(cfg)  # a missing prior fails here, before the cluster is asked for anything
     connect(args.database).close()  # so does an unreachable database
     bind(args.host, args.port).close()  # and a port in use on this machine
+    fixed_seed = getattr(args, "seed", None) is not None  # absent unless given
     app = cluster.application(cfg, Path(args.data_dir), args.database, replicas=args.replicas, engines=args.engines,
-                              fixed_seed=getattr(args, "seed", None) is not None, max_sessions=args.max_sessions,
+                              fixed_seed=fixed_seed, max_sessions=args.max_sessions,
                               allowed_hosts=loopback_hosts(args.host), engine_gpus=args.engine_gpus)
     cluster.run(app, args.ray, args.host, args.port)
 
