@@ -172,7 +172,8 @@ def stored(root: Path, database: str | None) -> dict:
             shown.append(t["particles"][t["shown"].long()])
         return {"ratings": [(x["round"], x["position"], x["score"]) for x in store.ratings()],
                 "rounds": [(row["round"], row["status"], row["shown"]) for row in rounds],
-                "shown": shown, "final": store.final_images(), "report": store.report_path.with_suffix(".html").is_file()}
+                "shown": shown, "final": store.final_images(),
+                "report": store.report_path.with_suffix(".html").is_file()}
     finally:
         store.close()
 

@@ -86,7 +86,7 @@ class Steps:
     def __init__(self, settings: dict[str, Any]):
         self.cfg = AlignConfig.from_dict(settings["config"])
         self.data_dir, self.database = Path(settings["data_dir"]), settings["database"]
-        self.window = settings.get("prior_window", PRIOR_WINDOW_S)
+        self.window = settings["prior_window"]
         # held: every session on this replica shares this prior (weakly cached in apa.session.components)
         self.parts = components.build(self.cfg, self.window)
         self.report_lock = threading.Lock()  # plotting is not thread-safe
@@ -453,11 +453,13 @@ class Web:
 
 def application(cfg: AlignConfig, data_dir: Path, database: str, replicas: int = 2, engines: int = 2,
                 fixed_seed: bool = False, max_sessions: int = 1000, allowed_hosts: list[str] | None = None,
-                engine_gpus: float = 0.0) -> Any:
+                engine_gpus: float = 0.0, prior_window: float = PRIOR_WINDOW_S) -> Any:
     """The Serve application: ``replicas`` ingress replicas over ``engines`` engine replicas, each engine
-    given ``engine_gpus`` GPUs by Ray (run the prior with ``--device cuda`` then)."""
+    given ``engine_gpus`` GPUs by Ray (run the prior with ``--device cuda`` then) and batching its
+    sessions' network calls with a window of ``prior_window`` seconds."""
     settings = {"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "database": database,
-                "fixed_seed": fixed_seed, "max_sessions": max_sessions, "allowed_hosts": allowed_hosts}
+                "fixed_seed": fixed_seed, "max_sessions": max_sessions, "allowed_hosts": allowed_hosts,
+                "prior_window": prior_window}
     engine = Engine.options(num_replicas=engines, ray_actor_options={"num_cpus": 0, "num_gpus": engine_gpus}
                             ).bind(settings)
     return Web.options(num_replicas=replicas).bind(engine, settings)

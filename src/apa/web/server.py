@@ -404,7 +404,8 @@ def serve_on_ray(args: argparse.Namespace) -> None:
     fixed_seed = getattr(args, "seed", None) is not None  # absent unless given
     app = cluster.application(cfg, Path(args.data_dir), args.database, replicas=args.replicas, engines=args.engines,
                               fixed_seed=fixed_seed, max_sessions=args.max_sessions,
-                              allowed_hosts=loopback_hosts(args.host), engine_gpus=args.engine_gpus)
+                              allowed_hosts=loopback_hosts(args.host), engine_gpus=args.engine_gpus,
+                              prior_window=args.batch_window or cluster.PRIOR_WINDOW_S)
     cluster.run(app, args.ray, args.host, args.port)
 
 
@@ -420,7 +421,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--batch-window", type=float, default=0.0,
                    help="seconds a network call waits for other sessions' calls to join it in one batched call "
                         "(0, the default: every session calls the network on its own, which measured faster on "
-                        "a 2-core CPU; see benchmarks/serve_load.py)")
+                        "a 2-core CPU; see benchmarks/serve_load.py). With --ray the engines always batch, with this "
+                        "window or 0.01 s")
     p.add_argument("--max-sessions", type=int, default=1000, help="refuse new sessions past this many (default: 1000)")
     p.add_argument("--database", default=os.environ.get("APA_DATABASE") or None, metavar="URL",
                    help="keep the sessions' records in this PostgreSQL database (default: $APA_DATABASE, else SQLite "
