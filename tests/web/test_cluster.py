@@ -79,7 +79,7 @@ def cluster(postgres, cfg, tmp_path_factory):  # noqa: F811
     from apa.web.cluster import application
 
     data = tmp_path_factory.mktemp("shared")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

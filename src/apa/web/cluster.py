@@ -491,7 +491,7 @@ def connect(address: str) -> None:
     import ray
 
     if address == "local":
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")  # this machine
         return
     try:
         ray.init(address=address)
