@@ -74,10 +74,22 @@ BATCH_WAIT_S = 0.05  # how long a batch waits for more sessions to join it
 PRIOR_WINDOW_S = 0.01  # the engine's BatchingPrior window (apa.priors.batching)
 ADVANCE_TIMEOUT_S = 3600.0  # an engine call unanswered this long is given up (the next poll asks again)
 PNG_CACHE = 4096  # rendered PNGs an ingress replica keeps (a round's images never change)
-OK, BUSY, UNAVAILABLE, ERROR = "ok", "busy", "unavailable", "error: "  # what Engine.advance answers per session
+OK, BUSY, UNAVAILABLE = "ok", "busy", "unavailable"  # what Engine.advance answers per session, or a Failure
 
 
 # ---------------------------------------------------------------- the engine: where the steps run
+
+
+def failure(message: str, session: Any = None) -> tuple[str, tuple[str, int | None] | None]:
+    """A failed step as Engine.advance answers it: (message fit for the page, the step it failed at, as
+    (kind, round), or None when the session could not be opened)."""
+    if session is None:
+        return message, None
+    try:
+        at = next_action(session.store, session.cfg.session.budget)
+    except StoreError:
+        return message, None
+    return message, (at.kind, at.round)
 
 
 class Steps:
@@ -93,7 +105,7 @@ class Steps:
 
     def advance(self, token: str) -> str:
         """Take ``token``'s steps until it waits for ratings or is done (report included): OK; BUSY if
-        another process holds it; UNAVAILABLE if the database is down; ERROR + a message fit for the page."""
+        another process holds it; UNAVAILABLE if the database is down; else a ``failure``."""
         from apa.session import Session
 
         try:
@@ -105,21 +117,21 @@ class Steps:
             return UNAVAILABLE
         except StoreError as e:
             log.error("session %s…: %s", token[:6], e)
-            return ERROR + DAMAGED.format("continued")
+            return failure(DAMAGED.format("continued"))
         try:
             if drive(session, answers=False).kind == DONE and not report_ready(session.store):
                 message = write_report(session, self.report_lock)
-                return OK if report_ready(session.store) else ERROR + message  # complete, without its report
+                return OK if report_ready(session.store) else failure(message, session)  # done, but no report
             return OK
         except DatabaseUnavailable:
             return UNAVAILABLE
         except StoreError:
             log.exception("session %s…: background step failed", token[:6])
-            return ERROR + DAMAGED.format("continued")
+            return failure(DAMAGED.format("continued"), session)
         except Exception as e:  # the store holds everything up to the failure
             log.exception("session %s…: background step failed", token[:6])
-            return ERROR + (f"{type(e).__name__}: {public(str(e))}. Everything rated so far is saved; press Retry, "
-                            "or ask the server's operator if it fails again.")
+            return failure(f"{type(e).__name__}: {public(str(e))}. Everything rated so far is saved; press Retry, "
+                           "or ask the server's operator if it fails again.", session)
         finally:
             session.store.close()
 
@@ -167,7 +179,7 @@ class Engine:
         self.render_pool = ThreadPoolExecutor(2, thread_name_prefix="apa-render")
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def advance(self, tokens: list[str]) -> list[str]:
+    async def advance(self, tokens: list[str]) -> list[Any]:
         """Each session's steps (``Steps.advance``), the batch's sessions on threads sharing one prior; a
         token asked twice in a batch is advanced once."""
         loop = asyncio.get_running_loop()
@@ -186,13 +198,14 @@ class Engine:
 class Advancer:
     """Asks the engine to take sessions' background steps: one call in flight per session from this
     replica (another replica may ask too; the session's lock makes the second a no-op). A call that
-    fails (an engine replica died) is forgotten, so the session's next poll asks again."""
+    fails (an engine replica died) is forgotten, so the session's next poll asks again. A step that
+    failed is shown, and not asked for again, until Retry or until the session has moved past it."""
 
     def __init__(self, engine: Any):
         self.engine = engine
         self.lock = threading.Lock()
         self.running: dict[str, float] = {}  # token -> when this replica asked
-        self.failed: dict[str, str] = {}  # token -> the engine's message (until Retry)
+        self.failed: dict[str, tuple] = {}  # token -> the engine's failure (message, step)
 
     def request(self, token: str) -> None:
         with self.lock:
@@ -210,24 +223,25 @@ class Advancer:
             outcome = None
         with self.lock:
             self.running.pop(token, None)
-            if outcome is not None and outcome.startswith(ERROR):
-                self.failed[token] = outcome[len(ERROR):]
+            if isinstance(outcome, (tuple, list)):
+                self.failed[token] = (outcome[0], tuple(outcome[1]) if outcome[1] is not None else None)
 
     def since(self, token: str) -> float | None:
         with self.lock:
             return self.running.get(token)
 
-    def failure(self, token: str) -> str | None:
+    def failure(self, token: str, action: Action) -> str | None:
+        """The message of the step that failed, if the session still stands at it (else it is forgotten)."""
         with self.lock:
-            return self.failed.get(token)
+            message, at = self.failed.get(token, (None, None))
+            if message is not None and at is not None and at != (action.kind, action.round):
+                del self.failed[token]  # the session moved on (through another replica, say)
+                return None
+            return message
 
-    def retry(self, token: str) -> bool:
-        """Forget a failure and ask again; False if there was none."""
+    def forget(self, token: str) -> None:
         with self.lock:
-            had = self.failed.pop(token, None) is not None
-        if had:
-            self.request(token)
-        return had
+            self.failed.pop(token, None)
 
 
 class ClusterSessions:
@@ -336,11 +350,13 @@ class ClusterSessions:
         return self.state(token)
 
     def retry(self, token: str) -> dict[str, Any]:
-        """Ask an engine again for a session whose background step failed."""
+        """Ask an engine again for a session with a step to take (whichever replica saw it fail)."""
         self.path(token)
-        if not self.advancer.retry(token):
-            raise WebError(409, "nothing to retry: the session has not failed")
-        return self.state(token)
+        self.advancer.forget(token)
+        state = self.state(token)  # which asks an engine if a step is pending
+        if state["phase"] in ("ready", "done"):
+            raise WebError(409, f"nothing to retry: the session is {state['phase']}")
+        return state
 
     # ------------------------------------------------------------ what the page shows
 
@@ -351,19 +367,20 @@ class ClusterSessions:
             cfg = stored_config(store, store.root)
             action = next_action(store, cfg.session.budget)
             rounds, ratings = store.rounds(), store.ratings()
-            failure, since, report = self.advancer.failure(token), self.advancer.since(token), report_ready(store)
+            failed, since = self.advancer.failure(token, action), self.advancer.since(token)
+            report = report_ready(store)
             pending = action.kind != RATE and (action.kind != DONE or not report)
-            if action.kind == DONE and (report or failure):  # failure: complete, but its report failed
-                phase, message = "done", "The report is ready." if report else failure
-            elif failure and pending:
-                phase, message = "error", failure
+            if action.kind == DONE and (report or failed):  # failure: complete, but its report failed
+                phase, message = "done", "The report is ready." if report else failed
+            elif failed and pending:
+                phase, message = "error", failed
             else:  # done but for its report: still at the final step, as on one process
                 phase, message = PHASES[FINAL] if action.kind == DONE else phase_of(action), ""
             now = {"phase": phase, "round": action.round if action.kind in (RATE, FIT, SAMPLE) else None,
                    "message": message, "progress": {"elapsed": round(time.time() - since, 1) if since else 0.0,
                                                     "estimate": None}}
             view = state_view(store, cfg, rounds, ratings, now)
-        if pending and not failure:
+        if pending and not failed:
             self.advancer.request(token)
         return view
 
