@@ -74,7 +74,7 @@ BATCH_WAIT_S = 0.05  # how long a batch waits for more sessions to join it
 PRIOR_WINDOW_S = 0.01  # the engine's BatchingPrior window (apa.priors.batching)
 ADVANCE_TIMEOUT_S = 3600.0  # an engine call unanswered this long is given up (the next poll asks again)
 PNG_CACHE = 4096  # rendered PNGs an ingress replica keeps (a round's images never change)
-OK, BUSY, UNAVAILABLE = "ok", "busy", "unavailable"  # what Engine.advance answers per session, or a Failure
+OK, BUSY, UNAVAILABLE = "ok", "busy", "unavailable"  # what Engine.advance answers per session, or a ``failure``
 
 
 # ---------------------------------------------------------------- the engine: where the steps run
