@@ -16,6 +16,13 @@ network calls' mean rows (from the server's log). Run:
   python benchmarks/serve_load.py --people 1,4,8,16 --own 8
   python benchmarks/serve_load.py --people 1,8 --own 8 --budget 16
 
+``--cluster K,...`` adds rows served by `apa serve --ray local` (apa.web.cluster: 2 ingress and 2
+engine replicas on a Ray started for the row, the sessions in a PostgreSQL started once with
+scripts/postgres.sh): the same people over HTTP, memory summed over every process of the server
+(Ray's own included):
+
+  python benchmarks/serve_load.py --people 1,4 --own "" --cluster 1,4
+
 ``--make-sd DIR`` writes a random-weight Stable Diffusion 1.5 folder (diffusers layout, the real
 classes, block widths ``--sd-widths``) and serves ``--prior sd15`` from it: the rows then show that
 every session shares one UNet in memory (the model's own megabytes are printed beside the table).
@@ -24,9 +31,11 @@ every session shares one UNet in memory (the model's own megabytes are printed b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -89,26 +98,46 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def one_row(people: int, own: bool, args: argparse.Namespace) -> dict:
-    """Start a server, run ``people`` people at once (``own``: each session calls the network alone), stop
-    it; the row's numbers."""
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (a cluster's replicas, Ray's own processes)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total / 2**20
+
+
+def one_row(people: int, mode: str, args: argparse.Namespace) -> dict:
+    """Start a server, run ``people`` people at once, stop it; the row's numbers. ``mode``: "shared" (the
+    sessions' network calls batched), "own" (each session calls the network alone) or "cluster"
+    (`apa serve --ray local` over ``args.database``)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as data:
         cmd = [sys.executable, "-m", "apa.cli", "serve", "--port", str(port), "--data-dir", data, "--prior", args.prior,
                "--particles", str(args.particles), "--budget", str(args.budget), "--per-round", str(args.per_round),
                "--eval-samples", str(args.eval_samples), "--workers", str(people),
-               "--batch-window", str(0.0 if own else args.window), "--log-level", "warning", *args.serve_args]
+               "--batch-window", str(0.0 if mode == "own" else args.window), "--log-level", "warning", *args.serve_args]
+        if mode == "cluster":
+            cmd += ["--ray", "local", "--database", args.database, "--replicas", "2", "--engines", "2"]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
         base = f"http://127.0.0.1:{port}"
+        memory_of = tree_rss_mb if mode == "cluster" else rss_mb
         try:
-            for _ in range(600):
+            for _ in range(900):
                 try:
                     call(base, "GET", "/")
                     break
                 except OSError:
                     time.sleep(0.2)
-            idle = rss_mb(server.pid)
+                    if server.poll() is not None:
+                        raise RuntimeError(f"the server stopped: {' '.join(cmd)}")
+            idle = memory_of(server.pid)
             latencies: list[float] = []
             rated: list[int] = []
             threads = [threading.Thread(target=person, args=(base, 1000 + i, latencies, rated)) for i in range(people)]
@@ -118,11 +147,11 @@ def one_row(people: int, own: bool, args: argparse.Namespace) -> dict:
             for t in threads:
                 t.join()
             wall = time.perf_counter() - t0
-            memory = rss_mb(server.pid)
+            memory = memory_of(server.pid)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
-    return {"people": people, "own": own, "rated": sum(rated), "wall_s": wall, "per_s": sum(rated) / wall,
+            server.terminate()  # a cluster's server removes its application and stops its Ray on SIGTERM
+            server.wait(timeout=120)
+    return {"people": people, "mode": mode, "rated": sum(rated), "wall_s": wall, "per_s": sum(rated) / wall,
             "p50_s": statistics.median(latencies), "p95_s": statistics.quantiles(latencies, n=20)[-1],
             "rss_mb": memory, "idle_mb": idle}
 
@@ -170,6 +199,8 @@ def main() -> None:
     ap.add_argument("--own", default="8", help="K for the rows served one network call per session")
     ap.add_argument("--window", type=float, default=0.01, help="the shared rows' --batch-window")
     ap.add_argument("--threads", type=int, default=2, help="the server's torch threads")
+    ap.add_argument("--cluster", default="", help="K for rows served by `apa serve --ray local` (needs apa[cluster] "
+                                                  "and PostgreSQL's binaries)")
     ap.add_argument("--make-sd", type=Path, help="write a random-weight SD 1.5 here and serve --prior sd15 from it")
     ap.add_argument("--sd-widths", default="64,128,256,256", help="its UNet's block widths")
     args = ap.parse_args()
@@ -180,20 +211,39 @@ def main() -> None:
         print(f"random SD 1.5 (UNet widths {widths}) in {args.make_sd}: {mb:.0f} MB of fp32 parameters", flush=True)
         args.prior = "sd15"
         args.serve_args = ["--model", str(args.make_sd), "--height", "64", "--width", "64", *args.serve_args]
-    plan = [(int(k), False) for k in args.people.split(",")] + [(int(k), True) for k in args.own.split(",") if k]
-    rows = [one_row(k, own, args) for k, own in plan]
+    plan = [(int(k), "shared") for k in args.people.split(",")] + [(int(k), "own") for k in args.own.split(",") if k]
+    plan += [(int(k), "cluster") for k in args.cluster.split(",") if k]
+    with postgres(any(mode == "cluster" for _, mode in plan)) as args.database:
+        rows = [one_row(k, mode, args) for k, mode in plan]
     print_table(rows)
 
 
+@contextlib.contextmanager
+def postgres(needed: bool):
+    """A throwaway PostgreSQL (scripts/postgres.sh) for the cluster rows: its URL, or None if not needed."""
+    if not needed:
+        yield None
+        return
+    script = Path(__file__).resolve().parents[1] / "scripts" / "postgres.sh"
+    directory = tempfile.mkdtemp(prefix="apa-postgres-")
+    try:
+        out = subprocess.run(["bash", str(script), "start", directory, str(free_port())], check=True,
+                             capture_output=True, text=True, timeout=120)
+        yield out.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(script), "stop", directory], capture_output=True, timeout=60)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def print_table(rows: list[dict]) -> None:
-    alone = next((r for r in rows if r["people"] == 1 and not r["own"]), rows[0])
-    own = {r["people"]: r for r in rows if r["own"]}
+    alone = next((r for r in rows if r["people"] == 1 and r["mode"] == "shared"), rows[0])
+    own = {r["people"]: r for r in rows if r["mode"] == "own"}
     print("| people | network calls | rated images | wall s | rated per s | x one alone (goal at 8: ≥ 3) | "
           "x own calls (goal at 8: ≥ 2) | round latency p50 s | p95 s | p95 / one alone's (goal at 8: ≤ 3) | "
           "server RSS MB, idle -> end | MB per session (goal ≤ 30) |\n|" + "---|" * 12)
     for r in rows:
-        vs_own = f"{r['per_s'] / own[r['people']]['per_s']:.2f}" if r["people"] in own and not r["own"] else "–"
-        print(f"| {r['people']} | {'own' if r['own'] else 'shared'} | {r['rated']} | {r['wall_s']:.1f} | "
+        vs_own = f"{r['per_s'] / own[r['people']]['per_s']:.2f}" if r["people"] in own and r["mode"] != "own" else "–"
+        print(f"| {r['people']} | {r['mode']} | {r['rated']} | {r['wall_s']:.1f} | "
               f"{r['per_s']:.2f} | {r['per_s'] / alone['per_s']:.2f} | {vs_own} | {r['p50_s']:.2f} | "
               f"{r['p95_s']:.2f} | {r['p95_s'] / alone['p95_s']:.2f} | {r['idle_mb']:.0f} -> {r['rss_mb']:.0f} | "
               f"{(r['rss_mb'] - r['idle_mb']) / r['people']:.1f} |", flush=True)

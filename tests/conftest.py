@@ -41,3 +41,53 @@ def mnist_arrays():
     from apa import data
 
     return data.load("mnist")
+
+
+# Modules whose costly module-scoped fixture (a local Ray cluster) must run on one xdist worker: the
+# worksteal scheduler (pyproject's addopts) ignores xdist_group marks, so it is told here never to split
+# them, neither when it hands out the first chunks nor when an idle worker steals. Under --dist loadgroup
+# the modules' xdist_group mark does the same.
+ONE_WORKER = ("tests/web/test_cluster.py::",)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "worksteal":
+        return None
+    from xdist.scheduler.worksteal import MIN_PENDING, WorkStealingScheduling
+
+    class KeepModulesTogether(WorkStealingScheduling):
+        """xdist's work stealing, but a chunk or a steal never takes part of a module in ONE_WORKER."""
+
+        def _together(self, i: int) -> bool:
+            return self.collection[i].startswith(ONE_WORKER)
+
+        def _send_tests(self, node, num: int) -> None:
+            while 0 < num < len(self.pending) and self._together(self.pending[num - 1]) \
+                    and self._together(self.pending[num]):
+                num += 1  # the chunk ends after the module, not inside it
+            super()._send_tests(node, num)
+
+        def check_schedule(self) -> None:  # xdist 3.8's, stealing only tests outside ONE_WORKER
+            up = {node: pending for node, pending in self.node2pending.items() if not node.shutting_down}
+            idle = lambda: [node for node, pending in up.items() if len(pending) < MIN_PENDING]  # noqa: E731
+            if not idle():
+                return
+            if self.pending:
+                nodes = idle()
+                for i, node in enumerate(nodes):
+                    self._send_tests(node, len(self.pending) // (len(nodes) - i))
+                if not idle():
+                    return
+            if self.steal_requested_from_node is not None:
+                return
+            stealable = {node: [i for i in pending if not self._together(i)] for node, pending in up.items()}
+            victim = max(up, key=lambda node: len(stealable[node]), default=None)
+            num = 0 if victim is None else min(len(stealable[victim]) // 2, max(0, len(up[victim]) - MIN_PENDING))
+            if num == 0:
+                for node in idle():  # no more work for them: they finish their last test now
+                    node.shutdown()
+                return
+            victim.send_steal(stealable[victim][-num:])
+            self.steal_requested_from_node = victim
+
+    return KeepModulesTogether(config, log)

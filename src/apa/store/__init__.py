@@ -15,13 +15,14 @@ from typing import Any, Protocol
 
 import torch
 
-from apa.store.base import (CONFIG_NAME, FINAL_NAME, FITTED, FORMAT, RATED, REPORT_NAME, SAMPLED, RatingRefused,
-                            SessionBusy, StoreError, disk_errors)
+from apa.store.base import (CONFIG_NAME, FINAL_NAME, FITTED, FORMAT, RATED, REPORT_NAME, SAMPLED,
+                            DatabaseUnavailable, RatingRefused, SessionBusy, StoreError, disk_errors)
 from apa.store.sqlite import DB_NAME, LEDGER_NAME, LOCK_NAME, SessionStore, lock_new, sweep_partials
 
-__all__ = ["CONFIG_NAME", "DB_NAME", "FINAL_NAME", "FITTED", "FORMAT", "LEDGER_NAME", "LOCK_NAME", "RATED",
-           "REPORT_NAME", "SAMPLED", "RatingRefused", "SessionBusy", "SessionStore", "Store", "StoreError", "create",
-           "disk_errors", "exists", "lock_new", "open_store", "read_store", "repair", "sweep_partials"]
+__all__ = ["CONFIG_NAME", "DB_NAME", "DatabaseUnavailable", "FINAL_NAME", "FITTED", "FORMAT", "LEDGER_NAME",
+           "LOCK_NAME", "RATED", "REPORT_NAME", "SAMPLED", "RatingRefused", "SessionBusy", "SessionStore", "Store",
+           "StoreError", "create", "disk_errors", "exists", "lock_new", "open_store", "read_store", "repair",
+           "sweep_partials"]
 
 
 class Store(Protocol):

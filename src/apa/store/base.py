@@ -51,6 +51,11 @@ class SessionBusy(StoreError):
     """Another process is writing the session."""
 
 
+class DatabaseUnavailable(StoreError):
+    """The session's database cannot be reached now (down or restarting); nothing unconfirmed was
+    acknowledged, and the same call can be made again once it is back."""
+
+
 class RatingRefused(ValueError):
     """A rating was refused (duplicate, unknown position, non-finite); nothing was written."""
 

@@ -42,9 +42,9 @@ from safetensors.torch import load as load_bytes
 
 from apa.atomic import place, stage_file, write_file
 from apa.store.base import (CONFIG_NAME, FINAL_NAME, FITTED, FORMAT, RATED, REPORT_NAME, SAMPLED, STATE_TABLES,
-                            RatingRefused, SessionBusy, StoreError, atomic_save, describe, disk_errors, failpoint,
-                            file_problems, final_bytes, public, rating_chain, read_final, round_name, state_hash,
-                            surrogate_name, tensor_files)
+                            DatabaseUnavailable, RatingRefused, SessionBusy, StoreError, atomic_save, describe,
+                            disk_errors, failpoint, file_problems, final_bytes, public, rating_chain, read_final,
+                            round_name, state_hash, surrogate_name, tensor_files)
 
 try:
     import psycopg
@@ -102,8 +102,8 @@ def connect(url: str) -> "psycopg.Connection":
         raise StoreError(f"--database {redacted(url)!r} cannot be read ({_first_line(e)}); give one like "
                          "postgresql://user@host:5432/dbname") from e
     except psycopg.OperationalError as e:
-        raise StoreError(f"cannot reach the database {redacted(url)} ({_first_line(e)}); check the URL and that "
-                         "PostgreSQL is running") from e
+        raise DatabaseUnavailable(f"cannot reach the database {redacted(url)} ({_first_line(e)}); check the URL "
+                                  "and that PostgreSQL is running") from e
 
 
 def _first_line(e: BaseException) -> str:
@@ -304,10 +304,10 @@ class PostgresStore:
                 break
             except psycopg.OperationalError as e:
                 if time.monotonic() > deadline:
-                    raise StoreError(f"lost the connection to the database {redacted(self.url)} ({_first_line(cause)}) "
-                                     f"and could not reconnect within {RECONNECT_S:.0f} s ({_first_line(e)}); nothing "
-                                     "unconfirmed was acknowledged. Once PostgreSQL is back, continue with "
-                                     f"--resume {self.root}") from e
+                    raise DatabaseUnavailable(
+                        f"lost the connection to the database {redacted(self.url)} ({_first_line(cause)}) and could "
+                        f"not reconnect within {RECONNECT_S:.0f} s ({_first_line(e)}); nothing unconfirmed was "
+                        f"acknowledged. Once PostgreSQL is back, continue with --resume {self.root}") from e
                 time.sleep(0.2)
         self._conn.close()
         self._conn = conn

@@ -103,7 +103,8 @@ def error_handlers(app: Any) -> None:
 
     @app.exception_handler(WebError)
     async def web_error(request, exc: WebError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
@@ -354,6 +355,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                            "`.venv/bin/pip install -e '.[web]' torch==2.13.0`") from e
 
     check_server_flags(args)
+    if args.ray:
+        return serve_on_ray(args)
     return_freed_memory()
     cfg = serve_config(args)  # every section checked as it is built
     validate_new(cfg)  # and no --forget-before: a new session has no rounds to forget
@@ -376,6 +379,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
         del shared
 
 
+def serve_on_ray(args: argparse.Namespace) -> None:
+    """`apa serve --ray ADDRESS`: the same page as a Ray Serve application (apa.web.cluster), every
+    session in the PostgreSQL database ``--database`` and the shared directory ``--data-dir``."""
+    if not args.database:
+        raise SessionError("--ray keeps every session in PostgreSQL: give --database postgresql://user@host:5432/db "
+                           "(or set APA_DATABASE); see docs/cluster.md")
+    if args.replicas < 1 or args.engines < 1:
+        raise ValueError(f"--replicas and --engines must be at least 1, got {args.replicas} and {args.engines}")
+    if not 0 <= args.engine_gpus <= 64:
+        raise ValueError(f"--engine-gpus must be from 0 to 64, got {args.engine_gpus}")
+    try:
+        from apa.web import cluster
+    except ImportError as e:
+        raise SessionError(f"apa serve --ray needs Ray Serve ({e}); install it with pip install 'apa[cluster]'") from e
+    cluster.check_ray_address(args.ray)
+    from apa.store.postgres import connect  # psycopg missing: one line saying to install apa[cluster]
+
+    cfg = serve_config(args)
+    validate_new(cfg)
+    components.build(cfg)  # a missing prior fails here, before the cluster is asked for anything
+    connect(args.database).close()  # so does an unreachable database
+    bind(args.host, args.port).close()  # and a port in use on this machine
+    fixed_seed = getattr(args, "seed", None) is not None  # absent unless given
+    app = cluster.application(cfg, Path(args.data_dir), args.database, replicas=args.replicas, engines=args.engines,
+                              fixed_seed=fixed_seed, max_sessions=args.max_sessions,
+                              allowed_hosts=loopback_hosts(args.host), engine_gpus=args.engine_gpus,
+                              prior_window=args.batch_window or cluster.PRIOR_WINDOW_S)
+    cluster.run(app, args.ray, args.host, args.port)
+
+
 def register_cli(subparsers: Any) -> None:
     """Add `apa serve` (heavy imports happen inside the command)."""
     p = subparsers.add_parser("serve", help="a web page where people rate images; one aligned session each")
@@ -388,12 +421,23 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--batch-window", type=float, default=0.0,
                    help="seconds a network call waits for other sessions' calls to join it in one batched call "
                         "(0, the default: every session calls the network on its own, which measured faster on "
-                        "a 2-core CPU; see benchmarks/serve_load.py)")
+                        "a 2-core CPU; see benchmarks/serve_load.py). With --ray the engines always batch, with this "
+                        "window or 0.01 s")
     p.add_argument("--max-sessions", type=int, default=1000, help="refuse new sessions past this many (default: 1000)")
     p.add_argument("--database", default=os.environ.get("APA_DATABASE") or None, metavar="URL",
                    help="keep the sessions' records in this PostgreSQL database (default: $APA_DATABASE, else SQLite "
                         "in each session's directory); --data-dir then holds their tensors and outputs and must be "
                         "shared by every replica. Needs pip install 'apa[cluster]'; see docs/cluster.md")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="serve as a Ray Serve application on the Ray cluster at ADDRESS (HOST:PORT, ray://HOST:PORT, "
+                        "auto), or 'local' to start Ray on this machine; needs --database and a --data-dir every "
+                        "machine reaches at the same path. Needs pip install 'apa[cluster]'; see docs/cluster.md")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas serving the page and API (default: 2)")
+    p.add_argument("--engines", type=int, default=2,
+                   help="with --ray: replicas holding the prior, where rounds are refitted and sampled (default: 2)")
+    p.add_argument("--engine-gpus", type=float, default=0.0,
+                   help="with --ray: GPUs Ray reserves for each engine replica (e.g. 1, or 0.5 to pack two on one GPU; "
+                        "with --device cuda); default 0")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--preset", choices=["default", "seed"], default="default",
                    help="default: this project's measured defaults; seed: every value of the seed design")

@@ -34,7 +34,7 @@ from apa.evaluation.report import write_report as report
 from apa.feedback.human import RATINGS, SCALE
 from apa.session import Session, components, with_overrides
 from apa.session.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, drive, next_action
-from apa.store import FITTED, RatingRefused, SessionBusy, StoreError, exists
+from apa.store import FITTED, DatabaseUnavailable, RatingRefused, SessionBusy, StoreError, exists
 from apa.web import render
 
 log = logging.getLogger("apa.web")
@@ -63,13 +63,26 @@ DAMAGED = ("this session's stored files are damaged or incomplete, so it cannot 
            "ratings are kept on the server: ask the server's operator to check its log and restore or repair it")
 
 
-class WebError(Exception):
-    """A request that cannot be served; ``status`` is its HTTP status, the message says what to do."""
+RETRY_AFTER_S = 2  # what a busy or unreachable-database answer asks the client to wait before trying again
+BUSY_MESSAGE = "this session is open in another process, which is writing it; try again in a moment"
+UNREACHABLE = "the sessions' database cannot be reached right now; nothing you sent was lost, try again in a moment"
 
-    def __init__(self, status: int, message: str):
+
+class WebError(Exception):
+    """A request that cannot be served; ``status`` is its HTTP status, the message says what to do;
+    ``retry_after`` (seconds): the same request may succeed then (sent as the Retry-After header)."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
+
+
+def busy(e: BaseException) -> WebError:
+    """503 with Retry-After for a session another process writes now, or a database that is down."""
+    message = UNREACHABLE if isinstance(e, DatabaseUnavailable) else BUSY_MESSAGE
+    return WebError(503, message, retry_after=RETRY_AFTER_S)
 
 
 class Workers:
@@ -212,6 +225,64 @@ def parse_ratings(body: Any, k: int) -> list[float | None]:
     return scores
 
 
+# ---------------------------------------------------------------- what every server answers alike
+
+
+def state_view(store: Any, cfg: AlignConfig, rounds: list[dict[str, Any]], ratings: list[dict[str, Any]],
+               now: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows of a session: ``now`` (its phase, round, message and progress) beside its
+    stored rounds and ratings and the budget of ``cfg``."""
+    phase, current = now["phase"], now["round"]
+    by_round: dict[int, dict[int, float | None]] = {}
+    for x in ratings:
+        by_round.setdefault(x["round"], {})[x["position"]] = x["score"]
+    history = [{"round": row["round"], "status": row["status"], "images": len(row["shown"]),
+                "ratings": [by_round.get(row["round"], {}).get(p, "pending") for p in range(len(row["shown"]))],
+                "fit_loss": None if row["fit_loss"] is None or not math.isfinite(row["fit_loss"]) else row["fit_loss"]}
+               for row in rounds]
+    return {"phase": phase, "round": current, "message": now["message"],
+            "images": len(rounds[current]["shown"]) if phase == "ready" else 0,
+            "rated": {str(p): v for p, v in by_round.get(current, {}).items()} if phase == "ready" else {},
+            "spent": store.spent(),
+            "budget": cfg.session.budget, "per_round": cfg.session.per_round,
+            "scale": list(SCALE), "choices": list(RATINGS), "progress": now["progress"],
+            "taste_changed_at": cfg.session.forget_before,
+            "history": history, "final": phase == "done" and store.final_path.exists(),
+            "report": phase == "done" and store.report_path.with_suffix(".html").is_file()}
+
+
+def report_file(root: Path, name: str) -> tuple[bytes, str]:
+    """One file of the report of the session at ``root`` and its media type (names from a fixed pattern)."""
+    root = root.resolve()
+    if not (isinstance(name, str) and REPORT_FILE_RE.fullmatch(name)):
+        raise WebError(404, "no such file in this session's report")
+    path = (root / name).resolve()
+    if not (path.is_relative_to(root) and path.is_file()):
+        raise WebError(404, "no such file in this session's report (it is written when the session ends)")
+    return path.read_bytes(), REPORT_TYPES[path.suffix]
+
+
+def final_zip(images: Any) -> bytes:
+    """Every final sample [n, C, H, W] as its own PNG, in one zip."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+        for i, image in enumerate(images):
+            out.writestr(f"final_{i:04d}.png", render.single_png(image))
+    return buf.getvalue()
+
+
+def counting(data_dir: Path):
+    """COUNT_LOCK held (an exclusive flock; each call opens its own, so threads exclude each other too)."""
+    fd = os.open(data_dir / COUNT_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return os.fdopen(fd, "rb")  # closing it releases the lock
+
+
+def count(data_dir: Path) -> int:
+    """The sessions under ``data_dir`` (directories named like a token)."""
+    return sum(1 for p in data_dir.iterdir() if TOKEN_RE.fullmatch(p.name))
+
+
 # ---------------------------------------------------------------- the manager
 
 
@@ -260,8 +331,8 @@ class SessionManager:
             try:
                 handle = SessionHandle(token, Session.resume(path, progress=False, batch_window=self.batch_window,
                                                                 database=self.database))
-            except SessionBusy as e:
-                raise WebError(503, "this session is open in another process; try again once it is closed") from e
+            except (SessionBusy, DatabaseUnavailable) as e:
+                raise busy(e) from e
             except StoreError as e:  # damaged, or its ledger lost: refused before it could take a rating
                 log.error("session %s…: %s", token[:6], e)
                 raise WebError(500, DAMAGED.format("opened")) from e
@@ -303,7 +374,7 @@ class SessionManager:
             self.handles.clear()
 
     def count(self) -> int:
-        return sum(1 for p in self.data_dir.iterdir() if TOKEN_RE.fullmatch(p.name))
+        return count(self.data_dir)
 
     # ------------------------------------------------------------ the operations the API offers
 
@@ -330,10 +401,7 @@ class SessionManager:
         return token
 
     def counting(self):
-        """COUNT_LOCK held (an exclusive flock; each call opens its own, so threads exclude each other too)."""
-        fd = os.open(self.data_dir / COUNT_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return os.fdopen(fd, "rb")  # closing it releases the lock
+        return counting(self.data_dir)
 
     def submit(self, token: str, r: int, body: Any) -> dict[str, Any]:
         """Store the ratings of round ``r`` (durably and all together, before returning), then refit and sample on."""
@@ -398,21 +466,8 @@ class SessionManager:
         with handle.lock:
             phase, current, message, progress = handle.phase, handle.round, handle.message, handle.progress()
             rounds, ratings = s.store.rounds(), s.store.ratings()
-        by_round: dict[int, dict[int, float | None]] = {}
-        for x in ratings:
-            by_round.setdefault(x["round"], {})[x["position"]] = x["score"]
-        history = [{"round": row["round"], "status": row["status"], "images": len(row["shown"]),
-                    "ratings": [by_round.get(row["round"], {}).get(p, "pending") for p in range(len(row["shown"]))],
-                    "fit_loss": None if row["fit_loss"] is None or not math.isfinite(row["fit_loss"]) else row["fit_loss"]}
-                   for row in rounds]
-        return {"phase": phase, "round": current, "message": message,
-                "images": len(rounds[current]["shown"]) if phase == "ready" else 0,
-                "rated": {str(p): v for p, v in by_round.get(current, {}).items()} if phase == "ready" else {},
-                "spent": s.store.spent(), "budget": s.cfg.session.budget, "per_round": s.cfg.session.per_round,
-                "scale": list(SCALE), "choices": list(RATINGS), "progress": progress,
-                "taste_changed_at": s.cfg.session.forget_before,
-                "history": history, "final": phase == "done" and s.store.final_path.exists(),
-                "report": phase == "done" and s.store.report_path.with_suffix(".html").is_file()}
+        return state_view(s.store, s.cfg, rounds, ratings, {"phase": phase, "round": current, "message": message,
+                                                            "progress": progress})
 
     def image_png(self, token: str, r: int, p: int) -> bytes:
         """Round r's p-th shown image, rendered from the session's stored particles."""
@@ -453,22 +508,11 @@ class SessionManager:
 
     def report_file(self, token: str, name: str) -> tuple[bytes, str]:
         """One file of the session's report (report.html, its stylesheet, its images) and its media type."""
-        handle = self.get(token)
-        root = handle.session.store.root.resolve()
-        if not (isinstance(name, str) and REPORT_FILE_RE.fullmatch(name)):
-            raise WebError(404, "no such file in this session's report")
-        path = (root / name).resolve()
-        if not (path.is_relative_to(root) and path.is_file()):
-            raise WebError(404, "no such file in this session's report (it is written when the session ends)")
-        return path.read_bytes(), REPORT_TYPES[path.suffix]
+        return report_file(self.get(token).session.store.root, name)
 
     def final_zip(self, token: str) -> bytes:
         """Every final sample as its own PNG, in one zip, once the session is done."""
         handle, images = self.final_images(token)
         if "final.zip" not in handle.pngs:
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
-                for i, image in enumerate(images):
-                    out.writestr(f"final_{i:04d}.png", render.single_png(image))
-            handle.pngs["final.zip"] = buf.getvalue()
+            handle.pngs["final.zip"] = final_zip(images)
         return handle.pngs["final.zip"]

@@ -98,6 +98,9 @@ async function api(method, path, body) {
   if (!response.ok) {
     const err = new Error((data && data.error) || `the server answered ${response.status}`);
     err.status = response.status;
+    // busy (another process writes the session) or the sessions' database unreachable: the same request
+    // may succeed after this many seconds
+    err.retryAfter = Number(response.headers.get("Retry-After")) || 0;
     throw err;
   }
   return data;
@@ -336,7 +339,7 @@ async function refresh() {
       startView("That session was not found on this server; start a new one.");
     } else {
       showError(e.message);
-      schedulePoll(e.offline ? OFFLINE_POLL_MS : POLL_MS * 3);
+      schedulePoll(e.offline ? OFFLINE_POLL_MS : e.retryAfter ? e.retryAfter * 1000 : POLL_MS * 3);
     }
   }
 }
@@ -365,10 +368,11 @@ async function sendPending() {
     const state = await api("POST", sessionPath(`/rounds/${round}/ratings`), { ratings });
     done(round, state);
   } catch (e) {
-    if (e.offline || e.status >= 500) {
-      const wait = RETRY_MS[Math.min(attempt, RETRY_MS.length - 1)];
+    if (e.offline || e.status >= 500 || e.retryAfter) {
+      const wait = e.retryAfter ? e.retryAfter * 1000 : RETRY_MS[Math.min(attempt, RETRY_MS.length - 1)];
       attempt += 1;
-      showSending("retrying", `The server is not answering. Your ratings are kept in this browser and will be ` +
+      const why = e.retryAfter ? `The server asks to wait (${e.message}).` : "The server is not answering.";
+      showSending("retrying", `${why} Your ratings are kept in this browser and will be ` +
         `sent again in ${Math.round(wait / 1000)} s (try ${attempt + 1}); you can also leave this page and come back.`);
       retryTimer = setTimeout(sendPending, wait);
       return;
@@ -393,7 +397,7 @@ function done(round, state) {
   schedulePoll(POLL_MS);
 }
 
-async function startSession() {
+async function startSession(tries = 0) {
   $("start-button").disabled = true;
   try {
     const { token: t } = await api("POST", "/api/sessions");
@@ -402,9 +406,12 @@ async function startSession() {
     refresh();
   } catch (e) {
     showError(e.message);
-  } finally {
-    $("start-button").disabled = false;
+    if (e.retryAfter && tries < 10) {  // the database is down for a moment: try again, as a person would
+      setTimeout(() => startSession(tries + 1), e.retryAfter * 1000);
+      return;
+    }
   }
+  $("start-button").disabled = false;
 }
 
 function startView(note) {
@@ -426,7 +433,7 @@ async function retry() {
 }
 
 function init() {
-  $("start-button").addEventListener("click", startSession);
+  $("start-button").addEventListener("click", () => startSession());
   $("submit").addEventListener("click", submitRatings);
   $("retry").addEventListener("click", retry);
   $("taste-changed").addEventListener("click", tasteChanged);
