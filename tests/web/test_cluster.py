@@ -76,10 +76,10 @@ def cfg(tiny_weights) -> AlignConfig:
 
 @pytest.fixture(scope="module")
 def cluster(postgres, cfg, tmp_path_factory):  # noqa: F811
-    from apa.web.cluster import application
+    from apa.web.cluster import application, start_local
 
     data = tmp_path_factory.mktemp("shared")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    start_local(num_cpus=2, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -213,3 +213,50 @@ def disk_errors(root: Path, what: str, created: bool = True, retry: bool = False
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise StoreError(f"could not {what} in {root} ({detail}); check that the directory exists and that you "
                          "can write to it") from e
+
+
+class DerivedReads:
+    """What a store derives from its own rows and files, the same for every store: where a round
+    stands, the open round, and the final batch. A store provides ``root``, ``rounds``, ``ratings``,
+    ``record`` and ``save_record``."""
+
+    root: Path
+
+    def stage(self, r: int) -> str:
+        """Where round r stands in the lifecycle: SAMPLED, RATED or FITTED."""
+        row = self.rounds()[r]
+        if row["status"] == FITTED:
+            return FITTED
+        return RATED if len(self.ratings(r)) >= len(row["shown"]) else SAMPLED
+
+    def open_round(self) -> int | None:
+        """The last round if it is not yet fitted (waiting for ratings, or for its refit), else None."""
+        rows = self.rounds()
+        return rows[-1]["round"] if rows and rows[-1]["status"] != FITTED else None
+
+    @property
+    def final_path(self) -> Path:
+        return self.root / FINAL_NAME
+
+    @property
+    def report_path(self) -> Path:
+        return self.root / REPORT_NAME
+
+    def save_final(self, images: torch.Tensor) -> Path:
+        """The final batch, images [n, C, H, W] in [0, 1], written atomically as ``final_samples.npz``."""
+        with disk_errors(self.root, "write the final batch"):
+            write_file(self.final_path, final_bytes(images))
+        self.save_record("final_batch", {"rounds": len(self.rounds())})  # the rounds it was drawn after
+        return self.final_path
+
+    def final_is_current(self) -> bool:
+        """The final batch exists and was drawn after the last round: one drawn before the budget was
+        raised (and more rounds run) is not (a batch stored before this was recorded counts as current)."""
+        if not self.final_path.exists():
+            return False
+        drawn = self.record("final_batch")
+        return drawn is None or drawn["rounds"] == len(self.rounds())
+
+    def final_images(self) -> torch.Tensor | None:
+        """The final batch [n, C, H, W] if it was written, else None."""
+        return read_final(self.final_path)

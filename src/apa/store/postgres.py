@@ -41,10 +41,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 
 from apa.atomic import place, stage_file, write_file
-from apa.store.base import (CONFIG_NAME, FINAL_NAME, FITTED, FORMAT, RATED, REPORT_NAME, SAMPLED, STATE_TABLES,
-                            DatabaseUnavailable, RatingRefused, SessionBusy, StoreError, atomic_save, describe,
-                            disk_errors, failpoint, file_problems, final_bytes, public, rating_chain, read_final,
-                            round_name, state_hash, surrogate_name, tensor_files)
+from apa.store.base import (CONFIG_NAME, FITTED, FORMAT, SAMPLED, STATE_TABLES, DatabaseUnavailable, DerivedReads,
+                            RatingRefused, SessionBusy, StoreError, atomic_save, describe, disk_errors, failpoint,
+                            file_problems, public, rating_chain, round_name, state_hash, surrogate_name, tensor_files)
 
 try:
     import psycopg
@@ -127,7 +126,7 @@ def lost(conn: "psycopg.Connection", e: BaseException) -> bool:
     return isinstance(e, psycopg.OperationalError) and (conn.closed or conn.broken)
 
 
-class PostgresStore:
+class PostgresStore(DerivedReads):
     """A session's store in PostgreSQL (see the module's docstring); the same methods as ``SessionStore``."""
 
     def __init__(self, url: str, root: Path, conn: "psycopg.Connection", writable: bool):
@@ -563,44 +562,6 @@ class PostgresStore:
         rows = self._query(q + (" AND round=%s" if r is not None else "") + " ORDER BY round, position",
                            (self.name,) if r is None else (self.name, r))
         return [{"round": a, "position": b, "particle": c, "score": d, "source": e} for a, b, c, d, e in rows]
-
-    def stage(self, r: int) -> str:
-        """Where round r stands in the lifecycle: SAMPLED, RATED or FITTED."""
-        row = self.rounds()[r]
-        if row["status"] == FITTED:
-            return FITTED
-        return RATED if len(self.ratings(r)) >= len(row["shown"]) else SAMPLED
-
-    def open_round(self) -> int | None:
-        """The last round if it is not yet fitted (waiting for ratings, or for its refit), else None."""
-        rows = self.rounds()
-        return rows[-1]["round"] if rows and rows[-1]["status"] != FITTED else None
-
-    @property
-    def final_path(self) -> Path:
-        return self.root / FINAL_NAME
-
-    @property
-    def report_path(self) -> Path:
-        return self.root / REPORT_NAME
-
-    def save_final(self, images: torch.Tensor) -> Path:
-        """The final batch, images [n, C, H, W] in [0, 1], written atomically as ``final_samples.npz``."""
-        with disk_errors(self.root, "write the final batch"):
-            write_file(self.final_path, final_bytes(images))
-        self.save_record("final_batch", {"rounds": len(self.rounds())})  # the rounds it was drawn after
-        return self.final_path
-
-    def final_is_current(self) -> bool:
-        """The final batch exists and was drawn after the last round (see ``SessionStore.final_is_current``)."""
-        if not self.final_path.exists():
-            return False
-        drawn = self.record("final_batch")
-        return drawn is None or drawn["rounds"] == len(self.rounds())
-
-    def final_images(self) -> torch.Tensor | None:
-        """The final batch [n, C, H, W] if it was written, else None."""
-        return read_final(self.final_path)
 
     def save_record(self, name: str, value: dict[str, Any]) -> None:
         """Store a number the session measured (JSON), replacing an earlier one of that name, durably."""

@@ -48,10 +48,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 
 from apa.atomic import fsync_dir, place, stage_file, write_file
-from apa.store.base import (CONFIG_NAME, FINAL_NAME, FITTED, FORMAT, RATED, REPORT_NAME, SAMPLED, STATE_TABLES,
-                            RatingRefused, SessionBusy, StoreError, atomic_save, describe, disk_errors, failpoint,
-                            file_problems, final_bytes, public, read_final, rating_chain, round_name, state_hash, surrogate_name,
-                            tensor_files)
+from apa.store.base import (CONFIG_NAME, FITTED, FORMAT, SAMPLED, STATE_TABLES, DerivedReads, RatingRefused,
+                            SessionBusy, StoreError, atomic_save, describe, disk_errors, failpoint, file_problems,
+                            public, rating_chain, round_name, state_hash, surrogate_name, tensor_files)
 
 DB_NAME = "session.sqlite"
 LEDGER_NAME = "session.ledger"
@@ -244,7 +243,7 @@ def verify(root: Path) -> sqlite3.Connection:
     return snapshot
 
 
-class SessionStore:
+class SessionStore(DerivedReads):
     def __init__(self, root: Path, conn: sqlite3.Connection, held: IO[bytes] | None = None, writable: bool = True):
         self.root = Path(root)
         self._conn = conn  # reads; the writing connection once there is one
@@ -668,45 +667,6 @@ class SessionStore:
         rows = self._conn.execute(q + (" WHERE round=?" if r is not None else "") + " ORDER BY round, position",
                                   (() if r is None else (r,))).fetchall()
         return [{"round": a, "position": b, "particle": c, "score": d, "source": e} for a, b, c, d, e in rows]
-
-    def stage(self, r: int) -> str:
-        """Where round r stands in the lifecycle: SAMPLED, RATED or FITTED."""
-        row = self.rounds()[r]
-        if row["status"] == FITTED:
-            return FITTED
-        return RATED if len(self.ratings(r)) >= len(row["shown"]) else SAMPLED
-
-    def open_round(self) -> int | None:
-        """The last round if it is not yet fitted (waiting for ratings, or for its refit), else None."""
-        rows = self.rounds()
-        return rows[-1]["round"] if rows and rows[-1]["status"] != FITTED else None
-
-    @property
-    def final_path(self) -> Path:
-        return self.root / FINAL_NAME
-
-    @property
-    def report_path(self) -> Path:
-        return self.root / REPORT_NAME
-
-    def save_final(self, images: torch.Tensor) -> Path:
-        """The final batch, images [n, C, H, W] in [0, 1], written atomically as ``final_samples.npz``."""
-        with disk_errors(self.root, "write the final batch"):
-            write_file(self.final_path, final_bytes(images))
-        self.save_record("final_batch", {"rounds": len(self.rounds())})  # the rounds it was drawn after
-        return self.final_path
-
-    def final_is_current(self) -> bool:
-        """The final batch exists and was drawn after the last round: one drawn before the budget was
-        raised (and more rounds run) is not (a batch stored before this was recorded counts as current)."""
-        if not self.final_path.exists():
-            return False
-        drawn = self.record("final_batch")
-        return drawn is None or drawn["rounds"] == len(self.rounds())
-
-    def final_images(self) -> torch.Tensor | None:
-        """The final batch [n, C, H, W] if it was written, else None."""
-        return read_final(self.final_path)
 
     def save_record(self, name: str, value: dict[str, Any]) -> None:
         """Store a number the session measured (JSON), replacing an earlier one of that name, durably."""

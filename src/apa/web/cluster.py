@@ -244,6 +244,17 @@ class Advancer:
             self.failed.pop(token, None)
 
 
+@contextlib.contextmanager
+def answered(store: Any) -> Iterator[None]:
+    """Use ``store`` for one request: a database lost meanwhile answers 503 with Retry-After; closed after."""
+    try:
+        yield
+    except DatabaseUnavailable as e:
+        raise busy(e) from e
+    finally:
+        store.close()
+
+
 class ClusterSessions:
     """The operations of ``SessionManager`` for the ingress, each read from (and written to) the store."""
 
@@ -273,12 +284,8 @@ class ClusterSessions:
             raise busy(e) from e
         except StoreError as e:
             raise WebError(404, "no session has this token; check the link, or start a new session") from e
-        try:
+        with answered(store):
             yield store
-        except DatabaseUnavailable as e:
-            raise busy(e) from e
-        finally:
-            store.close()
 
     @contextlib.contextmanager
     def writing(self, token: str) -> Iterator[Any]:
@@ -292,12 +299,8 @@ class ClusterSessions:
         except StoreError as e:
             log.error("session %s…: %s", token[:6], e)
             raise WebError(500, DAMAGED.format("changed")) from e
-        try:
+        with answered(store):
             yield store
-        except DatabaseUnavailable as e:
-            raise busy(e) from e
-        finally:
-            store.close()
 
     # ------------------------------------------------------------ the operations the API offers
 
@@ -503,12 +506,26 @@ def check_ray_address(address: str) -> None:
                          "`ray start --head` and give its address, or use --ray local") from e
 
 
+# Ray Serve restarts an HTTP proxy that is not ready within 5 s three times running; on a busy machine
+# (two cores, the engines loading torch) starting one takes longer, so a local cluster waits a minute.
+PATIENT_PROXY = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
+def start_local(num_cpus: int, **options: Any) -> None:
+    """Start Ray on this machine (127.0.0.1), its Serve proxy given time to start on busy cores."""
+    import ray
+
+    for name, value in PATIENT_PROXY.items():
+        os.environ.setdefault(name, value)  # read by the Serve controller, a process this starts
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **options)
+
+
 def connect(address: str) -> None:
     """Join the Ray cluster at ``address``, or start one on this machine (``local``)."""
     import ray
 
     if address == "local":
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1")  # this machine
+        start_local(num_cpus=os.cpu_count())
         return
     try:
         ray.init(address=address)
