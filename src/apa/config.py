@@ -245,6 +245,9 @@ class SessionConfig:
                                   "re-noised to this training timestep, denoised by the prior, accepted by "
                                   "exp(β_end·Δr) (none: no move; 500 doubled the distinct liked images on every set "
                                   "of the 3-seed run for a tenth more calls: docs/results.md)")
+    final_particles: int | None = knob(None, "particles of the final batch's run, from which its --eval-samples "
+                                       "images are resampled (none: as many as the images; more leaves fewer "
+                                       "repeats, each particle drawn at most once where its weight allows)")
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
                           "(0.3 of 25: the last 8, from t≈291 of 1000)")
     detect_change: float | None = knob(None, "read a round as a change of taste when the surrogate fitted before "
@@ -270,6 +273,10 @@ class SessionConfig:
                  f"--explore-rounds must be a whole number from 0 or none, got {self.explore_rounds!r}")
         _require(self.final_move is None or (_whole(self.final_move) and 1 <= self.final_move < NUM_TIMESTEPS),
                  f"--final-move must be a training timestep from 1 to {NUM_TIMESTEPS - 1}, got {self.final_move!r}")
+        _require(self.final_particles is None or (_whole(self.final_particles)
+                                                  and self.eval_samples <= self.final_particles <= MAX_POPULATION),
+                 f"--final-particles must be a whole number from --eval-samples ({self.eval_samples}) to "
+                 f"{MAX_POPULATION}, or none; got {self.final_particles!r}")
         _require(_number(self.restart) and 0.0 < self.restart <= 1.0,
                  f"--restart must be a fraction of the steps in (0, 1], got {self.restart!r}")
         _require(self.detect_change is None or (_number(self.detect_change) and 0.0 <= self.detect_change < 1.0),

@@ -245,3 +245,19 @@ def test_forget_before_on_resume_is_checked_stored_and_used(tmp_path, capsys):
     assert session.cfg.session.forget_before == 2 and session.state.forget_point() == 1
     assert [r for r, _, _ in session.state.rated_rounds()] == [0, 1, 2] and len(session.state.training_set()[:2][1]) == 8
     session.store.close()
+
+
+def test_more_final_particles_than_images_cost_their_rows_and_still_give_the_images(tmp_path, capsys):
+    """--final-particles 16 for 8 images: the final batch's run costs twice the network-call rows of 8
+    particles (every row but one is per particle) and still stores 8 images; fewer particles than
+    images are refused before anything is written."""
+    calls = {}
+    for n in (None, 16):
+        out = tmp_path / f"s{n}"
+        extra = ["--final-particles", str(n)] if n else []
+        assert main(["align", "--out", str(out), "--final-move", "none", *extra, *TINY]) == 0
+        calls[n] = SessionStore.read(out).record("final_checks")["final_calls"]
+        assert np.load(out / "final_samples.npz")["images"].shape[0] == 8
+    assert abs(calls[16] - 2 * calls[None]) <= 1 and calls[None] > 100
+    assert main(["align", "--out", str(tmp_path / "bad"), "--final-particles", "4", *TINY]) == 2
+    assert "--final-particles" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -238,12 +238,13 @@ class Session:
         seed = cfg.session.seed
         surrogate = self.surrogate_after(last, device_of(self.prior))
         x, y, _ = self.state.training_set()
-        initial, start = final_start(self.prior, cfg, x[y > 0], n, generator(seed, last + 1, "restart"))
+        particles_n = cfg.session.final_particles or n  # the run's particles; n images are resampled from them
+        initial, start = final_start(self.prior, cfg, x[y > 0], particles_n, generator(seed, last + 1, "restart"))
         reward = self.fitter.reward(surrogate)
         history = self.state.history_particles() if self.sampler.reads_history else None
         with self.timings.timer("final_sampling"):
-            res = self.sampler.sample(reward, surrogate, n, generator(seed, last + 1, "final"), history=history,
-                                      initial=initial, start_step=start, desc="final batch")
+            res = self.sampler.sample(reward, surrogate, particles_n, generator(seed, last + 1, "final"),
+                                      history=history, initial=initial, start_step=start, desc="final batch")
             particles = res.resample(n, generator(seed, last + 1, "select"))
             if cfg.session.final_move is not None:
                 particles = moved(self.prior, reward, particles, cfg.session.final_move, cfg.sampler.beta[1],
