@@ -215,12 +215,53 @@ def disk_errors(root: Path, what: str, created: bool = True, retry: bool = False
                          "can write to it") from e
 
 
-class DerivedReads:
-    """What a store derives from its own rows and files, the same for every store: where a round
-    stands, the open round, and the final batch. A store provides ``root``, ``rounds``, ``ratings``,
-    ``record`` and ``save_record``."""
+class StoreBase:
+    """What every store builds the same way on its own primitives: where a round stands, the open
+    round, the budget, the tensor files' paths and their writing, the surrogate's tensors and the
+    final batch. A store provides ``root``, ``config``, ``rounds``, ``ratings``, ``record``,
+    ``save_record``, ``update_session``, ``_load_tensors`` and ``_rounds`` (round -> its tensors,
+    kept in memory once written or read)."""
 
     root: Path
+    _rounds: dict[int, dict[str, torch.Tensor]]
+
+    def round_tensors(self, r: int) -> dict[str, torch.Tensor]:
+        """Round r's particles, log-weights and shown indices: from memory once written or read in this
+        process (a round never changes once sampled), else from its file, checked."""
+        if r not in self._rounds:
+            self._rounds[r] = self._load_tensors(self.round_path(r), f"round {r}'s tensors")
+        return dict(self._rounds[r])
+
+    def round_path(self, r: int) -> Path:
+        return self.root / round_name(r)
+
+    def surrogate_path(self, r: int) -> Path:
+        return self.root / surrogate_name(r)
+
+    def _save_tensors(self, path: Path, tensors: dict[str, torch.Tensor], what: str) -> str:
+        with disk_errors(self.root, f"write {what}"):
+            digest = atomic_save(tensors, path)
+        failpoint(f"write {what}")
+        return digest
+
+    def load_surrogate(self, r: int) -> dict[str, torch.Tensor]:
+        return self._load_tensors(self.surrogate_path(r), f"the surrogate fitted after round {r}")
+
+    def check_budget(self, budget: int) -> None:
+        """Refuse lowering the session's budget."""
+        old = self.config()["session"]["budget"]
+        if budget < old:
+            raise StoreError(f"--budget {budget} is below this session's budget {old}; a budget can only be raised")
+
+    def extend_budget(self, budget: int) -> None:
+        """Raise the session's budget (stored in its configuration); refuses lowering it."""
+        self.check_budget(budget)
+        if budget != self.config()["session"]["budget"]:
+            self.update_session({"budget": budget}, "raise the budget")
+
+    def set_session_option(self, name: str, value: Any, what: str) -> None:
+        """Change one option of the session's stored configuration (``session.<name>``), all or nothing."""
+        self.update_session({name: value}, what)
 
     def stage(self, r: int) -> str:
         """Where round r stands in the lifecycle: SAMPLED, RATED or FITTED."""

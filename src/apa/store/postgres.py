@@ -41,9 +41,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 
 from apa.atomic import place, stage_file, write_file
-from apa.store.base import (CONFIG_NAME, FITTED, FORMAT, SAMPLED, STATE_TABLES, DatabaseUnavailable, DerivedReads,
-                            RatingRefused, SessionBusy, StoreError, atomic_save, describe, disk_errors, failpoint,
-                            file_problems, public, rating_chain, round_name, state_hash, surrogate_name, tensor_files)
+from apa.store.base import (CONFIG_NAME, FITTED, FORMAT, SAMPLED, STATE_TABLES, DatabaseUnavailable, StoreBase,
+                            RatingRefused, SessionBusy, StoreError, describe, disk_errors, failpoint, file_problems,
+                            public, rating_chain, round_name, state_hash, surrogate_name, tensor_files)
 
 try:
     import psycopg
@@ -126,7 +126,7 @@ def lost(conn: "psycopg.Connection", e: BaseException) -> bool:
     return isinstance(e, psycopg.OperationalError) and (conn.closed or conn.broken)
 
 
-class PostgresStore(DerivedReads):
+class PostgresStore(StoreBase):
     """A session's store in PostgreSQL (see the module's docstring); the same methods as ``SessionStore``."""
 
     def __init__(self, url: str, root: Path, conn: "psycopg.Connection", writable: bool):
@@ -407,18 +407,6 @@ class PostgresStore(DerivedReads):
 
     # ------------------------------------------------------------ rounds
 
-    def round_path(self, r: int) -> Path:
-        return self.root / round_name(r)
-
-    def surrogate_path(self, r: int) -> Path:
-        return self.root / surrogate_name(r)
-
-    def _save_tensors(self, path: Path, tensors: dict[str, torch.Tensor], what: str) -> str:
-        with disk_errors(self.root, f"write {what}"):
-            digest = atomic_save(tensors, path)
-        failpoint(f"write {what}")
-        return digest
-
     def _record_file(self, conn: Any, path: Path, digest: str) -> None:
         """Inside a transaction: the sha256 a tensor file must have when it is read back."""
         conn.execute("INSERT INTO apa_files VALUES (%s, %s, %s) ON CONFLICT (session, name) DO UPDATE "
@@ -451,13 +439,6 @@ class PostgresStore(DerivedReads):
         self._commit(f"store round {r}", body)
         self._rounds[r] = {k: v.detach().cpu().clone() for k, v in tensors.items()}
 
-    def round_tensors(self, r: int) -> dict[str, torch.Tensor]:
-        """Round r's particles, log-weights and shown indices: from memory once written or read in this
-        process (a round never changes once sampled), else from its file, checked."""
-        if r not in self._rounds:
-            self._rounds[r] = self._load_tensors(self.round_path(r), f"round {r}'s tensors")
-        return dict(self._rounds[r])
-
     def rounds(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT round, status, shown, fit_loss, info FROM apa_rounds WHERE session=%s "
                            "ORDER BY round", (self.name,))
@@ -479,25 +460,6 @@ class PostgresStore(DerivedReads):
             conn.execute("UPDATE apa_rounds SET status=%s, fit_loss=%s, info=%s WHERE session=%s AND round=%s",
                          (FITTED, fit_loss, json.dumps({**old, **info}), self.name, r))
         self._commit(f"complete round {r}", body)
-
-    def load_surrogate(self, r: int) -> dict[str, torch.Tensor]:
-        return self._load_tensors(self.surrogate_path(r), f"the surrogate fitted after round {r}")
-
-    def check_budget(self, budget: int) -> None:
-        """Refuse lowering the session's budget."""
-        old = self.config()["session"]["budget"]
-        if budget < old:
-            raise StoreError(f"--budget {budget} is below this session's budget {old}; a budget can only be raised")
-
-    def extend_budget(self, budget: int) -> None:
-        """Raise the session's budget (stored in its configuration); refuses lowering it."""
-        self.check_budget(budget)
-        if budget != self.config()["session"]["budget"]:
-            self.update_session({"budget": budget}, "raise the budget")
-
-    def set_session_option(self, name: str, value: Any, what: str) -> None:
-        """Change one option of the session's stored configuration (``session.<name>``), all or nothing."""
-        self.update_session({name: value}, what)
 
     def update_session(self, changes: dict[str, Any], what: str) -> None:
         """Change options of the session's stored configuration (``session.<name>``) together, all or

@@ -48,9 +48,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 
 from apa.atomic import fsync_dir, place, stage_file, write_file
-from apa.store.base import (CONFIG_NAME, FITTED, FORMAT, SAMPLED, STATE_TABLES, DerivedReads, RatingRefused,
-                            SessionBusy, StoreError, atomic_save, describe, disk_errors, failpoint, file_problems,
-                            public, rating_chain, round_name, state_hash, surrogate_name, tensor_files)
+from apa.store.base import (CONFIG_NAME, FITTED, FORMAT, SAMPLED, STATE_TABLES, StoreBase, RatingRefused,
+                            SessionBusy, StoreError, describe, disk_errors, failpoint, file_problems, public,
+                            rating_chain, state_hash, tensor_files)
 
 DB_NAME = "session.sqlite"
 LEDGER_NAME = "session.ledger"
@@ -243,7 +243,7 @@ def verify(root: Path) -> sqlite3.Connection:
     return snapshot
 
 
-class SessionStore(DerivedReads):
+class SessionStore(StoreBase):
     def __init__(self, root: Path, conn: sqlite3.Connection, held: IO[bytes] | None = None, writable: bool = True):
         self.root = Path(root)
         self._conn = conn  # reads; the writing connection once there is one
@@ -529,18 +529,6 @@ class SessionStore(DerivedReads):
 
     # ------------------------------------------------------------ rounds
 
-    def round_path(self, r: int) -> Path:
-        return self.root / round_name(r)
-
-    def surrogate_path(self, r: int) -> Path:
-        return self.root / surrogate_name(r)
-
-    def _save_tensors(self, path: Path, tensors: dict[str, torch.Tensor], what: str) -> str:
-        with disk_errors(self.root, f"write {what}"):
-            digest = atomic_save(tensors, path)
-        failpoint(f"write {what}")
-        return digest
-
     def _record_file(self, path: Path, digest: str) -> None:
         """Inside a transaction: the sha256 a tensor file must have when it is read back."""
         self._conn.execute("INSERT OR REPLACE INTO files VALUES (?, ?)", (str(path.relative_to(self.root)), digest))
@@ -570,13 +558,6 @@ class SessionStore(DerivedReads):
                                (r, SAMPLED, json.dumps(shown), json.dumps(info), time.time()))
         self._rounds[r] = {k: v.detach().cpu().clone() for k, v in tensors.items()}
 
-    def round_tensors(self, r: int) -> dict[str, torch.Tensor]:
-        """Round r's particles, log-weights and shown indices: from memory once written or read in this
-        process (a round never changes once sampled), else from its file, checked."""
-        if r not in self._rounds:
-            self._rounds[r] = self._load_tensors(self.round_path(r), f"round {r}'s tensors")
-        return dict(self._rounds[r])
-
     def rounds(self) -> list[dict[str, Any]]:
         rows = self._conn.execute("SELECT round, status, shown, fit_loss, info FROM rounds ORDER BY round").fetchall()
         return [{"round": r, "status": s, "shown": json.loads(sh), "fit_loss": fl, "info": json.loads(i)}
@@ -594,25 +575,6 @@ class SessionStore(DerivedReads):
             old = json.loads(self._conn.execute("SELECT info FROM rounds WHERE round=?", (r,)).fetchone()[0])
             self._conn.execute("UPDATE rounds SET status=?, fit_loss=?, info=? WHERE round=?",
                                (FITTED, fit_loss, json.dumps({**old, **info}), r))
-
-    def load_surrogate(self, r: int) -> dict[str, torch.Tensor]:
-        return self._load_tensors(self.surrogate_path(r), f"the surrogate fitted after round {r}")
-
-    def check_budget(self, budget: int) -> None:
-        """Refuse lowering the session's budget."""
-        old = self.config()["session"]["budget"]
-        if budget < old:
-            raise StoreError(f"--budget {budget} is below this session's budget {old}; a budget can only be raised")
-
-    def extend_budget(self, budget: int) -> None:
-        """Raise the session's budget (stored in its configuration); refuses lowering it."""
-        self.check_budget(budget)
-        if budget != self.config()["session"]["budget"]:
-            self.update_session({"budget": budget}, "raise the budget")
-
-    def set_session_option(self, name: str, value: Any, what: str) -> None:
-        """Change one option of the session's stored configuration (``session.<name>``), all or nothing."""
-        self.update_session({name: value}, what)
 
     def update_session(self, changes: dict[str, Any], what: str) -> None:
         """Change options of the session's stored configuration (``session.<name>``) together, all or
