@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from apa.session import components
+from apa.session.examples import GIVEN
 from apa.session.lifecycle import FINAL, drive
 from apa.config import preset
 from apa.measures.novelty import users_liked
@@ -296,7 +297,7 @@ def session_rows(session, finals: list[Final],
                     session.prior.decode)
     (rated, liked), seen = rated_images(session), shown_liked(session.state.liked_shares())
     first = first_liked([x["score"] for x in session.store.ratings()  # the search's: given examples are not found
-                         if x["score"] is not None and x["source"] != "given"])
+                         if x["score"] is not None and x["source"] != GIVEN])
     rows, kept, equal = {}, None, {}
     for final in finals:  # each variant: the same store and networks, read with the variant's configuration
         variant_cfg = with_overrides(cfg, session={"final_start": final.start, "restart": final.restart,

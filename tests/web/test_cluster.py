@@ -11,7 +11,6 @@ from __future__ import annotations
 import glob
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from apa.config import AlignConfig
 from apa.session import with_overrides
-from tests.store.conftest import postgres, postgres_installed  # noqa: F401  (the module's PostgreSQL)
+from tests.store.conftest import free_port, postgres, postgres_installed  # noqa: F401  (postgres: the module's server)
 from tests.web.helpers import TINY
 
 pytestmark = pytest.mark.xdist_group("ray-cluster")  # one cluster: the module stays on one worker
@@ -33,12 +32,6 @@ if not postgres_installed():
 
 SMALL = {**TINY, "session": {**TINY["session"], "budget": 16}}  # 4 rounds of 4 images
 WAIT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -230,7 +223,7 @@ def test_two_writers_never_write_one_session_at_once(cluster):
     holder = open_store(root, cluster.pg.url)  # another process writing the session
     try:
         for pin in (a, b):
-            for path, body in ((f"/rounds/0/ratings", {"ratings": ratings_for(0, 4)}), ("/taste-changed", None)):
+            for path, body in (("/rounds/0/ratings", {"ratings": ratings_for(0, 4)}), ("/taste-changed", None)):
                 answer = request(cluster.http, "POST", f"/api/sessions/{token}{path}", pin, retry=False, json=body)
                 assert answer.status_code == 503 and answer.headers["Retry-After"] == "2", answer.text
                 assert answer.json()["error"].startswith("this session is open in another process")

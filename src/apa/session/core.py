@@ -24,7 +24,7 @@ from apa.priors.ddpm import weights_path
 from apa.seeding import generator
 from apa.session import components
 from apa.session.checks import SessionError, check_forget_before, validate, validate_new
-from apa.session.examples import examples_round, liked_examples
+from apa.session.examples import GIVEN, examples_round, liked_examples
 from apa.session.final import final_start, moved
 from apa.session.fitter import SurrogateFitter, heldout_score, reads_as_change
 from apa.session.lifecycle import FIT, RATE, SAMPLE, next_action
@@ -137,7 +137,7 @@ class Session:
         tensors, info = examples_round(self.prior, images)
         with self.timings.timer("io"):
             self.store.save_round(0, tensors, tensors["shown"].tolist(), info)
-            self.store.add_ratings(0, [(p, self.feedback.scale[1]) for p in range(images.shape[0])], "given")
+            self.store.add_ratings(0, [(p, self.feedback.scale[1]) for p in range(images.shape[0])], GIVEN)
 
     def next_round(self) -> int | None:
         """The round waiting for ratings (sampling it first if needed); None when the budget is spent."""

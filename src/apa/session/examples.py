@@ -16,6 +16,9 @@ import torch
 from apa import data
 from apa.measures.novelty import users_liked
 from apa.seeding import generator
+from apa.smc.weights import uniform
+
+GIVEN = "given"  # the source of the ratings of images the user gave, and the key of their round's info
 
 
 class ExamplesError(ValueError):
@@ -54,9 +57,7 @@ def examples_round(prior: Any, images: torch.Tensor) -> tuple[dict[str, torch.Te
     with torch.no_grad():
         z = prior.encode(images).cpu()
     n = z.shape[0]
-    tensors = {"particles": z, "log_weights": torch.full((n,), -float(torch.log(torch.tensor(float(n)))),
-                                                         dtype=torch.float64),
-               "shown": torch.arange(n)}
-    info = {"given": n, "ess": [], "resampled": [], "unique_origins": n, "beta_used": False, "explored": 0,
+    tensors = {"particles": z, "log_weights": uniform(n), "shown": torch.arange(n)}
+    info = {GIVEN: n, "ess": [], "resampled": [], "unique_origins": n, "beta_used": False, "explored": 0,
             "calls": 0}
     return tensors, info

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from apa.config import AlignConfig
+from apa.session.examples import GIVEN
 from apa.store import Store
 
 
@@ -108,7 +109,7 @@ class SessionState:
         out = []
         for row in self.store.rounds():
             scores = [x["score"] for x in self.store.ratings(row["round"])
-                      if x["score"] is not None and x["source"] != "given"]
+                      if x["score"] is not None and x["source"] != GIVEN]
             out.append(sum(s > (lo + hi) / 2 for s in scores) / len(scores) if scores else None)
         return out
 

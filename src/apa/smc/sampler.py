@@ -152,10 +152,20 @@ def _evaluate(z: Particles, i: int, k: Kernel) -> fkc.PotentialEval:
         return fkc.evaluate_potential(k.prior, k.reward, z, sig, gamma, k.cfg, historical=k.historical, step=i,
                                       need_grad=k.weighting.needs_gradient(deterministic, k.cfg.drift),
                                       deferred=k.deferred)
+    return _plain_eval(z, sig, k)
+
+
+def _plain_eval(z: Particles, sig: float, k: Kernel) -> fkc.PotentialEval:
+    """The prior's ε at z [n, *event] alone (no reward call): zero potentials, no gradient."""
     with torch.no_grad():
         eps = k.prior.eps(z, sig)
     zero = torch.zeros(z.shape[0], device=z.device)
     return fkc.PotentialEval(eps, zero, zero, None)
+
+
+def _noise(i: int, n: int, z: Particles, k: Kernel) -> Particles:
+    """This process's rows of the whole population's noise of step i ([n, *event] drawn, like z)."""
+    return k.population.local(k.noise_fn(i, (n, *z.shape[1:]), k.generator)).to(z)
 
 
 def _check(deferred: fkc.Deferred | None) -> bool | None:
@@ -210,8 +220,8 @@ def _phi_end(z_end: Particles, pe: fkc.PotentialEval, move: Move, i: int, k: Ker
 
 
 def reweighs(i: int, cfg: SamplerConfig) -> bool:
-    """Whether step i evaluates the potential and reweights: every ``reweight_every``-th step counted
-    back from the last (so the last step always does), or every step of an unguided run's trace."""
+    """Whether step i of a guided run evaluates the potential and reweights: every ``reweight_every``-th
+    step counted back from the last (so the last step always does)."""
     return (cfg.steps - 1 - i) % cfg.reweight_every == 0
 
 
@@ -219,12 +229,9 @@ def _prior_step(state: SMCState, k: Kernel) -> tuple[SMCState, StepInfo]:
     """A step between reweights: the prior's own move (ε alone, no shift), the weights and the last
     reweighted step's move carried unchanged. Exact: the next increment, φ_j(z_j) − φ_i(z_i) + the
     log-ratio of move i, covers every move since step i, the unshifted ones adding nothing."""
-    i, z, pop = state.step, state.particles, k.population
-    sig, sig_next = k.sched.at(i)[:2]
-    with torch.no_grad():
-        eps = k.prior.eps(z, sig)
-        noise = pop.local(k.noise_fn(i, (state.log_weights.shape[0], *z.shape[1:]), k.generator)).to(z)
-        z_next = k.prior.transition(z, eps, sig, sig_next, noise)
+    i, z = state.step, state.particles
+    sig = k.sched.at(i)[0]
+    z_next, _ = _move(z, _plain_eval(z, sig, k), i, _noise(i, state.log_weights.shape[0], z, k), None, k)
     ess = _scalar(ess_tensor(state.log_weights, _check(k.deferred)), k.deferred)
     info = StepInfo(i, sig, ess, False, float("nan"), 0.0, _unique(state.origins, k.deferred))
     return replace(state, particles=z_next, step=i + 1), info
@@ -259,8 +266,7 @@ def step(state: SMCState, k: Kernel) -> tuple[SMCState, StepInfo]:
         z, pe, log_w = take(z), pe.apply(take), uniform(n, device=log_w.device)
         grad_phi = beta * pe.grad if pe.grad is not None else None  # the ancestors' (elementwise: the same bits)
         origins = origins[idx] if origins is not None else None
-    noise = pop.local(k.noise_fn(i, (n, *z.shape[1:]), k.generator)).to(z)
-    z_next, move = _move(z, pe, i, noise, grad_phi, k)
+    z_next, move = _move(z, pe, i, _noise(i, n, z, k), grad_phi, k)
     if i == k.cfg.steps - 1 and k.weighting.needs_end:  # the last move's increment completes the weights
         log_w, log_z = _accumulate(log_w, log_z, _gathered(k, k.weighting.final(move, _phi_end(z_next, pe, move, i, k))),
                                    i, k)

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from apa.atomic import write_file
@@ -105,6 +107,12 @@ def round_name(r: int) -> str:
 def surrogate_name(r: int) -> str:
     """The file of the surrogate fitted after round r, relative to the session's root."""
     return f"surrogate/round_{r:04d}.safetensors"
+
+
+def round_rows(rows: Iterable[tuple]) -> list[dict[str, Any]]:
+    """Rows (round, status, shown JSON, fit_loss, info JSON) as the dicts ``rounds()`` returns."""
+    return [{"round": r, "status": s, "shown": json.loads(sh), "fit_loss": fl, "info": json.loads(i)}
+            for r, s, sh, fl, i in rows]
 
 
 def describe(name: str) -> str:
@@ -219,11 +227,24 @@ class StoreBase:
     """What every store builds the same way on its own primitives: where a round stands, the open
     round, the budget, the tensor files' paths and their writing, the surrogate's tensors and the
     final batch. A store provides ``root``, ``config``, ``rounds``, ``ratings``, ``record``,
-    ``save_record``, ``update_session``, ``_load_tensors`` and ``_rounds`` (round -> its tensors,
-    kept in memory once written or read)."""
+    ``save_record``, ``update_session``, ``_digest`` (a tensor file's recorded sha256) and ``_rounds``
+    (round -> its tensors, kept in memory once written or read)."""
 
     root: Path
     _rounds: dict[int, dict[str, torch.Tensor]]
+
+    def _load_tensors(self, path: Path, what: str) -> dict[str, torch.Tensor]:
+        """A tensor file, checked against the sha256 stored when it was written (``_digest``); StoreError if
+        missing or damaged."""
+        try:
+            digest = self._digest(str(path.relative_to(self.root)))
+            data = path.read_bytes()
+            if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+                raise ValueError("its sha256 is not the one stored when it was written")
+            return load_bytes(data)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise StoreError(f"{what} at {path} is missing or damaged ({e}); the session cannot use it. "
+                             "Restore the directory from a backup") from e
 
     def round_tensors(self, r: int) -> dict[str, torch.Tensor]:
         """Round r's particles, log-weights and shown indices: from memory once written or read in this

@@ -37,13 +37,11 @@ from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
 
 from apa.atomic import place, stage_file, write_file
 from apa.store.base import (CONFIG_NAME, FITTED, FORMAT, SAMPLED, STATE_TABLES, DatabaseUnavailable, StoreBase,
                             RatingRefused, SessionBusy, StoreError, describe, disk_errors, failpoint, file_problems,
-                            public, rating_chain, round_name, state_hash, surrogate_name, tensor_files)
+                            public, rating_chain, round_rows, round_name, state_hash, surrogate_name, tensor_files)
 
 try:
     import psycopg
@@ -412,20 +410,12 @@ class PostgresStore(StoreBase):
         conn.execute("INSERT INTO apa_files VALUES (%s, %s, %s) ON CONFLICT (session, name) DO UPDATE "
                      "SET sha256 = excluded.sha256", (self.name, str(path.relative_to(self.root)), digest))
 
-    def _load_tensors(self, path: Path, what: str) -> dict[str, torch.Tensor]:
-        """A tensor file, checked against the sha256 stored when it was written; StoreError if missing or damaged."""
-        rows = self._query("SELECT sha256 FROM apa_files WHERE session=%s AND name=%s",
-                           (self.name, str(path.relative_to(self.root))))
-        try:
-            if not rows:
-                raise ValueError("the database has no sha256 for it")
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != rows[0][0]:
-                raise ValueError("its sha256 is not the one stored when it was written")
-            return load_bytes(data)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise StoreError(f"{what} at {path} is missing or damaged ({e}); the session cannot use it. "
-                             "Restore the directory from a backup") from e
+    def _digest(self, name: str) -> str:
+        """The sha256 recorded for the tensor file ``name``; ValueError if the database has none."""
+        rows = self._query("SELECT sha256 FROM apa_files WHERE session=%s AND name=%s", (self.name, name))
+        if not rows:
+            raise ValueError("the database has no sha256 for it")
+        return rows[0][0]
 
     def save_round(self, r: int, tensors: dict[str, torch.Tensor], shown: list[int], info: dict[str, Any]) -> None:
         """Persist a sampled round (tensors first, then the row that points at them)."""
@@ -442,8 +432,7 @@ class PostgresStore(StoreBase):
     def rounds(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT round, status, shown, fit_loss, info FROM apa_rounds WHERE session=%s "
                            "ORDER BY round", (self.name,))
-        return [{"round": r, "status": s, "shown": json.loads(sh), "fit_loss": fl, "info": json.loads(i)}
-                for r, s, sh, fl, i in rows]
+        return round_rows(rows)
 
     def complete_round(self, r: int, fit_loss: float | None, surrogate_state: dict[str, torch.Tensor] | None,
                        info: dict[str, Any]) -> None:

@@ -29,7 +29,6 @@ else but temporary files and a config.json that disagrees with the database.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -44,13 +43,11 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_bytes
 
 from apa.atomic import fsync_dir, place, stage_file, write_file
 from apa.store.base import (CONFIG_NAME, FITTED, FORMAT, SAMPLED, STATE_TABLES, StoreBase, RatingRefused,
                             SessionBusy, StoreError, describe, disk_errors, failpoint, file_problems, public,
-                            rating_chain, state_hash, tensor_files)
+                            rating_chain, round_rows, state_hash, tensor_files)
 
 DB_NAME = "session.sqlite"
 LEDGER_NAME = "session.ledger"
@@ -533,21 +530,13 @@ class SessionStore(StoreBase):
         """Inside a transaction: the sha256 a tensor file must have when it is read back."""
         self._conn.execute("INSERT OR REPLACE INTO files VALUES (?, ?)", (str(path.relative_to(self.root)), digest))
 
-    def _load_tensors(self, path: Path, what: str) -> dict[str, torch.Tensor]:
-        """A tensor file, checked against the sha256 stored when it was written; StoreError if missing or damaged."""
+    def _digest(self, name: str) -> str | None:
+        """The sha256 recorded for the tensor file ``name``; None where there is none to check against."""
         try:
-            row = self._conn.execute("SELECT sha256 FROM files WHERE name=?",
-                                     (str(path.relative_to(self.root)),)).fetchone()
+            row = self._conn.execute("SELECT sha256 FROM files WHERE name=?", (name,)).fetchone()
         except sqlite3.OperationalError:  # a session older than the table, opened read-only
-            row = None
-        try:
-            data = path.read_bytes()
-            if row is not None and hashlib.sha256(data).hexdigest() != row[0]:
-                raise ValueError("its sha256 is not the one stored when it was written")
-            return load_bytes(data)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise StoreError(f"{what} at {path} is missing or damaged ({e}); the session cannot use it. "
-                             "Restore the directory from a backup") from e
+            return None
+        return None if row is None else row[0]
 
     def save_round(self, r: int, tensors: dict[str, torch.Tensor], shown: list[int], info: dict[str, Any]) -> None:
         """Persist a sampled round (tensors first, then the row that points at them)."""
@@ -560,8 +549,7 @@ class SessionStore(StoreBase):
 
     def rounds(self) -> list[dict[str, Any]]:
         rows = self._conn.execute("SELECT round, status, shown, fit_loss, info FROM rounds ORDER BY round").fetchall()
-        return [{"round": r, "status": s, "shown": json.loads(sh), "fit_loss": fl, "info": json.loads(i)}
-                for r, s, sh, fl, i in rows]
+        return round_rows(rows)
 
     def complete_round(self, r: int, fit_loss: float | None, surrogate_state: dict[str, torch.Tensor] | None,
                        info: dict[str, Any]) -> None:
