@@ -25,13 +25,24 @@ def free_port() -> int:
 
 
 class Postgres:
-    """A running server: ``url`` of its database ``apa``; ``restart()`` cuts every client off, as a real restart does."""
+    """A running server: ``url`` of its database ``apa``; ``restart()`` cuts every client off, as a real restart
+    does; ``down()`` and ``up()`` the same with an outage as long as the caller keeps it down."""
 
     def __init__(self, directory: Path, url: str):
         self.directory, self.url = directory, url
 
     def restart(self) -> None:
-        subprocess.run(["bash", str(SCRIPT), "restart", str(self.directory)], check=True, timeout=60)
+        self._script("restart")
+
+    def down(self) -> None:
+        """Stop the server until :meth:`up` (every client cut off; new connections refused)."""
+        self._script("down")
+
+    def up(self) -> None:
+        self._script("up")
+
+    def _script(self, command: str) -> None:
+        subprocess.run(["bash", str(SCRIPT), command, str(self.directory)], check=True, timeout=60)
 
 
 @pytest.fixture(scope="session")
