@@ -229,8 +229,8 @@ class SessionConfig:
     budget: int = knob(80, "ratings in all (seed: 80)")
     per_round: int = knob(8, "images rated per round (seed: 8)")
     acquisition: str = knob("random", "which particles a round shows: distinct particles of the weighted population "
-                            "at random (what the sampler produces; measured), farthest points, the top weights "
-                            "(seed), or UCB", choices=ACQUISITIONS)
+                            "at random (what the sampler produces; measured), distinct particles drawn by weight "
+                            "without replacement, farthest points, the top weights (seed), or UCB", choices=ACQUISITIONS)
     seed: int = knob(0, "the seed every random choice of the session derives from")
     eval_samples: int = knob(256, "images in the final batch, resampled to equal weights")
     explore: float = knob(0.5, "the share of each guided round's shown images drawn from the plain prior "

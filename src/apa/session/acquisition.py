@@ -52,6 +52,21 @@ def random(c: Candidates, k: int, generator: torch.Generator | None) -> Indices:
     return first[torch.randperm(first.shape[0], generator=generator)[:k]]
 
 
+def weighted(c: Candidates, k: int, generator: torch.Generator | None) -> Indices:
+    """k distinct particles drawn by their summed weights without replacement (successive draws, each
+    in proportion to the weight of the particles not yet drawn): a round shows what the weighted
+    population holds, in its proportions, and never a particle the weights have left behind while a
+    weighted one remains. Particles of weight zero fill the rest at random."""
+    first, group = distinct(c.particles)
+    gw = _group_weights(c, first, group)
+    heavy = (gw > 0).nonzero().flatten()
+    take = min(k, heavy.numel())
+    drawn = heavy[torch.multinomial(gw[heavy], take, replacement=False, generator=generator)] if take else heavy
+    rest = (gw <= 0).nonzero().flatten()
+    rest = rest[torch.randperm(rest.numel(), generator=generator)[:k - take]]
+    return first[torch.cat([drawn, rest])]
+
+
 def ucb(c: Candidates, k: int, generator: torch.Generator | None, kappa: float = 1.0) -> Indices:
     """Upper confidence bound mean + κ·spread of the surrogate ensemble, over distinct particles."""
     if c.surrogate is None or c.spread is None:
@@ -76,7 +91,8 @@ def diverse(c: Candidates, k: int, generator: torch.Generator | None) -> Indices
     return first[torch.tensor(chosen, dtype=torch.long)]
 
 
-for _name, _rule in (("weight", by_weight), ("random", random), ("ucb", ucb), ("diverse", diverse)):
+for _name, _rule in (("weight", by_weight), ("random", random), ("weighted", weighted), ("ucb", ucb),
+                     ("diverse", diverse)):
     ACQUISITIONS.register(_name)(_rule)
 
 

@@ -1,0 +1,113 @@
+"""Which tilt of the prior by a session's final surrogate holds the most liked, distinct images: finished
+sessions, their final surrogate read on the benchmark's plain prior samples, each tilt's exact target
+measured on that pool (no sampling, so no Monte Carlo error beyond the pool's).
+
+For a tilt f(P) of the surrogate's P(liked | x), the target is the pool reweighted by w ∝ exp(β·f). Per
+tilt and session: the target's liked share under the oracle and the judge; its rarest liked class
+(judge, share of the preferred); and the expected distinct and distinct-liked images of 256 drawn by
+weight from the pool (Σ 1 − (1 − w_i)^256), the yield a resampled batch can reach at best.
+
+Tilts: ``power:B`` (P^B, the default at B = 2) and ``cap:T:B`` ((min(P, T)/T)^B, smooth: flat where the
+surrogate is sure the image is liked, steep below T, so it sharpens against the unsure middle without
+seeking the surrogate's single most certain mode).
+
+  python benchmarks/tilt_probe.py runs/yield2_mnist/mnist_p0_n0_s0 ... --reference runs/yield2_mnist/reference_mnist_25_4096.pt \\
+      --tilts power:2,power:4,cap:0.7:4,cap:0.7:8
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from align_results import Judges  # noqa: E402
+
+from apa.session import Session  # noqa: E402
+
+DRAWN = 256
+
+
+def tilt(spec: str, log_p: torch.Tensor) -> torch.Tensor:
+    """Log-weights [n] of the tilt ``spec`` for log P(liked | x) [n] (float64)."""
+    kind, *args = spec.split(":")
+    if kind == "power":
+        return float(args[0]) * log_p
+    if kind == "cap":
+        t, b = math.log(float(args[0])), float(args[1])
+        return b * (t - F.softplus(t - log_p, beta=8.0))  # a smooth min(log P, log T), shifted by log T
+    raise SystemExit(f"unknown tilt {spec!r}; use power:B or cap:T:B")
+
+
+def measures(logw: torch.Tensor, liked: dict[str, torch.Tensor], classes: torch.Tensor | None,
+             prefer: tuple) -> dict[str, float]:
+    """What the target reweighted by log-weights logw [n] holds: liked shares, distinct and yield of 256."""
+    w = torch.softmax(logw, 0)
+    seen = 1.0 - (1.0 - w).pow(DRAWN)  # P(pool image i is among 256 draws by weight)
+    row = {"distinct": float(seen.sum())}
+    for by, mask in liked.items():
+        row[f"{by}_share"] = float(w[mask].sum())
+        row[f"{by}_yield"] = float(seen[mask].sum())
+    if classes is not None and len(prefer) > 1:
+        mass = torch.stack([w[liked["judge"] & (classes == c)].sum() for c in prefer])
+        row["rarest"] = float(mass.min() / mass.sum().clamp_min(1e-12))
+    return row
+
+
+def session_rows(src: str, reference: torch.Tensor, tilts: list[str]) -> dict[str, dict]:
+    work = Path(tempfile.mkdtemp()) / "s"
+    shutil.copytree(src, work)
+    try:
+        s = Session.resume(work, progress=False)
+        reward = s.fitter.reward(s.surrogate_after(len(s.store.rounds()) - 1))
+        with torch.no_grad():
+            log_p = torch.cat([reward(z) for z in reference.split(512)]).double()
+            images = s.prior.decode(reference)
+        judges = Judges(s.feedback, s.cfg.prior.name, 16, reference, s.prior.decode)
+        liked = {by: judges.liked(images, by) for by in ("oracle", "judge")}
+        classes = None if judges.judge_taste is not None else judges.judge.classify(images)[0]
+        return {t: measures(tilt(t, log_p), liked, classes, judges.prefer) for t in tilts}
+    finally:
+        shutil.rmtree(work.parent, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sessions", nargs="+", help="finished session directories (copied; never written)")
+    ap.add_argument("--reference", required=True, help="the benchmark's plain prior particles (.pt)")
+    ap.add_argument("--tilts", default="power:1,power:2,power:4,cap:0.5:4,cap:0.7:4,cap:0.7:8,cap:0.9:8")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tilts = args.tilts.split(",")
+    reference = torch.load(args.reference)
+    keys = ("judge_share", "oracle_share", "rarest", "distinct", "judge_yield", "oracle_yield")
+    print("| session | tilt | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2), flush=True)
+    every: dict[str, list[dict]] = {t: [] for t in tilts}
+    for src in args.sessions:
+        rows = session_rows(src, reference, tilts)
+        for t, row in rows.items():
+            every[t].append(row)
+            cells = [f"{row[k]:.3f}" if k.endswith("share") or k == "rarest" else f"{row[k]:.0f}"
+                     for k in keys if k in row]
+            print(f"| {Path(src).name} | {t} | " + " | ".join(cells) + " |", flush=True)
+    print("\nmean over sessions:\n| tilt | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
+    for t, rows in every.items():
+        cells = []
+        for k in keys:
+            vals = [r[k] for r in rows if k in r]
+            cells.append("" if not vals else f"{statistics.mean(vals):.3f} (worst {min(vals):.3f})"
+                         if k.endswith("share") or k == "rarest" else f"{statistics.mean(vals):.0f}")
+        print(f"| {t} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
