@@ -245,6 +245,8 @@ class SessionConfig:
                                   "re-noised to this training timestep, denoised by the prior, accepted by "
                                   "exp(β_end·Δr) (none: no move; 500 doubled the distinct liked images on every set "
                                   "of the 3-seed run for a tenth more calls: docs/results.md)")
+    final_sweeps: int = knob(1, "with --final-move: how many times each image is moved (each sweep re-noises "
+                             "and denoises every image again, and separates copies the sweep before left)")
     final_particles: int | None = knob(None, "particles of the final batch's run, from which its --eval-samples "
                                        "images are resampled (none: as many as the images; more leaves fewer "
                                        "repeats, each particle drawn at most once where its weight allows)")
@@ -273,6 +275,7 @@ class SessionConfig:
                  f"--explore-rounds must be a whole number from 0 or none, got {self.explore_rounds!r}")
         _require(self.final_move is None or (_whole(self.final_move) and 1 <= self.final_move < NUM_TIMESTEPS),
                  f"--final-move must be a training timestep from 1 to {NUM_TIMESTEPS - 1}, got {self.final_move!r}")
+        _at_least("--final-sweeps", self.final_sweeps, 1)
         _require(self.final_particles is None or (_whole(self.final_particles)
                                                   and self.eval_samples <= self.final_particles <= MAX_POPULATION),
                  f"--final-particles must be a whole number from --eval-samples ({self.eval_samples}) to "

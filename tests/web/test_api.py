@@ -201,3 +201,66 @@ def test_a_person_says_their_taste_changed(client, manager):
     session = manager.handles[token].session
     assert session.state.forget_point() == 1 and [len(y) for _, _, y in session.state.rated_rounds()][0] == 4
     assert session.state.training_set()[:2][1].tolist() == [-1.0, -1.0, -1.0, 1.0]
+
+
+def png_of(pixels) -> bytes:
+    """A grey PNG of ``pixels`` [H, W] in 0..255 (what a person's browser sends)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_session_starts_from_images_the_person_gives(client, manager):
+    """Two given images (one larger than the prior's 28×28, sent as a data URL) become round 0, each rated
+    at the top of the scale and counted in the budget; the first round sampled is round 1, and the given
+    images' particles are the prior's encoding of the images scaled to its size."""
+    import base64
+
+    import numpy as np
+
+    bright = np.zeros((56, 56)) + 255
+    bright[:, :28] = 0  # left half black, right half white
+    examples = ["data:image/png;base64," + base64.b64encode(png_of(bright)).decode(),
+                base64.b64encode(png_of(np.full((28, 28), 128))).decode()]
+    r = client.post("/api/sessions", json={"examples": examples})
+    assert r.status_code == 201, r.text
+    token = r.json()["token"]
+    state = wait_phase(client, token, "ready")
+    assert (state["round"], state["spent"], state["images"]) == (1, 2, 4)
+    assert state["history"][0]["ratings"] == [5.0, 5.0]
+    session = manager.get(token).session
+    assert {x["source"] for x in session.store.ratings(0)} == {"given"}
+    given = session.shown_images(0)  # decoded back to [0, 1]
+    assert given.shape == (2, 1, 28, 28)
+    assert float(given[0, 0, :, :12].max()) < 0.05 and float(given[0, 0, :, 16:].min()) > 0.95
+    assert abs(float(given[1].mean()) - 128 / 255) < 0.01
+
+
+@pytest.mark.parametrize("examples, says", [
+    (["data:image/png;base64," + "bm90IGFuIGltYWdl"], "cannot be read as an image"),  # "not an image"
+    (["%%%"], "base64"),
+    ("one image", "base64"),
+])
+def test_given_images_that_cannot_start_a_session_are_refused_before_anything_is_written(client, manager, examples,
+                                                                                       says):
+    before = snapshot(manager.data_dir)
+    r = client.post("/api/sessions", json={"examples": examples})
+    assert r.status_code == 422 and says in r.json()["error"], r.text
+    assert snapshot(manager.data_dir) == before
+
+
+def test_more_given_images_than_the_budget_leaves_room_for_are_refused(client, manager):
+    import base64
+
+    import numpy as np
+
+    before = snapshot(manager.data_dir)
+    image = base64.b64encode(png_of(np.zeros((28, 28)))).decode()
+    r = client.post("/api/sessions", json={"examples": [image] * 8})  # the tiny budget is 8
+    assert r.status_code == 422 and "at most 7" in r.json()["error"], r.text
+    assert snapshot(manager.data_dir) == before

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[web]' torch==2.13.0")
 
 from tests.web.helpers import snapshot, wait_phase  # noqa: E402
+from apa.web.server import MAX_GIVEN_BODY  # noqa: E402
 
 UNKNOWN = "x" * 43  # well formed, but no such session
 
@@ -70,7 +71,8 @@ def bad_ratings(client, path: str) -> None:
     big = json.dumps({"ratings": [5] * 4, "pad": "x" * 70_000})
     assert "at most" in refused(client.post(path, content=big, headers=JSON), 413)
     refused(client.post(path, content=(c for c in [big.encode()]), headers=JSON), 413)  # chunked, undeclared
-    refused(client.post("/api/sessions", content=b"x" * 70_000), 413)
+    refused(client.post("/api/sessions", content=b"x" * (MAX_GIVEN_BODY + 1)), 413)  # given images have 4 MB
+    refused(client.post("/api/sessions", content=b"x" * 70_000), 415)
 
 
 def bad_rounds(client, token: str, other: str) -> None:

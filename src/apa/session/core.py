@@ -248,7 +248,7 @@ class Session:
             particles = res.resample(n, generator(seed, last + 1, "select"))
             if cfg.session.final_move is not None:
                 particles = moved(self.prior, reward, particles, cfg.session.final_move, cfg.sampler.beta[1],
-                                  cfg.sampler.steps, generator(seed, last + 1, "move"))
+                                  cfg.sampler.steps, generator(seed, last + 1, "move"), cfg.session.final_sweeps)
         with torch.no_grad():
             return self.prior.decode(particles).cpu()
 

@@ -9,11 +9,14 @@ new image, in every measure of what a person takes home.
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
+import numpy as np
 import torch
 
 from apa import data
+from apa.feedback.images import resize_center_crop
 from apa.measures.novelty import users_liked
 from apa.seeding import generator
 from apa.smc.weights import uniform
@@ -47,6 +50,29 @@ def liked_examples(user: Any, dataset: str, n: int, seed: int) -> torch.Tensor:
     if idx.numel() < n:
         raise ExamplesError(f"the user likes only {idx.numel()} of the held-out {dataset} images; ask for fewer --examples")
     return pool[idx]
+
+
+def read_given(blobs: list[bytes], prior: Any) -> torch.Tensor:
+    """Images a person gives (PNG, JPEG or any format Pillow reads, as bytes) as the ``prior``'s images:
+    each converted to its channels (grey or RGB), its shorter side scaled to the prior's size and the
+    centre cropped: [n, C, H, W] in [0, 1]. One line says which image cannot be read, before anything is
+    written."""
+    from PIL import Image, UnidentifiedImageError
+
+    if prior.encode is None:
+        raise ExamplesError(f"the {prior.name} prior cannot take given images (it has no encode)")
+    channels, size = int(prior.event_shape[0]), int(prior.event_shape[-1])
+    out = []
+    for i, blob in enumerate(blobs):
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                pixels = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ExamplesError(f"image {i + 1} of the {len(blobs)} given cannot be read as an image; give PNG "
+                                "or JPEG files") from e
+        x = torch.from_numpy(pixels).reshape(pixels.shape[0], pixels.shape[1], channels).permute(2, 0, 1)
+        out.append(resize_center_crop(x[None], size, mode="bilinear"))
+    return torch.cat(out)
 
 
 def examples_round(prior: Any, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

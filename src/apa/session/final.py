@@ -42,13 +42,20 @@ def start_features(prior, feature_t: float, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen: torch.Generator) -> torch.Tensor:
-    """One Metropolis-Hastings move of each particle x0 [n, *event] toward p·exp(β·r): the proposal x' is x
-    re-noised to timestep t and denoised (:func:`renoised`; a move that leaves the prior's law invariant
+def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen: torch.Generator,
+          sweeps: int = 1) -> torch.Tensor:
+    """``sweeps`` Metropolis-Hastings moves of each particle x0 [n, *event] toward p·exp(β·r): the proposal x'
+    is x re-noised to timestep t and denoised (:func:`renoised`; a move that leaves the prior's law invariant
     when the denoiser is exact), accepted with probability min(1, exp(β·(r(x') − r(x)))). Resampling
     leaves copies of the heavy particles that the last, nearly noise-free steps cannot separate; an
-    accepted move turns a copy into a new image near it, and the tilted law stays the target."""
-    proposal = renoised(prior, x0, t, steps, gen)
-    log_ratio = beta * (reward(proposal).reshape(-1) - reward(x0).reshape(-1)).double()
-    accept = torch.rand(x0.shape[0], generator=gen, dtype=torch.float64).log().to(log_ratio) < log_ratio
-    return torch.where(accept.reshape(-1, *[1] * (x0.dim() - 1)), proposal, x0)
+    accepted move turns a copy into a new image near it, and the tilted law stays the target. r(x) is read
+    once and carried from sweep to sweep: each sweep costs the proposal's steps and one reward row."""
+    x, r = x0, reward(x0).reshape(-1)
+    for _ in range(sweeps):
+        proposal = renoised(prior, x, t, steps, gen)
+        r_new = reward(proposal).reshape(-1)
+        log_ratio = beta * (r_new - r).double()
+        accept = torch.rand(x.shape[0], generator=gen, dtype=torch.float64).log().to(log_ratio) < log_ratio
+        x = torch.where(accept.reshape(-1, *[1] * (x.dim() - 1)), proposal, x)
+        r = torch.where(accept, r_new, r)
+    return x

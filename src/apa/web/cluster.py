@@ -304,9 +304,12 @@ class ClusterSessions:
 
     # ------------------------------------------------------------ the operations the API offers
 
-    def create(self) -> str:
+    def create(self, given: list[bytes] | None = None) -> str:
         """A new session with a fresh token (its rows committed before returning); an engine samples its
-        first round."""
+        first round. Images the person gives need the prior, which only the engines hold: refused here."""
+        if given:
+            raise WebError(422, "this server keeps the prior on its engines only, so it cannot start a session "
+                                "from your images; start without them, or use a single-process `apa serve`")
         token = secrets.token_urlsafe(32)
         seed = self.cfg.session.seed if self.fixed_seed else secrets.randbelow(2**31)
         cfg = with_overrides(self.cfg, session={"seed": seed})

@@ -19,6 +19,8 @@ localStorage, so closing the tab or restarting the server loses nothing.
 # No postponed annotations here: FastAPI reads the route functions' annotations (Request is imported inside).
 
 import argparse
+import base64
+import binascii
 import ctypes
 import ctypes.util
 import ipaddress
@@ -41,6 +43,7 @@ from apa.web import sessions
 from apa.web.sessions import WebError
 
 MAX_BODY = 64 * 1024  # bytes; larger request bodies are refused with 413
+MAX_GIVEN, MAX_GIVEN_BODY = 16, 4 * 1024 * 1024  # images a session may start from, and their request's bytes
 HEADER_TIMEOUT_S = 10.0  # a connection must send a request's line and headers within this long, or it is closed
 KEEP_ALIVE_S = 5  # a connection idle this long after a response is closed (uvicorn's timeout_keep_alive)
 STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -59,18 +62,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-async def read_limited(request: Any) -> bytes:
-    """The request's body, refused with 413 past MAX_BODY bytes (declared or streamed)."""
+async def read_limited(request: Any, limit: int = MAX_BODY) -> bytes:
+    """The request's body, refused with 413 past ``limit`` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared is not None and not declared.isdigit():
         raise WebError(400, "the Content-Length header is not a whole number")
-    if declared is not None and int(declared) > MAX_BODY:
-        raise WebError(413, f"the request body must be at most {MAX_BODY} bytes")
+    if declared is not None and int(declared) > limit:
+        raise WebError(413, f"the request body must be at most {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_BODY:
-            raise WebError(413, f"the request body must be at most {MAX_BODY} bytes")
+        if len(body) > limit:
+            raise WebError(413, f"the request body must be at most {limit} bytes")
     return bytes(body)
 
 
@@ -85,6 +88,24 @@ async def read_json(request: Any) -> Any:
         raise WebError(400, f"the request body is not valid JSON ({str(e)[:120]})") from e
     except RecursionError as e:
         raise WebError(400, "the request body nests too deeply; send {\"ratings\": [...]}") from e
+
+
+async def read_given_body(request: Any) -> list[bytes]:
+    """The images a session starts from: an empty body (none), or JSON {"examples": [data URL or base64, ...]}
+    of at most MAX_GIVEN_BODY bytes; 413/415/422 with one line otherwise."""
+    body = await read_limited(request, MAX_GIVEN_BODY)
+    if not body.strip():
+        return []
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise WebError(415, "send the images you like as JSON {\"examples\": [...]} with Content-Type: application/json")
+    try:
+        items = json.loads(body.decode("utf-8"), parse_constant=_reject_constant).get("examples", [])
+        if not (isinstance(items, list) and len(items) <= MAX_GIVEN and all(isinstance(x, str) for x in items)):
+            raise ValueError
+        return [base64.b64decode(x.split(",", 1)[1] if x.startswith("data:") else x, validate=True) for x in items]
+    except (UnicodeDecodeError, ValueError, AttributeError, IndexError, binascii.Error) as e:
+        raise WebError(422, f"send {{\"examples\": [...]}}: at most {MAX_GIVEN} images, each a data URL or "
+                            "base64 text") from e
 
 
 def number(text: str, what: str) -> int:
@@ -164,8 +185,8 @@ def api_routes(app: Any, manager: Any) -> None:
 
     @app.post("/api/sessions", status_code=201)
     async def start(request: Request):
-        await read_limited(request)  # nothing is expected; large bodies are refused all the same
-        return {"token": await run_in_threadpool(manager.create)}
+        given = await read_given_body(request)  # images the person already likes, if any
+        return {"token": await run_in_threadpool(manager.create, given)}
 
     @app.get("/api/sessions/{token}")
     def state(token: str):

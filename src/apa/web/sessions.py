@@ -33,6 +33,7 @@ from apa.evaluation.report import report_view
 from apa.evaluation.report import write_report as report
 from apa.feedback.human import RATINGS, SCALE
 from apa.session import Session, components, with_overrides
+from apa.session.examples import ExamplesError, read_given
 from apa.session.lifecycle import DONE, FINAL, FIT, RATE, SAMPLE, drive, next_action
 from apa.store import FITTED, DatabaseUnavailable, RatingRefused, SessionBusy, StoreError, exists
 from apa.web import render
@@ -251,6 +252,20 @@ def state_view(store: Any, cfg: AlignConfig, rounds: list[dict[str, Any]], ratin
             "report": phase == "done" and store.report_path.with_suffix(".html").is_file()}
 
 
+def given_images(blobs: list[bytes], prior: Any, budget: int) -> Any:
+    """The images a person starts a session from, as the prior's images [n, C, H, W] (None: none given);
+    422 with one line when they cannot be read or leave no rating for the rounds."""
+    if not blobs:
+        return None
+    if len(blobs) >= budget:
+        raise WebError(422, f"give at most {budget - 1} images: each counts as one of the session's {budget} "
+                            "ratings, and the rounds need at least one")
+    try:
+        return read_given(blobs, prior)
+    except ExamplesError as e:
+        raise WebError(422, str(e)) from e
+
+
 def report_file(root: Path, name: str) -> tuple[bytes, str]:
     """One file of the report of the session at ``root`` and its media type (names from a fixed pattern)."""
     root = root.resolve()
@@ -378,8 +393,10 @@ class SessionManager:
 
     # ------------------------------------------------------------ the operations the API offers
 
-    def create(self) -> str:
-        """A new session with a fresh token; its first round is sampled in the background.
+    def create(self, given: list[bytes] | None = None) -> str:
+        """A new session with a fresh token; its first round is sampled in the background. ``given``: images
+        the person already likes (image files' bytes), stored as round 0, each rated at the top of the scale
+        and counted in the budget; they are read and checked before anything is written.
 
         The sessions are counted on disk and the new one made in place while COUNT_LOCK is held, so
         creates in this server and in any other on the same data directory cannot pass the limit."""
@@ -388,13 +405,16 @@ class SessionManager:
         token = secrets.token_urlsafe(32)
         seed = self.cfg.session.seed if self.fixed_seed else secrets.randbelow(2**31)
         cfg = with_overrides(self.cfg, session={"seed": seed})
+        parts = components.build(cfg, self.batch_window)
+        images = given_images(given or [], parts[0], cfg.session.budget)
         with self.counting():
             if self.count() >= self.max_sessions:
                 raise WebError(503, f"this server already holds {self.max_sessions} sessions; "
                                     "ask its operator to raise --max-sessions or use another --data-dir")
-            handle = SessionHandle(token, Session.start(self.data_dir / token, cfg, progress=False,
-                                                        parts=components.build(cfg, self.batch_window),
+            handle = SessionHandle(token, Session.start(self.data_dir / token, cfg, progress=False, parts=parts,
                                                         database=self.database))
+            if images is not None:
+                handle.session.give(images)
         with self.lock:
             self.handles[token] = handle
             self.schedule(handle)

@@ -397,10 +397,46 @@ function done(round, state) {
   schedulePoll(POLL_MS);
 }
 
+const MAX_GIVEN = 16;  // the server's limit on images a session starts from
+
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error(`${file.name} could not be read`));
+    reader.readAsDataURL(file);
+  });
+}
+
+const GIVEN_SIDE = 256;  // a given image's shorter side is scaled down to this before it is sent
+
+async function scaledDown(dataURL) {  // a PNG data URL of the image, its shorter side at most GIVEN_SIDE
+  const img = new Image();
+  await new Promise((resolve, reject) => {
+    img.onload = resolve;
+    img.onerror = () => reject(new Error("One of the chosen files is not an image this browser can read."));
+    img.src = dataURL;
+  });
+  const scale = Math.min(1, GIVEN_SIDE / Math.min(img.naturalWidth, img.naturalHeight));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(img.naturalWidth * scale));
+  canvas.height = Math.max(1, Math.round(img.naturalHeight * scale));
+  canvas.getContext("2d").drawImage(img, 0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL("image/png");
+}
+
+async function givenImages() {  // the chosen files as PNG data URLs; undefined when none were chosen
+  const files = Array.from($("given").files || []);
+  if (files.length === 0) return undefined;
+  if (files.length > MAX_GIVEN) throw new Error(`Choose at most ${MAX_GIVEN} images.`);
+  const urls = await Promise.all(files.map(readAsDataURL));
+  return { examples: await Promise.all(urls.map(scaledDown)) };
+}
+
 async function startSession(tries = 0) {
   $("start-button").disabled = true;
   try {
-    const { token: t } = await api("POST", "/api/sessions");
+    const { token: t } = await api("POST", "/api/sessions", await givenImages());
     remember(t);
     shownRound = null;
     refresh();
@@ -434,6 +470,10 @@ async function retry() {
 
 function init() {
   $("start-button").addEventListener("click", () => startSession());
+  $("given").addEventListener("change", () => {
+    const n = ($("given").files || []).length;
+    $("given-note").textContent = n ? `${n} image${n === 1 ? "" : "s"} chosen` : "";
+  });
   $("submit").addEventListener("click", submitRatings);
   $("retry").addEventListener("click", retry);
   $("taste-changed").addEventListener("click", tasteChanged);
