@@ -9,6 +9,8 @@ import { join } from "node:path";
 import { chromium } from "playwright-core";
 
 const WAIT_MS = 240_000;
+// a 40×40 grey PNG, a white bar on black: the image a person gives to start a session
+const GIVEN_PNG = "iVBORw0KGgoAAAANSUhEUgAAACgAAAAoCAAAAACpleexAAAAJElEQVR4nGNgGAXUAIzoAv9xSDARa+KowlGFowoHWuEooA4AAK4jATCc8+nBAAAAAElFTkSuQmCC";
 const DESKTOP = { width: 1280, height: 900 };
 const MOBILE = { width: 390, height: 844 };
 const ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -178,7 +180,17 @@ async function main() {
     const r = await fetch(a.href);
     return { id, status: r.status, type: r.headers.get("content-type"), bytes: (await r.arrayBuffer()).byteLength };
   })));
-  say({ event: "finished", reloaded, newTab, problems, reportPage, downloads,
+  // Another session, started from an image the person gives: it is round 0, rated liked, and round 1 is
+  // the first the page shows.
+  page.once("dialog", (d) => d.accept());
+  await page.locator("#new-session").click();
+  await page.getByTestId("given").setInputFiles({ name: "mine.png", mimeType: "image/png",
+    buffer: Buffer.from(GIVEN_PNG, "base64") });
+  await page.getByTestId("start").click();
+  await waitForRound(page, 1);
+  const given = { ...(await pageState(page)),
+    token: await page.evaluate(() => localStorage.getItem("apa-session-token")) };
+  say({ event: "finished", reloaded, newTab, problems, reportPage, downloads, given,
     shots: [...roundShots, ...historyShots, ...doneShots] });
   await context.close();
   lines.close();

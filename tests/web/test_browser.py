@@ -4,7 +4,8 @@
 while the first submission is in flight, the page keeps the ratings and retries, and after the restart they
 are stored once. The keys alone rate the second round. After another restart the page (reloaded, and a new tab
 on the bare address) shows the same session at the same round. The page then rates the rest of the budget and
-the finished page's report link opens the report. Screenshots of a round, the history and the finished page,
+the finished page's report link opens the report. A second session starts from an image the person gives
+(round 0, rated liked). Screenshots of a round, the history and the finished page,
 at 1280 and 390 px, go to the test's tmp dir and are copied to tests/web/artifacts/ (git-ignored).
 """
 
@@ -162,6 +163,8 @@ def test_outage_hotkeys_restart_and_report(tmp_path, tiny_weights):
         assert (view["phase"], view["round"], view["spent"], view["history"]) == ("ready", 2, spent, 2), view
         assert view["images"] >= 1, view
     assert finished["problems"] == [], finished["problems"]
+    given = finished["given"]  # a second session, started from one image the person gave
+    assert given["token"] != rated["token"] and (given["phase"], given["round"], given["spent"]) == ("ready", 1, 1), given
 
     store = SessionStore.open(data / rated["token"])
     try:
