@@ -23,10 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from align_results import Judges  # noqa: E402
 
 from apa.measures.novelty import users_liked
 from apa.measures.yields import distinct_mask, duplicate_threshold, take_home
@@ -65,10 +69,13 @@ def main() -> None:
     ap.add_argument("sessions", nargs="+", help="finished session directories (copied; never written)")
     ap.add_argument("--variants", default="default,renoise:300,renoise:500")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reference", help="the benchmark's plain prior particles (.pt): adds the independent "
+                                        "judge's yield, as benchmarks/align_results.py counts it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print("| session | final draw | liked (oracle) | distinct of 256 | yield | repeats moved / accepted | "
-          "final-batch call rows |\n|---|---|---|---|---|---|---|", flush=True)
+    reference = torch.load(args.reference) if args.reference else None
+    print("| session | final draw | liked (oracle) | distinct of 256 | yield | yield (judge) | repeats moved / "
+          "accepted | final-batch call rows |\n|---|---|---|---|---|---|---|---|", flush=True)
     for src in args.sessions:
         work = Path(tempfile.mkdtemp()) / "s"
         shutil.copytree(src, work)
@@ -81,8 +88,11 @@ def main() -> None:
         x, _ = s.state.training_set()[:2]
         rated = s.prior.decode(x)
         last = len(s.store.rounds()) - 1
-        with counting() as drawn:
-            batch = s.final_samples()  # the session's own final batch, drawn once; each variant starts from it
+        batch, drawn = None, None
+        if any(not v.startswith("set:") for v in args.variants.split(",")):
+            with counting() as drawn:
+                batch = s.final_samples()  # the session's own final batch, drawn once; each variant starts from it
+        judges = None if reference is None else Judges(user, s.cfg.prior.name, 16, reference, s.prior.decode)
         base = s.cfg
         for variant in args.variants.split(","):
             images, moved = batch, {}
@@ -97,8 +107,10 @@ def main() -> None:
             mask = users_liked(user, images)
             spent = calls.total + (0 if variant.startswith("set:") else drawn.total)  # a redraw replaces the batch
             home = take_home(images, mask, rated, prior_liked, spent)
+            judged = "–" if judges is None else take_home(images, judges.liked(images, "judge"), rated,
+                                                          judges.prior_liked["judge"], spent)["yield"]
             print(f"| {Path(src).name} | {variant} | {float(mask.double().mean()):.3f} | {home['distinct']} | "
-                  f"{home['yield']} | {moved.get('repeats', '–')} / {moved.get('accepted', '–')} | "
+                  f"{home['yield']} | {judged} | {moved.get('repeats', '–')} / {moved.get('accepted', '–')} | "
                   f"{spent} |", flush=True)
         s.store.close()
 
