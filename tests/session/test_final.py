@@ -47,3 +47,27 @@ def test_acceptance_follows_exp_beta_delta_r(one_thread):
     out = moved(prior, reward, x, 200, beta, 4, torch.Generator().manual_seed(3))
     accepted = int(((out - x).flatten(1).abs().amax(dim=1) > 0).sum())
     assert abs(accepted - 120) < 4 * 9.2
+
+
+def test_sweeps_carry_each_particles_reward_from_the_state_it_holds(one_thread):
+    """r = 0 at the starting particles and log(0.3)/β anywhere else. Sweep 1 is the one-sweep move (same
+    generator); in sweep 2 a particle that moved proposes between two points of equal reward, so it
+    moves again with probability 1, and one that stayed moves with probability 0.3. A move that kept
+    reading r at the starting particles would accept the moved ones' second proposals with 0.3 only
+    (about 84 of 120 left behind). The reward is read once per sweep beside the starting read."""
+    prior, x = tiny_prior(), torch.rand(400, 1, 28, 28) * 2 - 1
+    beta, reads = 2.0, []
+
+    def reward(z):
+        reads.append(z.shape[0])
+        return torch.where((z - x).flatten(1).abs().amax(dim=1) == 0, 0.0, math.log(0.3) / beta)
+
+    once = moved(prior, reward, x, 200, beta, 4, torch.Generator().manual_seed(3))
+    reads.clear()
+    twice = moved(prior, reward, x, 200, beta, 4, torch.Generator().manual_seed(3), sweeps=2)
+    assert reads == [400, 400, 400]
+    first = (once - x).flatten(1).abs().amax(dim=1) > 0
+    again = (twice - once).flatten(1).abs().amax(dim=1) > 0
+    assert bool(again[first].all())
+    stayed = int(again[~first].sum())  # binomial(≈280, 0.3): sd 7.7
+    assert abs(stayed - 0.3 * int((~first).sum())) < 4 * 7.7
