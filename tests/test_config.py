@@ -32,3 +32,10 @@ def test_stored_configs_from_before_a_field_existed_keep_their_meaning():
     del d["sampler"]["weights"], d["session"]["final_start"]
     old = AlignConfig.from_dict(d)
     assert old.sampler.weights == "rate" and old.session.final_start == "noise"
+
+
+def test_a_session_stored_before_the_second_sweep_keeps_one():
+    """Sessions stored with one move per image (before --final-sweeps) redraw their final batch the same."""
+    d = AlignConfig().to_dict()
+    del d["session"]["final_sweeps"]
+    assert AlignConfig.from_dict(d).session.final_sweeps == 1 and AlignConfig().session.final_sweeps == 2

@@ -241,12 +241,14 @@ class SessionConfig:
                             "toward the preference; measured), or the liked rated images noised back (see --restart; "
                             "variations of images the user already rated), drawn uniformly or balanced by crowding",
                             choices=FINAL_STARTS)
-    final_move: int | None = knob(500, "after the final batch is drawn, move each image once by Metropolis-Hastings: "
+    final_move: int | None = knob(500, "after the final batch is drawn, move each image by Metropolis-Hastings (--final-sweeps times): "
                                   "re-noised to this training timestep, denoised by the prior, accepted by "
                                   "exp(β_end·Δr) (none: no move; 500 doubled the distinct liked images on every set "
                                   "of the 3-seed run for a tenth more calls: docs/results.md)")
-    final_sweeps: int = knob(1, "with --final-move: how many times each image is moved (each sweep re-noises "
-                             "and denoises every image again, and separates copies the sweep before left)")
+    final_sweeps: int = knob(2, "with --final-move: how many times each image is moved (each sweep re-noises "
+                             "and denoises every image again, and separates copies the sweep before left; 2 "
+                             "raised the distinct liked images on every class set for a twelfth more calls: "
+                             "docs/results.md)")
     final_particles: int | None = knob(None, "particles of the final batch's run, from which its --eval-samples "
                                        "images are resampled (none: as many as the images; more leaves fewer "
                                        "repeats, each particle drawn at most once where its weight allows)")
@@ -293,7 +295,7 @@ class SessionConfig:
 LEGACY = {("sampler", "weights"): "rate", ("sampler", "drift"): 1.0, ("sampler", "beta_schedule"): "linear", ("session", "final_start"): "noise", ("session", "explore"): 0.0,
           ("surrogate", "loss"): "mse", ("session", "explore_rounds"): None, ("surrogate", "discount"): 1.0,
           ("surrogate", "window"): None, ("session", "detect_change"): None, ("session", "forget_before"): None,
-          ("session", "final_move"): None}
+          ("session", "final_move"): None, ("session", "final_sweeps"): 1}
 
 
 @dataclass(frozen=True)
