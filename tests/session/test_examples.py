@@ -63,3 +63,25 @@ def test_a_prior_that_cannot_take_images_and_too_many_examples_are_refused(tmp_p
     out = tmp_path / "s"
     assert main(["align", "--out", str(out), "--prefer", "3", "--examples", "11", *TINY]) == 2
     assert "--examples" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_given_image_too_large_to_decode_is_refused_from_its_header():
+    """A 5,000 × 4,000 PNG (20 megapixels; a few kilobytes compressed) is refused by its size before its
+    pixels are decoded; a small one of another mode is converted to the prior's grey 28 × 28."""
+    import io
+
+    import pytest
+    from PIL import Image
+
+    from apa.session.examples import ExamplesError, read_given
+
+    class Shape:
+        name, event_shape, encode = "tiny", (1, 28, 28), staticmethod(lambda x: x)
+
+    big, small = io.BytesIO(), io.BytesIO()
+    Image.new("L", (5000, 4000)).save(big, format="PNG")
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(small, format="JPEG")
+    with pytest.raises(ExamplesError, match="5000×4000"):
+        read_given([small.getvalue(), big.getvalue()], Shape())
+    out = read_given([small.getvalue()], Shape())
+    assert out.shape == (1, 1, 28, 28) and abs(float(out.mean()) - 0.299) < 0.02  # red's luma

@@ -21,6 +21,7 @@ from apa.measures.novelty import users_liked
 from apa.seeding import generator
 from apa.smc.weights import uniform
 
+MAX_GIVEN_PIXELS = 16 * 10**6  # a given image decoding to more pixels is refused before it is decoded
 GIVEN = "given"  # the source of the ratings of images the user gave, and the key of their round's info
 
 
@@ -65,8 +66,13 @@ def read_given(blobs: list[bytes], prior: Any) -> torch.Tensor:
     out = []
     for i, blob in enumerate(blobs):
         try:
-            with Image.open(io.BytesIO(blob)) as im:
+            with Image.open(io.BytesIO(blob)) as im:  # reads the header only, until the pixels are asked for
+                if im.width * im.height > MAX_GIVEN_PIXELS:
+                    raise ExamplesError(f"image {i + 1} of the {len(blobs)} given is {im.width}×{im.height}; give "
+                                        f"images of at most {MAX_GIVEN_PIXELS // 10**6} megapixels")
                 pixels = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+        except ExamplesError:
+            raise
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ExamplesError(f"image {i + 1} of the {len(blobs)} given cannot be read as an image; give PNG "
                                 "or JPEG files") from e
