@@ -231,6 +231,9 @@ class SessionConfig:
     acquisition: str = knob("random", "which particles a round shows: distinct particles of the weighted population "
                             "at random (what the sampler produces; measured), distinct particles drawn by weight "
                             "without replacement, farthest points, the top weights (seed), or UCB", choices=ACQUISITIONS)
+    round_beta: float | None = knob(None, "β at the end of the rounds' tilt (none: the sampler's --beta end, as in "
+                                    "the final batch): a sharper tilt shows more of what the surrogate thinks "
+                                    "is liked, and so more of its mistakes; the final batch keeps --beta")
     seed: int = knob(0, "the seed every random choice of the session derives from")
     eval_samples: int = knob(256, "images in the final batch, resampled to equal weights")
     explore: float = knob(0.5, "the share of each guided round's shown images drawn from the plain prior "
@@ -278,6 +281,9 @@ class SessionConfig:
         _require(self.final_move is None or (_whole(self.final_move) and 1 <= self.final_move < NUM_TIMESTEPS),
                  f"--final-move must be a training timestep from 1 to {NUM_TIMESTEPS - 1}, got {self.final_move!r}")
         _at_least("--final-sweeps", self.final_sweeps, 1)
+        _require(self.round_beta is None or (_number(self.round_beta) and math.isfinite(self.round_beta)
+                                             and self.round_beta >= 0),
+                 f"--round-beta must be a finite number from 0, or none; got {self.round_beta!r}")
         _require(self.final_particles is None or (_whole(self.final_particles)
                                                   and self.eval_samples <= self.final_particles <= MAX_POPULATION),
                  f"--final-particles must be a whole number from --eval-samples ({self.eval_samples}) to "

@@ -29,3 +29,20 @@ def test_explored_particles_are_shown_after_the_chosen_ones_with_no_weight():
     assert (torch.cdist(drawn, both.particles[16:]).min(1).values > 0).all()
     shown = choose_shown("diverse", both, 16, 5, 3, None, torch.device("cpu"), 0, 0)
     assert shown.shape == (8,) and shown[5:].tolist() == [16, 17, 18] and (shown[:5] < 16).all()
+
+
+def test_a_rounds_own_beta_end_is_the_plain_sampler_run_at_that_beta():
+    """``beta_end`` changes the tilt's end and nothing else: the round equals fkc_sample at (β_start, beta_end),
+    bit for bit, and differs from the run at the sampler's own β."""
+    prior = make_gmm({})
+
+    def reward(z):
+        return -z.pow(2).sum(1)
+
+    sampler = RoundSampler(prior, CFG, progress=False)
+    res = sampler.sample(reward, object(), 16, torch.Generator().manual_seed(5), beta_end=8.0)
+    sharp = fkc_sample(prior, reward, SamplerConfig(particles=16, steps=6, beta=(1.0, 8.0), reward_at="xt"),
+                       generator=torch.Generator().manual_seed(5))
+    own = sampler.sample(reward, object(), 16, torch.Generator().manual_seed(5))
+    assert torch.equal(res.particles, sharp.particles) and torch.equal(res.log_weights, sharp.log_weights)
+    assert not torch.equal(res.log_weights, own.log_weights)

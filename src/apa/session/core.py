@@ -117,7 +117,7 @@ class Session:
             with self.timings.timer("sampling"):
                 res = self.sampler.sample(self.fitter.reward(surrogate), surrogate, n,
                                           generator(cfg.session.seed, r, "sample"), history=history,
-                                          desc=f"sampling round {r + 1}")
+                                          desc=f"sampling round {r + 1}", beta_end=cfg.session.round_beta)
                 if m:
                     res = with_explored(res, self.sampler.plain(m, generator(cfg.session.seed, r, "explore")))
         res = res.cpu()
