@@ -176,6 +176,48 @@ def test_a_restart_of_postgres_loses_nothing_acknowledged(small, postgres):
         store.close()
 
 
+def losing(store, *, lands: bool, times: int = 1):
+    """``store``'s write transaction, with its connection lost the first ``times`` times: after the commit
+    landed (``lands``: only its acknowledgement is lost) or before it. Returns the list of attempts."""
+    real, attempts = store._transaction, []
+
+    def transaction(body, files, counted, ledger=True):
+        attempts.append(1)
+        if len(attempts) <= times:
+            if lands:
+                real(body, files, counted, ledger)
+            store._conn.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return real(body, files, counted, ledger)
+
+    return transaction, attempts
+
+
+@pytest.mark.parametrize("lands", [True, False], ids=["landed", "not-landed"])
+def test_a_commit_in_flight_when_the_connection_is_lost_is_confirmed_by_the_count_of_commits(
+        small, postgres, monkeypatch, lands):
+    """The connection is lost around a rating's commit: after it landed (the acknowledgement lost) or before.
+    After reconnecting, the count of commits says which: a landed write is acknowledged without running it
+    again, the other is run once more. Either way the rating is stored once and the session reopens checked.
+    Detects a store that runs a landed write twice, or acknowledges one that never landed."""
+    transaction, attempts = losing(small, lands=lands)
+    monkeypatch.setattr(small, "_transaction", transaction)
+    before = small._commits()
+    small.add_rating(0, 1, -1.0, "oracle")
+    assert len(attempts) == (1 if lands else 2) and small._commits() == before + 1
+    assert [(r["position"], r["score"]) for r in small.ratings(0)] == [(0, 1.0), (1, -1.0)]
+    small.close()
+    open_store(small.root, postgres.url).close()  # the ledger agrees with every row
+
+
+def test_a_write_lost_twice_before_its_commit_is_not_acknowledged(small, postgres, monkeypatch):
+    transaction, attempts = losing(small, lands=False, times=2)
+    monkeypatch.setattr(small, "_transaction", transaction)
+    with pytest.raises(StoreError, match="could not be confirmed; it was not acknowledged"):
+        small.add_rating(0, 1, -1.0, "oracle")
+    assert len(attempts) == 2 and [r["position"] for r in small.ratings(0)] == [0]
+
+
 def test_bad_urls_say_what_to_do(tmp_path):
     with pytest.raises(StoreError, match="not a PostgreSQL URL"):
         create(tmp_path / "s", {}, database="mysql://localhost/apa")
