@@ -39,14 +39,16 @@ then include the contention and are only comparable within one such run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import re
 import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -190,6 +192,39 @@ def target_fidelity(session, judges: Judges, images: torch.Tensor) -> dict:
 
     checks = final_checks(session.final_view(images), judges.reference)
     return {k: checks[k] for k in ("target_tv", "target_ess", "target_mix", "batch_mix")}
+
+
+class PoolLabels(NamedTuple):
+    """Plain prior samples as each evaluator sees them: ``liked`` {"oracle" | "judge": [n] bool}, the judge's
+    ``classes`` [n] (None for a taste no class names), and the user's preferred classes."""
+    liked: dict[str, torch.Tensor]
+    classes: torch.Tensor | None
+    prefer: tuple
+
+
+def pool_labels(session, reference: torch.Tensor) -> PoolLabels:
+    """The reference particles [n, *event] judged for ``session``'s user by the oracle and the judge."""
+    judges = Judges(session.feedback, session.cfg.prior.name, 16, reference, session.prior.decode)
+    with torch.no_grad():
+        images = session.prior.decode(reference)
+    classes = None if judges.judge_taste is not None else judges.judge.classify(images)[0]
+    return PoolLabels({by: judges.liked(images, by) for by in ("oracle", "judge")}, classes, judges.prefer)
+
+
+@contextlib.contextmanager
+def copied_session(src: str | Path) -> Iterator[Session]:
+    """A finished session resumed from a temporary copy of ``src`` (the original is never written); its store
+    closed and the copy removed afterwards."""
+    work = Path(tempfile.mkdtemp()) / "s"
+    shutil.copytree(src, work)
+    try:
+        session = Session.resume(work, progress=False)
+        try:
+            yield session
+        finally:
+            session.store.close()
+    finally:
+        shutil.rmtree(work.parent, ignore_errors=True)
 
 
 def rated_images(session) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,21 +18,17 @@ session decides. Features (all from one pass of the frozen UNet's down path and 
 from __future__ import annotations
 
 import argparse
-import shutil
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from align_results import Judges  # noqa: E402
-from tilt_probe import measures  # noqa: E402
+from align_results import copied_session, pool_labels  # noqa: E402
+from tilt_probe import measures, print_header, print_means, print_row  # noqa: E402
 
 from apa.seeding import generator, seeded_global  # noqa: E402
-from apa.session import Session  # noqa: E402
 from apa.surrogate.fit import FitConfig, fit  # noqa: E402
 from apa.surrogate.model import Ensemble, FeatureSurrogate  # noqa: E402
 
@@ -73,24 +69,16 @@ def refit(s, fn, x: torch.Tensor, y: torch.Tensor) -> Ensemble:
 
 
 def session_rows(src: str, reference: torch.Tensor, specs: list[str], beta: float) -> dict[str, dict]:
-    work = Path(tempfile.mkdtemp()) / "s"
-    shutil.copytree(src, work)
-    try:
-        s = Session.resume(work, progress=False)
+    with copied_session(src) as s:
         x, y, _ = s.state.training_set()
-        images = s.prior.decode(reference)
-        judges = Judges(s.feedback, s.cfg.prior.name, 16, reference, s.prior.decode)
-        liked = {by: judges.liked(images, by) for by in ("oracle", "judge")}
-        classes = None if judges.judge_taste is not None else judges.judge.classify(images)[0]
+        pool = pool_labels(s, reference)
         rows = {}
         for spec in specs:
             model = refit(s, feature_fn(s.prior, spec), x, y)
             with torch.no_grad():
                 log_p = torch.cat([model(z) for z in reference.split(512)]).double()
-            rows[spec] = measures(beta * log_p, liked, classes, judges.prefer)
+            rows[spec] = measures(beta * log_p, pool.liked, pool.classes, pool.prefer)
         return rows
-    finally:
-        shutil.rmtree(work.parent, ignore_errors=True)
 
 
 def main() -> None:
@@ -104,23 +92,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     specs = args.features.split(",")
     reference = torch.load(args.reference)
-    keys = ("judge_share", "oracle_share", "rarest", "distinct", "judge_yield", "oracle_yield")
-    print("| session | features | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2), flush=True)
+    print_header("features")
     every: dict[str, list[dict]] = {t: [] for t in specs}
     for src in args.sessions:
         for spec, row in session_rows(src, reference, specs, args.beta).items():
             every[spec].append(row)
-            cells = [f"{row[k]:.3f}" if k.endswith("share") or k == "rarest" else f"{row[k]:.0f}"
-                     for k in keys if k in row]
-            print(f"| {Path(src).name} | {spec} | " + " | ".join(cells) + " |", flush=True)
-    print("\nmean over sessions:\n| features | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
-    for spec, rows in every.items():
-        cells = []
-        for k in keys:
-            vals = [r[k] for r in rows if k in r]
-            cells.append("" if not vals else f"{statistics.mean(vals):.3f} (worst {min(vals):.3f})"
-                         if k.endswith("share") or k == "rarest" else f"{statistics.mean(vals):.0f}")
-        print(f"| {spec} | " + " | ".join(cells) + " |")
+            print_row(Path(src).name, spec, row)
+    print_means("features", every)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from align_results import Judges  # noqa: E402
+from align_results import Judges, copied_session  # noqa: E402
 
 from apa.measures.novelty import users_liked
 from apa.measures.yields import distinct_mask, duplicate_threshold, take_home
@@ -64,41 +62,26 @@ def settings(text: str) -> dict[str, dict]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sessions", nargs="+", help="finished session directories (copied; never written)")
-    ap.add_argument("--variants", default="default,renoise:300,renoise:500")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reference", help="the benchmark's plain prior particles (.pt): adds the independent "
-                                        "judge's yield, as benchmarks/align_results.py counts it")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    reference = torch.load(args.reference) if args.reference else None
-    print("| session | final draw | liked (oracle) | distinct of 256 | yield | yield (judge) | repeats moved / "
-          "accepted | final-batch call rows |\n|---|---|---|---|---|---|---|---|", flush=True)
-    for src in args.sessions:
-        work = Path(tempfile.mkdtemp()) / "s"
-        shutil.copytree(src, work)
-        s = Session.resume(work, progress=False)
+def print_session(src: str, variants: list[str], reference: torch.Tensor | None) -> None:
+    """One table row per final draw of the finished session at ``src`` (a copy; never written)."""
+    with copied_session(src) as s:
         user = s.feedback
         pool = prior_pool(s.prior, 2048)
-
         prior_liked = pool[users_liked(user, pool)]  # the user's taste: classes, or one no class names
         threshold = duplicate_threshold(prior_liked)
         x, _ = s.state.training_set()[:2]
         rated = s.prior.decode(x)
         last = len(s.store.rounds()) - 1
         batch, drawn = None, None
-        if any(not v.startswith("set:") for v in args.variants.split(",")):
+        if any(not v.startswith("set:") for v in variants):
             with counting() as drawn:
                 batch = s.final_samples()  # the session's own final batch, drawn once; each variant starts from it
         judges = None if reference is None else Judges(user, s.cfg.prior.name, 16, reference, s.prior.decode)
-        base = s.cfg
-        for variant in args.variants.split(","):
+        for variant in variants:
             images, moved = batch, {}
             with counting() as calls:
                 if variant.startswith("set:"):
-                    images = Session(s.store, with_overrides(base, **settings(variant[4:])), s.prior,
+                    images = Session(s.store, with_overrides(s.cfg, **settings(variant[4:])), s.prior,
                                      s.feedback, progress=False).final_samples()
                 elif variant.startswith("renoise:"):
                     z, moved = move_repeats(s, batch * 2.0 - 1.0, int(variant.split(":")[1]), threshold,
@@ -112,7 +95,22 @@ def main() -> None:
             print(f"| {Path(src).name} | {variant} | {float(mask.double().mean()):.3f} | {home['distinct']} | "
                   f"{home['yield']} | {judged} | {moved.get('repeats', '–')} / {moved.get('accepted', '–')} | "
                   f"{spent} |", flush=True)
-        s.store.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sessions", nargs="+", help="finished session directories (copied; never written)")
+    ap.add_argument("--variants", default="default,renoise:300,renoise:500")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reference", help="the benchmark's plain prior particles (.pt): adds the independent "
+                                        "judge's yield, as benchmarks/align_results.py counts it")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    reference = torch.load(args.reference) if args.reference else None
+    print("| session | final draw | liked (oracle) | distinct of 256 | yield | yield (judge) | repeats moved / "
+          "accepted | final-batch call rows |\n|---|---|---|---|---|---|---|---|", flush=True)
+    for src in args.sessions:
+        print_session(src, args.variants.split(","), reference)
 
 
 if __name__ == "__main__":

@@ -13,19 +13,19 @@ particles), and ``stored`` (what the session showed, the explored plain samples 
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from apa.measures.novelty import users_liked
-from apa.session import Session
-from apa.session.acquisition import Candidates, by_weight, distinct, weighted
+sys.path.insert(0, str(Path(__file__).parent))
+from align_results import LATE_ROUND, copied_session  # noqa: E402
 
-LATE_ROUND = 2  # rounds from this 0-based index on: "round 3 on", as in align_results.py
+from apa.measures.novelty import users_liked  # noqa: E402
+from apa.session.acquisition import Candidates, by_weight, distinct, weighted  # noqa: E402
+
 DRAWS = 200
 
 
@@ -43,15 +43,10 @@ def round_shares(session, path: Path, k: int) -> dict[str, float]:
 
 
 def session_shares(src: str) -> dict[str, float]:
-    work = Path(tempfile.mkdtemp()) / "s"
-    shutil.copytree(src, work)
-    try:
-        s = Session.resume(work, progress=False)
-        paths = sorted((work / "rounds").glob("round_*.safetensors"))[LATE_ROUND:]
+    with copied_session(src) as s:
+        paths = sorted((s.store.root / "rounds").glob("round_*.safetensors"))[LATE_ROUND:]
         rows = [round_shares(s, p, s.cfg.session.per_round) for p in paths]
         return {rule: statistics.mean(r[rule] for r in rows) for rule in rows[0]}
-    finally:
-        shutil.rmtree(work.parent, ignore_errors=True)
 
 
 def main() -> None:

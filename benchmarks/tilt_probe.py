@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from align_results import Judges  # noqa: E402
-
-from apa.session import Session  # noqa: E402
+from align_results import copied_session, pool_labels  # noqa: E402
 
 DRAWN = 256
 
@@ -63,20 +59,40 @@ def measures(logw: torch.Tensor, liked: dict[str, torch.Tensor], classes: torch.
 
 
 def session_rows(src: str, reference: torch.Tensor, tilts: list[str]) -> dict[str, dict]:
-    work = Path(tempfile.mkdtemp()) / "s"
-    shutil.copytree(src, work)
-    try:
-        s = Session.resume(work, progress=False)
+    with copied_session(src) as s:
         reward = s.fitter.reward(s.surrogate_after(len(s.store.rounds()) - 1))
         with torch.no_grad():
             log_p = torch.cat([reward(z) for z in reference.split(512)]).double()
-            images = s.prior.decode(reference)
-        judges = Judges(s.feedback, s.cfg.prior.name, 16, reference, s.prior.decode)
-        liked = {by: judges.liked(images, by) for by in ("oracle", "judge")}
-        classes = None if judges.judge_taste is not None else judges.judge.classify(images)[0]
-        return {t: measures(tilt(t, log_p), liked, classes, judges.prefer) for t in tilts}
-    finally:
-        shutil.rmtree(work.parent, ignore_errors=True)
+        pool = pool_labels(s, reference)
+        return {t: measures(tilt(t, log_p), pool.liked, pool.classes, pool.prefer) for t in tilts}
+
+
+KEYS = ("judge_share", "oracle_share", "rarest", "distinct", "judge_yield", "oracle_yield")
+
+
+def _share(key: str) -> bool:
+    return key.endswith("share") or key == "rarest"
+
+
+def print_header(what: str) -> None:
+    print(f"| session | {what} | " + " | ".join(KEYS) + " |\n|" + "---|" * (len(KEYS) + 2), flush=True)
+
+
+def print_row(session: str, variant: str, row: dict) -> None:
+    cells = [f"{row[k]:.3f}" if _share(k) else f"{row[k]:.0f}" for k in KEYS if k in row]
+    print(f"| {session} | {variant} | " + " | ".join(cells) + " |", flush=True)
+
+
+def print_means(what: str, every: dict[str, list[dict]]) -> None:
+    """Per variant, the mean of each measure over the sessions (shares with their worst session)."""
+    print(f"\nmean over sessions:\n| {what} | " + " | ".join(KEYS) + " |\n|" + "---|" * (len(KEYS) + 1))
+    for variant, rows in every.items():
+        cells = []
+        for k in KEYS:
+            vals = [r[k] for r in rows if k in r]
+            cells.append("" if not vals else f"{statistics.mean(vals):.3f} (worst {min(vals):.3f})" if _share(k)
+                         else f"{statistics.mean(vals):.0f}")
+        print(f"| {variant} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -89,24 +105,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tilts = args.tilts.split(",")
     reference = torch.load(args.reference)
-    keys = ("judge_share", "oracle_share", "rarest", "distinct", "judge_yield", "oracle_yield")
-    print("| session | tilt | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 2), flush=True)
+    print_header("tilt")
     every: dict[str, list[dict]] = {t: [] for t in tilts}
     for src in args.sessions:
-        rows = session_rows(src, reference, tilts)
-        for t, row in rows.items():
+        for t, row in session_rows(src, reference, tilts).items():
             every[t].append(row)
-            cells = [f"{row[k]:.3f}" if k.endswith("share") or k == "rarest" else f"{row[k]:.0f}"
-                     for k in keys if k in row]
-            print(f"| {Path(src).name} | {t} | " + " | ".join(cells) + " |", flush=True)
-    print("\nmean over sessions:\n| tilt | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
-    for t, rows in every.items():
-        cells = []
-        for k in keys:
-            vals = [r[k] for r in rows if k in r]
-            cells.append("" if not vals else f"{statistics.mean(vals):.3f} (worst {min(vals):.3f})"
-                         if k.endswith("share") or k == "rarest" else f"{statistics.mean(vals):.0f}")
-        print(f"| {t} | " + " | ".join(cells) + " |")
+            print_row(Path(src).name, t, row)
+    print_means("tilt", every)
 
 
 if __name__ == "__main__":
