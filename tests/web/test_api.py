@@ -264,3 +264,15 @@ def test_more_given_images_than_the_budget_leaves_room_for_are_refused(client, m
     r = client.post("/api/sessions", json={"examples": [image] * 8})  # the tiny budget is 8
     assert r.status_code == 422 and "at most 7" in r.json()["error"], r.text
     assert snapshot(manager.data_dir) == before
+
+
+def test_given_images_sent_as_broken_or_deeply_nested_json_are_refused_in_one_line(client, manager):
+    """The start's JSON is read as the ratings' is: 400 for JSON that cannot be read or nests past Python's
+    limit (a RecursionError, not a 500), 415 for a body not sent as JSON; nothing is written."""
+    before = snapshot(manager.data_dir)
+    headers = {"Content-Type": "application/json"}
+    assert client.post("/api/sessions", content=b"{\"examples\": [", headers=headers).status_code == 400
+    deep = client.post("/api/sessions", content=b"[" * 100_000 + b"]" * 100_000, headers=headers)
+    assert deep.status_code == 400 and "nests too deeply" in deep.json()["error"], deep.text
+    assert client.post("/api/sessions", content=b"examples").status_code == 415
+    assert snapshot(manager.data_dir) == before

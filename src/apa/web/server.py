@@ -77,33 +77,42 @@ async def read_limited(request: Any, limit: int = MAX_BODY) -> bytes:
     return bytes(body)
 
 
-async def read_json(request: Any) -> Any:
-    """The request's JSON body: 413 past MAX_BODY bytes, 415 if not sent as JSON, 400 if unreadable."""
+def require_json(request: Any, what: str) -> None:
+    """415 unless the request says its body is JSON; ``what`` names what it carries."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise WebError(415, "send the ratings as JSON with the header Content-Type: application/json")
-    body = await read_limited(request)
+        raise WebError(415, f"send {what} as JSON with the header Content-Type: application/json")
+
+
+def parse_json(body: bytes, shape: str) -> Any:
+    """``body`` as JSON; 400 if unreadable or nested past Python's limit (``shape``: what to send instead)."""
     try:
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise WebError(400, f"the request body is not valid JSON ({str(e)[:120]})") from e
     except RecursionError as e:
-        raise WebError(400, "the request body nests too deeply; send {\"ratings\": [...]}") from e
+        raise WebError(400, f"the request body nests too deeply; send {shape}") from e
+
+
+async def read_json(request: Any) -> Any:
+    """The request's JSON body: 413 past MAX_BODY bytes, 415 if not sent as JSON, 400 if unreadable."""
+    require_json(request, "the ratings")
+    return parse_json(await read_limited(request), '{"ratings": [...]}')
 
 
 async def read_given_body(request: Any) -> list[bytes]:
     """The images a session starts from: an empty body (none), or JSON {"examples": [data URL or base64, ...]}
-    of at most MAX_GIVEN_BODY bytes; 413/415/422 with one line otherwise."""
+    of at most MAX_GIVEN_BODY bytes; 400/413/415/422 with one line otherwise."""
     body = await read_limited(request, MAX_GIVEN_BODY)
     if not body.strip():
         return []
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise WebError(415, "send the images you like as JSON {\"examples\": [...]} with Content-Type: application/json")
+    require_json(request, "the images you like")
+    items = parse_json(body, '{"examples": [...]}')
     try:
-        items = json.loads(body.decode("utf-8"), parse_constant=_reject_constant).get("examples", [])
+        items = items.get("examples", [])
         if not (isinstance(items, list) and len(items) <= MAX_GIVEN and all(isinstance(x, str) for x in items)):
             raise ValueError
         return [base64.b64decode(x.split(",", 1)[1] if x.startswith("data:") else x, validate=True) for x in items]
-    except (UnicodeDecodeError, ValueError, AttributeError, IndexError, binascii.Error) as e:
+    except (ValueError, AttributeError, IndexError, binascii.Error) as e:
         raise WebError(422, f"send {{\"examples\": [...]}}: at most {MAX_GIVEN} images, each a data URL or "
                             "base64 text") from e
 
