@@ -53,6 +53,12 @@ def liked_examples(user: Any, dataset: str, n: int, seed: int) -> torch.Tensor:
     return pool[idx]
 
 
+def takes_images(prior: Any, fix: str) -> None:
+    """ExamplesError (its message ending in ``fix``) unless ``prior`` can encode images into particles."""
+    if prior.encode is None:
+        raise ExamplesError(f"the {prior.name} prior cannot take given images (it has no encode){fix}")
+
+
 def read_given(blobs: list[bytes], prior: Any) -> torch.Tensor:
     """Images a person gives (PNG, JPEG or any format Pillow reads, as bytes) as the ``prior``'s images:
     each converted to its channels (grey or RGB), its shorter side scaled to the prior's size and the
@@ -60,8 +66,7 @@ def read_given(blobs: list[bytes], prior: Any) -> torch.Tensor:
     written."""
     from PIL import Image, UnidentifiedImageError
 
-    if prior.encode is None:
-        raise ExamplesError(f"the {prior.name} prior cannot take given images (it has no encode)")
+    takes_images(prior, "; start without them")
     channels, size = int(prior.event_shape[0]), int(prior.event_shape[-1])
     out = []
     for i, blob in enumerate(blobs):
@@ -84,8 +89,7 @@ def read_given(blobs: list[bytes], prior: Any) -> torch.Tensor:
 def examples_round(prior: Any, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The stored round of given images [n, C, H, W] in [0, 1]: its tensors (particles [n, *event],
     equal log-weights, every one shown) and its info."""
-    if prior.encode is None:
-        raise ExamplesError(f"the {prior.name} prior cannot take given images (it has no encode); drop --examples")
+    takes_images(prior, "; drop --examples")
     with torch.no_grad():
         z = prior.encode(images).cpu()
     n = z.shape[0]
