@@ -230,7 +230,8 @@ class SessionConfig:
     per_round: int = knob(8, "images rated per round (seed: 8)")
     acquisition: str = knob("random", "which particles a round shows: distinct particles of the weighted population "
                             "at random (what the sampler produces; measured), distinct particles drawn by weight "
-                            "without replacement, farthest points, the top weights (seed), or UCB", choices=ACQUISITIONS)
+                            "without replacement, the particles the surrogate is least sure of, farthest points, the top weights "
+                            "(seed), or UCB", choices=ACQUISITIONS)
     round_beta: float | None = knob(None, "β at the end of the rounds' tilt (none: the sampler's --beta end, as in "
                                     "the final batch): a sharper tilt shows more of what the surrogate thinks "
                                     "is liked, and so more of its mistakes; the final batch keeps --beta")

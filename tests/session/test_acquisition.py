@@ -77,3 +77,11 @@ def test_weighted_draws_each_distinct_particle_by_its_summed_weight():
         se = (p * (1 - p) / n) ** 0.5
         assert abs(float((first == i).double().mean()) - p) < 4.5 * se
     assert sorted(acquisition.weighted(c, 4, g).tolist()) == [0, 1, 3, 4]  # the zero-weight one last
+
+
+def test_unsure_shows_the_particles_rated_nearest_the_middle():
+    x = torch.tensor([[0.9], [-0.1], [0.3], [0.3], [-0.6], [0.05]])  # the rating is the particle itself
+    c = Candidates(x, torch.zeros(6, dtype=torch.float64), lambda z: z.flatten(1).mean(1))
+    assert acquisition.unsure(c, 3, None).tolist() == [5, 1, 2]  # the copy of 0.3 counts once
+    plain = Candidates(x, torch.zeros(6, dtype=torch.float64))  # before any rating: at random
+    assert acquisition.unsure(plain, 3, torch.Generator().manual_seed(0)).unique().numel() == 3

@@ -78,6 +78,17 @@ def ucb(c: Candidates, k: int, generator: torch.Generator | None, kappa: float =
     return first[torch.argsort(-score, stable=True)[:k]]
 
 
+def unsure(c: Candidates, k: int, generator: torch.Generator | None) -> Indices:
+    """The k distinct particles the surrogate is least sure of: its predicted rating nearest 0 (for the
+    logistic surrogate, P(liked | x) nearest 1/2), ties by index; at random before any surrogate."""
+    if c.surrogate is None:
+        return random(c, k, generator)
+    first, _ = distinct(c.particles)
+    with torch.no_grad():
+        doubt = c.surrogate(c.particles[first]).abs()
+    return first[torch.argsort(doubt, stable=True)[:k]]
+
+
 def diverse(c: Candidates, k: int, generator: torch.Generator | None) -> Indices:
     """Farthest-point selection in particle space, starting from the heaviest particle."""
     first, group = distinct(c.particles)
@@ -92,7 +103,7 @@ def diverse(c: Candidates, k: int, generator: torch.Generator | None) -> Indices
 
 
 for _name, _rule in (("weight", by_weight), ("random", random), ("weighted", weighted), ("ucb", ucb),
-                     ("diverse", diverse)):
+                     ("unsure", unsure), ("diverse", diverse)):
     ACQUISITIONS.register(_name)(_rule)
 
 

@@ -120,8 +120,8 @@ class Session:
                                           desc=f"sampling round {r + 1}", beta_end=cfg.session.round_beta)
                 if m:
                     res = with_explored(res, self.sampler.plain(m, generator(cfg.session.seed, r, "explore")))
-        res = res.cpu()
-        shown = choose_shown(cfg.session.acquisition, res, n, k - m, m, surrogate, dev, cfg.session.seed, r)
+            res = res.cpu()  # the rules that read the surrogate (unsure, ucb) count its rows with the round's
+            shown = choose_shown(cfg.session.acquisition, res, n, k - m, m, surrogate, dev, cfg.session.seed, r)
         info = {"ess": [s.ess for s in res.trace], "resampled": [s.resampled for s in res.trace],
                 "unique_origins": res.trace[-1].unique_origins, "beta_used": surrogate is not None,
                 "explored": m, "calls": calls.total}
