@@ -248,14 +248,19 @@ def shown_liked(shares: list) -> dict:
             "liked_shown_late": sum(late) / len(late) if late else float("nan"), "liked_by_round": shares}
 
 
-def peer_config(name: str, equal_calls: dict[str, float], steps: int):
-    """A peer's settings: its defaults, except learned-reward best-of-M's pool, set to the network calls
-    of this job's ``apa`` final batch when one was drawn (``equal_calls``: rows per final image), its
-    samples at the session's step count."""
+def peer_config(name: str, equal_calls: dict[str, float], steps: int, budget: int, n: int):
+    """A peer's settings: its defaults, except learned-reward best-of-M's pool, its samples at the session's
+    step count and its pool set by ``equal_calls``: to the network calls of this job's ``apa`` final batch
+    ("rows_per_image"), or so that its whole session spends the ``apa`` session's ("session_rows"; its
+    rounds, ``budget`` plain samples each scored in the refits, cost budget·(steps + 1) of them). None: the
+    peer's defaults."""
     if not name.startswith("best_of_m") or not equal_calls:
         return None
     from apa.baselines.best_of_m import BestOfMConfig
 
+    if "session_rows" in equal_calls:
+        pool_rows = equal_calls["session_rows"] - budget * (steps + 1)
+        return BestOfMConfig(steps=steps, pool_per_image=pool_rows / n / (steps + 1))
     return BestOfMConfig(steps=steps, pool_per_image=equal_calls["rows_per_image"] / (steps + 1))
 
 
@@ -269,7 +274,7 @@ def peer_row(name: str, cfg, prior, user, judges: Judges, workdir: Path, equal_c
     s = cfg.session
     t0 = time.perf_counter()
     with counting() as calls:
-        config = peer_config(name, equal_calls, cfg.sampler.steps)
+        config = peer_config(name, equal_calls, cfg.sampler.steps, s.budget, s.eval_samples)
         run = baselines.get(name)(prior, user, s.budget, s.per_round, s.seed, eval_samples=s.eval_samples,
                                   workdir=workdir, **({"config": config} if config else {}))
         before = calls.total
@@ -297,13 +302,18 @@ def job_config(prior_name: str, prefer: tuple[int, ...] | str, noise: float, see
 
 def one_job(out: Path, prior_name: str, prefer: tuple[int, ...] | str, noise: float, seed: int, overrides: dict,
             finals: list[Final], peers: tuple[str, ...],
-            reference: Path) -> dict:
+            reference: Path, equal: str | int = "final") -> dict:
+    """One job's rows. ``equal``: best-of-M's pool at the calls of the ``apa`` final batch ("final"), of the
+    whole ``apa`` session ("session"), or of a session that spent this many rows (peers-only runs)."""
     cfg = job_config(prior_name, prefer, noise, seed, overrides)
     shutil.rmtree(out, ignore_errors=True)
-    rows, timings, equal_calls = {}, {}, {}
+    rows, timings = {}, {}
+    equal_calls = {"session_rows": equal} if isinstance(equal, int) else {}
     if finals:  # an apa session, its final batch drawn once per variant
         session = Session.start(out, cfg, progress=False)
         rows, equal_calls = session_rows(session, finals, reference)
+        if equal == "session":
+            equal_calls = {"session_rows": next(iter(rows.values()))["calls"]}
         timings = dict(session.timings)
         prior, user = session.prior, session.feedback
     else:  # the peers alone, on the same components
@@ -354,6 +364,24 @@ def session_rows(session, finals: list[Final],
     with np.load(path) as z:
         assert z["images"].shape[0] == cfg.session.eval_samples
     return rows, equal
+
+
+def equal_to(spec: str, name: str, finals: list) -> str | int:
+    """``--best-of-m-calls`` for the job ``name``: "final", "session", or the call rows of the apa session
+    stored for the same job in DIR (``DIR[:KEY][+ROWS]``, with ``--final ''``)."""
+    if spec in ("final", "session"):
+        return spec
+    if finals:
+        raise SystemExit("--best-of-m-calls DIR reads the apa sessions' calls from another run: use it with --final ''")
+    spec, _, extra = spec.partition("+")
+    folder, _, key = spec.partition(":")
+    path = Path(folder) / "jobs" / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"--best-of-m-calls: no job {path}; run the apa sessions there first")
+    row = json.loads(path.read_text())["rows"].get(key or "fkc/noise+move:500")
+    if row is None:
+        raise SystemExit(f"--best-of-m-calls: {path} has no row {key or 'fkc/noise+move:500'!r}")
+    return int(row["calls"]) + int(extra or 0)
 
 
 def _job(job: tuple) -> dict:
@@ -419,6 +447,10 @@ def main() -> None:
                          "best_of_m_is, papa, "
                          "epapa, fk_steering, das_online, seiko_ucb, guidance, prior); empty for none")
     ap.add_argument("--set", nargs="*", default=[], help="overrides like sampler.beta=2,8")
+    ap.add_argument("--best-of-m-calls", default="final", metavar="final|session|DIR[:KEY][+ROWS]",
+                    help="learned-reward best-of-M's pool: at the network calls of the apa final batch (final), "
+                         "of the whole apa session (session), or, for --final '', of the apa session of the same "
+                         "job in DIR (its row KEY, default fkc/noise+move:500, plus ROWS)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/results")
     ap.add_argument("--jobs", type=int, default=1, help="jobs at once, in separate processes")
@@ -443,7 +475,7 @@ def main() -> None:
     reference = reference_particles(root, args.prior, steps)
     sets = [tuple(int(c) for c in pref.split(",")) for pref in args.prefer] + list(args.taste)
     jobs = [(root / job_name(args.prior, pref, noise, s), args.prior, pref, noise, s, overrides, finals, peers,
-             reference, threads)
+             reference, equal_to(args.best_of_m_calls, job_name(args.prior, pref, noise, s), finals), threads)
             for noise in noises for s in seeds for pref in sets]  # every set at one seed before the next
     print(f"prior {args.prior}, overrides {overrides}, seeds {seeds}\n", flush=True)
     done = root / "jobs"  # one JSON per finished job: a run stopped early keeps them, and a rerun skips them
