@@ -13,7 +13,11 @@ the first liked rating. Rules:
 - ``farthest-pixels``: the same in pixel space;
 - ``mixed``: half by ``cover``, half by ``farthest``;
 - ``cover`` (``cover-pixels``): greedy facility location: typical images of the regions of the pool
-  that nothing rated resembles yet.
+  that nothing rated resembles yet;
+- ``tilt``: what a default session's rounds do before anything is liked: the surrogate (the session's
+  own, on the prior's features) fitted to the dislikes so far, the round's population POPULATION draws
+  from the pool by its P(liked | x)^2, k distinct of them shown at random (round 1 shows half plain, as
+  ``--explore`` does).
 
 Printed per taste and rule: P(first liked within 40 ratings) over the trials with its binomial
 standard error, the median ratings to the first liked image, and the network-call rows per round
@@ -89,6 +93,26 @@ def mixed_order(pool: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([first, more])
 
 
+def tilt_order(settings, seed: int):
+    """The ``tilt`` rule: pool [P, D] and seen [m, D] features -> k indices into the pool."""
+    from acquisition_sim import fitted, population
+
+    def order(pool: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed * 7919 + seen.shape[0])
+        if seen.shape[0] == 0:
+            return torch.arange(k)  # round 0: the pool is in random order
+        log_p = fitted(seen.float(), -torch.ones(seen.shape[0]), settings, seed, f"dislikes{seen.shape[0]}")(
+            pool.float())
+        plain = k // 2 if seen.shape[0] == k else 0  # round 1 explores: half plain
+        uniq = population(log_p, gen).unique()
+        tilted = uniq[torch.randperm(uniq.numel(), generator=gen)[:k - plain]]
+        rest = torch.ones(pool.shape[0], dtype=torch.bool)
+        rest[tilted] = False
+        return torch.cat([tilted, rest.nonzero().flatten()[:k - tilted.numel()]])
+
+    return order
+
+
 def first_liked(liked: torch.Tensor, space: torch.Tensor | None, pool: int, k: int, gen: torch.Generator,
                 order_rule=None) -> int | None:
     """Ratings until the first liked image (1-based), or None within the budget. ``liked`` [M] bool of
@@ -124,7 +148,9 @@ def main() -> None:
     print(f"| taste | prior share | rule | pool per round | P(first liked ≤ {BUDGET}) | median ratings | "
           f"call rows per round |\n|---|---|---|---|---|---|---|", flush=True)
     for taste in args.taste:
-        prior, user = components.build(job_config(args.prior, taste, 0.0, 0, {}))
+        cfg = job_config(args.prior, taste, 0.0, 0, {})
+        prior, user = components.build(cfg)
+        settings = cfg.surrogate
         with torch.no_grad():
             images = prior.decode(reference)
             liked = users_liked(user, images)
@@ -133,14 +159,14 @@ def main() -> None:
         spaces = {"random": (None, None), "farthest": (feats.double(), farthest_order),
                   "farthest-pixels": (images.flatten(1).double(), farthest_order),
                   "cover": (feats.double(), cover_order), "cover-pixels": (images.flatten(1).double(), cover_order),
-                  "mixed": (feats.double(), mixed_order)}
+                  "mixed": (feats.double(), mixed_order), "tilt": (feats, None)}
         print(f"| {taste} | {p:.3f} | plain prior, 1 − (1 − p)^{BUDGET} | – | {1 - (1 - p) ** BUDGET:.2f} | – | – |")
         for rule in args.rules.split(","):
             for pool in [int(x) for x in args.pool.split(",")]:
                 if rule == "random" and pool != args.per_round:
                     continue
                 found = [first_liked(liked, spaces[rule][0], pool, args.per_round, torch.Generator().manual_seed(t),
-                                     spaces[rule][1])
+                                     tilt_order(settings, t) if rule == "tilt" else spaces[rule][1])
                          for t in range(args.trials)]
                 hit = sum(f is not None for f in found) / len(found)
                 se = math.sqrt(hit * (1 - hit) / len(found))
