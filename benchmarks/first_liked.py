@@ -41,25 +41,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from align_results import job_config, reference_particles  # noqa: E402  (the yield benchmark's own setup)
 
 from apa.measures.novelty import users_liked  # noqa: E402
+from apa.session.acquisition import farthest_from  # noqa: E402
 from apa.session import components  # noqa: E402
 
 BUDGET = 40
-
-
-def farthest_order(pool: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
-    """k indices into ``pool`` [P, D], each the point farthest from ``seen`` [m, D] and from the points
-    already chosen; with nothing seen, the first is pool point 0 (the pool is in random order)."""
-    if seen.shape[0]:
-        dist, chosen = torch.cdist(pool, seen).min(dim=1).values, []
-    else:
-        dist, chosen = (pool - pool[0]).norm(dim=1), [0]
-        dist[0] = -1.0
-    for _ in range(min(k, pool.shape[0]) - len(chosen)):
-        nxt = int(torch.argmax(dist))
-        chosen.append(nxt)
-        dist = torch.minimum(dist, (pool - pool[nxt]).norm(dim=1))
-        dist[chosen] = -1.0
-    return torch.tensor(chosen, dtype=torch.long)
 
 
 def cover_order(pool: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
@@ -89,7 +74,7 @@ def mixed_order(pool: torch.Tensor, seen: torch.Tensor, k: int) -> torch.Tensor:
     rest = torch.ones(pool.shape[0], dtype=torch.bool)
     rest[first] = False
     left = torch.nonzero(rest).squeeze(1)
-    more = left[farthest_order(pool[left], torch.cat([seen, pool[first]]), k - first.shape[0])]
+    more = left[farthest_from(pool[left], torch.cat([seen, pool[first]]), k - first.shape[0])]
     return torch.cat([first, more])
 
 
@@ -156,8 +141,8 @@ def main() -> None:
             liked = users_liked(user, images)
             feats = torch.cat([prior.features(reference[i:i + 256]) for i in range(0, reference.shape[0], 256)])
         p = float(liked.double().mean())
-        spaces = {"random": (None, None), "farthest": (feats.double(), farthest_order),
-                  "farthest-pixels": (images.flatten(1).double(), farthest_order),
+        spaces = {"random": (None, None), "farthest": (feats.double(), farthest_from),
+                  "farthest-pixels": (images.flatten(1).double(), farthest_from),
                   "cover": (feats.double(), cover_order), "cover-pixels": (images.flatten(1).double(), cover_order),
                   "mixed": (feats.double(), mixed_order), "tilt": (feats, None)}
         print(f"| {taste} | {p:.3f} | plain prior, 1 − (1 − p)^{BUDGET} | – | {1 - (1 - p) ** BUDGET:.2f} | – | – |")

@@ -55,6 +55,7 @@ REWARD_AT = ("xt", "tweedie")  # where r is read: the particle z_t itself, or it
 JACOBIANS = ("exact", "gaussian", "identity")  # ∂ẑ0/∂z in ∇_z r(ẑ0(z)): through the denoiser, s²/(s²+σ²), none
 WEIGHTS = ("exact", "rate", "none")  # discrete-transition weights, the SPEC's continuous rate, or none (guidance)
 FINAL_STARTS = ("noise", "liked", "balanced")  # where the final batch starts
+SEARCHES = ("tilt", "plain", "farthest")  # what the rounds show until something is liked
 BETA_SCHEDULES = ("linear", "signal")  # β over the grid: linear in the step, or with the signal share of ẑ0
 RESAMPLE = ("systematic", "stratified", "residual", "multinomial", "none")
 
@@ -264,6 +265,10 @@ class SessionConfig:
                                        "the next round explores (none: never; off by default: measured in docs/results.md)")
     forget_before: int | None = knob(None, "forget the ratings of the rounds before this one (rounds numbered from "
                                      "1, as the report shows them): the user's taste changed there")
+    search: str = knob("tilt", "what the rounds show until the user likes an image: the particles of the tilt "
+                       "fitted to the dislikes so far (tilt), plain prior samples (plain), or the plain prior samples "
+                       "of a round farthest, in the prior's features, from everything rated and from each other "
+                       "(farthest)", choices=SEARCHES)
     examples: int = knob(0, "start from this many images the user already likes, given as the first round's "
                          "liked ratings (counted in the budget): a simulated user gives real held-out images of "
                          "the prior's data set that it likes (mnist, fashion)")
@@ -296,13 +301,14 @@ class SessionConfig:
         _require(self.forget_before is None or (_whole(self.forget_before) and self.forget_before >= 1),
                  f"--forget-before must be a round number from 1, or none; got {self.forget_before!r}")
         _between("--examples", self.examples, 0, self.budget)
+        _choice("--search", self.search, SEARCHES)
 
 
 # What a stored config written before a field existed meant, so that an old session resumes to the same result:
 LEGACY = {("sampler", "weights"): "rate", ("sampler", "drift"): 1.0, ("sampler", "beta_schedule"): "linear", ("session", "final_start"): "noise", ("session", "explore"): 0.0,
           ("surrogate", "loss"): "mse", ("session", "explore_rounds"): None, ("surrogate", "discount"): 1.0,
           ("surrogate", "window"): None, ("session", "detect_change"): None, ("session", "forget_before"): None,
-          ("session", "final_move"): None, ("session", "final_sweeps"): 1}
+          ("session", "final_move"): None, ("session", "final_sweeps"): 1, ("session", "search"): "tilt"}
 
 
 @dataclass(frozen=True)

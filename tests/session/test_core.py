@@ -261,3 +261,40 @@ def test_more_final_particles_than_images_cost_their_rows_and_still_give_the_ima
     assert abs(calls[16] - 2 * calls[None]) <= 1 and calls[None] > 100
     assert main(["align", "--out", str(tmp_path / "bad"), "--final-particles", "4", *TINY]) == 2
     assert "--final-particles" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_until_something_is_liked_the_rounds_search_as_asked(tmp_path):
+    """--search farthest, a user who likes nothing for 12 ratings and everything after (rounds of 4): rounds
+    2-4 (indices 1-3, before the first liked rating was given) show plain prior samples, each the farthest,
+    in the surrogate's features, from every image rated before and from those chosen (recomputed here from
+    the stored particles); from round 5 on the rounds are tilted. --search plain draws the same plain samples
+    and shows them at random; the default (tilt) steers round 2 by the dislikes."""
+    from apa.feedback.drift import DriftingUser
+    from apa.session.acquisition import farthest_from
+    from apa.session.final import start_features
+
+    rounds = {}
+    for search in ("farthest", "plain", "tilt"):
+        session = drifting_session(tmp_path / search, at=12, budget=24, search=search)
+        session.feedback = DriftingUser(Constant(-1.0), Constant(1.0), 12)
+        drive(session, until=FINAL)
+        rows = session.store.rounds()
+        rounds[search] = [session.store.round_tensors(r["round"]) for r in rows]
+        if search == "tilt":
+            assert rows[1]["info"]["beta_used"] and "searched" not in rows[1]["info"]
+            session.store.close()
+            continue
+        searched = [r["info"].get("searched") for r in rows]  # tilted rounds of 8 particles may show fewer than 4
+        assert searched[:4] == [None, search, search, search] and not any(searched[4:]) and len(rows) > 4
+        assert [r["info"]["beta_used"] for r in rows[:4]] == [False] * 4 and all(r["info"]["beta_used"] for r in rows[4:])
+        if search == "farthest":
+            for r in (1, 2, 3):
+                seen = torch.cat([session.state.rated(q)[0] for q in range(r)])
+                t = rounds[search][r]
+                space = start_features(session.prior, session.cfg.surrogate.feature_t,
+                                       torch.cat([t["particles"], seen])).double()
+                assert torch.equal(t["shown"], farthest_from(space[:8], space[8:], 4))
+        session.store.close()
+    for r in (1, 2, 3):  # the same plain samples, chosen two ways
+        assert torch.equal(rounds["farthest"][r]["particles"], rounds["plain"][r]["particles"])
+    assert not torch.equal(rounds["farthest"][1]["shown"], rounds["plain"][1]["shown"])

@@ -93,13 +93,27 @@ def diverse(c: Candidates, k: int, generator: torch.Generator | None) -> Indices
     """Farthest-point selection in particle space, starting from the heaviest particle."""
     first, group = distinct(c.particles)
     flat = c.particles[first].reshape(first.shape[0], -1).double()
-    chosen = [int(torch.argmax(_group_weights(c, first, group)))]
-    dist = (flat - flat[chosen[0]]).norm(dim=1)
-    while len(chosen) < min(k, first.shape[0]):
+    heaviest = int(torch.argmax(_group_weights(c, first, group)))
+    rest = farthest_from(flat, flat[heaviest:heaviest + 1], min(k, first.shape[0]) - 1)
+    return first[torch.cat([torch.tensor([heaviest]), rest])]
+
+
+def farthest_from(points: torch.Tensor, seen: torch.Tensor, k: int) -> Indices:
+    """k indices into ``points`` [P, D] chosen greedily, each the point farthest from ``seen`` [m, D] and
+    from the points already chosen (with nothing seen, point 0 first). Coverage: the next image is the one
+    least like anything seen."""
+    k = min(k, points.shape[0])
+    if seen.shape[0]:
+        dist, chosen = torch.cdist(points, seen).min(dim=1).values, []
+    else:
+        dist, chosen = (points - points[0]).norm(dim=1), [0]
+    dist[chosen] = -1.0
+    while len(chosen) < k:
         nxt = int(torch.argmax(dist))
         chosen.append(nxt)
-        dist = torch.minimum(dist, (flat - flat[nxt]).norm(dim=1))
-    return first[torch.tensor(chosen, dtype=torch.long)]
+        dist = torch.minimum(dist, (points - points[nxt]).norm(dim=1))
+        dist[chosen] = -1.0
+    return torch.tensor(chosen, dtype=torch.long)
 
 
 for _name, _rule in (("weight", by_weight), ("random", random), ("weighted", weighted), ("ucb", ucb),

@@ -22,16 +22,17 @@ from apa.measures.records import RECORDS, FinalView, measure_final
 from apa.priors.calls import counting, uncounted
 from apa.priors.ddpm import weights_path
 from apa.seeding import generator
-from apa.session import components
+from apa.session import acquisition, components
 from apa.session.checks import SessionError, check_forget_before, validate, validate_new
 from apa.session.examples import GIVEN, examples_round, liked_examples
-from apa.session.final import final_start, moved
+from apa.session.final import final_start, moved, start_features
 from apa.session.fitter import SurrogateFitter, heldout_score, reads_as_change
 from apa.session.lifecycle import FIT, RATE, SAMPLE, next_action
 from apa.session.sampler import RoundSampler, choose_shown, with_explored
 from apa.session.state import SessionState, Timings
 from apa.smc.distributed import Comm
 from apa.smc.sampler import SMCResult, device_of
+from apa.smc.weights import uniform
 from apa.store import Store, StoreError, create, open_store
 from apa.surrogate.model import Ensemble
 
@@ -111,6 +112,8 @@ class Session:
             return self.give(liked_examples(self.feedback, cfg.prior.name, cfg.session.examples, cfg.session.seed))
         surrogate = self.surrogate_after(r - 1, dev)
         n, k = cfg.sampler.particles, min(cfg.session.per_round, cfg.session.budget - self.store.spent())
+        if surrogate is not None and cfg.session.search != "tilt" and self.state.searching():
+            return self.search_round(r, n, k)
         m = round(self.state.explore_share(r) * k) if surrogate is not None else 0
         history = self.state.history_particles() if self.sampler.reads_history else None
         with counting() as calls:
@@ -127,6 +130,27 @@ class Session:
                 "explored": m, "calls": calls.total}
         with self.timings.timer("io"):
             self.store.save_round(r, {"particles": res.particles, "log_weights": res.log_weights, "shown": shown},
+                                  shown.tolist(), info)
+
+    def search_round(self, r: int, n: int, k: int) -> None:
+        """Round r while nothing is liked yet, by ``--search``: n plain prior samples, of which k are shown, at
+        random ("plain") or each the farthest, in the surrogate's feature space, from every image rated and
+        every one chosen ("farthest"). The population is the n plain samples at equal weights."""
+        cfg = self.cfg
+        with counting() as calls:
+            with self.timings.timer("sampling"):
+                particles = self.sampler.plain(n, generator(cfg.session.seed, r, "sample")).cpu()
+            if cfg.session.search == "farthest":
+                seen = self.state.training_set()[0]
+                space = start_features(self.prior, cfg.surrogate.feature_t, torch.cat([particles, seen]).to(
+                    device_of(self.prior))).double().cpu()
+                shown = acquisition.farthest_from(space[:n], space[n:], k)
+            else:
+                shown = torch.randperm(n, generator=generator(cfg.session.seed, r, "select"))[:k]
+        info = {"ess": [], "resampled": [], "unique_origins": n, "beta_used": False, "explored": 0,
+                "searched": cfg.session.search, "calls": calls.total}
+        with self.timings.timer("io"):
+            self.store.save_round(r, {"particles": particles, "log_weights": uniform(n), "shown": shown},
                                   shown.tolist(), info)
 
     def give(self, images: torch.Tensor) -> None:

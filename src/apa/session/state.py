@@ -77,6 +77,12 @@ class SessionState:
         w = None if sc.discount == 1.0 else sc.discount ** age[keep]
         return x[keep], y[keep], w
 
+    def searching(self) -> bool:
+        """Whether the ratings remembered hold no liked image yet (at least one rating, none above the scale's
+        midpoint): what the rounds show is then a search (``--search``)."""
+        y = self.training_set()[1]
+        return y.numel() > 0 and not bool((y > 0).any())
+
     def changes(self) -> list[int]:
         """The rounds where the taste changed, in order: each detected one (``--detect-change``) and each
         one the person named (``--forget-before``, numbered from 1; stored here from 0)."""
