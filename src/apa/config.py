@@ -265,10 +265,10 @@ class SessionConfig:
                                        "the next round explores (none: never; off by default: measured in docs/results.md)")
     forget_before: int | None = knob(None, "forget the ratings of the rounds before this one (rounds numbered from "
                                      "1, as the report shows them): the user's taste changed there")
-    search: str = knob("tilt", "what the rounds show until the user likes an image: the particles of the tilt "
-                       "fitted to the dislikes so far (tilt), plain prior samples (plain), or the plain prior samples "
+    search: str = knob("farthest", "what the rounds show until the user likes an image: the plain prior samples "
                        "of a round farthest, in the prior's features, from everything rated and from each other "
-                       "(farthest)", choices=SEARCHES)
+                       "(measured: docs/results.md), plain prior samples at random (plain), or the particles of the "
+                       "tilt fitted to the dislikes so far (tilt, the default until 2026-12-07)", choices=SEARCHES)
     examples: int = knob(0, "start from this many images the user already likes, given as the first round's "
                          "liked ratings (counted in the budget): a simulated user gives real held-out images of "
                          "the prior's data set that it likes (mnist, fashion)")
@@ -363,7 +363,7 @@ def preset(name: str, base: AlignConfig | None = None) -> AlignConfig:
                                        beta_schedule="linear", drift=1.0),
                        feedback=replace(base.feedback, users=("apple", "grape", "banana"), temperature=10.0),
                        session=replace(base.session, acquisition="weight", final_start="noise", explore=0.0,
-                                       explore_rounds=None),
+                                       explore_rounds=None, search="tilt"),
                        surrogate=replace(base.surrogate, kind="pixels", ensemble=1, epochs=200, batch_size=32,
                                          lr=1e-3, ceiling=None, loss="mse"))
     raise ValueError(f"unknown preset {name!r}; choose 'default' or 'seed'")

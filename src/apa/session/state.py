@@ -78,10 +78,11 @@ class SessionState:
         return x[keep], y[keep], w
 
     def searching(self) -> bool:
-        """Whether the ratings remembered hold no liked image yet (at least one rating, none above the scale's
-        midpoint): what the rounds show is then a search (``--search``)."""
-        y = self.training_set()[1]
-        return y.numel() > 0 and not bool((y > 0).any())
+        """Whether the session has rated images but never liked one (none above the scale's midpoint, in any
+        round, forgotten or not): what the rounds show is then a search (``--search``). After a change of
+        taste the earlier likes still count here: the rounds then explore as ``--explore`` says."""
+        rated = self.rated_rounds()
+        return bool(rated) and not any(bool((y > 0).any()) for _, _, y in rated)
 
     def changes(self) -> list[int]:
         """The rounds where the taste changed, in order: each detected one (``--detect-change``) and each
