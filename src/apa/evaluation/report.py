@@ -114,7 +114,7 @@ def round_rows(state: SessionState) -> list[dict[str, Any]]:
                      "resampled_steps": int(sum(info.get("resampled", []))),
                      "unique_origins": info.get("unique_origins"), "eval": info.get("eval", {}),
                      "taste_changed": r["round"] in changes,
-                     "change_detected": bool(info.get("change_detected")),
+                     "change_detected": bool(info.get("change_detected")), "searched": info.get("searched"),
                      "calls": (info.get("calls") or 0) + (info.get("fit_calls") or 0) if "calls" in info else None})
     return rows
 
@@ -292,6 +292,7 @@ def rounds_table(rows: list[dict], baseline: dict, oracle: bool) -> tuple[list[s
         rated = [s for s in r["ratings"] if s is not None]
         ratings = " ".join("·" if s is None else score_text(s) for s in r["ratings"]) or DASH
         mark = (" (taste changed: detected)" if r["change_detected"] else " (taste changed)") if r["taste_changed"] else ""
+        mark += f" (search: {r['searched']})" if r.get("searched") else ""
         line = [str(r["round"] + 1) + mark, str(r["feedback_spent"]), ratings, pct(r["liked_share"]),
                 num(np.mean(rated)) if rated else DASH,
                 heldout_text(r["surrogate_heldout"]), num(min(r["ess"]), 1) if r["ess"] else DASH]
