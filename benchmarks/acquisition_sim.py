@@ -88,12 +88,11 @@ def show(rule: str, drawn: torch.Tensor, log_p: torch.Tensor, k: int, gen: torch
 
 
 def simulate(rule: str, feats: torch.Tensor, liked: torch.Tensor, rounds_pool: torch.Tensor, settings,
-             seed: int) -> tuple[torch.Tensor, list[float]]:
+             seed: int) -> tuple[torch.Tensor, list[float], list[float]]:
     """One session on the pool: (the final surrogate's log P [n] over every pool image, per-round liked share of
-    what was shown). ``rounds_pool`` [m] are the indices rounds may draw from."""
+    what was shown, every rating in order as 1 or 0). ``rounds_pool`` [m] are the indices rounds may draw from."""
     gen = generator(seed, rule, "sim")
-    free = torch.ones(feats.shape[0], dtype=torch.bool)
-    free[:] = False
+    free = torch.zeros(feats.shape[0], dtype=torch.bool)
     free[rounds_pool] = True
     rated: list[int] = []
     shares: list[float] = []
@@ -118,7 +117,7 @@ def simulate(rule: str, feats: torch.Tensor, liked: torch.Tensor, rounds_pool: t
         shares.append(float(liked[pick].float().mean()))
         idx = torch.tensor(rated)
         score = fitted(feats[idx], labels(liked, idx), settings, seed, f"r{r}")
-    return score(feats), shares + [float(v) for v in liked[torch.tensor(rated)]]
+    return score(feats), shares, [float(v) for v in liked[torch.tensor(rated)]]
 
 
 def labels(liked: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -138,8 +137,7 @@ def session_rows(src: str, reference: torch.Tensor, rules: list[str], seeds: int
         half = order.numel() // 2
         rounds_pool, target = order[:half], order[half:]
         for rule in rules:
-            log_p, trace = simulate(rule, feats, liked, rounds_pool, s.cfg.surrogate, k)
-            shares, ratings = trace[:ROUNDS], trace[ROUNDS:]
+            log_p, shares, ratings = simulate(rule, feats, liked, rounds_pool, s.cfg.surrogate, k)
             row = measures(BETA * log_p[target], {by: m[target] for by, m in pool.liked.items()},
                            None if pool.classes is None else pool.classes[target], pool.prefer)
             row["shown_late"] = statistics.mean(shares[LATE_ROUND:])

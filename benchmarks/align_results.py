@@ -375,12 +375,13 @@ def equal_to(spec: str, name: str, finals: list) -> str | int:
         raise SystemExit("--best-of-m-calls DIR reads the apa sessions' calls from another run: use it with --final ''")
     spec, _, extra = spec.partition("+")
     folder, _, key = spec.partition(":")
+    key = key or "fkc/noise+move:500"
     path = Path(folder) / "jobs" / f"{name}.json"
     if not path.exists():
         raise SystemExit(f"--best-of-m-calls: no job {path}; run the apa sessions there first")
-    row = json.loads(path.read_text())["rows"].get(key or "fkc/noise+move:500")
+    row = json.loads(path.read_text())["rows"].get(key)
     if row is None:
-        raise SystemExit(f"--best-of-m-calls: {path} has no row {key or 'fkc/noise+move:500'!r}")
+        raise SystemExit(f"--best-of-m-calls: {path} has no row {key!r}")
     return int(row["calls"]) + int(extra or 0)
 
 

@@ -81,8 +81,9 @@ class SessionState:
         """Whether the session has rated images but never liked one (none above the scale's midpoint, in any
         round, forgotten or not): what the rounds show is then a search (``--search``). After a change of
         taste the earlier likes still count here: the rounds then explore as ``--explore`` says."""
-        rated = self.rated_rounds()
-        return bool(rated) and not any(bool((y > 0).any()) for _, _, y in rated)
+        lo, hi = self.scale
+        scores = [x["score"] for x in self.store.ratings() if x["score"] is not None]
+        return bool(scores) and not any(s > (lo + hi) / 2 for s in scores)
 
     def changes(self) -> list[int]:
         """The rounds where the taste changed, in order: each detected one (``--detect-change``) and each
