@@ -145,7 +145,8 @@ def test_a_session_round_reaches_the_host_once_at_the_store(prior, steps_recorde
                          session={"per_round": 2, "budget": 4})
     saved = {}
     store = SimpleNamespace(spent=lambda: 0, save_round=lambda r, tensors, shown, info: saved.update(tensors),
-                            surrogate_path=lambda q: Path("/nonexistent"), rounds=lambda: [], forget_marks=lambda: [],
+                            surrogate_path=lambda q: Path("/nonexistent"), rounds=lambda: [], ratings=lambda r=None: [],
+                            forget_marks=lambda: [],
                             record=lambda name: None)
     person = SimpleNamespace(name="human", scale=(1.0, 5.0), evaluate=None)  # no view of the batch: rates only
     session = Session(store, cfg, prior, person, progress=False)
