@@ -18,7 +18,16 @@ Rules (what a round shows of its population):
 - ``half``: 4 at random, then the 4 nearest 1/2 of the rest;
 - ``thompson``: the population is drawn by the tilt of a surrogate fitted to a bootstrap resample of the
   ratings (a draw from the surrogate's uncertainty; no extra network calls in a real session), shown at
-  random; the final target keeps the surrogate fitted to every rating.
+  random; the final target keeps the surrogate fitted to every rating;
+- ``retry``: ``random``, but a round after a tilted round whose shown images the user liked none of shows
+  half its images by the search (below) instead: a tilt that finds nothing the user likes is not trusted;
+- ``confirm``: ``random``, but until the user has liked ``CONFIRM`` images every round shows half by the
+  search: one like (perhaps an erring one) does not end the search.
+
+Before the user's first like every rule searches as ``--search`` says: ``farthest`` (the default's: of 32
+plain samples, the 8 farthest in the surrogate's features from every image rated) or ``plain``.
+``--label-noise q`` flips each rating with probability q (the user errs); what the rounds showed, and the
+first liked image, are counted by the user's true taste.
 
 The pool is the sampler's target only approximately (a finite pool stands in for the prior), so this
 screens rules against each other; whole sessions decide.
@@ -41,11 +50,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from align_results import LATE_ROUND, copied_session, first_liked, pool_labels  # noqa: E402
 from tilt_probe import measures  # noqa: E402
 
+from apa.session.acquisition import farthest_from  # noqa: E402
 from apa.surrogate.fit import FitConfig, fit  # noqa: E402
 from apa.surrogate.model import Ensemble, FeatureSurrogate  # noqa: E402
 
 POPULATION, SHOWN, ROUNDS, BETA = 32, 8, 10, 2.0
-RULES = ("random", "weighted", "unsure", "half", "thompson")
+RULES = ("random", "weighted", "unsure", "half", "thompson", "retry", "confirm")
+CONFIRM = 3
 KEYS = ("judge_share", "oracle_share", "rarest", "distinct", "judge_yield", "shown_late", "first_liked")
 
 
@@ -73,7 +84,7 @@ def population(log_p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def show(rule: str, drawn: torch.Tensor, log_p: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """k distinct pool indices of the population ``drawn`` [POPULATION] by ``rule``; log_p is the pool's [n]."""
     uniq, counts = drawn.unique(return_counts=True)
-    if rule in ("random", "thompson"):
+    if rule in ("random", "thompson", "retry", "confirm"):
         return uniq[torch.randperm(uniq.numel(), generator=gen)[:k]]
     if rule == "weighted":
         return uniq[torch.multinomial(counts.double(), min(k, uniq.numel()), replacement=False, generator=gen)]
@@ -88,36 +99,59 @@ def show(rule: str, drawn: torch.Tensor, log_p: torch.Tensor, k: int, gen: torch
 
 
 def simulate(rule: str, feats: torch.Tensor, liked: torch.Tensor, rounds_pool: torch.Tensor, settings,
-             seed: int) -> tuple[torch.Tensor, list[float], list[float]]:
+             seed: int, search: str = "farthest", said: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, list[float], list[float]]:
     """One session on the pool: (the final surrogate's log P [n] over every pool image, per-round liked share of
-    what was shown, every rating in order as 1 or 0). ``rounds_pool`` [m] are the indices rounds may draw from."""
+    what was shown, every rating in order as 1 or 0, by the true taste). ``rounds_pool`` [m] are the indices
+    rounds may draw from; ``said`` [n] is what the user answers for each image (``liked`` unless the user errs)."""
+    said = liked if said is None else said
     gen = generator(seed, rule, "sim")
     free = torch.zeros(feats.shape[0], dtype=torch.bool)
     free[rounds_pool] = True
     rated: list[int] = []
     shares: list[float] = []
-    score = None
+    score, tilted_liked = None, True
     for r in range(ROUNDS):
         candidates = free.nonzero().flatten()
         plain_gen = generator(seed, r, "plain")  # the plain samples are the same under every rule
-        if score is None:  # before the first rating: plain prior samples
+        likes = int(said[torch.tensor(rated, dtype=torch.long)].sum()) if rated else 0
+        if score is None:  # round 0: plain prior samples
             pick = candidates[torch.randperm(candidates.numel(), generator=plain_gen)[:SHOWN]]
+        elif likes == 0:  # before the first like: the search
+            pick = searched(candidates, feats, rated, SHOWN, search, plain_gen)
         else:
             plain = SHOWN // 2 if r == 1 else 0  # round 1 explores: half plain, as the session does
+            hunt = SHOWN // 2 if (rule == "retry" and not tilted_liked) or (rule == "confirm" and likes < CONFIRM) else 0
             steer = score
             if rule == "thompson":
                 boot = torch.tensor(rated)[torch.randint(0, len(rated), (len(rated),), generator=gen)]
-                steer = fitted(feats[boot], labels(liked, boot), settings, seed, f"boot{r}")
+                steer = fitted(feats[boot], labels(said, boot), settings, seed, f"boot{r}")
             log_p = steer(feats[candidates])
-            chosen = candidates[show(rule, population(log_p, gen), log_p, SHOWN - plain, gen)]
+            chosen = candidates[show(rule, population(log_p, gen), log_p, SHOWN - plain - hunt, gen)]
+            tilted_liked = bool(said[chosen].any())
             left = candidates[~torch.isin(candidates, chosen)]
-            pick = torch.cat([chosen, left[torch.randperm(left.numel(), generator=plain_gen)[:plain]]])
+            if hunt:
+                more = searched(left, feats, rated + chosen.tolist(), hunt, search, plain_gen)
+            else:
+                more = left[torch.randperm(left.numel(), generator=plain_gen)[:plain]]
+            pick = torch.cat([chosen, more])
         free[pick] = False
         rated.extend(pick.tolist())
         shares.append(float(liked[pick].float().mean()))
         idx = torch.tensor(rated)
-        score = fitted(feats[idx], labels(liked, idx), settings, seed, f"r{r}")
+        score = fitted(feats[idx], labels(said, idx), settings, seed, f"r{r}")
     return score(feats), shares, [float(v) for v in liked[torch.tensor(rated)]]
+
+
+def searched(candidates: torch.Tensor, feats: torch.Tensor, rated: list[int], k: int, search: str,
+             gen: torch.Generator) -> torch.Tensor:
+    """k pool indices of a search round: of POPULATION plain samples from ``candidates``, k at random
+    (``plain``) or the k farthest from every rated image (``farthest``), in the features ``feats`` [n, D]."""
+    plain = candidates[torch.randperm(candidates.numel(), generator=gen)[:POPULATION]]
+    if search == "plain":
+        return plain[:k]
+    seen = feats[torch.tensor(rated, dtype=torch.long)]
+    return plain[farthest_from(feats[plain].double(), seen.double(), k)]
 
 
 def labels(liked: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -125,7 +159,8 @@ def labels(liked: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return liked[idx].float() * 2.0 - 1.0
 
 
-def session_rows(src: str, reference: torch.Tensor, rules: list[str], seeds: int) -> dict[str, list[dict]]:
+def session_rows(src: str, reference: torch.Tensor, rules: list[str], seeds: int, search: str = "farthest",
+                 noise: float = 0.0) -> dict[str, list[dict]]:
     with copied_session(src) as s:
         pool = pool_labels(s, reference)
         with torch.no_grad():
@@ -136,8 +171,10 @@ def session_rows(src: str, reference: torch.Tensor, rules: list[str], seeds: int
         order = torch.randperm(feats.shape[0], generator=generator(k, "split"))
         half = order.numel() // 2
         rounds_pool, target = order[:half], order[half:]
+        flip = torch.rand(feats.shape[0], generator=generator(k, "noise")) < noise
+        said = liked ^ flip
         for rule in rules:
-            log_p, shares, ratings = simulate(rule, feats, liked, rounds_pool, s.cfg.surrogate, k)
+            log_p, shares, ratings = simulate(rule, feats, liked, rounds_pool, s.cfg.surrogate, k, search, said)
             row = measures(BETA * log_p[target], {by: m[target] for by, m in pool.liked.items()},
                            None if pool.classes is None else pool.classes[target], pool.prefer)
             row["shown_late"] = statistics.mean(shares[LATE_ROUND:])
@@ -162,6 +199,9 @@ def main() -> None:
     ap.add_argument("--rules", default=",".join(RULES))
     ap.add_argument("--seeds", type=int, default=4, help="simulated sessions per directory and rule")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--search", choices=("farthest", "plain"), default="farthest",
+                    help="what rounds show before the first like")
+    ap.add_argument("--label-noise", type=float, default=0.0, help="the share of ratings the user gets wrong")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rules = args.rules.split(",")
@@ -171,7 +211,7 @@ def main() -> None:
     print("| taste | seed | rule | " + " | ".join(KEYS) + " |\n|" + "---|" * (len(KEYS) + 3), flush=True)
     every: dict[str, dict[str, list[dict]]] = {}
     for src in args.sessions:
-        every[Path(src).name] = session_rows(src, reference, rules, args.seeds)
+        every[Path(src).name] = session_rows(src, reference, rules, args.seeds, args.search, args.label_noise)
     print("\nmean per taste (over seeds):\n| taste | rule | " + " | ".join(KEYS) + " |\n|" + "---|" * (len(KEYS) + 2))
     for name, by_rule in every.items():
         for rule, rows in by_rule.items():

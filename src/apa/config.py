@@ -269,6 +269,9 @@ class SessionConfig:
                        "of a round farthest, in the prior's features, from everything rated and from each other "
                        "(measured: docs/results.md), plain prior samples at random (plain), or the particles of the "
                        "tilt fitted to the dislikes so far (tilt, the default until 2026-12-07)", choices=SEARCHES)
+    search_on_miss: float = knob(0.0, "the share of a round shown by --search (farthest or plain) after a tilted "
+                                 "round whose tilted images the user liked none of: a tilt that finds nothing "
+                                 "liked, or that an erring like set, is not trusted alone (0: never)")
     examples: int = knob(0, "start from this many images the user already likes, given as the first round's "
                          "liked ratings (counted in the budget): a simulated user gives real held-out images of "
                          "the prior's data set that it likes (mnist, fashion)")
@@ -302,13 +305,16 @@ class SessionConfig:
                  f"--forget-before must be a round number from 1, or none; got {self.forget_before!r}")
         _between("--examples", self.examples, 0, self.budget)
         _choice("--search", self.search, SEARCHES)
+        _require(_number(self.search_on_miss) and 0.0 <= self.search_on_miss <= 1.0,
+                 f"--search-on-miss must be a share in [0, 1], got {self.search_on_miss!r}")
 
 
 # What a stored config written before a field existed meant, so that an old session resumes to the same result:
 LEGACY = {("sampler", "weights"): "rate", ("sampler", "drift"): 1.0, ("sampler", "beta_schedule"): "linear", ("session", "final_start"): "noise", ("session", "explore"): 0.0,
           ("surrogate", "loss"): "mse", ("session", "explore_rounds"): None, ("surrogate", "discount"): 1.0,
           ("surrogate", "window"): None, ("session", "detect_change"): None, ("session", "forget_before"): None,
-          ("session", "final_move"): None, ("session", "final_sweeps"): 1, ("session", "search"): "tilt"}
+          ("session", "final_move"): None, ("session", "final_sweeps"): 1, ("session", "search"): "tilt",
+          ("session", "search_on_miss"): 0.0}
 
 
 @dataclass(frozen=True)

@@ -298,3 +298,43 @@ def test_until_something_is_liked_the_rounds_search_as_asked(tmp_path):
     for r in (1, 2, 3):  # the same plain samples, chosen two ways
         assert torch.equal(rounds["farthest"][r]["particles"], rounds["plain"][r]["particles"])
     assert not torch.equal(rounds["farthest"][1]["shown"], rounds["plain"][1]["shown"])
+
+
+def test_after_a_tilted_round_with_no_like_half_the_next_searches(tmp_path):
+    """--search-on-miss 0.5, a user who likes round 1's four images and nothing after (rounds of 4; round 2
+    shows 2 tilted and 2 plain, --explore): from round 3 on every round follows a tilted round whose tilted
+    images were all disliked, so it shows 2 tilted particles and 2 of 8 plain samples, each the farthest in the
+    surrogate's features from every image rated before and from the one chosen (recomputed here from a fresh
+    draw of the same plain samples). Rounds 1-2 are those of --search-on-miss 0 bit for bit, and a user who
+    likes everything never sees a search. Detects a search on a round that followed a like, a search that
+    ignores the rated images, and a changed round before the first miss."""
+    from apa.seeding import generator
+    from apa.session.acquisition import farthest_from
+    from apa.session.final import start_features
+
+    stored = {}
+    for share in (0.0, 0.5):
+        session = drifting_session(tmp_path / str(share), at=4, budget=24, search_on_miss=share)
+        drive(session, until=FINAL)
+        rows = session.store.rounds()
+        stored[share] = [session.store.round_tensors(r["round"]) for r in rows]
+        searched = [r["info"].get("searched") for r in rows]
+        if share == 0.0:
+            assert not any(searched)
+            session.store.close()
+            continue
+        assert searched == [None, None] + ["farthest, 2 of 4"] * (len(rows) - 2) and len(rows) == 6
+        for r in range(2, len(rows)):
+            t = stored[share][r]
+            assert t["shown"][-2:].tolist() == [8, 9] and not torch.isfinite(t["log_weights"][8:]).any()
+            seen = torch.cat([session.state.rated(q)[0] for q in range(r)])
+            plain = session.sampler.plain(8, generator(3, r, "search")).cpu()
+            space = start_features(session.prior, session.cfg.surrogate.feature_t, torch.cat([plain, seen])).double()
+            assert torch.equal(t["particles"][8:], plain[farthest_from(space[:8], space[8:], 2)])
+        session.store.close()
+    for r in (0, 1):
+        assert all(torch.equal(stored[0.0][r][key], stored[0.5][r][key]) for key in ("particles", "shown"))
+    liking = drifting_session(tmp_path / "liking", at=24, budget=24, search_on_miss=0.5)
+    drive(liking, until=FINAL)
+    assert not any(r["info"].get("searched") for r in liking.store.rounds())
+    liking.store.close()

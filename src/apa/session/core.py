@@ -115,6 +115,7 @@ class Session:
         if surrogate is not None and cfg.session.search != "tilt" and self.state.searching():
             return self.search_round(r, n, k)
         m = round(self.state.explore_share(r) * k) if surrogate is not None else 0
+        h = round(cfg.session.search_on_miss * k) if m == 0 and self._searches_on_miss(r) else 0
         history = self.state.history_particles() if self.sampler.reads_history else None
         with counting() as calls:
             with self.timings.timer("sampling"):
@@ -123,11 +124,16 @@ class Session:
                                           desc=f"sampling round {r + 1}", beta_end=cfg.session.round_beta)
                 if m:
                     res = with_explored(res, self.sampler.plain(m, generator(cfg.session.seed, r, "explore")))
+            if h:
+                plain, found = self.searched(n, h, generator(cfg.session.seed, r, "search"))
+                res = with_explored(res, plain[found])
             res = res.cpu()  # the rules that read the surrogate (unsure, ucb) count its rows with the round's
-            shown = choose_shown(cfg.session.acquisition, res, n, k - m, m, surrogate, dev, cfg.session.seed, r)
+            shown = choose_shown(cfg.session.acquisition, res, n, k - m - h, m + h, surrogate, dev, cfg.session.seed, r)
         info = {"ess": [s.ess for s in res.trace], "resampled": [s.resampled for s in res.trace],
                 "unique_origins": res.trace[-1].unique_origins, "beta_used": surrogate is not None,
                 "explored": m, "calls": calls.total}
+        if h:
+            info["searched"] = f"{cfg.session.search}, {h} of {k}"
         with self.timings.timer("io"):
             self.store.save_round(r, {"particles": res.particles, "log_weights": res.log_weights, "shown": shown},
                                   shown.tolist(), info)
@@ -138,20 +144,34 @@ class Session:
         every one chosen ("farthest"). The population is the n plain samples at equal weights."""
         cfg = self.cfg
         with counting() as calls:
-            with self.timings.timer("sampling"):
-                particles = self.sampler.plain(n, generator(cfg.session.seed, r, "sample")).cpu()
-            if cfg.session.search == "farthest":
-                seen = self.state.training_set()[0]
-                space = start_features(self.prior, cfg.surrogate.feature_t, torch.cat([particles, seen]).to(
-                    device_of(self.prior))).double().cpu()
-                shown = acquisition.farthest_from(space[:n], space[n:], k)
-            else:
-                shown = torch.randperm(n, generator=generator(cfg.session.seed, r, "select"))[:k]
+            particles, shown = self.searched(n, k, generator(cfg.session.seed, r, "sample"),
+                                             generator(cfg.session.seed, r, "select"))
         info = {"ess": [], "resampled": [], "unique_origins": n, "beta_used": False, "explored": 0,
                 "searched": cfg.session.search, "calls": calls.total}
         with self.timings.timer("io"):
             self.store.save_round(r, {"particles": particles, "log_weights": uniform(n), "shown": shown},
                                   shown.tolist(), info)
+
+    def searched(self, n: int, k: int, gen: torch.Generator, pick: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """n plain prior samples on the host [n, *event] and the k of them ``--search`` shows [k]: each the
+        farthest, in the surrogate's feature space, from every image rated and every one chosen ("farthest"),
+        or k at random ("plain", drawn by ``pick``, else by ``gen`` after the samples)."""
+        cfg = self.cfg
+        with self.timings.timer("sampling"):
+            particles = self.sampler.plain(n, gen).cpu()
+        if cfg.session.search == "farthest":
+            seen = self.state.training_set()[0]
+            space = start_features(self.prior, cfg.surrogate.feature_t, torch.cat([particles, seen]).to(
+                device_of(self.prior))).double().cpu()
+            return particles, acquisition.farthest_from(space[:n], space[n:], k)
+        return particles, torch.randperm(n, generator=pick if pick is not None else gen)[:k]
+
+    def _searches_on_miss(self, r: int) -> bool:
+        """Whether round r shows part of its images by ``--search`` (``--search-on-miss``): the round before
+        it was tilted and the user liked none of its tilted images."""
+        sc = self.cfg.session
+        return sc.search_on_miss > 0 and sc.search != "tilt" and self.state.tilt_missed(r - 1)
 
     def give(self, images: torch.Tensor) -> None:
         """Start the session from ``images`` [n, C, H, W] in [0, 1] the user already likes: round 0 holds

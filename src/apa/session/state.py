@@ -85,6 +85,18 @@ class SessionState:
         scores = [x["score"] for x in self.store.ratings() if x["score"] is not None]
         return bool(scores) and not any(s > (lo + hi) / 2 for s in scores)
 
+    def tilt_missed(self, r: int) -> bool:
+        """Whether round r was steered by a surrogate and the user liked none of its rated tilted images (the
+        weighted particles; plain ones shown beside them are not the tilt's). False for round -1, a search
+        round, the round of given images, and a round with no rating of a tilted image."""
+        info = next((row["info"] for row in self.store.rounds() if row["round"] == r), {})
+        if not info.get("beta_used"):
+            return False
+        lo, hi = self.scale
+        tilted = torch.isfinite(self.store.round_tensors(r)["log_weights"])
+        scores = [x["score"] for x in self.store.ratings(r) if x["score"] is not None and bool(tilted[x["particle"]])]
+        return bool(scores) and not any(s > (lo + hi) / 2 for s in scores)
+
     def changes(self) -> list[int]:
         """The rounds where the taste changed, in order: each detected one (``--detect-change``) and each
         one the person named (``--forget-before``, numbered from 1; stored here from 0)."""
