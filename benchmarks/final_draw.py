@@ -90,11 +90,22 @@ def print_session(src: str, variants: list[str], reference: torch.Tensor | None)
             mask = users_liked(user, images)
             spent = calls.total + (0 if variant.startswith("set:") else drawn.total)  # a redraw replaces the batch
             home = take_home(images, mask, rated, prior_liked, spent)
-            judged = "–" if judges is None else take_home(images, judges.liked(images, "judge"), rated,
-                                                          judges.prior_liked["judge"], spent)["yield"]
+            judged, share, rarest = "–", "–", "–"
+            if judges is not None:
+                liked = judges.liked(images, "judge")
+                judged = take_home(images, liked, rated, judges.prior_liked["judge"], spent)["yield"]
+                share, rarest = f"{float(liked.double().mean()):.3f}", rarest_class(judges, images, liked)
             print(f"| {Path(src).name} | {variant} | {float(mask.double().mean()):.3f} | {home['distinct']} | "
-                  f"{home['yield']} | {judged} | {moved.get('repeats', '–')} / {moved.get('accepted', '–')} | "
-                  f"{spent} |", flush=True)
+                  f"{home['yield']} | {judged} | {share} | {rarest} | {moved.get('repeats', '–')} / "
+                  f"{moved.get('accepted', '–')} | {spent} |", flush=True)
+
+
+def rarest_class(judges: Judges, images: torch.Tensor, liked: torch.Tensor) -> str:
+    """The judge's rarest liked class as a share of the images it likes [n] (a set of two classes or more), else –."""
+    if judges.judge_taste is not None or len(judges.prefer) < 2 or not bool(liked.any()):
+        return "–"
+    labels = judges.judge.classify(images)[0][liked]
+    return f"{min(float((labels == c).double().mean()) for c in judges.prefer):.3f}"
 
 
 def main() -> None:
@@ -107,8 +118,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     reference = torch.load(args.reference) if args.reference else None
-    print("| session | final draw | liked (oracle) | distinct of 256 | yield | yield (judge) | repeats moved / "
-          "accepted | final-batch call rows |\n|---|---|---|---|---|---|---|---|", flush=True)
+    print("| session | final draw | liked (oracle) | distinct of 256 | yield | yield (judge) | liked (judge) | "
+          "rarest liked class (judge) | repeats moved / accepted | final-batch call rows |\n|" + "---|" * 10,
+          flush=True)
     for src in args.sessions:
         print_session(src, args.variants.split(","), reference)
 

@@ -257,6 +257,10 @@ class SessionConfig:
     final_particles: int | None = knob(None, "particles of the final batch's run, from which its --eval-samples "
                                        "images are resampled (none: as many as the images; more leaves fewer "
                                        "repeats, each particle drawn at most once where its weight allows)")
+    final_cut: float | None = knob(None, "keep the final batch's tilt to the top share Q of the prior by the "
+                                   "surrogate (128 plain prior samples set the cut): the unsure middle of a common "
+                                   "taste is cut as ranking plain samples cuts it; a rare taste's tilt already lies "
+                                   "above it (none: no cut)")
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
                           "(0.3 of 25: the last 8, from t≈291 of 1000)")
     detect_change: float | None = knob(None, "read a round as a change of taste when the surrogate fitted before "
@@ -304,6 +308,8 @@ class SessionConfig:
         _require(self.forget_before is None or (_whole(self.forget_before) and self.forget_before >= 1),
                  f"--forget-before must be a round number from 1, or none; got {self.forget_before!r}")
         _between("--examples", self.examples, 0, self.budget)
+        _require(self.final_cut is None or (_number(self.final_cut) and 0.0 < self.final_cut < 1.0),
+                 f"--final-cut must be a share in (0, 1) or none, got {self.final_cut!r}")
         _choice("--search", self.search, SEARCHES)
         _require(_number(self.search_on_miss) and 0.0 <= self.search_on_miss <= 1.0,
                  f"--search-on-miss must be a share in [0, 1], got {self.search_on_miss!r}")

@@ -25,7 +25,7 @@ from apa.seeding import generator
 from apa.session import acquisition, components
 from apa.session.checks import SessionError, check_forget_before, validate, validate_new
 from apa.session.examples import GIVEN, examples_round, liked_examples
-from apa.session.final import final_start, moved, start_features
+from apa.session.final import CUT_SAMPLES, cut_at, final_start, moved, start_features, with_cut
 from apa.session.fitter import SurrogateFitter, heldout_score, reads_as_change
 from apa.session.lifecycle import FIT, RATE, SAMPLE, next_action
 from apa.session.sampler import RoundSampler, choose_shown, with_explored
@@ -287,8 +287,13 @@ class Session:
         reward = self.fitter.reward(surrogate)
         history = self.state.history_particles() if self.sampler.reads_history else None
         with self.timings.timer("final_sampling"):
+            cut = None
+            if cfg.session.final_cut is not None and surrogate is not None:
+                plain = self.sampler.plain(CUT_SAMPLES, generator(seed, last + 1, "cut"))
+                cut = cut_at(reward, plain, cfg.session.final_cut, cfg.sampler.beta[1])
             res = self.sampler.sample(reward, surrogate, particles_n, generator(seed, last + 1, "final"),
-                                      history=history, initial=initial, start_step=start, desc="final batch")
+                                      history=history, initial=initial, start_step=start, desc="final batch", cut=cut)
+            reward = with_cut(reward, cut)
             particles = res.resample(n, generator(seed, last + 1, "select"))
             if cfg.session.final_move is not None:
                 particles = moved(self.prior, reward, particles, cfg.session.final_move, cfg.sampler.beta[1],

@@ -1,8 +1,12 @@
-"""⑥ FINAL: where the final batch starts and the move that turns its copies into new images."""
+"""⑥ FINAL: where the final batch starts, the cut of its tilt, and the move that turns its copies into new
+images."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 
 from apa.config import AlignConfig
 from apa.session import acquisition
@@ -30,6 +34,33 @@ def final_start(prior, cfg: AlignConfig, liked: torch.Tensor, n: int, gen: torch
     else:
         pick = liked[torch.randint(0, liked.shape[0], (n,), generator=gen)]
     return pick + sigma * torch.randn(pick.shape, generator=gen).to(pick), k
+
+
+CUT_SAMPLES = 128  # plain prior samples that set --final-cut's threshold
+
+
+Cut = tuple[float, float, float]  # (τ, s, β) of --final-cut's tilt
+
+
+def cut_at(reward: Callable[[torch.Tensor], torch.Tensor], plain: torch.Tensor, q: float, beta: float) -> Cut:
+    """Where ``--final-cut`` cuts the tilt exp(β·r) to the top share q of the prior by r: τ, the (1 − q)
+    quantile of r over the plain prior samples ``plain`` [m, *event]; s, a quarter of the spread between the
+    (1 − 1.25·q) quantile and τ (the scale of r just below the cut: r = log P(liked | x) is steep there, the
+    top of a common taste's prior holding P near 1); and β."""
+    with torch.no_grad():
+        r = reward(plain).double().cpu()
+    tau, low = torch.quantile(r, 1.0 - q), torch.quantile(r, max(0.0, 1.0 - 1.25 * q))
+    return float(tau), float((tau - low).clamp_min(1e-6)) / 4.0, float(beta)
+
+
+def with_cut(reward: Callable[[torch.Tensor], torch.Tensor], cut: Cut | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``reward`` r with its tilt cut (``cut_at``; None: r itself): r'(x) = r(x) + log σ((r(x) − τ)/s) / β, so
+    exp(β·r') = exp(β·r)·σ((r − τ)/s): the tilt kept above τ, halved at τ, down by e^-4 at the (1 − 1.25·q)
+    quantile and by e^-4 more every spread below. Smooth, so the sampler's drift has a gradient."""
+    if cut is None:
+        return reward
+    tau, s, beta = cut
+    return lambda z: (v := reward(z)) + F.logsigmoid((v - tau) / s) / beta
 
 
 def start_features(prior, feature_t: float, x: torch.Tensor) -> torch.Tensor:

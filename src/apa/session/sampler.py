@@ -14,6 +14,7 @@ import torch
 from apa.config import SamplerConfig
 from apa.seeding import generator
 from apa.session import acquisition
+from apa.session.final import Cut, with_cut
 from apa.smc.distributed import Comm, sharded_sample
 from apa.smc.sampler import SMCResult, device_of, fkc_sample, sample_prior
 from apa.surrogate.model import Ensemble
@@ -33,19 +34,19 @@ class RoundSampler:
 
     def sample(self, reward: Callable, surrogate: Ensemble | None, n: int, gen: torch.Generator, *,
                history: torch.Tensor | None = None, initial: torch.Tensor | None = None, start_step: int = 0,
-               desc: str = "sampling", beta_end: float | None = None) -> SMCResult:
+               desc: str = "sampling", beta_end: float | None = None, cut: Cut | None = None) -> SMCResult:
         """FKC-SMC with ``reward`` (the surrogate's; plain prior sampling before any feedback, surrogate
         None) from the noise end or from ``initial`` particles [n, *event] at grid point ``start_step``;
         ``history``: particles shown before [H, *event] (diversity against history); ``beta_end``: the tilt's
-        β at the end of this run (None: the sampler's).
+        β at the end of this run (None: the sampler's); ``cut``: the final batch's cut of the tilt (``--final-cut``).
 
         The run lives on the prior's device, and so does its result; a sharded run returns it on the host."""
         beta = self.cfg.beta if beta_end is None else (self.cfg.beta[0], beta_end)
         cfg = replace(self.cfg, particles=n, beta=beta if surrogate is not None else (0.0, 0.0))
         if self.comm is not None:  # every rank runs its share of the same request
-            request = sharding_request(cfg, surrogate, gen, history, initial, start_step, desc)
+            request = {**sharding_request(cfg, surrogate, gen, history, initial, start_step, desc), "cut": cut}
             return self.sample_shard(self.comm.broadcast_object(request), reward)
-        return fkc_sample(self.prior, reward, cfg, historical=history, generator=gen, initial=initial,
+        return fkc_sample(self.prior, with_cut(reward, cut), cfg, historical=history, generator=gen, initial=initial,
                           start_step=start_step, progress=self.progress, desc=desc)
 
     def sample_shard(self, request: dict[str, Any], reward: Callable) -> SMCResult:
@@ -54,7 +55,7 @@ class RoundSampler:
         result, on the host."""
         micro_batch = MICRO_BATCH if device_of(self.prior).type == "cpu" else None
         gen = torch.Generator().set_state(request["generator"])
-        return sharded_sample(self.prior, reward, request["cfg"], self.comm, generator=gen,
+        return sharded_sample(self.prior, with_cut(reward, request.get("cut")), request["cfg"], self.comm, generator=gen,
                               historical=request["historical"], initial=request["initial"],
                               start_step=request["start_step"], micro_batch=micro_batch,
                               progress=self.progress, desc=request["desc"]).cpu()
