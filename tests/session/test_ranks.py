@@ -136,3 +136,20 @@ def test_the_timeout_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=TIMEOUT_ENV):
             timeout_s()
+
+
+def test_the_final_cut_reaches_every_rank(tmp_path, one_process):
+    """--final-cut 0.5: rank 0 sets the cut from its plain samples and sends it with the final batch's request;
+    2 processes give the final batch of one process with the same flag, which differs from the batch without
+    it (a rank sampling the uncut tilt would move its half of the particles by O(σ))."""
+    flags = [*FLAGS, "--final-cut", "0.5"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "apa", "align", "--out", str(tmp_path / "one"), *flags],
+                          env={**env, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}, text=True, capture_output=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    for rc, err in finish(launch(2, ["--out", str(tmp_path / "k2"), *flags])):
+        assert rc == 0, err
+    cut = record(tmp_path / "one")
+    same_session(cut, record(tmp_path / "k2"))
+    assert (cut[2] - one_process[2]).abs().max() > 1e-2
