@@ -19,8 +19,9 @@ Rules (what a round shows of its population):
 - ``thompson``: the population is drawn by the tilt of a surrogate fitted to a bootstrap resample of the
   ratings (a draw from the surrogate's uncertainty; no extra network calls in a real session), shown at
   random; the final target keeps the surrogate fitted to every rating;
-- ``retry``: ``random``, but a round after a tilted round whose shown images the user liked none of shows
-  half its images by the search (below) instead: a tilt that finds nothing the user likes is not trusted;
+- ``retry``: ``random``, but a round after a tilted round whose tilted images the user liked none of shows
+  half its images by the search (below) instead: a tilt that finds nothing the user likes is not trusted
+  alone (a session's ``--search-on-miss 0.5``);
 - ``confirm``: ``random``, but until the user has liked ``CONFIRM`` images every round shows half by the
   search: one like (perhaps an erring one) does not end the search.
 
@@ -34,6 +35,7 @@ screens rules against each other; whole sessions decide.
 
   python benchmarks/acquisition_sim.py runs/yield2_mnist/mnist_p0_n0_s0 ... \\
       --reference runs/yield2_mnist/reference_mnist_25_4096.pt --rules random,unsure,thompson --seeds 4
+  python benchmarks/acquisition_sim.py ... --rules random,retry,confirm --seeds 6 --label-noise 0.1
 """
 
 from __future__ import annotations

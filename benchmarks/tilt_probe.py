@@ -8,7 +8,8 @@ tilt and session: the target's liked share under the oracle and the judge; its r
 weight from the pool (Σ 1 − (1 − w_i)^256), the yield a resampled batch can reach at best.
 
 Tilts: ``power:B`` (P^B, the default at B = 2), ``top:Q:B`` (P^B on the pool's top share Q by P, zero below:
-a cut of the unsure middle where the taste is common, as ranking plain samples makes) and ``cap:T:B`` ((min(P, T)/T)^B, smooth: flat where the
+a cut of the unsure middle where the taste is common, as ranking plain samples makes), ``rel:C:B`` (the same
+with Q = C × the pool's mean P, the surrogate's own estimate of the taste's share) and ``cap:T:B`` ((min(P, T)/T)^B, smooth: flat where the
 surrogate is sure the image is liked, steep below T, so it sharpens against the unsure middle without
 seeking the surrogate's single most certain mode).
 
@@ -38,14 +39,14 @@ def tilt(spec: str, log_p: torch.Tensor) -> torch.Tensor:
     kind, *args = spec.split(":")
     if kind == "power":
         return float(args[0]) * log_p
-    if kind == "top":  # P^B on the top share Q of the pool by P, nothing below it
-        q, b = float(args[0]), float(args[1])
+    if kind in ("top", "rel"):  # P^B on the top share Q of the pool by P (rel: Q = C × the pool's mean P), nothing below
+        q, b = float(args[0]) * (float(log_p.exp().mean()) if kind == "rel" else 1.0), float(args[1])
         cut = torch.quantile(log_p, 1.0 - q)
         return torch.where(log_p >= cut, b * log_p, torch.full_like(log_p, -1e9))
     if kind == "cap":
         t, b = math.log(float(args[0])), float(args[1])
         return b * (t - F.softplus(t - log_p, beta=8.0))  # a smooth min(log P, log T), shifted by log T
-    raise SystemExit(f"unknown tilt {spec!r}; use power:B, top:Q:B or cap:T:B")
+    raise SystemExit(f"unknown tilt {spec!r}; use power:B, top:Q:B, rel:C:B or cap:T:B")
 
 
 def measures(logw: torch.Tensor, liked: dict[str, torch.Tensor], classes: torch.Tensor | None,
