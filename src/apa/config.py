@@ -260,7 +260,7 @@ class SessionConfig:
     final_cut: float | None = knob(None, "keep the final batch's tilt to the top share Q of the prior by the "
                                    "surrogate (128 plain prior samples set the cut): the unsure middle of a common "
                                    "taste is cut as ranking plain samples cuts it (none: no cut; 0.15 measured: "
-                                   "+3% yield, but a liked class lost on {1,4,7,9}: docs/results.md)")
+                                   "the yield up by a thirtieth, but a liked class lost on {1,4,7,9}: docs/results.md)")
     restart: float = knob(0.3, "with --final-start liked: the fraction of the steps the final batch runs "
                           "(0.3 of 25: the last 8, from t≈291 of 1000)")
     detect_change: float | None = knob(None, "read a round as a change of taste when the surrogate fitted before "
@@ -273,9 +273,10 @@ class SessionConfig:
                        "of a round farthest, in the prior's features, from everything rated and from each other "
                        "(measured: docs/results.md), plain prior samples at random (plain), or the particles of the "
                        "tilt fitted to the dislikes so far (tilt, the default until 2026-12-07)", choices=SEARCHES)
-    search_on_miss: float = knob(0.0, "the share of a round shown by --search (farthest or plain) after a tilted "
+    search_on_miss: float = knob(0.5, "the share of a round shown by --search (farthest or plain) after a tilted "
                                  "round whose tilted images the user liked none of: a tilt that finds nothing "
-                                 "liked, or that an erring like set, is not trusted alone (0: never)")
+                                 "liked, or that an erring like set, is not trusted alone (0: never; 0.5 raised "
+                                 "the rare tastes' yield at label noise 0.1 and 0: docs/results.md)")
     examples: int = knob(0, "start from this many images the user already likes, given as the first round's "
                          "liked ratings (counted in the budget): a simulated user gives real held-out images of "
                          "the prior's data set that it likes (mnist, fashion)")
