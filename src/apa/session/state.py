@@ -81,9 +81,7 @@ class SessionState:
         """Whether the session has rated images but never liked one (none above the scale's midpoint, in any
         round, forgotten or not): what the rounds show is then a search (``--search``). After a change of
         taste the earlier likes still count here: the rounds then explore as ``--explore`` says."""
-        lo, hi = self.scale
-        scores = [x["score"] for x in self.store.ratings() if x["score"] is not None]
-        return bool(scores) and not any(s > (lo + hi) / 2 for s in scores)
+        return self._none_liked(self.store.ratings())
 
     def tilt_missed(self, r: int) -> bool:
         """Whether round r was steered by a surrogate and the user liked none of its rated tilted images (the
@@ -92,10 +90,18 @@ class SessionState:
         info = next((row["info"] for row in self.store.rounds() if row["round"] == r), {})
         if not info.get("beta_used"):
             return False
-        lo, hi = self.scale
         tilted = torch.isfinite(self.store.round_tensors(r)["log_weights"])
-        scores = [x["score"] for x in self.store.ratings(r) if x["score"] is not None and bool(tilted[x["particle"]])]
-        return bool(scores) and not any(s > (lo + hi) / 2 for s in scores)
+        return self._none_liked([x for x in self.store.ratings(r) if bool(tilted[x["particle"]])])
+
+    def likes(self, score: float) -> bool:
+        """Whether a rating says the user liked the image: above the scale's midpoint."""
+        lo, hi = self.scale
+        return score > (lo + hi) / 2
+
+    def _none_liked(self, ratings: list[dict]) -> bool:
+        """Whether ``ratings`` (the store's rows) hold a score and none of them a like."""
+        scores = [x["score"] for x in ratings if x["score"] is not None]
+        return bool(scores) and not any(self.likes(s) for s in scores)
 
     def changes(self) -> list[int]:
         """The rounds where the taste changed, in order: each detected one (``--detect-change``) and each
@@ -125,12 +131,11 @@ class SessionState:
         """Per round, the share of its rated shown images the user liked (a rating above the scale's
         midpoint); None for a round with no rating, and for the round of images the user gave
         (``--examples``). What a person was shown, round by round."""
-        lo, hi = self.scale
         out = []
         for row in self.store.rounds():
             scores = [x["score"] for x in self.store.ratings(row["round"])
                       if x["score"] is not None and x["source"] != GIVEN]
-            out.append(sum(s > (lo + hi) / 2 for s in scores) / len(scores) if scores else None)
+            out.append(sum(self.likes(s) for s in scores) / len(scores) if scores else None)
         return out
 
     def shown_particles(self, r: int) -> torch.Tensor:
