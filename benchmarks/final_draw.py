@@ -104,8 +104,7 @@ def rarest_class(judges: Judges, images: torch.Tensor, liked: torch.Tensor) -> s
     """The judge's rarest liked class as a share of the images it likes [n] (a set of two classes or more), else –."""
     if judges.judge_taste is not None or len(judges.prefer) < 2 or not bool(liked.any()):
         return "–"
-    labels = judges.judge.classify(images)[0][liked]
-    return f"{min(float((labels == c).double().mean()) for c in judges.prefer):.3f}"
+    return f"{judges.judge.evaluate(images, judges.prefer)['min_class_share']:.3f}"
 
 
 def main() -> None:
