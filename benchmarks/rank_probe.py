@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from align_results import copied_session, pool_labels  # noqa: E402
-from tilt_probe import measures  # noqa: E402
+from tilt_probe import measures, surrogate_on_pool  # noqa: E402
 
 KEPT, DRAWS = 256, 20
 
@@ -44,11 +43,7 @@ def main() -> None:
     print("| session | " + " | ".join(f"ranking M = {m}" for m in pools) + " | P² target's judge yield (pool) |")
     print("|---|" + "---|" * (len(pools) + 1))
     for src in args.sessions:
-        with copied_session(src) as s:
-            reward = s.fitter.reward(s.surrogate_after(len(s.store.rounds()) - 1))
-            with torch.no_grad():
-                log_p = torch.cat([reward(z) for z in reference.split(512)]).double()
-            pool = pool_labels(s, reference)
+        log_p, pool = surrogate_on_pool(src, reference)
         cells = [f"{ranked_liked(log_p, pool.liked['judge'], m):.0f}" for m in pools]
         row = measures(2.0 * log_p, pool.liked, pool.classes, pool.prefer)
         print(f"| {Path(src).name} | " + " | ".join(cells) + f" | {row['judge_yield']:.0f} |", flush=True)

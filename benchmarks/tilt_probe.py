@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from align_results import copied_session, pool_labels  # noqa: E402
+from align_results import PoolLabels, copied_session, pool_labels  # noqa: E402
 
 DRAWN = 256
 
@@ -64,13 +64,19 @@ def measures(logw: torch.Tensor, liked: dict[str, torch.Tensor], classes: torch.
     return row
 
 
-def session_rows(src: str, reference: torch.Tensor, tilts: list[str]) -> dict[str, dict]:
+def surrogate_on_pool(src: str, reference: torch.Tensor) -> tuple[torch.Tensor, PoolLabels]:
+    """The finished session's final surrogate read on the reference particles [n, *event]: (log P(liked | x)
+    [n] float64, the pool judged for its user)."""
     with copied_session(src) as s:
         reward = s.fitter.reward(s.surrogate_after(len(s.store.rounds()) - 1))
         with torch.no_grad():
             log_p = torch.cat([reward(z) for z in reference.split(512)]).double()
-        pool = pool_labels(s, reference)
-        return {t: measures(tilt(t, log_p), pool.liked, pool.classes, pool.prefer) for t in tilts}
+        return log_p, pool_labels(s, reference)
+
+
+def session_rows(src: str, reference: torch.Tensor, tilts: list[str]) -> dict[str, dict]:
+    log_p, pool = surrogate_on_pool(src, reference)
+    return {t: measures(tilt(t, log_p), pool.liked, pool.classes, pool.prefer) for t in tilts}
 
 
 KEYS = ("judge_share", "oracle_share", "rarest", "distinct", "judge_yield", "oracle_yield")
