@@ -123,7 +123,8 @@ def simulate(rule: str, feats: torch.Tensor, liked: torch.Tensor, rounds_pool: t
             pick = searched(candidates, feats, rated, SHOWN, search, plain_gen)
         else:
             plain = SHOWN // 2 if r == 1 else 0  # round 1 explores: half plain, as the session does
-            hunt = SHOWN // 2 if (rule == "retry" and not tilted_liked) or (rule == "confirm" and likes < CONFIRM) else 0
+            hunting = (rule == "retry" and not tilted_liked) or (rule == "confirm" and likes < CONFIRM)
+            hunt = SHOWN // 2 if hunting else 0
             steer = score
             if rule == "thompson":
                 boot = torch.tensor(rated)[torch.randint(0, len(rated), (len(rated),), generator=gen)]
@@ -157,7 +158,8 @@ def searched(candidates: torch.Tensor, feats: torch.Tensor, rated: list[int], k:
 
 
 def labels(liked: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The user's ratings of pool images idx [k]: +1 liked, −1 not (label noise 0)."""
+    """The ratings of pool images idx [k] as targets: +1 where ``liked`` [n] (what the user answers) holds,
+    −1 else."""
     return liked[idx].float() * 2.0 - 1.0
 
 

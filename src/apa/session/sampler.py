@@ -55,8 +55,8 @@ class RoundSampler:
         result, on the host."""
         micro_batch = MICRO_BATCH if device_of(self.prior).type == "cpu" else None
         gen = torch.Generator().set_state(request["generator"])
-        return sharded_sample(self.prior, with_cut(reward, request.get("cut")), request["cfg"], self.comm, generator=gen,
-                              historical=request["historical"], initial=request["initial"],
+        return sharded_sample(self.prior, with_cut(reward, request.get("cut")), request["cfg"], self.comm,
+                              generator=gen, historical=request["historical"], initial=request["initial"],
                               start_step=request["start_step"], micro_batch=micro_batch,
                               progress=self.progress, desc=request["desc"]).cpu()
 
