@@ -277,6 +277,11 @@ class SessionConfig:
                                  "round whose tilted images the user liked none of: a tilt that finds nothing "
                                  "liked, or that an erring like set, is not trusted alone (0: never; 0.5 raised "
                                  "the rare tastes' yield at label noise 0.1 and 0: docs/results.md)")
+    mild_tilt: float | None = knob(None, "a round whose tilt keeps at least this share of the prior (the normaliser "
+                                   "E_prior[P^β] of the round before, as its SMC run estimates it: a common taste) reads "
+                                   "the potential only every --mild-every steps, with exact weights (none: every round "
+                                   "at --reweight-every)")
+    mild_every: int = knob(5, "with --mild-tilt: --reweight-every of a round whose tilt is mild")
     examples: int = knob(0, "start from this many images the user already likes, given as the first round's "
                          "liked ratings (counted in the budget): a simulated user gives real held-out images of "
                          "the prior's data set that it likes (mnist, fashion)")
@@ -314,6 +319,9 @@ class SessionConfig:
         _choice("--search", self.search, SEARCHES)
         _require(_number(self.search_on_miss) and 0.0 <= self.search_on_miss <= 1.0,
                  f"--search-on-miss must be a share in [0, 1], got {self.search_on_miss!r}")
+        _require(self.mild_tilt is None or (_number(self.mild_tilt) and 0.0 < self.mild_tilt <= 1.0),
+                 f"--mild-tilt must be a share in (0, 1] or none, got {self.mild_tilt!r}")
+        _at_least("--mild-every", self.mild_every, 1)
 
 
 # What a stored config written before a field existed meant, so that an old session resumes to the same result:
@@ -321,7 +329,7 @@ LEGACY = {("sampler", "weights"): "rate", ("sampler", "drift"): 1.0, ("sampler",
           ("surrogate", "loss"): "mse", ("session", "explore_rounds"): None, ("surrogate", "discount"): 1.0,
           ("surrogate", "window"): None, ("session", "detect_change"): None, ("session", "forget_before"): None,
           ("session", "final_move"): None, ("session", "final_sweeps"): 1, ("session", "search"): "tilt",
-          ("session", "search_on_miss"): 0.0}
+          ("session", "search_on_miss"): 0.0, ("session", "mild_tilt"): None}
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ def test_a_change_of_taste_is_marked_in_the_table_and_on_the_plot(tmp_path, monk
     assert [line[0] for line in body] == ["1", "2 (taste changed: detected)", "3 (taste changed)"]
     _, body = rp.rounds_table([row(0, [-1.0]), {**row(1, [-1.0]), "searched": "farthest", "ess": []}], {}, oracle=True)
     assert [line[0] for line in body] == ["1", "2 (search: farthest)"] and body[1][6] == rp.DASH
+    _, body = rp.rounds_table([row(0, [1.0]), {**row(1, [1.0]), "reweight_every": 5}], {}, oracle=True)
+    assert [line[0] for line in body] == ["1", "2 (mild tilt: potential every 5 steps)"]
     lines = []
     monkeypatch.setattr(rp.plt.Axes, "axvline", lambda self, x, **kw: lines.append((x, kw.get("label"))))
     rp.plot_share(rows, {}, {}, tmp_path / "share.png")

@@ -338,3 +338,31 @@ def test_after_a_tilted_round_with_no_like_half_the_next_searches(tmp_path):
     drive(liking, until=FINAL)
     assert not any(r["info"].get("searched") for r in liking.store.rounds())
     liking.store.close()
+
+
+def test_a_round_after_a_mild_tilt_reads_the_potential_less_often(tmp_path):
+    """--mild-tilt 0.5 --mild-every 3 (6 steps, rounds of 4): every round after a tilted round whose stored
+    normaliser estimate E_prior[P^β] is at least 0.5 runs at --reweight-every 3, and no other round does. A user
+    who likes everything makes the surrogate's P near 1, so the tilt is mild from round 2 on; such a round costs
+    fewer network-call rows than the same round at every step, and the rounds before the first mild one are
+    those of a session without the rule, bit for bit. Detects a rule that ignores the threshold, a mild round
+    that still reads the potential at every step, and a rule that changes the rounds before it."""
+    import math
+
+    runs = {}
+    for name, mild in (("off", None), ("mild", 0.5)):
+        session = drifting_session(tmp_path / name, at=24, budget=16, mild_tilt=mild, mild_every=3)
+        drive(session, until=FINAL)
+        runs[name] = (session.store.rounds(), [session.store.round_tensors(r) for r in range(4)])
+        session.store.close()
+    rows, tensors = runs["mild"]
+    for r in range(1, len(rows)):
+        before = rows[r - 1]["info"].get("log_z")
+        mild = before is not None and before >= math.log(0.5)
+        assert rows[r]["info"].get("reweight_every") == (3 if mild else None)
+    first = next(r for r in range(len(rows)) if rows[r]["info"].get("reweight_every"))
+    assert first == 2 and math.isfinite(rows[1]["info"]["log_z"])
+    assert rows[first]["info"]["calls"] < runs["off"][0][first]["info"]["calls"]
+    assert not any(r["info"].get("reweight_every") for r in runs["off"][0])
+    for r in range(first):
+        assert all(torch.equal(tensors[r][k], runs["off"][1][r][k]) for k in ("particles", "log_weights", "shown"))

@@ -115,6 +115,7 @@ def round_rows(state: SessionState) -> list[dict[str, Any]]:
                      "unique_origins": info.get("unique_origins"), "eval": info.get("eval", {}),
                      "taste_changed": r["round"] in changes,
                      "change_detected": bool(info.get("change_detected")), "searched": info.get("searched"),
+                     "reweight_every": info.get("reweight_every"),
                      "calls": (info.get("calls") or 0) + (info.get("fit_calls") or 0) if "calls" in info else None})
     return rows
 
@@ -293,6 +294,7 @@ def rounds_table(rows: list[dict], baseline: dict, oracle: bool) -> tuple[list[s
         ratings = " ".join("·" if s is None else score_text(s) for s in r["ratings"]) or DASH
         mark = (" (taste changed: detected)" if r["change_detected"] else " (taste changed)") if r["taste_changed"] else ""
         mark += f" (search: {r['searched']})" if r.get("searched") else ""
+        mark += f" (mild tilt: potential every {r['reweight_every']} steps)" if r.get("reweight_every") else ""
         line = [str(r["round"] + 1) + mark, str(r["feedback_spent"]), ratings, pct(r["liked_share"]),
                 num(np.mean(rated)) if rated else DASH,
                 heldout_text(r["surrogate_heldout"]), num(min(r["ess"]), 1) if r["ess"] else DASH]

@@ -9,6 +9,8 @@ any point ends with the same result as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -117,11 +119,13 @@ class Session:
         m = round(self.state.explore_share(r) * k) if surrogate is not None else 0
         h = round(cfg.session.search_on_miss * k) if m == 0 and self._searches_on_miss(r) else 0
         history = self.state.history_particles() if self.sampler.reads_history else None
+        every = self._round_every(r)
         with counting() as calls:
             with self.timings.timer("sampling"):
                 res = self.sampler.sample(self.fitter.reward(surrogate), surrogate, n,
                                           generator(cfg.session.seed, r, "sample"), history=history,
-                                          desc=f"sampling round {r + 1}", beta_end=cfg.session.round_beta)
+                                          desc=f"sampling round {r + 1}", beta_end=cfg.session.round_beta,
+                                          reweight_every=every)
                 if m:
                     res = with_explored(res, self.sampler.plain(m, generator(cfg.session.seed, r, "explore")))
             if h:
@@ -134,6 +138,10 @@ class Session:
                 "explored": m, "calls": calls.total}
         if h:
             info["searched"] = f"{cfg.session.search}, {h} of {k}"
+        if surrogate is not None:
+            info["log_z"] = float(res.log_normalizer)
+        if every != cfg.sampler.reweight_every:
+            info["reweight_every"] = every
         with self.timings.timer("io"):
             self.store.save_round(r, {"particles": res.particles, "log_weights": res.log_weights, "shown": shown},
                                   shown.tolist(), info)
@@ -166,6 +174,16 @@ class Session:
                 device_of(self.prior))).double().cpu()
             return particles, acquisition.farthest_from(space[:n], space[n:], k)
         return particles, torch.randperm(n, generator=pick if pick is not None else gen)[:k]
+
+    def _round_every(self, r: int) -> int:
+        """``--reweight-every`` of round r: ``--mild-every`` where ``--mild-tilt`` is set and the round before was
+        tilted with a normaliser E_prior[P^β] (its SMC run's estimate, stored with it) of at least ``--mild-tilt``:
+        a common taste, whose mild tilt a run that reads the potential less often still follows."""
+        sc, every = self.cfg.session, self.cfg.sampler.reweight_every
+        if sc.mild_tilt is None or r == 0 or self.cfg.sampler.weights != "exact":
+            return every
+        log_z = self.store.rounds()[r - 1]["info"].get("log_z")
+        return sc.mild_every if log_z is not None and log_z >= math.log(sc.mild_tilt) else every
 
     def _searches_on_miss(self, r: int) -> bool:
         """Whether round r shows part of its images by ``--search`` (``--search-on-miss``): the round before

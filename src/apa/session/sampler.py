@@ -34,15 +34,18 @@ class RoundSampler:
 
     def sample(self, reward: Callable, surrogate: Ensemble | None, n: int, gen: torch.Generator, *,
                history: torch.Tensor | None = None, initial: torch.Tensor | None = None, start_step: int = 0,
-               desc: str = "sampling", beta_end: float | None = None, cut: Cut | None = None) -> SMCResult:
+               desc: str = "sampling", beta_end: float | None = None, cut: Cut | None = None,
+               reweight_every: int | None = None) -> SMCResult:
         """FKC-SMC with ``reward`` (the surrogate's; plain prior sampling before any feedback, surrogate
         None) from the noise end or from ``initial`` particles [n, *event] at grid point ``start_step``;
         ``history``: particles shown before [H, *event] (diversity against history); ``beta_end``: the tilt's
-        β at the end of this run (None: the sampler's); ``cut``: the final batch's cut of the tilt (``--final-cut``).
+        β at the end of this run (None: the sampler's); ``cut``: the final batch's cut of the tilt (``--final-cut``);
+        ``reweight_every``: this run's ``--reweight-every`` (None: the sampler's).
 
         The run lives on the prior's device, and so does its result; a sharded run returns it on the host."""
         beta = self.cfg.beta if beta_end is None else (self.cfg.beta[0], beta_end)
-        cfg = replace(self.cfg, particles=n, beta=beta if surrogate is not None else (0.0, 0.0))
+        cfg = replace(self.cfg, particles=n, beta=beta if surrogate is not None else (0.0, 0.0),
+                      reweight_every=self.cfg.reweight_every if reweight_every is None else reweight_every)
         if self.comm is not None:  # every rank runs its share of the same request
             request = {**sharding_request(cfg, surrogate, gen, history, initial, start_step, desc), "cut": cut}
             return self.sample_shard(self.comm.broadcast_object(request), reward)
