@@ -10,7 +10,6 @@ any point ends with the same result as an uninterrupted one.
 from __future__ import annotations
 
 import math
-
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
