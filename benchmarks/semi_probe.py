@@ -33,20 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from align_results import Judges, job_config, reference_particles  # noqa: E402
+from surrogate_efficiency import auc  # noqa: E402
 from tilt_probe import measures  # noqa: E402
 
 from apa.session import components  # noqa: E402
 from apa.surrogate.fit import FitConfig, fit  # noqa: E402
 from apa.surrogate.model import Ensemble, FeatureSurrogate  # noqa: E402
-
-
-def auc(score: torch.Tensor, label: torch.Tensor) -> float:
-    """P(a liked image scores above a disliked one), ties half: score [n], label [n] bool."""
-    pos, neg = score[label], score[~label]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    diff = pos[:, None] - neg[None, :]
-    return float(((diff > 0).double() + 0.5 * (diff == 0).double()).mean())
 
 
 def head_fit(feats: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, cfg, seed: int) -> Ensemble:

@@ -3,8 +3,7 @@ the surrogate fitted after that round read on the benchmark's plain prior sample
 
 Per round r: Z = E_prior[P^β] (the normaliser of the next round's target, which the round's own SMC run
 estimates as its log-normaliser), E_prior[P] (the surrogate's estimate of the taste's share of the prior),
-the judge's share of liked images among the reference samples (the truth), and what the next round showed
-the user (share liked). A rule that runs a round more cheaply where the taste is common can only read Z or
+and the judge's share of liked images among the reference samples (the truth). A rule that runs a round more cheaply where the taste is common can only read Z or
 E[P]; this says whether they separate common tastes from rare ones.
 
   python benchmarks/tilt_mass.py runs/base/mnist_* --reference runs/base/reference_mnist_25_4096.pt
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from align_results import copied_session, pool_labels  # noqa: E402
+from tilt_probe import reward_on_pool  # noqa: E402
 
 
 def session_rows(src: str, reference: torch.Tensor, beta: float) -> list[dict]:
@@ -33,12 +33,9 @@ def session_rows(src: str, reference: torch.Tensor, beta: float) -> list[dict]:
             surrogate = s.surrogate_after(r)
             if surrogate is None:
                 continue
-            with torch.no_grad():
-                log_p = torch.cat([s.fitter.reward(surrogate)(z) for z in reference.split(512)]).double()
-            nxt = [row["score"] for row in s.store.ratings(r + 1) if row["score"] is not None]
-            rows.append({"round": r + 1, "log_z": float(torch.logsumexp(beta * log_p, 0) - math.log(len(log_p))),
-                         "share_est": float(log_p.exp().mean()), "truth": truth,
-                         "next_liked": (sum(v > 0 for v in nxt) / len(nxt)) if nxt else float("nan")})
+            log_p = reward_on_pool(s.fitter.reward(surrogate), reference)
+            rows.append({"log_z": float(torch.logsumexp(beta * log_p, 0) - math.log(len(log_p))),
+                         "share_est": float(log_p.exp().mean()), "truth": truth})
         return rows
 
 

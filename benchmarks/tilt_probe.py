@@ -64,13 +64,17 @@ def measures(logw: torch.Tensor, liked: dict[str, torch.Tensor], classes: torch.
     return row
 
 
+def reward_on_pool(reward, reference: torch.Tensor) -> torch.Tensor:
+    """A session's reward (log P(liked | x)) read on the reference particles [n, *event]: [n] float64."""
+    with torch.no_grad():
+        return torch.cat([reward(z) for z in reference.split(512)]).double()
+
+
 def surrogate_on_pool(src: str, reference: torch.Tensor) -> tuple[torch.Tensor, PoolLabels]:
     """The finished session's final surrogate read on the reference particles [n, *event]: (log P(liked | x)
     [n] float64, the pool judged for its user)."""
     with copied_session(src) as s:
-        reward = s.fitter.reward(s.surrogate_after(len(s.store.rounds()) - 1))
-        with torch.no_grad():
-            log_p = torch.cat([reward(z) for z in reference.split(512)]).double()
+        log_p = reward_on_pool(s.fitter.reward(s.surrogate_after(len(s.store.rounds()) - 1)), reference)
         return log_p, pool_labels(s, reference)
 
 

@@ -231,7 +231,6 @@ def held_once_free(root: Path, url: str):
 
 
 def test_two_writers_never_write_one_session_at_once(cluster):
-
     a, b = cluster.ingress
     token = request(cluster.http, "POST", "/api/sessions").json()["token"]
     state = wait_state(cluster.http, token)
