@@ -141,7 +141,9 @@ def test_the_take_home_block_counts_distinct_new_liked_images_and_the_calls():
     assert calls == {"rounds": 22652, "final": 18945, "total": 41597}
     (_, title), (_, items) = take_home_block(checks, calls)
     assert title == "What you take home" and "**188** of 256" in items[0] and "**165**" in items[1]
-    assert "total **41,597**; 3.97 liked new distinct images per 1,000" in items[2]
+    assert "total **41,597**; 3.97 liked new distinct images per 1,000" in items[2] and "mild" not in items[2]
+    mild = take_home_block({**checks, "final_run": {"particles": 384, "reweight_every": 5}}, calls)[1][1][2]
+    assert "final batch 18,945 (mild tilt: 384 particles, potential every 5 steps)" in mild
     assert call_rows([{"calls": None}], checks)["total"] is None  # a session from before the count: no rate
     person = take_home_block({"images": 8, "distinct": 7, "new": 5}, {"rounds": None, "final": None, "total": None})
     assert "new (no near-copy of a rated image): **5**" in person[1][1][1] and len(person[1][1]) == 2

@@ -144,8 +144,10 @@ def take_home_block(checks: dict[str, Any], calls: dict[str, int | None]) -> lis
     if calls["total"]:
         per = f"; {1000 * checks['yield'] / calls['total']:.2f} liked new distinct images per 1,000" \
             if "yield" in checks else ""
+        run = checks.get("final_run")
+        mild = f" (mild tilt: {run['particles']} particles, potential every {run['reweight_every']} steps)" if run else ""
         items.append(f"network-call rows (ε, features and gradients, per image): rounds {calls['rounds']:,}, "
-                     f"final batch {calls['final']:,}, total **{calls['total']:,}**{per}")
+                     f"final batch {calls['final']:,}{mild}, total **{calls['total']:,}**{per}")
     return [("h2", "What you take home"), ("list", items)]
 
 

@@ -299,7 +299,7 @@ class Session:
         seed = cfg.session.seed
         surrogate = self.surrogate_after(last, device_of(self.prior))
         x, y, _ = self.state.training_set()
-        particles_n = cfg.session.final_particles or n  # the run's particles; n images are resampled from them
+        particles_n, every = self._final_run(last, n)  # the run's particles; n images are resampled from them
         initial, start = final_start(self.prior, cfg, x[y > 0], particles_n, generator(seed, last + 1, "restart"))
         reward = self.fitter.reward(surrogate)
         history = self.state.history_particles() if self.sampler.reads_history else None
@@ -309,7 +309,8 @@ class Session:
                 plain = self.sampler.plain(CUT_SAMPLES, generator(seed, last + 1, "cut"))
                 cut = cut_at(reward, plain, cfg.session.final_cut, cfg.sampler.beta[1])
             res = self.sampler.sample(reward, surrogate, particles_n, generator(seed, last + 1, "final"),
-                                      history=history, initial=initial, start_step=start, desc="final batch", cut=cut)
+                                      history=history, initial=initial, start_step=start, desc="final batch", cut=cut,
+                                      reweight_every=every)
             reward = with_cut(reward, cut)
             particles = res.resample(n, generator(seed, last + 1, "select"))
             if cfg.session.final_move is not None:
@@ -317,6 +318,16 @@ class Session:
                                   cfg.sampler.steps, generator(seed, last + 1, "move"), cfg.session.final_sweeps)
         with torch.no_grad():
             return self.prior.decode(particles).cpu()
+
+    def _final_run(self, last: int, n: int) -> tuple[int, int | None]:
+        """The final batch's run after round ``last``, for n images: its particles and ``--reweight-every`` (None:
+        the sampler's). After a mild round (``--mild-tilt``), with ``--mild-final`` set: that many particles,
+        reading the potential every ``--mild-every`` steps; else ``--final-particles`` (none: n)."""
+        sc = self.cfg.session
+        every = self._round_every(last + 1)
+        if sc.mild_final is not None and every != self.cfg.sampler.reweight_every:
+            return sc.mild_final, every
+        return sc.final_particles or n, None
 
     def finish(self) -> Path:
         """The lifecycle's FINAL step: store the final batch, then what its end measures (the records the
@@ -344,6 +355,9 @@ class Session:
         measured = measure_final(self.final_view(images))
         if final_calls is not None:
             measured["final_checks"]["final_calls"] = final_calls
+            particles, every = self._final_run(len(self.store.rounds()) - 1, images.shape[0])
+            if every is not None:
+                measured["final_checks"]["final_run"] = {"particles": particles, "reweight_every": every}
         for name, value in measured.items():
             self.store.save_record(name, value)
         return measured
