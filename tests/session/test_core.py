@@ -368,18 +368,18 @@ def test_a_round_after_a_mild_tilt_reads_the_potential_less_often(tmp_path):
         assert all(torch.equal(tensors[r][k], runs["off"][1][r][k]) for k in ("particles", "log_weights", "shown"))
 
 
-def test_the_final_batch_after_a_mild_round_runs_as_mild_final_says(tmp_path):
-    """--mild-tilt 0.5 --mild-every 3 --mild-final 12 (8 images): a user who likes everything leaves the last
-    round mild, so the final batch runs 12 particles reading the potential every 3rd step: the very batch that
-    --final-particles 12 with --reweight-every 3 draws, bit for bit. Where the last round is not mild
+def test_the_final_batch_after_a_mild_round_reads_the_potential_less_often(tmp_path):
+    """--mild-tilt 0.5 --mild-every 3 --final-particles 12 (8 images): a user who likes everything leaves the
+    last round mild, so the final batch (--mild-final, the default) runs its 12 particles reading the potential
+    every 3rd step: the very batch that --reweight-every 3 draws, bit for bit. Where the last round is not mild
     (--mild-tilt 1.0, a share no tilt keeps) the final batch is the one drawn without --mild-final. Detects a
-    final batch that ignores the rule, that takes its particle count or its K from elsewhere, or that applies
-    it after a round that was not mild."""
+    final batch that ignores the rule, that drops --final-particles or takes its K from elsewhere, or that
+    applies it after a round that was not mild."""
     import math
 
     from apa.session import with_overrides
 
-    session = drifting_session(tmp_path, at=24, budget=16, mild_tilt=0.5, mild_every=3, mild_final=12)
+    session = drifting_session(tmp_path, at=24, budget=16, mild_tilt=0.5, mild_every=3, final_particles=12)
     drive(session, until=FINAL)
     last, cfg = len(session.store.rounds()) - 1, session.cfg
     assert session.store.rounds()[last]["info"]["log_z"] >= math.log(0.5)
@@ -392,11 +392,11 @@ def test_the_final_batch_after_a_mild_round_runs_as_mild_final_says(tmp_path):
     mild = session.final_samples()
     assert mild.shape[0] == 8
     assert torch.equal(mild, drawn(sampler={"reweight_every": 3},
-                                   session={"mild_tilt": None, "mild_final": None, "final_particles": 12}))
+                                   session={"mild_tilt": None, "mild_final": False}))
     strict = Session(session.store, with_overrides(cfg, session={"mild_tilt": 1.0}), session.prior,
                      session.feedback, progress=False)
-    assert strict._final_run(last, 8) == (8, None)
-    assert torch.equal(strict.final_samples(), drawn(session={"mild_final": None}))
+    assert strict._final_run(last, 8) == (12, None)
+    assert torch.equal(strict.final_samples(), drawn(session={"mild_final": False}))
     assert not torch.equal(mild, strict.final_samples())
     session.finish()
     assert session.records()["final_checks"]["final_run"] == {"particles": 12, "reweight_every": 3}

@@ -320,14 +320,11 @@ class Session:
             return self.prior.decode(particles).cpu()
 
     def _final_run(self, last: int, n: int) -> tuple[int, int | None]:
-        """The final batch's run after round ``last``, for n images: its particles and ``--reweight-every`` (None:
-        the sampler's). After a mild round (``--mild-tilt``), with ``--mild-final`` set: that many particles,
-        reading the potential every ``--mild-every`` steps; else ``--final-particles`` (none: n)."""
-        sc = self.cfg.session
+        """The final batch's run after round ``last``, for n images: its particles (``--final-particles``, none:
+        n) and ``--reweight-every`` (None: the sampler's; ``--mild-every`` after a mild round, with ``--mild-final``)."""
         every = self._round_every(last + 1)
-        if sc.mild_final is not None and every != self.cfg.sampler.reweight_every:
-            return sc.mild_final, every
-        return sc.final_particles or n, None
+        mild = self.cfg.session.mild_final and every != self.cfg.sampler.reweight_every
+        return self.cfg.session.final_particles or n, every if mild else None
 
     def finish(self) -> Path:
         """The lifecycle's FINAL step: store the final batch, then what its end measures (the records the
