@@ -285,7 +285,7 @@ class SessionConfig:
     mild_every: int = knob(5, "with --mild-tilt: --reweight-every of a round whose tilt is mild")
     mild_final: bool = knob(True, "with --mild-tilt: the final batch after a mild round reads the potential every "
                             "--mild-every steps too (off: every final batch at --reweight-every; on, it cut such a "
-                            "batch's calls by two fifths for 2% of its yield, within a redraw's spread: docs/results.md)")
+                            "batch's calls by two fifths for a fiftieth of its yield, within a redraw's spread: docs/results.md)")
     examples: int = knob(0, "start from this many images the user already likes, given as the first round's "
                          "liked ratings (counted in the budget): a simulated user gives real held-out images of "
                          "the prior's data set that it likes (mnist, fashion)")
