@@ -3,8 +3,9 @@ the surrogate fitted after that round read on the benchmark's plain prior sample
 
 Per round r: Z = E_prior[P^β] (the normaliser of the next round's target, which the round's own SMC run
 estimates as its log-normaliser), E_prior[P] (the surrogate's estimate of the taste's share of the prior),
-and the judge's share of liked images among the reference samples (the truth). A rule that runs a round more cheaply where the taste is common can only read Z or
-E[P]; this says whether they separate common tastes from rare ones.
+and the judge's share of liked images among the reference samples (the truth). A rule that runs a round
+more cheaply where the taste is common can only read Z or E[P]; this says whether they separate common
+tastes from rare ones.
 
   python benchmarks/tilt_mass.py runs/base/mnist_* --reference runs/base/reference_mnist_25_4096.pt
 """

@@ -320,8 +320,9 @@ class Session:
             return self.prior.decode(particles).cpu()
 
     def _final_run(self, last: int, n: int) -> tuple[int, int | None]:
-        """The final batch's run after round ``last``, for n images: its particles (``--final-particles``, none:
-        n) and ``--reweight-every`` (None: the sampler's; ``--mild-every`` after a mild round, with ``--mild-final``)."""
+        """The final batch's run after round ``last``, for n images: its particles (``--final-particles``,
+        none: n) and ``--reweight-every`` (None: the sampler's; ``--mild-every`` after a mild round, with
+        ``--mild-final``)."""
         every = self._round_every(last + 1)
         mild = self.cfg.session.mild_final and every != self.cfg.sampler.reweight_every
         return self.cfg.session.final_particles or n, every if mild else None
