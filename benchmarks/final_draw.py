@@ -12,7 +12,10 @@ the last, nearly noise-free steps cannot separate (86–201 distinct images of 2
 - ``renoise:T``: every repeat of an image already in the batch is moved once by a Metropolis–Hastings
   step: re-noised to training timestep T and denoised by the prior's own ancestral steps (a move that
   leaves the prior's law nearly invariant), accepted with probability min(1, exp(β_end·(r(x') − r(x))))
-  so the tilted target stays the target; an accepted move is a new image near the old one.
+  so the tilted target stays the target; an accepted move is a new image near the old one;
+- ``repeats:T:S``: ``renoise:T`` S times, the repeats found anew before each;
+- ``unrepeated:T:S``: the package's ``--final-repeats S`` at ``--final-move T`` on the session's own batch
+  (repeats read from the batch itself, not from the yardstick above).
 
   python benchmarks/final_draw.py runs/yield_mnist/mnist_p0_n0_s0 runs/yield_mnist/mnist_p38_n0_s0 \\
       --variants default,set:sampler.drift=3,set:sampler.ess_threshold=0.2,renoise:500,set:session.final_move=500
@@ -34,7 +37,8 @@ from apa.measures.novelty import users_liked
 from apa.measures.yields import distinct_mask, duplicate_threshold, take_home
 from apa.feedback.tastes import prior_pool
 from apa.priors.calls import counting
-from apa.session.final import moved
+from apa.session.final import moved, repeats, unrepeated
+from apa.seeding import generator
 from apa.session import Session, with_overrides
 
 
@@ -83,10 +87,23 @@ def print_session(src: str, variants: list[str], reference: torch.Tensor | None)
                 if variant.startswith("set:"):
                     images = Session(s.store, with_overrides(s.cfg, **settings(variant[4:])), s.prior,
                                      s.feedback, progress=False).final_samples()
-                elif variant.startswith("renoise:"):
-                    z, moved = move_repeats(s, batch * 2.0 - 1.0, int(variant.split(":")[1]), threshold,
-                                            torch.Generator().manual_seed(1_000_003 * s.cfg.session.seed + last))
+                elif variant.startswith(("renoise:", "repeats:")):
+                    t, sweeps = (int(v) for v in (variant.split(":")[1:] + ["1"])[:2])
+                    gen = torch.Generator().manual_seed(1_000_003 * s.cfg.session.seed + last)
+                    z, moved = batch * 2.0 - 1.0, {"repeats": 0, "accepted": 0}
+                    for _ in range(sweeps):
+                        z, m = move_repeats(s, z, t, threshold, gen)
+                        moved = {k: moved[k] + m[k] for k in moved}
                     images = s.prior.decode(z)
+                elif variant.startswith("unrepeated:"):
+                    t, times = (int(v) for v in variant.split(":")[1:3])
+                    z = batch * 2.0 - 1.0
+                    reward = s.fitter.reward(s.surrogate_after(last))
+                    out = unrepeated(s.prior, reward, z, t, s.cfg.sampler.beta[1], s.cfg.sampler.steps,
+                                     generator(s.cfg.session.seed, last + 1, "repeats"), times)
+                    changed = (out != z).flatten(1).any(dim=1)
+                    moved = {"repeats": int(repeats(z).sum()), "accepted": int(changed.sum())}
+                    images = s.prior.decode(out)
             mask = users_liked(user, images)
             spent = calls.total + (0 if variant.startswith("set:") else drawn.total)  # a redraw replaces the batch
             home = take_home(images, mask, rated, prior_liked, spent)

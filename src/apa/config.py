@@ -254,6 +254,9 @@ class SessionConfig:
                              "and denoises every image again, and separates copies the sweep before left; 2 "
                              "raised the distinct liked images on every class set for a twelfth more calls: "
                              "docs/results.md)")
+    final_repeats: int = knob(0, "with --final-move: after the sweeps, an image still nearer another of the batch than "
+                              "half the batch's median nearest-neighbour distance is moved again, up to this many "
+                              "times (0: never; only the repeats pay)")
     final_particles: int | None = knob(None, "particles of the final batch's run, from which its --eval-samples "
                                        "images are resampled (none: as many as the images; more leaves fewer "
                                        "repeats, each particle drawn at most once where its weight allows)")
@@ -304,6 +307,7 @@ class SessionConfig:
         _require(self.final_move is None or (_whole(self.final_move) and 1 <= self.final_move < NUM_TIMESTEPS),
                  f"--final-move must be a training timestep from 1 to {NUM_TIMESTEPS - 1}, got {self.final_move!r}")
         _at_least("--final-sweeps", self.final_sweeps, 1)
+        _at_least("--final-repeats", self.final_repeats, 0)
         _require(self.round_beta is None or (_number(self.round_beta) and math.isfinite(self.round_beta)
                                              and self.round_beta >= 0),
                  f"--round-beta must be a finite number from 0, or none; got {self.round_beta!r}")
@@ -334,7 +338,7 @@ LEGACY = {("sampler", "weights"): "rate", ("sampler", "drift"): 1.0, ("sampler",
           ("surrogate", "window"): None, ("session", "detect_change"): None, ("session", "forget_before"): None,
           ("session", "final_move"): None, ("session", "final_sweeps"): 1, ("session", "search"): "tilt",
           ("session", "search_on_miss"): 0.0, ("session", "mild_tilt"): None,
-          ("session", "mild_final"): False}
+          ("session", "mild_final"): False, ("session", "final_repeats"): 0}
 
 
 @dataclass(frozen=True)

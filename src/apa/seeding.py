@@ -19,6 +19,7 @@ PURPOSES = {  # purpose -> (stride of the index, offset)
     # a session's choices, per round
     "sample": (101, 1), "select": (101, 2), "init": (101, 3), "fit": (101, 4), "final": (101, 5), "restart": (101, 6),
     "explore": (101, 7), "move": (101, 8), "examples": (101, 9), "search": (101, 10), "cut": (101, 11),
+    "repeats": (101, 12),
     # a comparison's baselines: per round, or per feedback spent for evaluation batches
     "round": (131, 7_788), "finetune": (131, 7_789), "eval": (131, 7_790),
     # a simulated user whose taste changes: per rating (clear of the per-round ones up to 3,600 ratings)

@@ -401,3 +401,32 @@ def test_the_final_batch_after_a_mild_round_reads_the_potential_less_often(tmp_p
     session.finish()
     assert session.records()["final_checks"]["final_run"] == {"particles": 12, "reweight_every": 3}
     session.store.close()
+
+
+def test_final_repeats_move_only_the_images_that_repeat_another_and_pay_only_for_them(tmp_path):
+    """--final-repeats 1 after the sweeps (12 images from 12 particles, so resampling leaves copies): every
+    image that :func:`repeats` does not flag in the batch drawn without it is the same, bit for bit, and the
+    extra ε rows are the flagged images' proposal steps alone. Detects the pass moving the whole batch, moving
+    nothing, or not running in the session's final batch at all."""
+    from apa.priors.calls import counting
+    from apa.session import with_overrides
+    from apa.session.final import repeats
+
+    session = drifting_session(tmp_path, at=4, budget=8, eval_samples=12)
+    drive(session, until=FINAL)
+
+    def drawn(times: int) -> tuple[torch.Tensor, int]:  # a steep final tilt: copies the sweeps do not all move
+        cfg = with_overrides(session.cfg, sampler={"beta": (0.0, 30.0)}, session={"final_repeats": times})
+        with counting() as calls:
+            images = Session(session.store, cfg, session.prior, session.feedback, progress=False).final_samples()
+        return images, calls.eps
+
+    (before, eps_before), (after, eps_after) = drawn(0), drawn(1)
+    flagged = repeats(before)
+    assert 0 < int(flagged.sum()) < 12
+    changed = (after != before).flatten(1).any(dim=1)
+    assert not bool(changed[~flagged].any())
+    steps, t = session.cfg.sampler.steps, session.cfg.session.final_move
+    below = int((session.prior.sigmas(steps) < float(session.prior.sigma_of_t(torch.tensor([t])))).sum())
+    assert eps_after - eps_before == int(flagged.sum()) * below
+    session.store.close()

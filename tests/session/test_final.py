@@ -7,7 +7,7 @@ import torch
 from apa.priors.calls import counting
 from apa.priors.ddpm import DDPMPrior
 from apa.priors.unet import UNet, UNetConfig
-from apa.session.final import cut_at, moved, renoised, with_cut
+from apa.session.final import cut_at, moved, renoised, repeats, unrepeated, with_cut
 
 
 def tiny_prior() -> DDPMPrior:
@@ -71,6 +71,49 @@ def test_sweeps_carry_each_particles_reward_from_the_state_it_holds(one_thread):
     assert bool(again[first].all())
     stayed = int(again[~first].sum())  # binomial(≈280, 0.3): sd 7.7
     assert abs(stayed - 0.3 * int((~first).sum())) < 4 * 7.7
+
+
+def batch_with_repeats() -> tuple[torch.Tensor, torch.Tensor]:
+    """40 independent uniform images, then 6 repeats of earlier ones: 3 exact copies and 3 siblings
+    1e-3 away (independent 784-pixel images lie about 11 apart). Returns (x [46, 1, 28, 28], repeat mask [46])."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(40, 1, 28, 28, generator=gen) * 2 - 1
+    copies = torch.cat([x[[3, 17, 17]], x[[8, 21, 30]] + 1e-3 * torch.randn(3, 1, 28, 28, generator=gen)])
+    return torch.cat([x, copies]), torch.arange(46) >= 40
+
+
+def test_repeats_are_the_later_of_images_nearer_than_half_the_batchs_spacing():
+    """The exact copies and the near siblings are flagged, each after the image it repeats; the original
+    (kept first) and the other independent images are not; a reversed batch flags the originals instead.
+    Detects a rule that flags both of a pair, misses the copies, or flags independent images."""
+    x, expected = batch_with_repeats()
+    assert torch.equal(repeats(x), expected)
+    flipped = repeats(x.flip(0)).flip(0)
+    assert int(flipped.sum()) == 6 and bool(flipped[[3, 17, 8, 21, 30, 41]].all())  # 17's copies: the last one kept
+    assert not bool(repeats(x[:40]).any()) and not bool(repeats(x[:1]).any())
+
+
+def test_only_the_repeats_are_moved_and_pay_and_the_moves_stop_once_none_repeats(one_thread):
+    """A flat reward accepts every move: one pass moves the 6 repeats alone (6 × the steps below t in ε rows,
+    the 40 others untouched), after which none repeats, so 5 more passes cost nothing. A reward that refuses
+    every move leaves the batch as it was after proposing to the 6 repeats 3 times. Detects a move of the
+    whole batch and a pass that ignores the mask."""
+    prior, (x, expected) = tiny_prior(), batch_with_repeats()
+    below = int((prior.sigmas(10) < float(prior.sigma_of_t(torch.tensor([300])))).sum())
+    with counting() as calls:
+        out = unrepeated(prior, lambda z: torch.zeros(z.shape[0]), x, 300, 2.0, 10,
+                         torch.Generator().manual_seed(1), times=6)
+    changed = (out != x).flatten(1).any(dim=1)
+    assert torch.equal(changed, expected) and calls.eps == 6 * below
+    assert not bool(repeats(out).any())
+    reads = []
+
+    def refuse(z):
+        reads.append(z.shape[0])
+        return torch.where(((z[:, None] - x[None]).flatten(2).abs().amax(dim=2) == 0).any(dim=1), 0.0, -1e9)
+
+    assert torch.equal(unrepeated(prior, refuse, x, 300, 2.0, 10, torch.Generator().manual_seed(1), times=3), x)
+    assert reads == [6, 6] * 3
 
 
 def test_the_final_cut_keeps_the_tilt_above_its_quantile_and_cuts_below():

@@ -26,7 +26,7 @@ from apa.seeding import generator
 from apa.session import acquisition, components
 from apa.session.checks import SessionError, check_forget_before, validate, validate_new
 from apa.session.examples import GIVEN, examples_round, liked_examples
-from apa.session.final import CUT_SAMPLES, cut_at, final_start, moved, start_features, with_cut
+from apa.session.final import CUT_SAMPLES, cut_at, final_start, moved, start_features, unrepeated, with_cut
 from apa.session.fitter import SurrogateFitter, heldout_score, reads_as_change
 from apa.session.lifecycle import FIT, RATE, SAMPLE, next_action
 from apa.session.sampler import RoundSampler, choose_shown, with_explored
@@ -316,6 +316,9 @@ class Session:
             if cfg.session.final_move is not None:
                 particles = moved(self.prior, reward, particles, cfg.session.final_move, cfg.sampler.beta[1],
                                   cfg.sampler.steps, generator(seed, last + 1, "move"), cfg.session.final_sweeps)
+                particles = unrepeated(self.prior, reward, particles, cfg.session.final_move, cfg.sampler.beta[1],
+                                       cfg.sampler.steps, generator(seed, last + 1, "repeats"),
+                                       cfg.session.final_repeats)
         with torch.no_grad():
             return self.prior.decode(particles).cpu()
 

@@ -81,6 +81,8 @@ def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen:
     leaves copies of the heavy particles that the last, nearly noise-free steps cannot separate; an
     accepted move turns a copy into a new image near it, and the tilted law stays the target. r(x) is read
     once and carried from sweep to sweep: each sweep costs the proposal's steps and one reward row."""
+    if x0.shape[0] == 0:
+        return x0
     x, r = x0, reward(x0).reshape(-1)
     for _ in range(sweeps):
         proposal = renoised(prior, x, t, steps, gen)
@@ -89,4 +91,41 @@ def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen:
         accept = torch.rand(x.shape[0], generator=gen, dtype=torch.float64).log().to(log_ratio) < log_ratio
         x = torch.where(accept.reshape(-1, *[1] * (x.dim() - 1)), proposal, x)
         r = torch.where(accept, r_new, r)
+    return x
+
+
+REPEAT_SHARE = 0.5  # an image nearer another than this share of the batch's median nearest-neighbour distance repeats it
+
+
+def repeats(x: torch.Tensor, share: float = REPEAT_SHARE) -> torch.Tensor:
+    """bool [n]: the particles x [n, *event] that repeat one kept before them, read greedily in batch order: nearer
+    (L2, in the particles' own space) than ``share`` of the batch's median nearest-other distance. Independent
+    draws of a taste lie near that median; an exact copy (distance 0) or a sibling split in the last steps lies far
+    below it. Scale-free, so it needs no yardstick from outside the batch."""
+    n = x.shape[0]
+    out = torch.zeros(n, dtype=torch.bool)
+    if n < 2:
+        return out
+    flat = x.reshape(n, -1).double().cpu()
+    d = torch.cdist(flat, flat)
+    d.fill_diagonal_(float("inf"))
+    threshold = share * float(d.min(dim=1).values.median())
+    for i in range(1, n):
+        kept = (~out[:i]).nonzero().flatten()
+        out[i] = bool(d[i, kept].min() <= threshold)
+    return out
+
+
+@torch.no_grad()
+def unrepeated(prior, reward, x: torch.Tensor, t: int, beta: float, steps: int, gen: torch.Generator,
+               times: int) -> torch.Tensor:
+    """Up to ``times`` more single moves (:func:`moved`) of the particles x [n, *event] that still
+    :func:`repeats` another, found anew before each: only the repeats pay, and each move leaves the tilted
+    law invariant as the sweeps do. Stops early once none repeats."""
+    for _ in range(times):
+        again = repeats(x).to(x.device)
+        if not bool(again.any()):
+            break
+        x = x.clone()
+        x[again] = moved(prior, reward, x[again], t, beta, steps, gen)
     return x
