@@ -39,3 +39,10 @@ def test_a_session_stored_before_the_second_sweep_keeps_one():
     d = AlignConfig().to_dict()
     del d["session"]["final_sweeps"]
     assert AlignConfig.from_dict(d).session.final_sweeps == 1 and AlignConfig().session.final_sweeps == 2
+
+
+def test_a_session_stored_before_final_repeats_moves_no_repeat_again():
+    """Sessions stored before --final-repeats redraw their final batch the same (0); new ones move repeats up to 16 times."""
+    d = AlignConfig().to_dict()
+    del d["session"]["final_repeats"]
+    assert AlignConfig.from_dict(d).session.final_repeats == 0 and AlignConfig().session.final_repeats == 16
