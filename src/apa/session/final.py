@@ -94,14 +94,14 @@ def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen:
     return x
 
 
-REPEAT_SHARE = 0.5  # an image nearer another than this share of the batch's median nearest-neighbour distance repeats it
+REPEAT_SHARE = 0.5  # an image nearer another than this share of the batch's median nearest-other distance repeats it
 
 
 def repeats(x: torch.Tensor, share: float = REPEAT_SHARE) -> torch.Tensor:
-    """bool [n]: the particles x [n, *event] that repeat one kept before them, read greedily in batch order: nearer
-    (L2, in the particles' own space) than ``share`` of the batch's median nearest-other distance. Independent
-    draws of a taste lie near that median; an exact copy (distance 0) or a sibling split in the last steps lies far
-    below it. Scale-free, so it needs no yardstick from outside the batch."""
+    """bool [n]: the particles x [n, *event] that repeat one kept before them, read greedily in batch order:
+    nearer (L2, in the particles' own space) than ``share`` of the batch's median nearest-other distance.
+    Independent draws of a taste lie near that median; an exact copy (distance 0) or a sibling split in the
+    last steps lies far below it. Scale-free, so it needs no yardstick from outside the batch."""
     n = x.shape[0]
     out = torch.zeros(n, dtype=torch.bool)
     if n < 2:
