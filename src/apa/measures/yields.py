@@ -42,11 +42,16 @@ def duplicate_threshold(prior_liked: torch.Tensor, quantile: float = DUPLICATE_Q
 def distinct_mask(images: torch.Tensor, threshold: float) -> torch.Tensor:
     """bool [n]: images [n, ...] kept greedily in order, each farther than ``threshold`` (and not equal)
     from every image kept before it. The count of True is the batch's number of distinct images."""
-    n = images.shape[0]
+    if images.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    return kept_greedily(torch.cdist(_flat(images), _flat(images)), threshold)
+
+
+def kept_greedily(d: torch.Tensor, threshold: float) -> torch.Tensor:
+    """bool [n]: :func:`distinct_mask` from the pairwise distances d [n, n] already computed (the diagonal
+    is never read)."""
+    n = d.shape[0]
     keep = torch.zeros(n, dtype=torch.bool)
-    if n == 0:
-        return keep
-    d = torch.cdist(_flat(images), _flat(images))
     for i in range(n):
         kept = keep[:i].nonzero().flatten()
         keep[i] = bool(kept.numel() == 0 or d[i, kept].min() > threshold)

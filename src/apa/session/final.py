@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from apa.config import AlignConfig
+from apa.measures.yields import kept_greedily
 from apa.session import acquisition
 from apa.smc.sampler import renoised
 
@@ -103,17 +104,12 @@ def repeats(x: torch.Tensor, share: float = REPEAT_SHARE) -> torch.Tensor:
     Independent draws of a taste lie near that median; an exact copy (distance 0) or a sibling split in the
     last steps lies far below it. Scale-free, so it needs no yardstick from outside the batch."""
     n = x.shape[0]
-    out = torch.zeros(n, dtype=torch.bool)
     if n < 2:
-        return out
+        return torch.zeros(n, dtype=torch.bool)
     flat = x.reshape(n, -1).double().cpu()
     d = torch.cdist(flat, flat)
     d.fill_diagonal_(float("inf"))
-    threshold = share * float(d.min(dim=1).values.median())
-    for i in range(1, n):
-        kept = (~out[:i]).nonzero().flatten()
-        out[i] = bool(d[i, kept].min() <= threshold)
-    return out
+    return ~kept_greedily(d, share * float(d.min(dim=1).values.median()))
 
 
 @torch.no_grad()
