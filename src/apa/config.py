@@ -258,6 +258,9 @@ class SessionConfig:
                               "than half the batch's median nearest-neighbour distance is moved again, up to this "
                               "many times (0: never; only the repeats pay; 16 raised the judge's yield in 25 of 27 "
                               "finished sessions and lowered it in none, for 16 to 9,646 more rows: docs/results.md)")
+    final_unseen: float = knob(0.0, "with --final-move: with the repeats, move again the share Q of the batch "
+                               "nearest a rated image (the distance read once, after the sweeps), until none is "
+                               "that near (0: none; a person has seen those images already)")
     final_particles: int | None = knob(None, "particles of the final batch's run, from which its --eval-samples "
                                        "images are resampled (none: as many as the images; more leaves fewer "
                                        "repeats, each particle drawn at most once where its weight allows)")
@@ -309,6 +312,8 @@ class SessionConfig:
                  f"--final-move must be a training timestep from 1 to {NUM_TIMESTEPS - 1}, got {self.final_move!r}")
         _at_least("--final-sweeps", self.final_sweeps, 1)
         _at_least("--final-repeats", self.final_repeats, 0)
+        _require(_number(self.final_unseen) and 0.0 <= self.final_unseen < 1.0,
+                 f"--final-unseen must be a share in [0, 1), got {self.final_unseen!r}")
         _require(self.round_beta is None or (_number(self.round_beta) and math.isfinite(self.round_beta)
                                              and self.round_beta >= 0),
                  f"--round-beta must be a finite number from 0, or none; got {self.round_beta!r}")

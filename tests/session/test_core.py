@@ -430,3 +430,34 @@ def test_final_repeats_move_only_the_images_that_repeat_another_and_pay_only_for
     below = int((session.prior.sigmas(steps) < float(session.prior.sigma_of_t(torch.tensor([t])))).sum())
     assert eps_after - eps_before == int(flagged.sum()) * below
     session.store.close()
+
+
+def test_final_unseen_moves_the_images_nearest_the_rated_ones_with_the_repeats(tmp_path):
+    """--final-unseen 0.25 with one pass: the images moved are those :func:`repeats` flags in the batch drawn
+    without the pass, given the session's rated images and the quarter of the batch nearest them, and the
+    extra ε rows are theirs alone. Detects the session not handing its rated images to the passes, or the
+    share not reaching them."""
+    from apa.priors.calls import counting
+    from apa.session import with_overrides
+    from apa.session.final import repeats, seen_distance
+
+    session = drifting_session(tmp_path, at=4, budget=8, eval_samples=12)
+    drive(session, until=FINAL)
+
+    def drawn(times: int, unseen: float) -> tuple[torch.Tensor, int]:
+        cfg = with_overrides(session.cfg, session={"final_repeats": times, "final_unseen": unseen})
+        with counting() as calls:
+            images = Session(session.store, cfg, session.prior, session.feedback, progress=False).final_samples()
+        return images, calls.eps
+
+    (before, eps_before), (after, eps_after) = drawn(0, 0.0), drawn(1, 0.25)
+    seen = session.prior.decode(session.state.training_set()[0])
+    within = float(torch.quantile(seen_distance(before, seen), 0.25))
+    flagged = repeats(before, seen=seen, within=within)
+    assert int((flagged & ~repeats(before)).sum()) >= 1 and int(flagged.sum()) < 12
+    changed = (after != before).flatten(1).any(dim=1)
+    assert not bool(changed[~flagged].any())
+    steps, t = session.cfg.sampler.steps, session.cfg.session.final_move
+    below = int((session.prior.sigmas(steps) < float(session.prior.sigma_of_t(torch.tensor([t])))).sum())
+    assert eps_after - eps_before == int(flagged.sum()) * below
+    session.store.close()

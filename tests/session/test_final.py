@@ -116,6 +116,42 @@ def test_only_the_repeats_are_moved_and_pay_and_the_moves_stop_once_none_repeats
     assert reads == [6, 6] * 3
 
 
+def test_an_image_near_a_rated_one_repeats_it_and_is_never_the_one_another_repeats():
+    """A rated particle 0.01 from image 5 (along u), and a sibling of image 5 0.01 on the other side (0.02
+    from the rated one): within 0.015, image 5 repeats the rated particle and the sibling, no longer
+    repeating a kept image, is kept in its place; within 0 (or with nothing rated) the rule is the batch's
+    alone. Detects a rule that ignores what was rated, that flags the sibling through image 5, or that
+    flags by distance to the batch instead."""
+    x, expected = batch_with_repeats()
+    u = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(9))
+    u = u / u.norm()
+    x = torch.cat([x, x[[5]] - 0.01 * u])  # image 46: image 5's sibling
+    seen = torch.cat([x[[5]] + 0.01 * u, torch.rand(3, 1, 28, 28) * 2 - 1])
+    alone = torch.cat([expected, torch.tensor([True])])
+    assert torch.equal(repeats(x), alone) and torch.equal(repeats(x, seen=seen, within=0.0), alone)
+    assert torch.equal(repeats(x, seen=seen[:0], within=0.015), alone)
+    near = alone.clone()
+    near[5], near[46] = True, False
+    assert torch.equal(repeats(x, seen=seen, within=0.015), near)
+
+
+def test_the_share_nearest_a_rated_image_is_moved_until_none_is_that_near(one_thread):
+    """Two rated particles 1e-3 from images 0 and 1: with unseen = 1/45 (the second-nearest's distance as the
+    line), one pass moves those two with the 6 repeats under a flat reward (8 × the steps below t in ε rows),
+    and no pass after it pays. Detects the share ignored, the line read anew each pass (it would follow the
+    moved images) and a move of the whole batch."""
+    prior, (x, expected) = tiny_prior(), batch_with_repeats()
+    seen = x[[0, 1]] + 1e-3 * torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    below = int((prior.sigmas(10) < float(prior.sigma_of_t(torch.tensor([300])))).sum())
+    with counting() as calls:
+        out = unrepeated(prior, lambda z: torch.zeros(z.shape[0]), x, 300, 2.0, 10,
+                         torch.Generator().manual_seed(1), times=6, seen=seen, unseen=1 / 45)
+    changed = (out != x).flatten(1).any(dim=1)
+    flagged = expected.clone()
+    flagged[[0, 1]] = True
+    assert torch.equal(changed, flagged) and calls.eps == 8 * below
+
+
 def test_the_final_cut_keeps_the_tilt_above_its_quantile_and_cuts_below():
     """--final-cut q on a reward r read off 1-D particles: τ is the (1 − q) quantile of r over the plain samples,
     the tilt exp(β·r') is exp(β·r) times σ((r − τ)/s), so half of it at τ, nearly all of it well above, e^-4 of it

@@ -318,7 +318,7 @@ class Session:
                                   cfg.sampler.steps, generator(seed, last + 1, "move"), cfg.session.final_sweeps)
                 particles = unrepeated(self.prior, reward, particles, cfg.session.final_move, cfg.sampler.beta[1],
                                        cfg.sampler.steps, generator(seed, last + 1, "repeats"),
-                                       cfg.session.final_repeats)
+                                       cfg.session.final_repeats, x, cfg.session.final_unseen)
         with torch.no_grad():
             return self.prior.decode(particles).cpu()
 

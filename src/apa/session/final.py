@@ -98,28 +98,46 @@ def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen:
 REPEAT_SHARE = 0.5  # an image nearer another than this share of the batch's median nearest-other distance repeats it
 
 
-def repeats(x: torch.Tensor, share: float = REPEAT_SHARE) -> torch.Tensor:
+def repeats(x: torch.Tensor, share: float = REPEAT_SHARE, seen: torch.Tensor | None = None, within: float = 0.0
+            ) -> torch.Tensor:
     """bool [n]: the particles x [n, *event] that repeat one kept before them, read greedily in batch order:
     nearer (L2, in the particles' own space) than ``share`` of the batch's median nearest-other distance.
     Independent draws of a taste lie near that median; an exact copy (distance 0) or a sibling split in the
-    last steps lies far below it. Scale-free, so it needs no yardstick from outside the batch."""
+    last steps lies far below it. Scale-free, so it needs no yardstick from outside the batch. With ``seen``
+    [m, *event] (the rated particles), a particle within ``within`` of one of them repeats it too, and is
+    never the one another repeats."""
     n = x.shape[0]
     if n < 2:
         return torch.zeros(n, dtype=torch.bool)
     flat = x.reshape(n, -1).double().cpu()
     d = torch.cdist(flat, flat)
     d.fill_diagonal_(float("inf"))
-    return ~kept_greedily(d, share * float(d.min(dim=1).values.median()))
+    threshold = share * float(d.min(dim=1).values.median())
+    near = seen_distance(x, seen) <= within if within > 0 else torch.zeros(n, dtype=torch.bool)
+    d[:, near] = float("inf")
+    return ~kept_greedily(d, threshold) | near
+
+
+def seen_distance(x: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    """float64 [n]: each particle's L2 distance to the nearest of ``seen`` [m, *event] (inf with none)."""
+    if seen is None or seen.shape[0] == 0:
+        return torch.full((x.shape[0],), float("inf"), dtype=torch.float64)
+    return torch.cdist(x.reshape(x.shape[0], -1).double().cpu(), seen.reshape(seen.shape[0], -1).double().cpu()
+                       ).min(dim=1).values
 
 
 @torch.no_grad()
 def unrepeated(prior, reward, x: torch.Tensor, t: int, beta: float, steps: int, gen: torch.Generator,
-               times: int) -> torch.Tensor:
+               times: int, seen: torch.Tensor | None = None, unseen: float = 0.0) -> torch.Tensor:
     """Up to ``times`` more single moves (:func:`moved`) of the particles x [n, *event] that still
     :func:`repeats` another, found anew before each: only the repeats pay, and each move leaves the tilted
-    law invariant as the sweeps do. Stops early once none repeats."""
+    law invariant as the sweeps do. Stops early once none repeats. With ``unseen`` > 0, the share of the
+    batch nearest the rated particles ``seen`` (that share's quantile of :func:`seen_distance`, read once
+    before the first pass) repeats them too, until moved farther."""
+    within = float(torch.quantile(seen_distance(x, seen), unseen)) if unseen > 0 and seen is not None \
+        and seen.shape[0] > 0 and x.shape[0] > 0 else 0.0
     for _ in range(times):
-        again = repeats(x).to(x.device)
+        again = repeats(x, seen=seen, within=within).to(x.device)
         if not bool(again.any()):
             break
         x = x.clone()
