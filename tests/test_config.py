@@ -46,3 +46,10 @@ def test_a_session_stored_before_final_repeats_moves_no_repeat_again():
     d = AlignConfig().to_dict()
     del d["session"]["final_repeats"]
     assert AlignConfig.from_dict(d).session.final_repeats == 0 and AlignConfig().session.final_repeats == 16
+
+
+def test_a_session_stored_before_final_unseen_moves_no_image_for_being_near_a_rated_one():
+    """Sessions stored before --final-unseen redraw their final batch the same (0); new ones move the 5% nearest."""
+    d = AlignConfig().to_dict()
+    del d["session"]["final_unseen"]
+    assert AlignConfig.from_dict(d).session.final_unseen == 0.0 and AlignConfig().session.final_unseen == 0.05

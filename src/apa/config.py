@@ -258,9 +258,11 @@ class SessionConfig:
                               "than half the batch's median nearest-neighbour distance is moved again, up to this "
                               "many times (0: never; only the repeats pay; 16 raised the judge's yield in 25 of 27 "
                               "finished sessions and lowered it in none, for 16 to 9,646 more rows: docs/results.md)")
-    final_unseen: float = knob(0.0, "with --final-move: with the repeats, move again the share Q of the batch "
-                               "nearest a rated image (the distance read once, after the sweeps), until none is "
-                               "that near (0: none; a person has seen those images already)")
+    final_unseen: float = knob(0.05, "with --final-repeats: the share Q of the batch nearest a rated image (read "
+                               "once, after the sweeps) counts as repeats too, and is moved again until none is "
+                               "that near (0: none; a person has seen those images; 0.05 raised the judge's yield "
+                               "in every one of 11 finished sessions, 2,211 -> 2,337, for 1.2 more call rows in 100: "
+                               "docs/results.md)")
     final_particles: int | None = knob(None, "particles of the final batch's run, from which its --eval-samples "
                                        "images are resampled (none: as many as the images; more leaves fewer "
                                        "repeats, each particle drawn at most once where its weight allows)")
@@ -344,7 +346,8 @@ LEGACY = {("sampler", "weights"): "rate", ("sampler", "drift"): 1.0, ("sampler",
           ("surrogate", "window"): None, ("session", "detect_change"): None, ("session", "forget_before"): None,
           ("session", "final_move"): None, ("session", "final_sweeps"): 1, ("session", "search"): "tilt",
           ("session", "search_on_miss"): 0.0, ("session", "mild_tilt"): None,
-          ("session", "mild_final"): False, ("session", "final_repeats"): 0}
+          ("session", "mild_final"): False, ("session", "final_repeats"): 0,
+          ("session", "final_unseen"): 0.0}
 
 
 @dataclass(frozen=True)

@@ -416,7 +416,7 @@ def test_final_repeats_move_only_the_images_that_repeat_another_and_pay_only_for
     drive(session, until=FINAL)
 
     def drawn(times: int) -> tuple[torch.Tensor, int]:  # a steep final tilt: copies the sweeps do not all move
-        cfg = with_overrides(session.cfg, sampler={"beta": (0.0, 30.0)}, session={"final_repeats": times})
+        cfg = with_overrides(session.cfg, sampler={"beta": (0.0, 30.0)}, session={"final_repeats": times, "final_unseen": 0.0})
         with counting() as calls:
             images = Session(session.store, cfg, session.prior, session.feedback, progress=False).final_samples()
         return images, calls.eps

@@ -74,7 +74,7 @@ class Batcher:
         self.waiting: list[_Call] = []
         self.busy = False  # a leader is calling the network now
         self.members = 0  # threads inside a sampling run
-        self.calls = self.rows = 0  # network calls made and rows they carried (for benchmarks and tests)
+        self.calls = self.rows = self.requests = 0  # network calls made, rows and requests they carried (benchmarks, tests)
 
     @contextlib.contextmanager
     def member(self) -> Iterator[None]:
@@ -141,6 +141,7 @@ class Batcher:
     def _count(self, calls: list[_Call]) -> None:
         self.calls += 1
         self.rows += sum(c.x.shape[0] for c in calls)
+        self.requests += len(calls)
 
     def _eps(self, calls: list[_Call]) -> None:
         self._count(calls)
