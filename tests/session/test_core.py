@@ -403,32 +403,42 @@ def test_the_final_batch_after_a_mild_round_reads_the_potential_less_often(tmp_p
     session.store.close()
 
 
+def _final_drawn(session, sampler: dict | None = None, **overrides) -> tuple[torch.Tensor, int]:
+    """The final batch of a finished session redrawn with session settings changed, and its ε rows."""
+    from apa.priors.calls import counting
+    from apa.session import with_overrides
+
+    cfg = with_overrides(session.cfg, sampler=sampler or {}, session=overrides)
+    with counting() as calls:
+        images = Session(session.store, cfg, session.prior, session.feedback, progress=False).final_samples()
+    return images, calls.eps
+
+
+def _only_flagged_moved(session, flagged: torch.Tensor, before: torch.Tensor, after: torch.Tensor, extra_eps: int):
+    """Every image not flagged [n] is the same in both batches [n, ...], bit for bit, and the extra ε rows are
+    one move's proposal steps for each flagged image."""
+    changed = (after != before).flatten(1).any(dim=1)
+    assert not bool(changed[~flagged].any())
+    steps, t = session.cfg.sampler.steps, session.cfg.session.final_move
+    below = int((session.prior.sigmas(steps) < float(session.prior.sigma_of_t(torch.tensor([t])))).sum())
+    assert extra_eps == int(flagged.sum()) * below
+
+
 def test_final_repeats_move_only_the_images_that_repeat_another_and_pay_only_for_them(tmp_path):
     """--final-repeats 1 after the sweeps (12 images from 12 particles, so resampling leaves copies): every
     image that :func:`repeats` does not flag in the batch drawn without it is the same, bit for bit, and the
     extra ε rows are the flagged images' proposal steps alone. Detects the pass moving the whole batch, moving
     nothing, or not running in the session's final batch at all."""
-    from apa.priors.calls import counting
-    from apa.session import with_overrides
     from apa.session.final import repeats
 
     session = drifting_session(tmp_path, at=4, budget=8, eval_samples=12)
     drive(session, until=FINAL)
-
-    def drawn(times: int) -> tuple[torch.Tensor, int]:  # a steep final tilt: copies the sweeps do not all move
-        cfg = with_overrides(session.cfg, sampler={"beta": (0.0, 30.0)}, session={"final_repeats": times, "final_unseen": 0.0})
-        with counting() as calls:
-            images = Session(session.store, cfg, session.prior, session.feedback, progress=False).final_samples()
-        return images, calls.eps
-
-    (before, eps_before), (after, eps_after) = drawn(0), drawn(1)
+    steep = {"beta": (0.0, 30.0)}  # a steep final tilt: copies the sweeps do not all move
+    (before, eps_before) = _final_drawn(session, steep, final_repeats=0, final_unseen=0.0)
+    (after, eps_after) = _final_drawn(session, steep, final_repeats=1, final_unseen=0.0)
     flagged = repeats(before)
     assert 0 < int(flagged.sum()) < 12
-    changed = (after != before).flatten(1).any(dim=1)
-    assert not bool(changed[~flagged].any())
-    steps, t = session.cfg.sampler.steps, session.cfg.session.final_move
-    below = int((session.prior.sigmas(steps) < float(session.prior.sigma_of_t(torch.tensor([t])))).sum())
-    assert eps_after - eps_before == int(flagged.sum()) * below
+    _only_flagged_moved(session, flagged, before, after, eps_after - eps_before)
     session.store.close()
 
 
@@ -437,27 +447,15 @@ def test_final_unseen_moves_the_images_nearest_the_rated_ones_with_the_repeats(t
     without the pass, given the session's rated images and the quarter of the batch nearest them, and the
     extra ε rows are theirs alone. Detects the session not handing its rated images to the passes, or the
     share not reaching them."""
-    from apa.priors.calls import counting
-    from apa.session import with_overrides
     from apa.session.final import repeats, seen_distance
 
     session = drifting_session(tmp_path, at=4, budget=8, eval_samples=12)
     drive(session, until=FINAL)
-
-    def drawn(times: int, unseen: float) -> tuple[torch.Tensor, int]:
-        cfg = with_overrides(session.cfg, session={"final_repeats": times, "final_unseen": unseen})
-        with counting() as calls:
-            images = Session(session.store, cfg, session.prior, session.feedback, progress=False).final_samples()
-        return images, calls.eps
-
-    (before, eps_before), (after, eps_after) = drawn(0, 0.0), drawn(1, 0.25)
+    (before, eps_before) = _final_drawn(session, final_repeats=0, final_unseen=0.0)
+    (after, eps_after) = _final_drawn(session, final_repeats=1, final_unseen=0.25)
     seen = session.prior.decode(session.state.training_set()[0])
     within = float(torch.quantile(seen_distance(before, seen), 0.25))
     flagged = repeats(before, seen=seen, within=within)
     assert int((flagged & ~repeats(before)).sum()) >= 1 and int(flagged.sum()) < 12
-    changed = (after != before).flatten(1).any(dim=1)
-    assert not bool(changed[~flagged].any())
-    steps, t = session.cfg.sampler.steps, session.cfg.session.final_move
-    below = int((session.prior.sigmas(steps) < float(session.prior.sigma_of_t(torch.tensor([t])))).sum())
-    assert eps_after - eps_before == int(flagged.sum()) * below
+    _only_flagged_moved(session, flagged, before, after, eps_after - eps_before)
     session.store.close()
