@@ -98,14 +98,14 @@ def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen:
 REPEAT_SHARE = 0.5  # an image nearer another than this share of the batch's median nearest-other distance repeats it
 
 
-def repeats(x: torch.Tensor, share: float = REPEAT_SHARE, seen: torch.Tensor | None = None, within: float = 0.0
-            ) -> torch.Tensor:
+def repeats(x: torch.Tensor, share: float = REPEAT_SHARE, seen: torch.Tensor | None = None,
+            within: float | None = None) -> torch.Tensor:
     """bool [n]: the particles x [n, *event] that repeat one kept before them, read greedily in batch order:
     nearer (L2, in the particles' own space) than ``share`` of the batch's median nearest-other distance.
     Independent draws of a taste lie near that median; an exact copy (distance 0) or a sibling split in the
     last steps lies far below it. Scale-free, so it needs no yardstick from outside the batch. With ``seen``
-    [m, *event] (the rated particles), a particle within ``within`` of one of them repeats it too, and is
-    never the one another repeats."""
+    [m, *event] (the rated particles) and ``within`` (None: no such rule), a particle within ``within`` of one
+    of them repeats it too, and is never the one another repeats."""
     n = x.shape[0]
     if n < 2:
         return torch.zeros(n, dtype=torch.bool)
@@ -113,7 +113,7 @@ def repeats(x: torch.Tensor, share: float = REPEAT_SHARE, seen: torch.Tensor | N
     d = torch.cdist(flat, flat)
     d.fill_diagonal_(float("inf"))
     threshold = share * float(d.min(dim=1).values.median())
-    near = seen_distance(x, seen) <= within if within > 0 else torch.zeros(n, dtype=torch.bool)
+    near = seen_distance(x, seen) <= within if within is not None else torch.zeros(n, dtype=torch.bool)
     d[:, near] = float("inf")
     return ~kept_greedily(d, threshold) | near
 
@@ -134,8 +134,8 @@ def unrepeated(prior, reward, x: torch.Tensor, t: int, beta: float, steps: int, 
     law invariant as the sweeps do. Stops early once none repeats. With ``unseen`` > 0, the share of the
     batch nearest the rated particles ``seen`` (that share's quantile of :func:`seen_distance`, read once
     before the first pass) repeats them too, until moved farther."""
-    within = float(torch.quantile(seen_distance(x, seen), unseen)) if unseen > 0 and seen is not None \
-        and seen.shape[0] > 0 and x.shape[0] > 0 else 0.0
+    near = seen_distance(x, seen)
+    within = float(torch.quantile(near, unseen)) if unseen > 0 and bool(near.isfinite().any()) else None
     for _ in range(times):
         again = repeats(x, seen=seen, within=within).to(x.device)
         if not bool(again.any()):
