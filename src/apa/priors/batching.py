@@ -74,7 +74,7 @@ class Batcher:
         self.waiting: list[_Call] = []
         self.busy = False  # a leader is calling the network now
         self.members = 0  # threads inside a sampling run
-        self.calls = self.rows = self.requests = 0  # network calls made, rows and requests they carried (benchmarks, tests)
+        self.calls = self.rows = self.requests = 0  # network calls made, and the rows and requests they carried
 
     @contextlib.contextmanager
     def member(self) -> Iterator[None]:

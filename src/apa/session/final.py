@@ -113,7 +113,7 @@ def repeats(x: torch.Tensor, share: float = REPEAT_SHARE, seen: torch.Tensor | N
     d = torch.cdist(flat, flat)
     d.fill_diagonal_(float("inf"))
     threshold = share * float(d.min(dim=1).values.median())
-    near = seen_distance(x, seen) <= within if within is not None else torch.zeros(n, dtype=torch.bool)
+    near = seen_distance(flat, seen) <= within if within is not None else torch.zeros(n, dtype=torch.bool)
     d[:, near] = float("inf")
     return ~kept_greedily(d, threshold) | near
 
@@ -134,8 +134,8 @@ def unrepeated(prior, reward, x: torch.Tensor, t: int, beta: float, steps: int, 
     law invariant as the sweeps do. Stops early once none repeats. With ``unseen`` > 0, the share of the
     batch nearest the rated particles ``seen`` (that share's quantile of :func:`seen_distance`, read once
     before the first pass) repeats them too, until moved farther."""
-    near = seen_distance(x, seen)
-    within = float(torch.quantile(near, unseen)) if unseen > 0 and bool(near.isfinite().any()) else None
+    near = seen_distance(x, seen) if unseen > 0 else None
+    within = float(torch.quantile(near, unseen)) if near is not None and bool(near.isfinite().any()) else None
     for _ in range(times):
         again = repeats(x, seen=seen, within=within).to(x.device)
         if not bool(again.any()):
