@@ -49,7 +49,7 @@ def test_a_session_stored_before_final_repeats_moves_no_repeat_again():
 
 
 def test_a_session_stored_before_final_unseen_moves_no_image_for_being_near_a_rated_one():
-    """Sessions stored before --final-unseen redraw their final batch the same (0); new ones move the 5% nearest."""
+    """Sessions stored before --final-unseen redraw their final batch the same (0); new ones move the tenth nearest."""
     d = AlignConfig().to_dict()
     del d["session"]["final_unseen"]
-    assert AlignConfig.from_dict(d).session.final_unseen == 0.0 and AlignConfig().session.final_unseen == 0.05
+    assert AlignConfig.from_dict(d).session.final_unseen == 0.0 and AlignConfig().session.final_unseen == 0.1

@@ -255,14 +255,15 @@ class SessionConfig:
                              "raised the distinct liked images on every class set for a twelfth more calls: "
                              "docs/results.md)")
     final_repeats: int = knob(16, "with --final-move: after the sweeps, an image still nearer another of the batch "
-                              "than half the batch's median nearest-neighbour distance is moved again, up to this "
-                              "many times (0: never; only the repeats pay; 16 raised the judge's yield in 25 of 27 "
-                              "finished sessions and lowered it in none, for 16 to 9,646 more rows: docs/results.md)")
-    final_unseen: float = knob(0.05, "with --final-repeats: the share Q of the batch nearest a rated image (read "
+                              "than half the median nearest-neighbour distance among the images that repeat no "
+                              "other is moved again, up to this many times (0: never; only the repeats pay; 16 "
+                              "raised the judge's yield in 25 of 27 finished sessions and lowered it in none, for 16 "
+                              "to 9,646 more rows: docs/results.md)")
+    final_unseen: float = knob(0.1, "with --final-repeats: the share Q of the batch nearest a rated image (read "
                                "once, after the sweeps) counts as repeats too, and is moved again until none is "
                                "that near (0: none; a person has seen those images; 0.05 raised the judge's yield "
-                               "in every one of 11 finished sessions, 2,211 -> 2,337, for 1.2 more call rows in 100: "
-                               "docs/results.md)")
+                               "in every one of 18 finished sessions, and 0.1 raised it again on 13 of them, "
+                               "3,450 -> 3,519: docs/results.md)")
     final_particles: int | None = knob(None, "particles of the final batch's run, from which its --eval-samples "
                                        "images are resampled (none: as many as the images; more leaves fewer "
                                        "repeats, each particle drawn at most once where its weight allows)")

@@ -93,6 +93,22 @@ def test_repeats_are_the_later_of_images_nearer_than_half_the_batchs_spacing():
     assert not bool(repeats(x[:40]).any()) and not bool(repeats(x[:1]).any())
 
 
+def test_a_batch_mostly_repeats_reads_its_line_from_the_images_that_repeat_no_other():
+    """30 independent images, 20 exact copies of the first 20 and 8 siblings 1e-3 away from the next 8: 40 of
+    the 58 images lie 0 from another, so the whole batch's median nearest-other distance is 0, and a line read
+    from it catches the exact copies alone. Read again over the 38 images it keeps, the median is an independent
+    image's spacing, and the siblings are caught too. Detects a line read once over the whole batch, and
+    distances whose rounding leaves an exact copy apart from its original."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.rand(30, 1, 28, 28, generator=gen) * 2 - 1
+    x = torch.cat([x, x[:20], x[20:28] + 1e-3 * torch.randn(8, 1, 28, 28, generator=gen)])
+    flat = x.flatten(1).double()
+    d = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")
+    d.fill_diagonal_(float("inf"))
+    assert float(d.min(dim=1).values.median()) == 0.0
+    assert torch.equal(repeats(x), torch.arange(58) >= 30)
+
+
 def test_only_the_repeats_are_moved_and_pay_and_the_moves_stop_once_none_repeats(one_thread):
     """A flat reward accepts every move: one pass moves the 6 repeats alone (6 × the steps below t in ε rows,
     the 40 others untouched), after which none repeats, so 5 more passes cost nothing. A reward that refuses

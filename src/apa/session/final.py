@@ -95,27 +95,46 @@ def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen:
     return x
 
 
-REPEAT_SHARE = 0.5  # an image nearer another than this share of the batch's median nearest-other distance repeats it
+REPEAT_SHARE = 0.5  # an image nearer another than this share of the kept images' median nearest-other distance repeats it
+YARDSTICK_READS = 8  # at most this many reads of that median, each over the images the last one kept
 
 
 def repeats(x: torch.Tensor, share: float = REPEAT_SHARE, seen: torch.Tensor | None = None,
             within: float | None = None) -> torch.Tensor:
     """bool [n]: the particles x [n, *event] that repeat one kept before them, read greedily in batch order:
-    nearer (L2, in the particles' own space) than ``share`` of the batch's median nearest-other distance.
-    Independent draws of a taste lie near that median; an exact copy (distance 0) or a sibling split in the
-    last steps lies far below it. Scale-free, so it needs no yardstick from outside the batch. With ``seen``
-    [m, *event] (the rated particles) and ``within`` (None: no such rule), a particle within ``within`` of one
-    of them repeats it too, and is never the one another repeats."""
+    nearer (L2, in the particles' own space) than ``share`` of the median nearest-other distance among the
+    images that repeat no other (:func:`repeat_line`). Independent draws of a taste lie near that median; an
+    exact copy (distance 0) or a sibling split in the last steps lies far below it. Scale-free, so it needs no
+    yardstick from outside the batch. With ``seen`` [m, *event] (the rated particles) and ``within`` (None: no
+    such rule), a particle within ``within`` of one of them repeats it too, and is never the one another
+    repeats."""
     n = x.shape[0]
     if n < 2:
         return torch.zeros(n, dtype=torch.bool)
     flat = x.reshape(n, -1).double().cpu()
-    d = torch.cdist(flat, flat)
+    d = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")  # an exact copy is 0 apart
     d.fill_diagonal_(float("inf"))
-    threshold = share * float(d.min(dim=1).values.median())
+    threshold = repeat_line(d, share)
     near = seen_distance(flat, seen) <= within if within is not None else torch.zeros(n, dtype=torch.bool)
     d[:, near] = float("inf")
     return ~kept_greedily(d, threshold) | near
+
+
+def repeat_line(d: torch.Tensor, share: float = REPEAT_SHARE) -> float:
+    """The distance below which an image repeats another, from the pairwise distances d [n, n] (diagonal inf):
+    ``share`` of the median nearest-other distance, read first over the whole batch and then over the images
+    kept at the line it gives, until the kept images stop changing (at most YARDSTICK_READS reads). Over the
+    whole batch alone, a batch more than half of which repeats has a median near 0, and its line then catches
+    only exact copies; the kept images are the batch's independent draws, whose spacing the line is for."""
+    keep = torch.ones(d.shape[0], dtype=torch.bool)
+    line = 0.0
+    for _ in range(YARDSTICK_READS):
+        line = share * float(d[keep][:, keep].min(dim=1).values.median())
+        kept = kept_greedily(d, line)
+        if torch.equal(kept, keep) or int(kept.sum()) < 2:
+            break
+        keep = kept
+    return line
 
 
 def seen_distance(x: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
