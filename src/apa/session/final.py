@@ -95,7 +95,7 @@ def moved(prior, reward, x0: torch.Tensor, t: int, beta: float, steps: int, gen:
     return x
 
 
-REPEAT_SHARE = 0.5  # an image nearer another than this share of the kept images' median nearest-other distance repeats it
+REPEAT_SHARE = 0.5  # an image nearer another than this share of the kept images' median spacing repeats it
 YARDSTICK_READS = 8  # at most this many reads of that median, each over the images the last one kept
 
 
