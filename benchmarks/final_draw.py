@@ -8,7 +8,8 @@ the last, nearly noise-free steps cannot separate (86–201 distinct images of 2
 - ``default``: the session's own final batch;
 - ``set:SECTION.KEY=VALUE[;SECTION.KEY=VALUE]``: the final batch redrawn with settings changed (``set:sampler.drift=3``,
   ``set:sampler.ess_threshold=0.2``: with the exact weights the target stays the same;
-  ``set:session.final_move=500``: every image moved once, the package's own move);
+  ``set:session.final_move=500``: every image moved once, the package's own move; ``final.NAME=VALUE`` sets a
+  constant of ``apa.session.final`` for that draw, ``final.YARDSTICK_READS=1`` the repeats' line read once);
 - ``renoise:T``: every repeat of an image already in the batch is moved once by a Metropolis–Hastings
   step: re-noised to training timestep T and denoised by the prior's own ancestral steps (a move that
   leaves the prior's law nearly invariant), accepted with probability min(1, exp(β_end·(r(x') − r(x))))
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ from apa.measures.novelty import users_liked
 from apa.measures.yields import distinct_mask, duplicate_threshold, take_home
 from apa.feedback.tastes import prior_pool
 from apa.priors.calls import counting
+from apa.session import final
 from apa.session.final import moved, repeats, unrepeated
 from apa.seeding import generator
 from apa.session import Session, with_overrides
@@ -66,6 +69,20 @@ def settings(text: str) -> dict[str, dict]:
     return out
 
 
+@contextmanager
+def constants(values: dict):
+    """``apa.session.final``'s module constants set to ``values`` (``final.YARDSTICK_READS=1``: the repeats'
+    line read once, over the whole batch, as before it was read over the kept images), restored after."""
+    before = {name: getattr(final, name) for name in values}
+    for name, value in values.items():
+        setattr(final, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(final, name, value)
+
+
 def print_session(src: str, variants: list[str], reference: torch.Tensor | None) -> None:
     """One table row per final draw of the finished session at ``src`` (a copy; never written)."""
     with copied_session(src) as s:
@@ -85,8 +102,10 @@ def print_session(src: str, variants: list[str], reference: torch.Tensor | None)
             images, moved = batch, {}
             with counting() as calls:
                 if variant.startswith("set:"):
-                    images = Session(s.store, with_overrides(s.cfg, **settings(variant[4:])), s.prior,
-                                     s.feedback, progress=False).final_samples()
+                    changed = settings(variant[4:])
+                    with constants(changed.pop("final", {})):
+                        images = Session(s.store, with_overrides(s.cfg, **changed), s.prior,
+                                         s.feedback, progress=False).final_samples()
                 elif variant.startswith(("renoise:", "repeats:")):
                     t, sweeps = (int(v) for v in (variant.split(":")[1:] + ["1"])[:2])
                     gen = torch.Generator().manual_seed(1_000_003 * s.cfg.session.seed + last)
