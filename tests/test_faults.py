@@ -312,7 +312,7 @@ BAD_FLAGS = [["--epochs", "0"], ["--ensemble", "0"], ["--feature-t", "5000"], ["
              ["--particles", "2"], ["--steps", "0"], ["--resample", "bogus"], ["--beta", "nan,8"],
              ["--ess-threshold", "2"], ["--weights", "bogus"], ["--label-noise", "0.5"], ["--final-start", "bogus"],
              ["--restart", "0"], ["--final-move", "0"], ["--final-move", "1000"], ["--final-unseen", "1"],
-             ["--final-repeats-move", "0"], ["--final-unseen", "-0.1"], ["--taste", "style:7:bold"],
+             ["--final-unseen", "-0.1"], ["--taste", "style:7:bold"],
              ["--taste", "like:"], ["--taste-share", "0.5"], ["--taste-pool", "4"],
              # found by an outside fault run: each wrote a session before it was refused, or printed a traceback
              ["--seed", "1180591620717411303424"], ["--prior", "gmm"], ["--particles", "1000000000000"],

@@ -259,9 +259,6 @@ class SessionConfig:
                               "other is moved again, up to this many times (0: never; only the repeats pay; 16 "
                               "raised the judge's yield in 25 of 27 finished sessions and lowered it in none, for 16 "
                               "to 9,646 more rows: docs/results.md)")
-    final_repeats_move: int | None = knob(None, "with --final-repeats: the training timestep the repeats' moves "
-                                          "re-noise to (none: --final-move's); lower is cheaper and accepted "
-                                          "more often, and moves an image less far")
     final_unseen: float = knob(0.1, "with --final-repeats: the share Q of the batch nearest a rated image (read "
                                "once, after the sweeps) counts as repeats too, and is moved again until none is "
                                "that near (0: none; a person has seen those images; 0.05 raised the judge's yield "
@@ -318,10 +315,6 @@ class SessionConfig:
                  f"--final-move must be a training timestep from 1 to {NUM_TIMESTEPS - 1}, got {self.final_move!r}")
         _at_least("--final-sweeps", self.final_sweeps, 1)
         _at_least("--final-repeats", self.final_repeats, 0)
-        _require(self.final_repeats_move is None or (_whole(self.final_repeats_move)
-                                                     and 1 <= self.final_repeats_move < NUM_TIMESTEPS),
-                 f"--final-repeats-move must be a training timestep from 1 to {NUM_TIMESTEPS - 1} or none, "
-                 f"got {self.final_repeats_move!r}")
         _require(_number(self.final_unseen) and 0.0 <= self.final_unseen < 1.0,
                  f"--final-unseen must be a share in [0, 1), got {self.final_unseen!r}")
         _require(self.round_beta is None or (_number(self.round_beta) and math.isfinite(self.round_beta)

@@ -316,8 +316,7 @@ class Session:
             if cfg.session.final_move is not None:
                 particles = moved(self.prior, reward, particles, cfg.session.final_move, cfg.sampler.beta[1],
                                   cfg.sampler.steps, generator(seed, last + 1, "move"), cfg.session.final_sweeps)
-                again = cfg.session.final_repeats_move or cfg.session.final_move
-                particles = unrepeated(self.prior, reward, particles, again, cfg.sampler.beta[1],
+                particles = unrepeated(self.prior, reward, particles, cfg.session.final_move, cfg.sampler.beta[1],
                                        cfg.sampler.steps, generator(seed, last + 1, "repeats"),
                                        cfg.session.final_repeats, x, cfg.session.final_unseen)
         with torch.no_grad():
