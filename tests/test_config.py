@@ -34,11 +34,14 @@ def test_stored_configs_from_before_a_field_existed_keep_their_meaning():
     assert old.sampler.weights == "rate" and old.session.final_start == "noise"
 
 
-def test_a_session_stored_before_the_second_sweep_keeps_one():
-    """Sessions stored with one move per image (before --final-sweeps) redraw their final batch the same."""
+def test_a_session_stored_with_its_sweeps_keeps_them():
+    """Sessions stored before --final-sweeps redraw their final batch with one move per image, as they drew it;
+    sessions stored with two sweeps (the default from 2026-12-07 until --final-repeats made one enough) keep two."""
     d = AlignConfig().to_dict()
     del d["session"]["final_sweeps"]
-    assert AlignConfig.from_dict(d).session.final_sweeps == 1 and AlignConfig().session.final_sweeps == 2
+    assert AlignConfig.from_dict(d).session.final_sweeps == 1 and AlignConfig().session.final_sweeps == 1
+    d["session"]["final_sweeps"] = 2
+    assert AlignConfig.from_dict(d).session.final_sweeps == 2
 
 
 def test_a_session_stored_before_final_repeats_moves_no_repeat_again():

@@ -250,10 +250,11 @@ class SessionConfig:
                                   "re-noised to this training timestep, denoised by the prior, accepted by "
                                   "exp(β_end·Δr) (none: no move; 500 doubled the distinct liked images on every set "
                                   "of the 3-seed run for a tenth more calls: docs/results.md)")
-    final_sweeps: int = knob(2, "with --final-move: how many times each image is moved (each sweep re-noises "
+    final_sweeps: int = knob(1, "with --final-move: how many times each image is moved (each sweep re-noises "
                              "and denoises every image again, and separates copies the sweep before left; 2 "
-                             "raised the distinct liked images on every class set for a twelfth more calls: "
-                             "docs/results.md)")
+                             "raised the distinct liked images on every class set for a twelfth more calls, and "
+                             "once --final-repeats moves the repeats again, 1 takes as many for a tenth fewer "
+                             "final-batch calls: docs/results.md)")
     final_repeats: int = knob(16, "with --final-move: after the sweeps, an image still nearer another of the batch "
                               "than half the median nearest-neighbour distance among the images that repeat no "
                               "other is moved again, up to this many times (0: never; only the repeats pay; 16 "

@@ -18,7 +18,7 @@ def test_the_pool_matches_the_default_final_batchs_calls(tmp_path):
     but one is per image). The passes after the sweeps (--final-repeats, --final-unseen) are off: what they
     cost depends on the batch, and the benchmarks count it in the session's calls. Fails when the default
     final batch's cost changes and the pool does not."""
-    assert BestOfMConfig().pool(256) == 1014  # 26,369 rows / 26 per plain sample, rounded
+    assert BestOfMConfig().pool(256) == 876  # 22,785 rows / 26 per plain sample, rounded
     assert BestOfMConfig(pool_per_image=2).pool(10) == 20
     out = tmp_path / "s"
     assert main(["align", "--out", str(out), "--budget", "4", "--per-round", "4", "--particles", "8",

@@ -44,8 +44,8 @@ def test_compare_runs_every_method_and_writes_its_outputs(tmp_path, mnist_arrays
     assert calls["fkc"] > calls["best_of_n"]  # steering reads features and their gradient beside ε
     # best-of-M: its 4 rated samples of 2 ε steps; two fits (at 2 and 4 ratings) reading the features of
     # the rated images and one probe row each; then its pool at equal calls to the default final batch
-    # (103 rows an image over 3 rows a sample: 137 samples for 4 images), 2 ε rows and one features row each
-    assert calls["best_of_m"] == 4 * 2 + (2 + 1) + (4 + 1) + 137 * 3
+    # (89 rows an image over 3 rows a sample: 119 samples for 4 images), 2 ε rows and one features row each
+    assert calls["best_of_m"] == 4 * 2 + (2 + 1) + (4 + 1) + 119 * 3
     assert summary["real"]["preferred_share"] > 0.9
     md = (out / "compare.md").read_text()
     assert "| fkc | 4 |" in md and "apa compare --prior mnist" in md and "yield per 1,000 rows" in md

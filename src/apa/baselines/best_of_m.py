@@ -10,9 +10,10 @@ samples and keep what the learned reward ranks best:
   reached by plain sampling and reweighting (repeats when the weights are uneven).
 
 M defaults to the pool whose network calls equal the default final batch's: 256 images of FKC-SMC
-cost 26,369 call rows (ε, features and the reward's gradient at each of 25 steps, 19,201; then two sweeps
-of the move, 3,584 each; ``apa.priors.calls``, measured 2026-12-07); a plain sample costs 25 ε rows and
-one features row to score, so M = 26,369 / 26 ≈ 1,014 for 256 images, scaled with n.
+cost 22,785 call rows (ε, features and the reward's gradient at each of 25 steps, 19,201; then one sweep
+of the move, 3,584; ``apa.priors.calls``, measured 2026-12-07); a plain sample costs 25 ε rows and one
+features row to score, so M = 22,785 / 26 ≈ 876 for 256 images, scaled with n. The final batch's later
+passes (``--final-repeats``) cost what the batch needs; the benchmarks compare at the whole session's calls.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from apa.seeding import generator
 from apa.smc import resampling
 from apa.smc.sampler import sample_prior
 
-DEFAULT_FINAL_ROWS_PER_IMAGE = 26369 / 256  # the default final batch's call rows per image (measured)
+DEFAULT_FINAL_ROWS_PER_IMAGE = 22785 / 256  # the default final batch's call rows per image (measured; one sweep)
 SCORE_CHUNK = 256
 LOSSES = ("mse", "logistic")  # the session's surrogate losses (``config.SurrogateConfig.loss``)
 
