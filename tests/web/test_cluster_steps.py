@@ -37,11 +37,13 @@ class InProcess:
 
 
 def settle(sessions, token: str, *phases: str) -> dict:
-    """Poll the ingress's view of the session until its phase is one of ``phases``."""
+    """Poll the ingress's view of the session until its phase is one of ``phases`` and the engine's step
+    has returned (a round is shown as soon as it is stored, while the step still holds the session's lock
+    until it closes the store: a submit then is refused as busy, which the page retries)."""
     deadline = time.monotonic() + WAIT_S
     while True:
         state = sessions.state(token)
-        if state["phase"] in phases:
+        if state["phase"] in phases and sessions.advancer.since(token) is None:
             return state
         assert time.monotonic() < deadline, f"still {state['phase']} after {WAIT_S} s (waiting for {phases})"
         time.sleep(0.05)
