@@ -2,8 +2,8 @@
 
 The two formats run interleaved (A, B, A, B, ...) in one process, so both see the same load on the
 cores. Rows, each timed per format:
-- the ε-network on 256 rows (the final batch's particles at one step);
-- the surrogate's features and their gradient on 256 rows (the reward's share of one step);
+- the ε-network on 32 rows (a round's particles at one step) and on 256 (the final batch's);
+- the surrogate's features and their gradient on 32 and on 256 rows (the reward's share of one step);
 - a short `apa align` session (the default but for the budget: 16 ratings, two rounds, and the final
   batch of 256), which also prints what each format's session took home.
 The anchor is the contiguous format (``apa.priors.ddpm.MEMORY_FORMAT = torch.contiguous_format``),
@@ -77,7 +77,7 @@ def main() -> None:
             for name, fmt in FORMATS.items():
                 ddpm.MEMORY_FORMAT = fmt
                 prior = ddpm.load_prior("mnist")
-                for row, fn in network_rows(prior).items():
+                for row, fn in {**network_rows(prior, 32), **network_rows(prior, 256)}.items():
                     fn()  # warm the kernels for this shape and format
                     times.setdefault((row, name), []).append(min(timed(fn) for _ in range(3)))
                 if args.budget:
