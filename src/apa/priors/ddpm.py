@@ -27,8 +27,8 @@ from apa.types import Particles
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02  # PAPA's linear schedule
-# The network's weights (and so its activations) in channels-last memory: oneDNN's convolutions and
-# GroupNorm run faster on it on the CPU (benchmarks/memory_format.py); a row's result does not depend on
+# The network's weights (and so its activations) in channels-last memory: oneDNN's convolutions run
+# faster on it on the CPU (benchmarks/memory_format.py); a row's result does not depend on
 # the rows beside it in either format.
 MEMORY_FORMAT = torch.channels_last
 
