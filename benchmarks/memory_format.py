@@ -4,8 +4,8 @@ The two formats run interleaved (A, B, A, B, ...) in one process, so both see th
 cores. Rows, each timed per format:
 - the ε-network on 32 rows (a round's particles at one step) and on 256 (the final batch's);
 - the surrogate's features and their gradient on 32 and on 256 rows (the reward's share of one step);
-- a short `apa align` session (the default but for the budget: 16 ratings, two rounds, and the final
-  batch of 256), which also prints what each format's session took home.
+- a short `apa align` session for the digits 1, 4, 7 and 9 (the default but for the budget: 16 ratings,
+  two rounds, and the final batch of 256; `same_session.fingerprint`), which also prints what each format's session took home.
 The anchor is the contiguous format (``apa.priors.ddpm.MEMORY_FORMAT = torch.contiguous_format``),
 which the prior used before. The table gives the median seconds and the ratio to the anchor.
 Run: ``python benchmarks/memory_format.py [--repeats 3] [--budget 16]``.
@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from apa.config import preset
 from apa.priors import ddpm
-from apa.session import Session, with_overrides
-from apa.session.lifecycle import FINAL, drive
+
+sys.path.insert(0, str(Path(__file__).parent))
+from overhead import timed  # noqa: E402
+from same_session import fingerprint  # noqa: E402
 
 FORMATS = {"contiguous (anchor)": torch.contiguous_format, "channels-last": torch.channels_last}
 
@@ -42,26 +44,6 @@ def network_rows(prior: ddpm.DDPMPrior, rows: int = 256) -> dict:
         torch.autograd.grad(prior.features(zz).pow(2).sum(), zz)
 
     return {f"ε, {rows} rows": eps, f"features + gradient, {rows} rows": features_grad}
-
-
-def session_run(budget: int, seed: int, root: Path) -> str:
-    """One short default session (classes {1,4,7,9}); returns what it took home, for the log."""
-    cfg = with_overrides(preset("default"), feedback={"prefer": (1, 4, 7, 9)},
-                         session={"seed": seed, "budget": budget})
-    session = Session.start(root / f"s{time.monotonic_ns()}", cfg, progress=False)
-    try:
-        drive(session, until=FINAL)
-        images = session.final_samples()
-        share = session.feedback.evaluate(images)["preferred_confident_share"]
-    finally:
-        session.store.close()
-    return f"P∧C {share:.3f}"
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -83,9 +65,10 @@ def main() -> None:
                 if args.budget:
                     row = f"`apa align`, {args.budget} ratings"
                     t0 = time.perf_counter()
-                    took = session_run(args.budget, rep, Path(root))
+                    took = fingerprint((1, 4, 7, 9), rep, Path(root) / f"{rep}-{fmt}", budget=args.budget)
                     times.setdefault((row, name), []).append(time.perf_counter() - t0)
-                    print(f"repeat {rep}, {name}: session {times[(row, name)][-1]:.1f} s, {took}", flush=True)
+                    print(f"repeat {rep}, {name}: session {times[(row, name)][-1]:.1f} s, "
+                          f"P∧C {took['preferred_confident']:.3f}", flush=True)
     rows = dict.fromkeys(row for row, _ in times)
     anchor = next(iter(FORMATS))
     print(f"\n| what | {' | '.join(f'{n} s' for n in FORMATS)} | channels-last / anchor |")

@@ -25,9 +25,11 @@ from apa.config import preset
 from apa.session import Session, with_overrides
 
 
-def fingerprint(prefer: tuple[int, ...], seed: int, out: Path, prior: str = "mnist") -> dict:
+def fingerprint(prefer: tuple[int, ...], seed: int, out: Path, prior: str = "mnist", budget: int | None = None) -> dict:
+    """The default session for (prefer, seed) run to its final batch (``budget``: its ratings; None: the default's)."""
+    session_overrides = {"seed": seed} if budget is None else {"seed": seed, "budget": budget}
     cfg = with_overrides(preset("default"), prior={"name": prior}, feedback={"prefer": prefer},
-                         session={"seed": seed})
+                         session=session_overrides)
     session = Session.start(out, cfg, progress=False)
     drive(session, until=FINAL)
     session.store.save_final(session.final_samples())

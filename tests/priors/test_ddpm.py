@@ -1,5 +1,6 @@
 """The shipped DDPM prior loads, samples in range, and is the file its model card describes."""
 
+import copy
 import hashlib
 
 import numpy as np
@@ -78,8 +79,6 @@ def test_channels_last_network_computes_what_the_contiguous_one_does(prior):
     """The prior runs its network in channels-last memory (speed only). Against a copy of the same weights
     in contiguous memory, ε and the features' gradient agree to float32 rounding (measured: ≤ 4e-6 on
     values of order 1); a layout slip (a view that reads the wrong strides) would differ by order 1."""
-    import copy
-
     assert prior.model.down1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     plain = copy.deepcopy(prior.model).to(memory_format=torch.contiguous_format)
     assert plain.down1.conv1.weight.is_contiguous()
